@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install ctcvr and its pinned stack into a virtual environment. Idempotent: a second run with an
+# up-to-date environment only re-checks it. Used by the Makefile, the Dockerfile and CI alike.
+#
+#   bash deploy/install.sh            # venv at .venv, package installed editable with test tools
+#   VENV=/opt/venv EXTRAS= EDITABLE=0 bash deploy/install.sh   # what the Dockerfile does
+#
+# Environment:
+#   VENV             where the virtual environment goes (default: .venv beside this repo)
+#   PYTHON           interpreter used to create it (default: python3.11, else python3)
+#   EXTRAS           pip extras of the ctcvr package to install (default: dev)
+#   EDITABLE         1 installs the package editable (default), 0 as a regular install
+#   TORCH_INDEX_URL  where the CPU torch wheel comes from when it is not already available
+#                    locally (default: PyTorch's own CPU index)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VENV:-$repo/.venv}"
+extras="${EXTRAS-dev}"
+editable="${EDITABLE:-1}"
+torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+
+# The versions below are the verified stack (see README "Dependencies"); pyproject.toml pins the
+# rest. torchrec is installed without its declared dependencies because it names fbgemm-gpu, the
+# CUDA build, which must never sit beside fbgemm-gpu-cpu.
+TORCH_VERSION=2.13.0
+FBGEMM_CPU_VERSION=1.8.0
+TORCHREC_VERSION=1.8.0
+
+python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "[install] creating virtual environment at $venv"
+  "$python_bin" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install --quiet --upgrade "pip>=24" wheel
+
+installed_version() {
+  "$venv/bin/python" - "$1" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    print(version(sys.argv[1]))
+except PackageNotFoundError:
+    print("")
+PY
+}
+
+if [[ "$(installed_version torch)" != "$TORCH_VERSION"* ]]; then
+  # A plain `pip install torch` would fetch the multi-GB CUDA build: take the CPU wheel from a
+  # local wheel directory if pip is configured with one, otherwise from the CPU index.
+  echo "[install] torch==$TORCH_VERSION (CPU build)"
+  # --no-deps here: torch's own dependencies come from PyPI in the steps below.
+  "${pip[@]}" install --quiet --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null \
+    || "${pip[@]}" install --quiet --index-url "$torch_index" "torch==$TORCH_VERSION"
+fi
+
+echo "[install] fbgemm-gpu-cpu==$FBGEMM_CPU_VERSION, torchrec==$TORCHREC_VERSION (--no-deps)"
+"${pip[@]}" install --quiet "torch==$TORCH_VERSION" "fbgemm-gpu-cpu==$FBGEMM_CPU_VERSION"
+"${pip[@]}" install --quiet --no-deps "torchrec==$TORCHREC_VERSION"
+
+target="$repo"
+[[ -n "$extras" ]] && target="$repo[$extras]"
+echo "[install] ctcvr${extras:+[$extras]} and its pinned dependencies"
+if [[ "$editable" == "1" ]]; then
+  "${pip[@]}" install --quiet "torch==$TORCH_VERSION" -e "$target"
+else
+  "${pip[@]}" install --quiet "torch==$TORCH_VERSION" "$target"
+fi
+
+"$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, fastapi, pyarrow; print(f'[install] ok: torch {torch.__version__}, torchrec {torchrec.__version__}')"

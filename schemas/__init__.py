@@ -1,0 +1,34 @@
+"""The single source of truth shared by trainer and service. Nothing here imports torch."""
+
+from schemas.features import (
+    DenseFeature,
+    FeatureSchema,
+    Labels,
+    Normalization,
+    NormalizationKind,
+    OOVPolicy,
+    SchemaError,
+    SparseDType,
+    SparseFeature,
+    TableSpec,
+    load_schema,
+)
+from schemas.hashing import HashingError, hash_string, map_values, splitmix64
+
+__all__ = [
+    "DenseFeature",
+    "FeatureSchema",
+    "HashingError",
+    "Labels",
+    "Normalization",
+    "NormalizationKind",
+    "OOVPolicy",
+    "SchemaError",
+    "SparseDType",
+    "SparseFeature",
+    "TableSpec",
+    "hash_string",
+    "load_schema",
+    "map_values",
+    "splitmix64",
+]

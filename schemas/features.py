@@ -1,0 +1,340 @@
+"""The feature schema: the one description of features shared by trainer and service.
+
+A schema is written as YAML and loaded into frozen pydantic models::
+
+    name: aliccp_sim
+    tables:                       # optional: tables shared by several features
+      - {name: items, hash_buckets: 100000, dim: 16}
+    sparse:
+      - {name: user_id, dtype: int, hash_buckets: 200000, dim: 16}
+      - {name: gender, dtype: int, vocab_size: 3, dim: 16}
+      - {name: item_id, dtype: int, table: items}
+      - {name: clicked_items, dtype: int, table: items, multi_valued: true, max_len: 20}
+    dense:
+      - {name: price, default: 0.0, normalization: {kind: log1p}}
+    labels: {click: click, conversion: conversion}
+    group: group                  # optional column used for GAUC (usually the user id)
+
+Every sparse feature reads rows of one embedding table. A feature without ``table`` gets a table
+of its own, named after the feature. A table has ``num_rows = buckets + 1`` rows: the last row is
+the out-of-vocabulary (OOV) row that unknown and missing values map to (see ``schemas.hashing``).
+
+Nothing here imports torch: the service validates requests with the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum, unique
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "DenseFeature",
+    "FeatureSchema",
+    "Labels",
+    "Normalization",
+    "NormalizationKind",
+    "OOVPolicy",
+    "SchemaError",
+    "SparseDType",
+    "SparseFeature",
+    "TableSpec",
+    "load_schema",
+]
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class SchemaError(ValueError):
+    """A schema file or object is invalid; the message names the field and the reason."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@unique
+class SparseDType(str, Enum):
+    INT = "int"  # raw values are integers (ids)
+    STRING = "string"  # raw values are strings (categories, hashed ids)
+
+
+@unique
+class OOVPolicy(str, Enum):
+    OOV_ROW = "oov_row"  # unknown or missing values read the table's reserved last row
+    ERROR = "error"  # unknown or missing values are rejected with an error naming the feature
+
+
+@unique
+class NormalizationKind(str, Enum):
+    NONE = "none"  # x
+    LOG1P = "log1p"  # sign(x) * log(1 + |x|)
+    STANDARD = "standard"  # (x - mean) / std
+
+
+class TableSpec(_Frozen):
+    """An embedding table. Exactly one of ``vocab_size`` and ``hash_buckets`` is set.
+
+    ``vocab_size``: raw values are integer ids in ``[0, vocab_size)`` and are used as row ids.
+    ``hash_buckets``: raw values (ints or strings) are hashed into ``[0, hash_buckets)``.
+    """
+
+    name: Name
+    dim: int = Field(gt=0, le=4096, description="embedding dimension")
+    vocab_size: int | None = Field(default=None, gt=0)
+    hash_buckets: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> TableSpec:
+        if (self.vocab_size is None) == (self.hash_buckets is None):
+            raise ValueError(
+                f"table {self.name!r}: set exactly one of vocab_size and hash_buckets"
+            )
+        return self
+
+    @property
+    def buckets(self) -> int:
+        """Number of rows that raw values map to (the OOV row excluded)."""
+        return self.vocab_size if self.vocab_size is not None else self.hash_buckets  # type: ignore[return-value]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the embedding table: the buckets plus the reserved OOV row."""
+        return self.buckets + 1
+
+    @property
+    def is_hashed(self) -> bool:
+        return self.hash_buckets is not None
+
+
+class SparseFeature(_Frozen):
+    """A categorical feature, single-valued or a bounded list of values."""
+
+    name: Name
+    dtype: SparseDType = SparseDType.INT
+    table: Name | None = Field(default=None, description="shared table name, if any")
+    dim: int | None = Field(default=None, gt=0, le=4096)
+    vocab_size: int | None = Field(default=None, gt=0)
+    hash_buckets: int | None = Field(default=None, gt=0)
+    multi_valued: bool = False
+    max_len: int = Field(default=1, gt=0, le=10_000, description="values kept per row")
+    oov: OOVPolicy = OOVPolicy.OOV_ROW
+
+    @model_validator(mode="after")
+    def _table_or_own_sizes(self) -> SparseFeature:
+        own = {k: getattr(self, k) for k in ("dim", "vocab_size", "hash_buckets")}
+        if self.table is not None:
+            given = [k for k, v in own.items() if v is not None]
+            if given:
+                raise ValueError(
+                    f"feature {self.name!r} reads shared table {self.table!r}: "
+                    f"{', '.join(given)} belong to the table, not the feature"
+                )
+        else:
+            if self.dim is None:
+                raise ValueError(f"feature {self.name!r}: dim is required without a table")
+            if (self.vocab_size is None) == (self.hash_buckets is None):
+                raise ValueError(
+                    f"feature {self.name!r}: set exactly one of vocab_size and hash_buckets"
+                )
+        if not self.multi_valued and self.max_len != 1:
+            raise ValueError(f"feature {self.name!r}: max_len only applies to multi_valued features")
+        if self.dtype is SparseDType.STRING and self.vocab_size is not None:
+            raise ValueError(
+                f"feature {self.name!r}: string values need hash_buckets, not vocab_size"
+            )
+        return self
+
+    @property
+    def table_name(self) -> str:
+        return self.table if self.table is not None else self.name
+
+
+class Normalization(_Frozen):
+    kind: NormalizationKind = NormalizationKind.NONE
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0.0)
+
+
+class DenseFeature(_Frozen):
+    """A numeric feature; ``default`` replaces missing values before normalisation."""
+
+    name: Name
+    default: float = 0.0
+    normalization: Normalization = Normalization()
+
+
+class Labels(_Frozen):
+    """Column names of the two labels. Both are required."""
+
+    click: Name
+    conversion: Name
+
+
+class FeatureSchema(_Frozen):
+    """The features, labels and group key of an impression log.
+
+    Raises (through :func:`load_schema` / ``model_validate``) a :class:`SchemaError` naming the
+    field for a duplicate name, an unknown table, a non-positive dim, or a missing label.
+    """
+
+    name: Name = "ctcvr"
+    sparse: tuple[SparseFeature, ...]
+    dense: tuple[DenseFeature, ...] = ()
+    tables: tuple[TableSpec, ...] = ()
+    labels: Labels
+    group: Name | None = Field(default=None, description="column used as the GAUC group key")
+    version: Literal[1] = 1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSchema:
+        if not self.sparse:
+            raise ValueError("sparse: at least one sparse feature is required")
+        _reject_duplicates("table", [t.name for t in self.tables])
+        _reject_duplicates(
+            "feature",
+            [f.name for f in self.sparse]
+            + [f.name for f in self.dense]
+            + [self.labels.click, self.labels.conversion],
+        )
+        declared = {t.name for t in self.tables}
+        own = {f.name for f in self.sparse if f.table is None}
+        for feature in self.sparse:
+            if feature.table is not None and feature.table not in declared:
+                raise ValueError(
+                    f"sparse feature {feature.name!r} reads unknown table {feature.table!r}; "
+                    f"declared tables: {sorted(declared) or 'none'}"
+                )
+        clash = declared & own
+        if clash:
+            raise ValueError(
+                f"table name(s) {sorted(clash)} also name a feature with its own table"
+            )
+        for feature in self.sparse:
+            table = self.table_of(feature.name)
+            if feature.dtype is SparseDType.STRING and not table.is_hashed:
+                raise ValueError(
+                    f"feature {feature.name!r}: string values need a hashed table, "
+                    f"but table {table.name!r} has a vocab_size"
+                )
+        return self
+
+    # Derived views -------------------------------------------------------------------------
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.dense]
+
+    @property
+    def all_tables(self) -> list[TableSpec]:
+        """Declared tables followed by the implicit one-feature tables, in schema order."""
+        implicit = [
+            TableSpec(
+                name=f.name, dim=f.dim, vocab_size=f.vocab_size, hash_buckets=f.hash_buckets
+            )
+            for f in self.sparse
+            if f.table is None
+        ]
+        return list(self.tables) + implicit
+
+    def table_of(self, feature_name: str) -> TableSpec:
+        feature = self.sparse_feature(feature_name)
+        for table in self.all_tables:
+            if table.name == feature.table_name:
+                return table
+        raise SchemaError(f"no table for sparse feature {feature_name!r}")  # unreachable if valid
+
+    def features_of(self, table_name: str) -> list[str]:
+        return [f.name for f in self.sparse if f.table_name == table_name]
+
+    def sparse_feature(self, name: str) -> SparseFeature:
+        for feature in self.sparse:
+            if feature.name == name:
+                return feature
+        raise SchemaError(f"unknown sparse feature {name!r}; known: {self.sparse_names}")
+
+    def fingerprint(self) -> str:
+        """A stable SHA-256 of the schema's content, stored with checkpoints and exports."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    # Serialisation --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "schema") -> FeatureSchema:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise SchemaError(_describe(err, data, source)) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "schema") -> FeatureSchema:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SchemaError(f"{source}: not valid YAML: {err}") from None
+        return cls.from_dict(data, source=source)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(
+            self.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def load_schema(path: str | Path) -> FeatureSchema:
+    """Read and validate a schema YAML file.
+
+    Raises:
+        SchemaError: the file is missing, is not YAML, or does not describe a valid schema.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SchemaError(f"cannot read schema file {path}: {err.strerror}") from None
+    return FeatureSchema.from_yaml(text, source=str(path))
+
+
+def _reject_duplicates(kind: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"duplicate {kind} name {name!r}")
+        seen.add(name)
+
+
+def _describe(err: ValidationError, data: object, source: str) -> str:
+    lines = [f"{source}: invalid feature schema ({err.error_count()} error(s))"]
+    for item in err.errors():
+        where = _location(item["loc"], data)
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def _location(loc: tuple, data: object) -> str:
+    """``sparse.2.dim`` becomes ``sparse[2] 'user_id'.dim`` so the error names the feature."""
+    parts: list[str] = []
+    node = data
+    for key in loc:
+        if isinstance(key, int):
+            parts[-1] = f"{parts[-1]}[{key}]" if parts else f"[{key}]"
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+            if isinstance(node, dict) and "name" in node:
+                parts[-1] += f" {node['name']!r}"
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(parts) or "<schema>"
