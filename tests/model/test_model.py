@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torchrec import PoolingType
+
+from tests.helpers import tiny_batch, tiny_schema
+from trainer.builders import build_model, mmoe_tiny, model_heads
+from trainer.config import ModelConfig
+from trainer.model import MLP, MMoE, Tower, embedding_bag_configs
+
+
+def test_embedding_configs_follow_the_schema():
+    configs = embedding_bag_configs(tiny_schema())
+    by_name = {c.name: c for c in configs}
+    assert list(by_name) == ["tag_table", "user", "item"]
+    assert by_name["tag_table"].num_embeddings == 11  # vocab 10 + OOV row
+    assert by_name["tag_table"].feature_names == ["tags"]
+    assert by_name["tag_table"].pooling == PoolingType.MEAN  # multi-valued
+    assert by_name["user"].pooling == PoolingType.SUM
+    assert by_name["user"].num_embeddings == 51
+
+
+def test_model_forward_shapes_and_ctcvr_product():
+    torch.manual_seed(0)
+    model = build_model(tiny_schema(), mmoe_tiny(), embedding_device="cpu")
+    batch = tiny_batch([1, 0, 0, 1], [1, 0, 0, 0])
+    out = model(batch.sparse, batch.dense)
+    assert set(out.logits) == {"ctr", "cvr"}
+    assert out.logits["ctr"].shape == (4,)
+    assert torch.allclose(out.pctcvr, torch.sigmoid(out.logits["ctr"]) * torch.sigmoid(out.logits["cvr"]))
+    assert [a.shape for a in out.features["cvr.layers"]] == [(4, 8)]
+
+
+def test_extra_heads_get_a_gate_and_a_tower():
+    model = build_model(tiny_schema(), mmoe_tiny(), {"imputation"}, embedding_device="cpu")
+    assert model.heads == ("ctr", "cvr", "imputation")
+    assert set(model.mmoe.gates) == {"ctr", "cvr", "imputation"}
+    batch = tiny_batch([1, 0], [0, 0])
+    assert model(batch.sparse, batch.dense).logits["imputation"].shape == (2,)
+    assert model_heads({"b", "a", "ctr"}) == ("ctr", "cvr", "a", "b")
+
+
+def test_mmoe_gates_are_softmax_mixtures_of_experts():
+    torch.manual_seed(0)
+    mmoe = MMoE(6, ("a", "b"), num_experts=3, expert_sizes=(5,))
+    x = torch.randn(4, 6)
+    experts = torch.stack([e(x) for e in mmoe.experts], dim=1)
+    weights = torch.softmax(mmoe.gates["a"](x), dim=-1)
+    expected = (weights.unsqueeze(-1) * experts).sum(1)
+    assert torch.allclose(mmoe(x)["a"], expected)
+
+
+def test_mlp_and_tower_validate_arguments():
+    with pytest.raises(ValueError, match="at least one layer"):
+        MLP(4, ())
+    with pytest.raises(ValueError, match="dropout"):
+        MLP(4, (2,), dropout=1.0)
+    with pytest.raises(ValueError, match="num_experts"):
+        MMoE(4, ("a",), num_experts=0, expert_sizes=(2,))
+    logit, acts = Tower(4, ())(torch.randn(3, 4))
+    assert logit.shape == (3,) and acts == []
+
+
+def test_heads_must_start_with_ctr_cvr():
+    from trainer.model import CtcvrModel, SparseArch
+    from torchrec import EmbeddingBagCollection
+
+    arch = SparseArch(EmbeddingBagCollection(tables=embedding_bag_configs(tiny_schema())))
+    with pytest.raises(ValueError, match="heads must start with"):
+        CtcvrModel(arch, 1, ("cvr", "ctr"), 2, (4,), (2,))
+
+
+def test_model_config_defaults_are_the_benchmark_mmoe():
+    config = ModelConfig()
+    assert (config.num_experts, config.expert_sizes) == (8, [256])

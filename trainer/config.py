@@ -1,0 +1,189 @@
+"""Typed training configuration: YAML files under version control plus command-line overrides.
+
+A config file is merged onto the dataclass defaults below with OmegaConf, so an unknown key or a
+value of the wrong type fails at load time with the offending key named; ``key=value`` overrides
+(OmegaConf dot-list syntax, e.g. ``train.steps=200 objective.name=esmm``) are applied last.
+``${...}`` interpolation works as in OmegaConf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, unique
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DenseOptimizerConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "ShardingConfig",
+    "SparseOptimizerConfig",
+    "TrainConfig",
+    "TrainLoopConfig",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@unique
+class ShardingType(str, Enum):
+    TABLE_WISE = "table_wise"  # whole tables placed on ranks (gloo and nccl)
+    COLUMN_WISE = "column_wise"  # tables split along the embedding dimension (gloo and nccl)
+    ROW_WISE = "row_wise"  # tables split along rows (nccl on GPU only)
+    DATA_PARALLEL = "data_parallel"  # replicated on every rank (small tables)
+
+
+@unique
+class SparseOptimizer(str, Enum):
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row: TorchRec's default, least memory
+    ADAGRAD = "adagrad"
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # Parquet file or directory of training impressions
+    test: str | None = None  # evaluated at the end of training when set
+    schema: str | None = None  # schema YAML; default: schema.yaml in the train path's parent
+    batch_size: int = 2048  # per rank
+    shuffle_buffer: int = 65_536  # rows held for shuffling (bounds memory)
+    eval_batch_size: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    num_experts: int = 8
+    expert_sizes: list[int] = field(default_factory=lambda: [256])
+    tower_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "esmm"  # see trainer.objectives.OBJECTIVES
+    params: dict[str, Any] = field(default_factory=dict)  # the objective's hyper-parameters
+
+
+@dataclass
+class DenseOptimizerConfig:
+    lr: float = 1e-3  # Adam on every non-embedding parameter
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SparseOptimizerConfig:
+    name: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD  # fused into the backward pass
+    lr: float = 0.05
+    eps: float = 1e-8
+
+
+@dataclass
+class ShardingConfig:
+    # Allowed sharding types; the planner picks among them per table. Row-wise needs nccl.
+    types: list[ShardingType] = field(
+        default_factory=lambda: [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE]
+    )
+    backend: str = "auto"  # auto: nccl with CUDA, else gloo
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 1000  # optimizer steps (each rank sees batch_size rows per step)
+    log_every: int = 20  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    evaluate: bool = True  # evaluate data.test at the end
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = MISSING  # run directory: config, metrics, checkpoints, evaluation
+    seed: int = 0
+    device: str = "auto"  # auto: cuda:<local rank> if available, else cpu
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Merge defaults, a YAML file and ``key=value`` overrides into a validated ``TrainConfig``.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type, missing required value.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [schema]
+        if path is not None:
+            layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"config {path or '<defaults>'}: required value(s) missing: {missing}")
+        OmegaConf.resolve(merged)
+        config = OmegaConf.to_object(merged)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f" (key {key!r})" if key else ""
+        raise ConfigError(f"config {path or '<defaults>'}{where}: {_first_line(err)}") from None
+    _check(config)
+    return config  # type: ignore[return-value]
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (what a run really used) as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)  # type: ignore[return-value]
+
+
+def _check(config: TrainConfig) -> None:
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "data.eval_batch_size": config.data.eval_batch_size,
+        "data.shuffle_buffer": config.data.shuffle_buffer,
+        "model.num_experts": config.model.num_experts,
+        "train.steps": config.train.steps,
+        "train.log_every": config.train.log_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0, got {config.train.checkpoint_every}")
+    if not config.model.expert_sizes or min(config.model.expert_sizes) < 1:
+        raise ConfigError(f"model.expert_sizes must be positive sizes, got {config.model.expert_sizes}")
+    if min(config.model.tower_sizes, default=1) < 1:
+        raise ConfigError(f"model.tower_sizes must be positive sizes, got {config.model.tower_sizes}")
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not config.sharding.types:
+        raise ConfigError("sharding.types must allow at least one sharding type")
+    if config.sharding.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

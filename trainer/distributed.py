@@ -1,0 +1,147 @@
+"""Everything about ranks and sharding, kept apart from the model.
+
+The model is built unsharded (its embedding tables on the ``meta`` device); this module starts
+the process group, plans how the tables are split between ranks, fuses the sparse optimizer
+into the backward pass, and wraps the finished model in ``DistributedModelParallel``. Dense
+parameters are replicated and synchronised by DMP's data-parallel wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from trainer.config import DenseOptimizerConfig, ShardingConfig, ShardingType, SparseOptimizer, SparseOptimizerConfig
+
+__all__ = [
+    "DistContext",
+    "all_reduce_mean",
+    "build_optimizer",
+    "fuse_sparse_optimizer",
+    "init_distributed",
+    "shard_model",
+]
+
+# Backends that can run each sharding type (TorchRec on CPU/gloo has no row-wise kernels).
+_SUPPORTED = {
+    "gloo": {ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.DATA_PARALLEL},
+    "nccl": set(ShardingType),
+}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs: its rank, the world size, device and backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 does the printing and the single-writer file output."""
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
+    """Start (or join) the process group. Without ``torchrun`` it makes a 1-rank group.
+
+    ``backend="auto"`` picks nccl when CUDA is available and gloo otherwise; ``device="auto"``
+    picks ``cuda:<LOCAL_RANK>`` or cpu accordingly.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("sharding.backend=nccl needs CUDA; use gloo (or auto) on CPU")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch_device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(torch_device)
+    else:
+        torch_device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend)
+
+
+def fuse_sparse_optimizer(model: nn.Module, config: SparseOptimizerConfig) -> None:
+    """Attach the sparse optimizer to every embedding table, to run inside the backward pass.
+
+    TorchRec's sharded tables then update only the rows a batch touched (FBGEMM fused kernels)
+    instead of a dense optimizer stepping every row. Call before :func:`shard_model`.
+    """
+    optimizer_class, kwargs = {
+        SparseOptimizer.ROWWISE_ADAGRAD: (RowWiseAdagrad, {"lr": config.lr, "eps": config.eps}),
+        SparseOptimizer.ADAGRAD: (torch.optim.Adagrad, {"lr": config.lr, "eps": config.eps}),
+        SparseOptimizer.ADAM: (torch.optim.Adam, {"lr": config.lr, "eps": config.eps}),
+        SparseOptimizer.SGD: (torch.optim.SGD, {"lr": config.lr}),
+    }[SparseOptimizer(config.name)]
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            apply_optimizer_in_backward(optimizer_class, module.parameters(), kwargs)
+
+
+def shard_model(model: nn.Module, ctx: DistContext, config: ShardingConfig) -> DistributedModelParallel:
+    """Plan the sharding of every embedding table and wrap ``model`` in DMP.
+
+    Raises:
+        ValueError: a sharding type the backend cannot run (e.g. row-wise on gloo).
+    """
+    allowed = [ShardingType(t) for t in config.types]
+    unsupported = [t.value for t in allowed if t not in _SUPPORTED[ctx.backend]]
+    if unsupported:
+        raise ValueError(
+            f"sharding.types {unsupported} cannot run on the {ctx.backend} backend; "
+            f"use {sorted(t.value for t in _SUPPORTED[ctx.backend])} on CPU, or train on GPUs (nccl)"
+        )
+    constraints = {
+        table.name: ParameterConstraints(sharding_types=[t.value for t in allowed])
+        for module in model.modules()
+        if isinstance(module, EmbeddingBagCollection)
+        for table in module.embedding_bag_configs()
+    }
+    topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+
+
+def build_optimizer(model: DistributedModelParallel, config: DenseOptimizerConfig) -> CombinedOptimizer:
+    """Adam over the dense parameters, combined with the fused sparse optimizer of the tables.
+
+    One ``step()``/``zero_grad()``/``state_dict()`` then covers both; the sparse part has already
+    updated its rows during ``backward()``.
+    """
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    dense_optimizer = KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    )
+    return CombinedOptimizer([("sparse", model.fused_optimizer), ("dense", dense_optimizer)])
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a no-op copy with one rank)."""
+    value = value.detach().clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value

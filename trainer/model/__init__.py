@@ -1,0 +1,19 @@
+"""Model components: embeddings from the schema, MMoE, towers, and the CTR/CVR model."""
+
+from trainer.model.ctcvr import CORE_HEADS, CtcvrModel
+from trainer.model.embeddings import SparseArch, embedding_bag_configs
+from trainer.model.mlp import MLP
+from trainer.model.mmoe import MMoE
+from trainer.model.outputs import TaskOutputs
+from trainer.model.towers import Tower
+
+__all__ = [
+    "CORE_HEADS",
+    "MLP",
+    "MMoE",
+    "CtcvrModel",
+    "SparseArch",
+    "TaskOutputs",
+    "Tower",
+    "embedding_bag_configs",
+]

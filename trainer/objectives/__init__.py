@@ -1,0 +1,31 @@
+"""Training objectives, one file per paper, selected by name in the config.
+
+``build_objective(name, **params)`` is how the recipe gets one; ``OBJECTIVES`` lists the names.
+"""
+
+from __future__ import annotations
+
+from trainer.objectives.base import LossOutput, Objective
+from trainer.objectives.esmm import EsmmObjective
+from trainer.objectives.naive import NaiveObjective
+
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective"]
+
+OBJECTIVES: dict[str, type] = {
+    "naive": NaiveObjective,
+    "esmm": EsmmObjective,
+}
+
+
+def build_objective(name: str, **params: object) -> Objective:
+    """Instantiate an objective by its config name.
+
+    Raises:
+        ValueError: unknown name, or parameters the objective does not take.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](**params)
+    except TypeError as err:
+        raise ValueError(f"objective {name!r}: bad parameters {params}: {err}") from None

@@ -1,0 +1,33 @@
+"""Model plus objective in one module, the unit that DMP wraps and the loop calls."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.data.batch import Batch
+from trainer.model import CtcvrModel, TaskOutputs
+from trainer.objectives import LossOutput, Objective
+
+__all__ = ["TrainModule"]
+
+
+class TrainModule(nn.Module):
+    """``forward(batch) -> (loss, (loss terms, outputs))`` with everything but the loss detached.
+
+    Keeping the objective outside ``CtcvrModel`` means the exported model carries no loss code
+    (TorchRec's ``DLRMTrain`` pattern).
+    """
+
+    def __init__(self, model: CtcvrModel, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[LossOutput, TaskOutputs]]:
+        outputs = self.model(batch.sparse, batch.dense)
+        if not self.training:
+            return torch.zeros(()), (LossOutput(torch.zeros(())), outputs.detach())
+        loss = self.objective(outputs, batch)
+        terms = {name: value.detach() for name, value in loss.terms.items()}
+        return loss.total, (LossOutput(loss.total.detach(), terms), outputs.detach())
