@@ -4,7 +4,7 @@ Layout of a run directory::
 
     checkpoints/step_00000500/   DCP files (model + optimizer state, sharded) and
                                  meta.json (step, schema fingerprint, resolved config),
-                                 rng_rank<R>.pt (each rank's RNG states)
+                                 rank<R>.pt (each rank's RNG and data-stream position)
     checkpoints/latest           name of the newest complete checkpoint
 
 ``latest`` is replaced atomically after every rank has finished writing, so a run killed while
@@ -64,9 +64,14 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: Any,
     meta: CheckpointMeta,
+    rank_state: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write a checkpoint collectively (every rank must call it) and point ``latest`` at it."""
+    """Write a checkpoint collectively (every rank must call it) and point ``latest`` at it.
+
+    ``rank_state`` is this rank's own small state (e.g. its data-stream position); it is saved
+    with the rank's RNG states and handed back by :func:`load_checkpoint`.
+    """
     root = checkpoint_root(run_dir)
     path = root / f"step_{meta.step:08d}"
     if ctx.is_main:
@@ -74,7 +79,7 @@ def save_checkpoint(
         path.mkdir(parents=True)
     dist.barrier()
     dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(path))
-    torch.save(_rng_state(), path / f"rng_rank{ctx.rank}.pt")
+    torch.save({"rng": _rng_state(), "state": rank_state or {}}, path / f"rank{ctx.rank}.pt")
     dist.barrier()
     if ctx.is_main:
         (path / "meta.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
@@ -88,8 +93,12 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, ctx: DistContext, model: nn.Module, optimizer: Any, schema_fingerprint: str
-) -> CheckpointMeta:
+) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Load a checkpoint in place into the (sharded) model and optimizer; restore RNG states.
+
+    Returns:
+        The checkpoint's metadata and this rank's ``rank_state`` (empty if the checkpoint was
+        written by fewer ranks than there are now).
 
     Raises:
         CheckpointError: the checkpoint was written for another feature schema.
@@ -100,14 +109,21 @@ def load_checkpoint(
             f"{path} was trained on another feature schema "
             f"({meta.schema_fingerprint[:12]} != {schema_fingerprint[:12]}); refusing to resume"
         )
+    # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
+    # keys the target already has: a zero-gradient step creates them. The parameters it touches
+    # are overwritten by the checkpoint right after.
+    optimizer.init_state()
+    optimizer.zero_grad(set_to_none=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    rng_file = path / f"rng_rank{ctx.rank}.pt"
-    if rng_file.is_file():  # absent when resuming with more ranks than were saved
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return meta
+    rank_file = path / f"rank{ctx.rank}.pt"
+    if not rank_file.is_file():  # resuming with more ranks than were saved
+        return meta, {}
+    saved = torch.load(rank_file, weights_only=True)
+    _set_rng_state(saved["rng"])
+    return meta, saved["state"]
 
 
 # Only torch's generators drive training randomness (dropout); the reader seeds its own

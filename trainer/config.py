@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "ConfigError",
+    "ShardingType",
+    "SparseOptimizer",
     "DataConfig",
     "DenseOptimizerConfig",
     "ModelConfig",
@@ -83,7 +85,7 @@ class DenseOptimizerConfig:
 
 @dataclass
 class SparseOptimizerConfig:
-    name: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD  # fused into the backward pass
+    name: str = SparseOptimizer.ROWWISE_ADAGRAD.value  # fused into the backward pass; see SparseOptimizer
     lr: float = 0.05
     eps: float = 1e-8
 
@@ -91,9 +93,9 @@ class SparseOptimizerConfig:
 @dataclass
 class ShardingConfig:
     # Allowed sharding types; the planner picks among them per table. Row-wise needs nccl.
-    types: list[ShardingType] = field(
-        default_factory=lambda: [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE]
-    )
+    types: list[str] = field(
+        default_factory=lambda: [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
+    )  # see ShardingType
     backend: str = "auto"  # auto: nccl with CUDA, else gloo
 
 
@@ -181,8 +183,17 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
     if not config.sharding.types:
         raise ConfigError("sharding.types must allow at least one sharding type")
+    _choice("sparse_optimizer.name", config.sparse_optimizer.name, SparseOptimizer)
+    for value in config.sharding.types:
+        _choice("sharding.types", value, ShardingType)
     if config.sharding.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}")
+
+
+def _choice(key: str, value: str, choices: type[Enum]) -> None:
+    allowed = [member.value for member in choices]
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
 
 
 def _first_line(err: Exception) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "build_optimizer",
     "fuse_sparse_optimizer",
     "init_distributed",
+    "local_shards",
     "shard_model",
 ]
 
@@ -145,3 +146,19 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return value
+
+
+def local_shards(model: nn.Module) -> dict[str, list[dict[str, list[int]]]]:
+    """The embedding shards this rank holds: table weight name -> [{offsets, sizes}, ...].
+
+    Read from the sharded state dict, so it shows what the rank really stores; a table held by
+    other ranks only maps to an empty list.
+    """
+    summary: dict[str, list[dict[str, list[int]]]] = {}
+    for name, value in model.state_dict().items():
+        if hasattr(value, "local_shards") and "embedding_bags" in name:
+            summary[name] = [
+                {"offsets": list(s.metadata.shard_offsets), "sizes": list(s.metadata.shard_sizes)}
+                for s in value.local_shards()
+            ]
+    return summary

@@ -1,0 +1,42 @@
+# ctcvr: the two commands a newcomer needs are `make demo` and `make test`.
+# Both set up the virtual environment first if it is missing or out of date.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+TORCHRUN  := $(VENV)/bin/torchrun
+STAMP     := $(VENV)/.ctcvr-installed
+DEMO_DIR  ?= runs/demo
+DEMO_ROWS ?= 200000
+NPROC     ?= 2
+
+.PHONY: setup demo simulate train test clean help
+
+help:
+	@echo "make demo   - set up, simulate a data set, train with $(NPROC) processes, print the evaluation"
+	@echo "make test   - set up and run the test suite"
+	@echo "make setup  - install the pinned stack into $(VENV) (deploy/install.sh)"
+	@echo "make clean  - remove $(DEMO_DIR)"
+
+$(STAMP): pyproject.toml deploy/install.sh
+	VENV=$(VENV) bash deploy/install.sh
+	@touch $@
+
+setup: $(STAMP)
+
+simulate: setup
+	$(PY) -m trainer.data simulate --rows $(DEMO_ROWS) --out $(DEMO_DIR)/data --seed 0
+
+train: setup
+	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) -m trainer.train \
+		--config trainer/configs/demo.yaml output_dir=$(DEMO_DIR)/run data.train=$(DEMO_DIR)/data/train \
+		data.test=$(DEMO_DIR)/data/test
+
+demo: simulate
+	rm -rf $(DEMO_DIR)/run
+	$(MAKE) --no-print-directory train
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,57 @@
+"""Train a CTR/CVR model with TorchRec-sharded embeddings.
+
+Single process::
+
+    python -m trainer.train --config trainer/configs/esmm_simulated.yaml
+
+Two processes on one machine (tables split between the ranks)::
+
+    torchrun --nproc_per_node=2 -m trainer.train --config trainer/configs/esmm_simulated.yaml
+
+Two machines, 2 processes each (run on both, ``--node_rank`` 0 and 1)::
+
+    torchrun --nnodes=2 --nproc_per_node=2 --node_rank=0 --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST0:29500 -m trainer.train --config CONFIG
+
+Override any config key on the command line (OmegaConf dot-list)::
+
+    python -m trainer.train --config CONFIG train.steps=200 objective.name=naive
+
+``--resume`` continues from the run's latest checkpoint if it has one (and starts fresh
+otherwise), so it is also what to pass under ``torchrun --max-restarts``. SIGTERM or Ctrl-C
+writes a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError
+from trainer.recipe import TrainRecipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.train", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("--config", help="YAML config file (see trainer/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if any")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args(argv)
+    try:
+        recipe = TrainRecipe.from_files(args.config, args.overrides, resume=args.resume)
+    except (ConfigError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
