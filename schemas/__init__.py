@@ -10,6 +10,7 @@ from schemas.features import (
     SchemaError,
     SparseDType,
     SparseFeature,
+    TRUTH_COLUMNS,
     TableSpec,
     load_schema,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "SchemaError",
     "SparseDType",
     "SparseFeature",
+    "TRUTH_COLUMNS",
     "TableSpec",
     "hash_string",
     "load_schema",

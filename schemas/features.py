@@ -30,6 +30,7 @@ from enum import Enum, unique
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,8 +45,12 @@ __all__ = [
     "SparseDType",
     "SparseFeature",
     "TableSpec",
+    "TRUTH_COLUMNS",
     "load_schema",
 ]
+
+# Columns only a simulator writes: ground truth for evaluation, never a model input.
+TRUTH_COLUMNS = ("true_ctr", "true_cvr", "cf_conversion")
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -156,9 +161,20 @@ class SparseFeature(_Frozen):
 
 
 class Normalization(_Frozen):
+    """How a dense feature's raw value becomes a model input (reader and service both apply it)."""
+
     kind: NormalizationKind = NormalizationKind.NONE
     mean: float = 0.0
     std: float = Field(default=1.0, gt=0.0)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise: ``none``: x; ``log1p``: sign(x) log1p(|x|); ``standard``: (x - mean) / std."""
+        values = np.asarray(values, dtype=np.float64)
+        if self.kind is NormalizationKind.LOG1P:
+            return np.sign(values) * np.log1p(np.abs(values))
+        if self.kind is NormalizationKind.STANDARD:
+            return (values - self.mean) / self.std
+        return values
 
 
 class DenseFeature(_Frozen):

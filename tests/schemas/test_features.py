@@ -84,3 +84,16 @@ def test_schemas_package_never_imports_torch():
     code = "import sys, schemas, schemas.hashing, schemas.features; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_normalization_by_hand():
+    import math
+
+    import numpy as np
+
+    from schemas import Normalization
+
+    x = np.array([-3.0, 0.0, 2.0])
+    assert Normalization().apply(x).tolist() == [-3.0, 0.0, 2.0]
+    assert Normalization(kind="log1p").apply(x).tolist() == pytest.approx([-math.log(4), 0.0, math.log(3)])
+    assert Normalization(kind="standard", mean=1.0, std=2.0).apply(x).tolist() == [-2.0, -0.5, 0.5]

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 from schemas.features import (
     DenseFeature,
     FeatureSchema,
+    TRUTH_COLUMNS,
     Normalization,
-    NormalizationKind,
     OOVPolicy,
     SparseDType,
     SparseFeature,
@@ -51,8 +51,6 @@ __all__ = [
     "truth_columns",
 ]
 
-# Kept equal to trainer.data.batch.TRUTH_COLUMNS; repeated so that this module needs no torch.
-TRUTH_COLUMNS = ("true_ctr", "true_cvr", "cf_conversion")
 _MAX_LISTED_COLUMNS = 40
 
 
@@ -550,22 +548,8 @@ def _enforce_policy(
 
 
 def normalize_dense(values: np.ndarray, normalization: Normalization) -> np.ndarray:
-    """Apply a dense feature's normalisation element-wise.
-
-    Args:
-        values: raw float64 values, any shape.
-        normalization: ``none``: ``x``; ``log1p``: ``sign(x) * log1p(|x|)``; ``standard``:
-            ``(x - mean) / std``.
-
-    Returns:
-        float64 array of the same shape.
-    """
-    kind = normalization.kind
-    if kind is NormalizationKind.LOG1P:
-        return np.sign(values) * np.log1p(np.abs(values))
-    if kind is NormalizationKind.STANDARD:
-        return (values - normalization.mean) / normalization.std
-    return values
+    """A dense feature's normalisation (``Normalization.apply``, shared with the service)."""
+    return normalization.apply(values)
 
 
 def _dense(array: pa.Array, feature: DenseFeature, site: Site, stats: ReaderStats) -> np.ndarray:

@@ -8,10 +8,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from schemas import TRUTH_COLUMNS
+
 __all__ = ["Batch", "GroundTruth", "TRUTH_COLUMNS"]
 
-# Columns only a simulator can write; evaluation may read them, the model never does.
-TRUTH_COLUMNS = ("true_ctr", "true_cvr", "cf_conversion")
 
 
 @dataclass

@@ -1,0 +1,194 @@
+"""The serving artifact: what ``trainer.export`` writes and ``serving`` loads. No torch here.
+
+A model directory is self-contained; nothing in it is executable (no pickle)::
+
+    MODEL_DIR/
+      manifest.json                             Manifest: version, provenance, model spec, sha256s
+      schema.yaml                               the FeatureSchema the model was trained on
+      weights/dense.safetensors                 MMoE experts and gates, ctr and cvr towers
+      weights/embeddings/<table>.safetensors    one embedding table each, tensor "weight"
+
+Tensor names in ``weights/dense.safetensors`` (the contract between export and service; both
+sides take them from :meth:`ModelSpec.dense_shapes`)::
+
+    mmoe.experts.{e}.layers.{l}.weight / .bias    expert e, layer l (Linear, then ReLU)
+    mmoe.gates.{head}.weight / .bias              softmax gate of a head over the experts
+    towers.{head}.layers.{l}.weight / .bias       tower hidden layer l (Linear, then ReLU)
+    towers.{head}.head.weight / .bias             the tower's logit
+
+The model: ``x = concat(pooled embeddings in table order, then each table's features in order;
+normalised dense features)``; ``mixture[h] = sum_e softmax(gate_h(x))_e * expert_e(x)``;
+``logit[h] = head_h(tower_layers_h(mixture[h]))``; ``pctr = sigmoid(logit[ctr])``,
+``pcvr = sigmoid(logit[cvr])``, ``pctcvr = pctr * pcvr``. Only the ctr and cvr heads are
+exported: heads that exist only for training (imputation, teachers...) are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum, unique
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DENSE_FILE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "SCHEMA_FILE",
+    "SERVED_HEADS",
+    "TABLE_TENSOR",
+    "FileEntry",
+    "Manifest",
+    "ModelSpec",
+    "Pooling",
+    "Source",
+    "TableEntry",
+    "table_file",
+]
+
+FORMAT = "ctcvr-model"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SCHEMA_FILE = "schema.yaml"
+DENSE_FILE = "weights/dense.safetensors"
+TABLE_TENSOR = "weight"  # the one tensor of each table file, shape (num_rows, dim)
+SERVED_HEADS = ("ctr", "cvr")
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# A file path inside the model directory: relative, no "..", no odd characters.
+_REL_PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.\-/]{1,255}$")
+
+
+def table_file(table: str) -> str:
+    """Path of a table's weights inside the model directory."""
+    return f"weights/embeddings/{table}.safetensors"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@unique
+class Pooling(str, Enum):
+    SUM = "sum"  # tables read only by single-valued features (one value: same as mean)
+    MEAN = "mean"  # tables read by a multi-valued feature; an empty bag pools to zeros
+
+
+class TableEntry(_Frozen):
+    """One embedding table and the features that read it, in the model's input order."""
+
+    name: Name
+    num_rows: int = Field(gt=0, description="rows including the reserved OOV row")
+    dim: int = Field(gt=0)
+    pooling: Pooling
+    features: tuple[Name, ...] = Field(min_length=1)
+
+
+class ModelSpec(_Frozen):
+    """Everything needed to rebuild the inference module, with no trainer code."""
+
+    heads: tuple[str, ...] = SERVED_HEADS
+    num_experts: int = Field(ge=1)
+    expert_sizes: tuple[int, ...] = Field(min_length=1)
+    tower_sizes: tuple[int, ...] = ()
+    tables: tuple[TableEntry, ...] = Field(min_length=1)
+    dense_features: tuple[Name, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.heads != SERVED_HEADS:
+            raise ValueError(f"heads must be {list(SERVED_HEADS)}, got {list(self.heads)}")
+        if min(self.expert_sizes) < 1 or min(self.tower_sizes, default=1) < 1:
+            raise ValueError("expert_sizes and tower_sizes must be positive")
+        features = self.sparse_features + list(self.dense_features)
+        if len(set(features)) != len(features):
+            raise ValueError("a feature appears twice in the model spec")
+        tables = [t.name for t in self.tables]
+        if len(set(tables)) != len(tables):
+            raise ValueError("a table appears twice in the model spec")
+        return self
+
+    @property
+    def sparse_features(self) -> list[str]:
+        """Sparse feature names in the model's input order."""
+        return [name for table in self.tables for name in table.features]
+
+    @property
+    def in_features(self) -> int:
+        """Width of the MMoE input: pooled embeddings then dense features."""
+        return sum(t.dim * len(t.features) for t in self.tables) + len(self.dense_features)
+
+    def dense_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor in ``weights/dense.safetensors``."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        width_in = self.in_features
+        for e in range(self.num_experts):
+            width = width_in
+            for layer, size in enumerate(self.expert_sizes):
+                shapes[f"mmoe.experts.{e}.layers.{layer}.weight"] = (size, width)
+                shapes[f"mmoe.experts.{e}.layers.{layer}.bias"] = (size,)
+                width = size
+        for head in self.heads:
+            shapes[f"mmoe.gates.{head}.weight"] = (self.num_experts, width_in)
+            shapes[f"mmoe.gates.{head}.bias"] = (self.num_experts,)
+        for head in self.heads:
+            width = self.expert_sizes[-1]
+            for layer, size in enumerate(self.tower_sizes):
+                shapes[f"towers.{head}.layers.{layer}.weight"] = (size, width)
+                shapes[f"towers.{head}.layers.{layer}.bias"] = (size,)
+                width = size
+            shapes[f"towers.{head}.head.weight"] = (1, width)
+            shapes[f"towers.{head}.head.bias"] = (1,)
+        return shapes
+
+
+class FileEntry(_Frozen):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Source(_Frozen):
+    """Where the weights come from."""
+
+    run_dir: str
+    checkpoint: str
+    step: int = Field(ge=0)
+    objective: str
+    objective_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Frozen):
+    """``manifest.json``: identity, provenance, the model spec and a checksum per file."""
+
+    format: Literal["ctcvr-model"] = FORMAT
+    format_version: Literal[1] = FORMAT_VERSION
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="version id")
+    created_at: datetime
+    source: Source
+    schema_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: ModelSpec
+    metrics: dict[str, float | None] = Field(default_factory=dict, description="evaluation of the run")
+    training_config: dict[str, Any] = Field(default_factory=dict, description="resolved TrainConfig")
+    files: dict[str, FileEntry]
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for path in files:
+            if not _REL_PATH.match(path):
+                raise ValueError(f"file path {path!r} is not a plain relative path inside the model directory")
+        return files
+
+    @model_validator(mode="after")
+    def _all_files_listed(self) -> Manifest:
+        missing = [path for path in self.required_files() if path not in self.files]
+        if missing:
+            raise ValueError(f"files: no checksum for {missing}")
+        return self
+
+    def required_files(self) -> list[str]:
+        """Every file the service reads, besides the manifest itself."""
+        return [SCHEMA_FILE, DENSE_FILE] + [table_file(t.name) for t in self.model.tables]
