@@ -8,7 +8,9 @@ parameters are replicated and synchronised by DMP's data-parallel wrapper.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +20,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -33,8 +36,11 @@ __all__ = [
     "fuse_sparse_optimizer",
     "init_distributed",
     "local_shards",
+    "quiet_library_warnings",
     "shard_model",
 ]
+
+_TIMEOUT = timedelta(minutes=10)
 
 # Backends that can run each sharding type (TorchRec on CPU/gloo has no row-wise kernels).
 _SUPPORTED = {
@@ -59,6 +65,18 @@ class DistContext:
         return self.rank == 0
 
 
+def quiet_library_warnings() -> None:
+    """Silence TorchRec/torch notices that speak to TorchRec's developers, not to our users.
+
+    They concern how TorchRec builds its own objects (topology construction, DDP's deprecated
+    ``broadcast_buffers`` argument, fx tracing flags) and appear on every start of every rank.
+    """
+    logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+
+
 def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
     """Start (or join) the process group. Without ``torchrun`` it makes a 1-rank group.
 
@@ -77,10 +95,34 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
         torch_device = torch.device("cpu")
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(
+                backend=backend, store=_attempt_store(rank, world_size), rank=rank,
+                world_size=world_size, timeout=_TIMEOUT,
+            )
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, with keys scoped to this torchrun restart attempt.
+
+    torchrun keeps one store across ``--max-restarts`` attempts, and the process group writes
+    its peers' addresses under the same keys every time: a fast rank of a restarted group can
+    read the address of a peer that died in the previous attempt and fail to connect. A prefix
+    per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps each attempt's keys apart.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=not agent_hosts_store and rank == 0,
+        timeout=_TIMEOUT,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ctcvr/attempt_{attempt}", store)
 
 
 def fuse_sparse_optimizer(model: nn.Module, config: SparseOptimizerConfig) -> None:
@@ -119,8 +161,15 @@ def shard_model(model: nn.Module, ctx: DistContext, config: ShardingConfig) -> D
         if isinstance(module, EmbeddingBagCollection)
         for table in module.embedding_bag_configs()
     }
-    topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    topology = Topology(world_size=ctx.world_size, local_world_size=local_world_size, compute_device=ctx.device.type)
+    # A fixed reserve for dense parameters and activations; the default heuristic estimates them
+    # from meta tensors and warns that it over-estimates.
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+    )
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)

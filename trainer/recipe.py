@@ -27,6 +27,7 @@ from trainer.distributed import (
     fuse_sparse_optimizer,
     init_distributed,
     local_shards,
+    quiet_library_warnings,
     shard_model,
 )
 from trainer.evaluate import evaluate
@@ -74,6 +75,7 @@ class TrainRecipe:
 
     def setup(self) -> None:
         cfg = self.config
+        quiet_library_warnings()
         self.ctx = init_distributed(cfg.sharding.backend, cfg.device)
         # The same seed on every rank: dense parameters start identical (DMP also broadcasts).
         torch.manual_seed(cfg.seed)

@@ -23,6 +23,8 @@ TINY = [
     "data.shuffle_buffer=2048",
     "train.log_every=5",
     "train.progress=false",
+    "dense_optimizer.lr=0.01",
+    "sparse_optimizer.lr=0.1",
 ]
 
 
@@ -30,7 +32,7 @@ TINY = [
 def sim_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim")
     subprocess.run(
-        [sys.executable, "-m", "trainer.data", "simulate", "--rows", "40000", "--out", str(out), "--seed", "3"],
+        [sys.executable, "-m", "trainer.data", "simulate", "--rows", "120000", "--out", str(out), "--seed", "3"],
         check=True, cwd=REPO, capture_output=True, text=True,
     )
     return out
@@ -72,4 +74,12 @@ def load_checkpoint_tensors(path: Path) -> dict:
 
     target = path.parent / f"{path.name}.pt"
     dcp_to_torch_save(path, target)
-    return torch.load(target, weights_only=False)
+    return dict(_flatten(torch.load(target, weights_only=False)))
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
