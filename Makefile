@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 TORCHRUN  := $(VENV)/bin/torchrun
 STAMP     := $(VENV)/.ctcvr-installed
 DEMO_DIR  ?= runs/demo
-DEMO_ROWS ?= 200000
+DEMO_ROWS ?= 400000
 NPROC     ?= 2
 
 .PHONY: setup demo simulate train test clean help
