@@ -62,6 +62,19 @@ def test_two_process_ctr_auc_matches_one_process(one_process_run, two_process_ru
     assert abs(one["ctr_auc"] - two["ctr_auc"]) < 0.02
 
 
+def test_a_checkpoint_scores_the_same_on_one_rank_as_on_two(two_process_run, tmp_path):
+    # Sharded collections pool features in placement order; the model must not depend on it.
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", "--run", str(two_process_run), "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    check(result)
+    one_rank = json.loads((tmp_path / "metrics.json").read_text())
+    two_ranks = read_metrics(two_process_run)
+    for key in ("ctr_auc", "ctr_logloss", "cvr_auc", "ctcvr_logloss", "cvr_bias"):
+        assert one_rank[key] == pytest.approx(two_ranks[key], abs=1e-6), key
+
+
 def test_resume_reproduces_an_uninterrupted_run(sim_data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("train.evaluate=false", "train.checkpoint_every=10", "model.dropout=0.1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from schemas import FeatureSchema
 
@@ -49,11 +49,19 @@ class SparseArch(nn.Module):
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
-        self.out_features = sum(
-            config.embedding_dim * len(config.feature_names)
-            for config in embedding_bag_collection.embedding_bag_configs()
-        )
+        configs = embedding_bag_collection.embedding_bag_configs()
+        self.feature_names = [name for config in configs for name in config.feature_names]
+        self.out_features = sum(config.embedding_dim * len(config.feature_names) for config in configs)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Args: features with one key per sparse feature. Returns ``(B, F * D)`` pooled."""
-        return self.embedding_bag_collection(features).values()
+        """Args: features with one key per sparse feature.
+
+        Returns:
+            ``(B, F * D)``: pooled embeddings in the order of the tables' configs (tables, then
+            each table's features), whatever the sharding.
+        """
+        pooled = self.embedding_bag_collection(features)
+        # A sharded collection returns its features grouped by shard placement, not in config
+        # order; regrouping pins the layout the MMoE's input weights were trained on, so a
+        # checkpoint means the same thing on 1 rank, N ranks, and unsharded in export.
+        return KeyedTensor.regroup([pooled], [self.feature_names])[0]
