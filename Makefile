@@ -9,10 +9,12 @@ DEMO_DIR  ?= runs/demo
 DEMO_ROWS ?= 400000
 NPROC     ?= 2
 
-.PHONY: setup demo simulate train test clean help
+.PHONY: setup demo simulate train export-model serve-demo serve test clean help
 
 help:
-	@echo "make demo   - set up, simulate a data set, train with $(NPROC) processes, print the evaluation"
+	@echo "make demo   - set up, simulate a data set, train with $(NPROC) processes, print the evaluation,"
+	@echo "              export the model, serve it and score a few impressions over HTTP"
+	@echo "make serve  - serve the demo model on 127.0.0.1:8000 (python -m serving)"
 	@echo "make test   - set up and run the test suite"
 	@echo "make setup  - install the pinned stack into $(VENV) (deploy/install.sh)"
 	@echo "make clean  - remove $(DEMO_DIR)"
@@ -31,9 +33,20 @@ train: setup
 		--config trainer/configs/demo.yaml output_dir=$(DEMO_DIR)/run data.train=$(DEMO_DIR)/data/train \
 		data.test=$(DEMO_DIR)/data/test
 
+export-model: setup
+	$(PY) -m trainer.export --run $(DEMO_DIR)/run --out $(DEMO_DIR)/model --force
+
+serve-demo: setup
+	$(PY) -m serving.demo --model-dir $(DEMO_DIR)/model --data $(DEMO_DIR)/data/test --rows 5
+
+serve: setup
+	$(PY) -m serving --model-dir $(DEMO_DIR)/model
+
 demo: simulate
 	rm -rf $(DEMO_DIR)/run
 	$(MAKE) --no-print-directory train
+	$(MAKE) --no-print-directory export-model
+	$(MAKE) --no-print-directory serve-demo
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,453 @@
+"""Serving benchmark: the HTTP service under load against the raw model called in-process.
+
+Run from the repository root (about 2 minutes on 2 idle CPU cores with the defaults)::
+
+    .venv/bin/python benchmarks/serving.py
+    .venv/bin/python benchmarks/serving.py --model-dir runs/demo/model --duration 8 --rounds 3
+    CTCVR_BATCH_MAX_WAIT_MS=0 .venv/bin/python benchmarks/serving.py --out /tmp/bench
+
+Outputs, under ``--out`` (default ``benchmarks/results``):
+
+- ``serving.md``: per request size (1 and 256 rows) and concurrency (1, 8, 32): rows/s and
+  requests/s (median over rounds, with min and max), p50 / p99 latency, errors, and the mean rows
+  per model call the service ran (micro-batching); then the raw in-process rows/s for the same
+  batches, the settings, and each target met or missed. The same table is printed.
+- ``serving.png``: rows/s per cell against the raw model, and p50 / p99 latency.
+- ``serving.json``: the resolved settings, every round's figures (not each request's latency)
+  and the raw measurements.
+
+What runs:
+
+1. **Model.** ``--model-dir``, or else the demo architecture (the ``model`` section of
+   ``trainer/configs/demo.yaml``: 4 experts of [64], towers [32]) over the simulator's schema
+   (20 sparse features incl. strings and a list, 2 dense), randomly initialised, checkpointed with
+   DCP and written by ``trainer.export`` (speed does not depend on what the weights learnt).
+2. **Requests.** ``--sim-rows`` impressions from the simulator (seed 0) as raw JSON rows (ints,
+   strings, lists, nulls); a pool of distinct pre-encoded 1-row and 256-row bodies, sent in turn.
+3. **Service.** ``python -m serving`` on a free loopback port with its default settings (any
+   ``CTCVR_*`` variable in the environment passes through).
+4. **Load.** Another process (this file with ``--worker load``) keeps ``C`` requests in flight on
+   ``C`` keep-alive connections (closed loop: each sends its next request when the last one is
+   answered) for ``--warmup`` + ``--duration`` seconds, and times each request from the first
+   byte sent to the last byte received. Only requests sent after the warmup count. An error is a
+   failed connection, a status other than 200, or a response without exactly one score per row.
+5. **Raw, in-process,** once the service has stopped, with the service's torch thread count:
+   ``model``: ``ScoringModel.predict`` on the same batches, already mapped to ids;
+   ``in-process scorer``: ``Scorer.prepare(body)`` (validation + hashing) then ``predict``, i.e.
+   everything the service does but HTTP and batching.
+
+Targets on the 2-core machine: zero errors; p99 under 50 ms for 1-row requests at concurrency 8;
+256-row requests reach at least half the raw model's rows/s (256-row batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+__all__ = ["Settings", "main"]
+
+
+@dataclass
+class Settings:
+    model_dir: str | None = None  # served model; None: the demo architecture, random weights
+    out: str = "benchmarks/results"
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])  # requests in flight
+    rows: list[int] = field(default_factory=lambda: [1, 256])  # rows per request
+    duration: float = 5.0  # measured seconds per cell and round
+    warmup: float = 1.0  # seconds per cell before measuring
+    rounds: int = 2  # every cell runs once per round; rounds alternate to spread outside load
+    sim_rows: int = 20_000  # simulated impressions the request rows come from
+    bodies: int = 64  # distinct request bodies per size
+    torch_threads: int = int(os.environ.get("CTCVR_TORCH_THREADS", "1"))  # service and raw runs
+
+
+# Load generator (runs in its own process) -------------------------------------------------------
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = None
+    for line in lines[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:].strip())
+    if length is None:
+        raise ValueError("response without Content-Length")
+    return status, await reader.readexactly(length)
+
+
+async def _connection(host: str, port: int, bodies: list[bytes], rows: int, offset: int,
+                      measure_from: float, stop_at: float, out: dict) -> None:
+    reader = writer = None
+    i = offset
+    while time.perf_counter() < stop_at:
+        body = bodies[i % len(bodies)]
+        i += 1
+        request = (
+            f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        start = time.perf_counter()
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            status, payload = await _read_response(reader)
+            ok = status == 200 and payload.count(b'"pctr"') == rows
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            ok, writer = False, None
+        end = time.perf_counter()
+        if start >= measure_from:
+            if ok:
+                out["latencies"].append(end - start)
+            else:
+                out["errors"] += 1
+            out["last"] = end
+    if writer is not None:
+        writer.close()
+
+
+async def _load(url: str, bodies: list[bytes], rows: int, concurrency: int, warmup: float, duration: float) -> dict:
+    host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    begin = time.perf_counter()
+    measure_from, stop_at = begin + warmup, begin + warmup + duration
+    out: dict = {"latencies": [], "errors": 0, "last": measure_from}
+    await asyncio.gather(*(
+        _connection(host, int(port), bodies, rows, k * 7, measure_from, stop_at, out) for k in range(concurrency)
+    ))
+    out["seconds"] = max(out["last"] - measure_from, 1e-9)
+    return out
+
+
+def load_worker(args: argparse.Namespace) -> None:
+    bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines()]
+    result = asyncio.run(_load(args.url, bodies, args.request_rows, args.clients, args.warmup, args.duration))
+    json.dump(result, sys.stdout)
+
+
+# Orchestration ----------------------------------------------------------------------------------
+
+
+def _demo_model(work: Path, schema_path: Path) -> Path:
+    """The demo architecture over the simulator schema, random weights, through the real export."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+
+    from schemas import load_schema
+    from trainer.builders import build_model
+    from trainer.config import load_config, save_config, to_dict
+    from trainer.export import export_run
+    from trainer.objectives import build_objective
+    from trainer.train_module import TrainModule
+
+    demo = OmegaConf.load(REPO / "trainer/configs/demo.yaml")
+    run = work / "run"
+    config = load_config(REPO / "trainer/configs/demo.yaml", [f"output_dir={run}", f"data.train={work}"])
+    schema = load_schema(schema_path)
+    run.mkdir(parents=True)
+    save_config(config, run / "config.yaml")
+    schema.save(run / "schema.yaml")
+    torch.manual_seed(0)
+    objective = build_objective(config.objective.name, **config.objective.params)
+    module = TrainModule(build_model(schema, config.model, objective.required_heads, embedding_device="cpu"), objective)
+    ckpt = run / "checkpoints" / "step_00000000"
+    with warnings.catch_warnings():  # "assuming ... a single process": it is one
+        warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
+        dcp.save({"model": module.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "meta.json").write_text(json.dumps(
+        {"step": 0, "schema_fingerprint": schema.fingerprint(), "config": to_dict(config)}
+    ))
+    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    print(f"[bench] demo model: {OmegaConf.to_container(demo.model)}", flush=True)
+    export_run(run, work / "model", version="bench-demo-random", log=None)
+    return work / "model"
+
+
+def _request_rows(work: Path, sim_rows: int, schema_path: Path | None) -> tuple[list[dict], Path]:
+    import pyarrow.parquet as pq
+
+    from schemas import load_schema
+
+    data = work / "sim"
+    subprocess.run(
+        [sys.executable, "-m", "trainer.data", "simulate", "--rows", str(sim_rows), "--out", str(data), "--seed", "0"],
+        check=True, cwd=REPO, capture_output=True,
+    )
+    schema = load_schema(schema_path or data / "schema.yaml")
+    columns = schema.sparse_names + schema.dense_names
+    rows = [row for f in sorted((data / "train").glob("*.parquet")) for row in pq.read_table(f, columns=columns).to_pylist()]
+    return rows, data / "schema.yaml"
+
+
+def _bodies(rows: list[dict], size: int, count: int) -> list[bytes]:
+    out = []
+    for k in range(count):
+        start = (k * size) % max(len(rows) - size, 1)
+        out.append(json.dumps({"rows": rows[start : start + size]}, separators=(",", ":")).encode())
+    return out
+
+
+def _batch_stats(url: str) -> tuple[float, float]:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = float(re.search(r"^ctcvr_batch_rows_sum (\S+)$", text, re.M)[1])  # type: ignore[index]
+    count = float(re.search(r"^ctcvr_batch_rows_count (\S+)$", text, re.M)[1])  # type: ignore[index]
+    return total, count
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _raw(model_dir: Path, bodies: dict[int, list[bytes]], seconds: float, threads: int) -> list[dict]:
+    import torch
+
+    from serving.artifact import load_artifact
+    from serving.scorer import Scorer
+
+    torch.set_num_threads(threads)
+    scorer = Scorer(load_artifact(model_dir), max_rows=max(bodies))
+    out = []
+    for size, pool in bodies.items():
+        features = [scorer.prepare(b) for b in pool]
+        for mode in ("model", "in-process scorer"):
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                if mode == "model":
+                    scorer.predict(features[calls % len(features)])
+                else:
+                    scorer.predict(scorer.prepare(pool[calls % len(pool)]))
+                calls += 1
+            elapsed = time.perf_counter() - start
+            out.append({"mode": mode, "rows": size, "rows_per_s": calls * size / elapsed,
+                        "ms_per_call": 1000 * elapsed / calls})
+    return out
+
+
+def run(settings: Settings) -> dict:
+    out_dir = REPO / settings.out if not Path(settings.out).is_absolute() else Path(settings.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] settings: {json.dumps(asdict(settings))}", flush=True)
+    from tests.serving.artifacts import live_server
+
+    with tempfile.TemporaryDirectory(prefix="ctcvr-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = Path(settings.model_dir) if settings.model_dir else None
+        rows, schema_path = _request_rows(work, settings.sim_rows, model_dir / "schema.yaml" if model_dir else None)
+        if model_dir is None:
+            model_dir = _demo_model(work, schema_path)
+        bodies = {size: _bodies(rows, size, settings.bodies) for size in settings.rows}
+        files = {}
+        for size, pool in bodies.items():
+            files[size] = work / f"bodies_{size}.jsonl"
+            files[size].write_text("\n".join(b.decode() for b in pool) + "\n")
+        load_before = os.getloadavg()
+        cells: dict[tuple[int, int], list[dict]] = {}
+        env = {"CTCVR_TORCH_THREADS": str(settings.torch_threads)}
+        with live_server(model_dir, work / "server.log", env=env) as url:
+            for round_ in range(settings.rounds):
+                for size in settings.rows:
+                    for clients in settings.concurrency:
+                        before = _batch_stats(url)
+                        result = subprocess.run(
+                            [sys.executable, __file__, "--worker", "load", "--url", url, "--bodies", str(files[size]),
+                             "--request-rows", str(size), "--clients", str(clients),
+                             "--warmup", str(settings.warmup), "--duration", str(settings.duration)],
+                            check=True, capture_output=True, text=True, cwd=REPO,
+                        )
+                        after = _batch_stats(url)
+                        load = json.loads(result.stdout)
+                        lat = load["latencies"]
+                        cell = {
+                            "round": round_, "rows": size, "concurrency": clients, "requests": len(lat),
+                            "errors": load["errors"], "seconds": load["seconds"],
+                            "requests_per_s": len(lat) / load["seconds"], "rows_per_s": len(lat) * size / load["seconds"],
+                            "p50_ms": 1000 * _percentile(lat, 0.50), "p99_ms": 1000 * _percentile(lat, 0.99),
+                            "latencies_ms": [round(1000 * x, 3) for x in lat],
+                            "mean_batch_rows": (after[0] - before[0]) / max(after[1] - before[1], 1),
+                        }
+                        cells.setdefault((size, clients), []).append(cell)
+                        print(f"[bench] round {round_} rows {size:>3} concurrency {clients:>2}: "
+                              f"{cell['rows_per_s']:>9,.0f} rows/s  p50 {cell['p50_ms']:6.2f} ms  "
+                              f"p99 {cell['p99_ms']:6.2f} ms  errors {cell['errors']}  "
+                              f"batch {cell['mean_batch_rows']:.1f} rows", flush=True)
+        raw = _raw(model_dir, bodies, settings.duration, settings.torch_threads)
+        for r in raw:
+            print(f"[bench] raw {r['mode']:<17} {r['rows']:>3} rows: {r['rows_per_s']:>10,.0f} rows/s "
+                  f"({r['ms_per_call']:.3f} ms per call)", flush=True)
+        load_after = os.getloadavg()
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+    summary = _summarise(cells, raw)
+    report = {
+        "settings": asdict(settings), "model": {"version": manifest["version"], **manifest["model"]},
+        "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
+        "summary": summary, "raw": raw,
+        "rounds": [{k: v for k, v in c.items() if k != "latencies_ms"} for cs in cells.values() for c in cs],
+    }
+    (out_dir / "serving.json").write_text(json.dumps(report, indent=1))
+    markdown = _markdown(report)
+    (out_dir / "serving.md").write_text(markdown)
+    _plot(summary, raw, out_dir / "serving.png")
+    print(markdown)
+    return report
+
+
+def _summarise(cells: dict[tuple[int, int], list[dict]], raw: list[dict]) -> list[dict]:
+    raw_model = {r["rows"]: r["rows_per_s"] for r in raw if r["mode"] == "model"}
+    out = []
+    for (size, clients), rounds in cells.items():
+        latencies = [x for c in rounds for x in c["latencies_ms"]]
+        rates = [c["rows_per_s"] for c in rounds]
+        median = statistics.median(rates)
+        out.append({
+            "rows": size, "concurrency": clients, "rows_per_s": median, "rows_per_s_min": min(rates),
+            "rows_per_s_max": max(rates), "requests_per_s": median / size,
+            "p50_ms": _percentile(latencies, 0.50), "p99_ms": _percentile(latencies, 0.99),
+            "errors": sum(c["errors"] for c in rounds), "requests": sum(c["requests"] for c in rounds),
+            "mean_batch_rows": statistics.mean(c["mean_batch_rows"] for c in rounds),
+            "vs_raw_model": median / raw_model[size] if size in raw_model else None,
+        })
+    return out
+
+
+def _markdown(report: dict) -> str:
+    s, summary, raw = report["settings"], report["summary"], report["raw"]
+    lines = [
+        "# Serving: HTTP service vs raw model in-process",
+        "",
+        "| rows/request | concurrency | rows/s (median) | min..max | requests/s | p50 ms | p99 ms | errors | rows per model call | vs raw model |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['rows']} | {r['concurrency']} | {r['rows_per_s']:,.0f} | {r['rows_per_s_min']:,.0f}..{r['rows_per_s_max']:,.0f} "
+            f"| {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
+            f"| {r['mean_batch_rows']:.1f} | {r['vs_raw_model']:.2f}x |"
+        )
+    lines += ["", "Raw, in-process, the same batches (no HTTP, no batching):", "",
+              "| mode | rows/call | rows/s | ms/call |", "| --- | ---: | ---: | ---: |"]
+    for r in raw:
+        lines.append(f"| {r['mode']} | {r['rows']} | {r['rows_per_s']:,.0f} | {r['ms_per_call']:.3f} |")
+    errors = sum(r["errors"] for r in summary)
+    p99 = [r["p99_ms"] for r in summary if r["rows"] == 1 and r["concurrency"] == 8]
+    best_256 = max((r["vs_raw_model"] for r in summary if r["rows"] == 256), default=None)
+    raw_scorer = {r["rows"]: r["rows_per_s"] for r in raw if r["mode"] == "in-process scorer"}
+    best_256_scorer = max((r["rows_per_s"] / raw_scorer[256] for r in summary if r["rows"] == 256), default=None) if 256 in raw_scorer else None
+
+    def mark(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+    lines += [
+        "",
+        "Targets:",
+        "",
+        f"- zero errors: {errors} errors: {mark(errors == 0)}",
+        "- p99 < 50 ms for 1-row requests at concurrency 8: "
+        + (f"{p99[0]:.2f} ms: {mark(p99[0] < 50)}" if p99 else "not measured"),
+        "- 256-row requests >= 0.5x the raw model's rows/s: "
+        + (f"best {best_256:.2f}x: {mark(best_256 >= 0.5)}" if best_256 is not None else "not measured")
+        + (f" (against the in-process scorer, which also validates and hashes: {best_256_scorer:.2f}x)"
+           if best_256_scorer is not None else ""),
+        "",
+        f"Model `{report['model']['version']}`: {report['model']['num_experts']} experts of "
+        f"{report['model']['expert_sizes']}, towers {report['model']['tower_sizes']}, "
+        f"{len(report['model']['tables'])} tables. {s['duration']:g} s measured after {s['warmup']:g} s warmup "
+        f"per cell, {s['rounds']} round(s); latency from first byte sent to last byte received, p50/p99 over "
+        f"all rounds; torch threads {s['torch_threads']} (service and raw). Service settings: defaults "
+        "(`CTCVR_BATCH_MAX_WAIT_MS=2`, `CTCVR_BATCH_MAX_ROWS=4096`) unless set in the environment. "
+        f"{report['cpus']} CPUs, load average {report['loadavg_before'][0]:.2f} before and "
+        f"{report['loadavg_after'][0]:.2f} after (the load generator shares the CPUs with the service).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(summary: list[dict], raw: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    sizes = sorted({r["rows"] for r in summary})
+    for k, size in enumerate(sizes):
+        cells = [r for r in summary if r["rows"] == size]
+        names = [f"{size}\nc={r['concurrency']}" for r in cells]
+        left.bar(names, [r["rows_per_s"] for r in cells], color=f"C{k}",
+                 yerr=[[r["rows_per_s"] - r["rows_per_s_min"] for r in cells],
+                       [r["rows_per_s_max"] - r["rows_per_s"] for r in cells]], capsize=4)
+        for r in raw:
+            if r["rows"] == size:
+                style = "--" if r["mode"] == "model" else ":"
+                left.axhline(r["rows_per_s"], color=f"C{k}", linestyle=style, linewidth=1,
+                             label=f"raw {r['mode']}, {size}-row batches")
+        right.plot([r["concurrency"] for r in cells], [r["p50_ms"] for r in cells], "o-", color=f"C{k}", label=f"p50, {size} row(s)")
+        right.plot([r["concurrency"] for r in cells], [r["p99_ms"] for r in cells], "s--", color=f"C{k}", label=f"p99, {size} row(s)")
+    left.set_yscale("log")
+    left.set_xlabel("rows per request, concurrency")
+    left.set_ylabel("rows/s (median over rounds; whiskers min, max)")
+    left.set_title("Throughput")
+    left.legend(fontsize=8)
+    right.axhline(50, color="grey", linewidth=1, linestyle=":", label="50 ms target")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("concurrent requests")
+    right.set_ylabel("latency, ms")
+    right.set_title("Latency")
+    right.legend(fontsize=8)
+    fig.suptitle("ctcvr scoring service on loopback")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Settings()
+    parser.add_argument("--model-dir", default=defaults.model_dir)
+    parser.add_argument("--out", default=defaults.out)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=defaults.concurrency)
+    parser.add_argument("--rows", type=int, nargs="+", default=defaults.rows)
+    parser.add_argument("--duration", type=float, default=defaults.duration)
+    parser.add_argument("--warmup", type=float, default=defaults.warmup)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--sim-rows", type=int, default=defaults.sim_rows)
+    parser.add_argument("--bodies", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["load"], help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--request-rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker == "load":
+        load_worker(args)
+        return 0
+    settings = Settings(
+        model_dir=args.model_dir, out=args.out, concurrency=args.concurrency, rows=args.rows,
+        duration=args.duration, warmup=args.warmup, rounds=args.rounds, sim_rows=args.sim_rows,
+    )
+    run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Start the scoring service: ``python -m serving --model-dir DIR [--host H] [--port P]``.
+
+Every option can also be given as an environment variable (``CTCVR_MODEL_DIR``, ``CTCVR_HOST``,
+``CTCVR_PORT``; the others are listed in ``serving/config.py``); an option wins over its variable.
+``--check`` loads and verifies the model directory, prints what it holds, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from serving.artifact import ArtifactError
+from serving.config import ServingSettings
+from serving.metrics import ServiceMetrics
+from serving.registry import ModelRegistry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="model directory written by trainer.export")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--log-level", help="critical, error, warning, info, debug")
+    parser.add_argument("--check", action="store_true", help="verify the model directory and exit")
+    args = parser.parse_args(argv)
+    overrides = {
+        key: value
+        for key, value in {"model_dir": args.model_dir, "host": args.host, "port": args.port,
+                           "log_level": args.log_level}.items()
+        if value is not None
+    }
+    try:
+        settings = ServingSettings(**overrides)
+    except ValidationError as err:
+        for item in err.errors():
+            print(f"error: {'.'.join(map(str, item['loc'])) or 'settings'}: {item['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper().replace("TRACE", "DEBUG"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    registry = ModelRegistry(settings.model_dir, settings.max_rows, ServiceMetrics())
+    try:
+        scorer = registry.load()  # before the server starts: a bad artifact is a plain error
+    except ArtifactError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    manifest = scorer.artifact.manifest
+    print(
+        f"model {manifest.version}: step {manifest.source.step} of {manifest.source.run_dir} "
+        f"({manifest.source.objective}), {len(scorer.artifact.schema.sparse)} sparse and "
+        f"{len(scorer.artifact.schema.dense)} dense features",
+        flush=True,
+    )
+    if args.check:
+        return 0
+
+    import uvicorn
+
+    from serving.main import create_app
+
+    uvicorn.run(
+        create_app(settings, registry),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Micro-batching: concurrent requests share one feature mapping and one model call, in a worker
+thread.
+
+The score route validates a request's body inside :meth:`MicroBatcher.expecting`, then
+:meth:`MicroBatcher.submit` queues the rows and :meth:`MicroBatcher.wait` awaits them (or
+:meth:`MicroBatcher.result` blocks, from a thread). One worker thread takes the oldest waiting request, gathers
+what else is queued and, while other requests are still being validated (so will be queued
+soon), waits for them up to ``max_wait``; then, for up to ``max_rows`` rows, it maps all their
+raw values to ids at once (per-feature costs are paid once per batch, not once per request),
+runs the model once, and hands each request its own slice of the scores, in order. A request
+whose rows break a mapping rule (``oov: error``, dense overflow) gets its own errors; the others
+in the batch are unaffected. A lone request never waits; under load requests pile up while the
+model runs, so batches grow and throughput with them. The event loop never runs the model.
+
+Each queued request carries the scorer that validated it: after a hot reload, requests validated
+against the old model are still scored by it (a batch never mixes models), so no request is
+dropped or scored by a model whose schema it was not checked against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from serving.scorer import RequestInvalid, Scorer, row_errors
+
+__all__ = ["BatchResult", "MicroBatcher", "Overloaded", "ScoringTimeout"]
+
+log = logging.getLogger("ctcvr.serving")
+
+_POLL_S = 0.0005  # how often a waiting batch rechecks whether requests are still on the way
+
+
+class Overloaded(RuntimeError):
+    """Too many rows are waiting, or the service is stopping; retry later (HTTP 503)."""
+
+
+class ScoringTimeout(RuntimeError):
+    """The request waited longer than its timeout (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    scores: np.ndarray  # (n, 3) float32 of this request's rows: pctr, pcvr, pctcvr
+    version: str  # the model that computed them
+
+
+@dataclass
+class _Pending:
+    scorer: Scorer
+    rows: list[dict[str, Any]]
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+class MicroBatcher:
+    """Groups concurrent requests into model calls of at most ``max_rows`` rows.
+
+    Args:
+        max_rows: the most rows per model call (a larger single request runs alone).
+        max_wait_s: how long a batch may wait for requests still being validated.
+        max_queue_rows: rows allowed to wait; beyond it :meth:`submit` raises :class:`Overloaded`.
+        on_batch: called with (rows, seconds) after each model call (metrics).
+
+    Example::
+
+        batcher = MicroBatcher(max_rows=4096, max_wait_s=0.002, max_queue_rows=65_536)
+        batcher.start()
+        with batcher.expecting():
+            ticket = batcher.submit(scorer, scorer.parse(body))
+        result = batcher.result(ticket, timeout=10.0)  # BatchResult(scores (n, 3), version)
+    """
+
+    def __init__(
+        self,
+        max_rows: int,
+        max_wait_s: float,
+        max_queue_rows: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.max_queue_rows = max_queue_rows
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queued_rows = 0
+        self._expected = 0  # requests being validated, about to be submitted
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._carry: _Pending | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ctcvr-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Score what is queued, then end the worker."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Marks a request that is being validated and will be submitted: batches wait for it."""
+        with self._lock:
+            self._expected += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expected -= 1
+
+    def submit(self, scorer: Scorer, rows: list[dict[str, Any]]) -> Future:
+        """Queue validated rows for mapping and scoring (called from request threads).
+
+        Raises:
+            Overloaded: more than ``max_queue_rows`` rows would be waiting, or stopping.
+        """
+        if self._thread is None:
+            raise Overloaded("the service is not accepting requests (starting or stopping)")
+        pending = _Pending(scorer, rows)
+        with self._lock:
+            if self._queued_rows + pending.size > self.max_queue_rows and self._queued_rows > 0:
+                raise Overloaded(f"{self._queued_rows} rows are already waiting to be scored")
+            self._queued_rows += pending.size
+        self._queue.put(pending)
+        return pending.future
+
+    @staticmethod
+    async def wait(future: Future, timeout: float) -> BatchResult:
+        """Await a submitted request's scores without holding a thread (the async route).
+
+        Raises:
+            RequestInvalid: its rows break a mapping rule (each error names the row and field).
+            ScoringTimeout: no result within ``timeout`` seconds.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:  # wait_for cancelled the future: the worker skips it if not started
+            raise ScoringTimeout(f"no result within {timeout:g} s") from None
+
+    @staticmethod
+    def result(future: Future, timeout: float) -> BatchResult:
+        """Wait for a submitted request's scores.
+
+        Raises:
+            RequestInvalid: its rows break a mapping rule (each error names the row and field).
+            ScoringTimeout: no result within ``timeout`` seconds.
+        """
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()  # the worker skips it if it has not started it yet
+            raise ScoringTimeout(f"no result within {timeout:g} s") from None
+
+    def score(self, scorer: Scorer, rows: list[dict[str, Any]], timeout: float) -> BatchResult:
+        """:meth:`submit` then :meth:`result`."""
+        return self.result(self.submit(scorer, rows), timeout)
+
+    # Worker ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._carry if self._carry is not None else self._queue.get()
+            self._carry = None
+            if first is None:
+                return
+            batch, stop = self._gather(first)
+            self._execute(batch)
+            if stop:
+                self._drain()
+                return
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        batch, rows = [first], first.size
+        deadline = time.perf_counter() + self.max_wait_s
+        while rows < self.max_rows:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if self._expected == 0 or remaining <= 0:
+                    break  # nobody else is on the way, or waited long enough
+                try:  # short polls: an arrival wakes us at once, the poll rechecks _expected
+                    item = self._queue.get(timeout=min(remaining, _POLL_S))
+                except queue.Empty:
+                    continue
+            if item is None:
+                return batch, True
+            if item.scorer is not first.scorer or rows + item.size > self.max_rows:
+                self._carry = item  # starts the next batch, keeping arrival order
+                break
+            batch.append(item)
+            rows += item.size
+        return batch, False
+
+    def _drain(self) -> None:
+        while True:
+            if self._carry is not None:
+                item, self._carry = self._carry, None
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+            if item is not None:
+                batch, _ = self._gather(item)
+                self._execute(batch)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        with self._lock:
+            self._queued_rows -= sum(p.size for p in batch)
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        scorer = live[0].scorer
+        start = time.perf_counter()
+        try:
+            rows = live[0].rows if len(live) == 1 else [row for p in live for row in p.rows]
+            features, errors = scorer.artifact.featurizer.map(rows)
+            scores = scorer.predict(features)
+        except Exception as err:  # handed to each request, which answers 500 without details
+            log.exception("scoring failed for a batch of %d request(s)", len(live))
+            for p in live:
+                p.future.set_exception(err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(rows), time.perf_counter() - start)
+        starts = np.cumsum([0] + [p.size for p in live]).tolist()
+        failed = _errors_by_request(errors, starts)
+        for k, p in enumerate(live):
+            if k in failed:
+                p.future.set_exception(RequestInvalid(row_errors(failed[k])))
+            else:
+                p.future.set_result(BatchResult(scores[starts[k] : starts[k + 1]], scorer.version))
+
+
+def _errors_by_request(errors: list[Any], starts: list[int]) -> dict[int, list[Any]]:
+    """Split batch-wide row errors by request, with row indices local to each request."""
+    out: dict[int, list[Any]] = {}
+    for error in errors:
+        row = error.loc[1]
+        k = bisect.bisect_right(starts, row) - 1
+        out.setdefault(k, []).append(replace(error, loc=("rows", row - starts[k], *error.loc[2:])))
+    return out

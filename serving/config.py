@@ -1,0 +1,89 @@
+"""Service settings: environment variables with the ``CTCVR_`` prefix, each with a default.
+
+==============================  ===============  =================================================
+variable                        default          meaning
+==============================  ===============  =================================================
+``CTCVR_MODEL_DIR``             (required)       model directory written by ``trainer.export``
+``CTCVR_HOST``                  ``127.0.0.1``    address ``python -m serving`` listens on
+``CTCVR_PORT``                  ``8000``         port
+``CTCVR_API_TOKEN``             unset            bearer token required on ``/v1/*``; unset: open
+``CTCVR_ADMIN_TOKEN``           unset            bearer token of ``/admin/*``; unset: admin off
+``CTCVR_MAX_ROWS``              ``1024``         most rows per request (422 beyond)
+``CTCVR_MAX_BODY_BYTES``        ``4194304``      largest request body (413 beyond)
+``CTCVR_BATCH_MAX_ROWS``        ``4096``         most rows per model call
+``CTCVR_BATCH_MAX_WAIT_MS``     ``2.0``          how long a request waits for others to batch with
+``CTCVR_MAX_QUEUE_ROWS``        ``65536``        rows allowed to wait for the model (503 beyond)
+``CTCVR_REQUEST_TIMEOUT_S``     ``10.0``         longest wait for a score (503 beyond)
+``CTCVR_TORCH_THREADS``         ``1``            intra-op threads of the model call
+``CTCVR_LOG_LEVEL``             ``info``         log level
+``CTCVR_ENVIRONMENT``           ``development``  ``production`` refuses missing or short tokens
+==============================  ===============  =================================================
+"""
+
+from __future__ import annotations
+
+from enum import Enum, unique
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.api import MAX_ROWS_LIMIT
+
+__all__ = ["Environment", "ServingSettings", "get_settings"]
+
+_MIN_TOKEN_CHARS = 16
+
+
+@unique
+class Environment(str, Enum):
+    DEVELOPMENT = "development"  # tokens optional
+    PRODUCTION = "production"  # both tokens required, at least 16 characters
+
+
+class ServingSettings(BaseSettings):
+    """Configuration of the scoring service (see the module docstring for the variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="CTCVR_", extra="ignore", protected_namespaces=())
+
+    model_dir: Path | None = Field(default=None, description="model directory written by trainer.export")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65_535)
+    api_token: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    max_rows: int = Field(default=1024, ge=1, le=MAX_ROWS_LIMIT)
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
+    batch_max_rows: int = Field(default=4096, ge=1)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_queue_rows: int = Field(default=65_536, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0.0)
+    torch_threads: int = Field(default=1, ge=1, le=256)
+    log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
+    environment: Environment = Environment.DEVELOPMENT
+
+    @model_validator(mode="after")
+    def _safe(self) -> ServingSettings:
+        for name in ("api_token", "admin_token"):
+            token = getattr(self, name)
+            if token is not None and not token.get_secret_value().strip():
+                raise ValueError(f"CTCVR_{name.upper()} is set but empty; unset it or give a token")
+        if self.environment is Environment.PRODUCTION:
+            for name in ("api_token", "admin_token"):
+                token = getattr(self, name)
+                if token is None or len(token.get_secret_value()) < _MIN_TOKEN_CHARS:
+                    raise ValueError(
+                        f"CTCVR_{name.upper()} must be set to at least {_MIN_TOKEN_CHARS} characters "
+                        "when CTCVR_ENVIRONMENT=production"
+                    )
+        if self.batch_max_rows < self.max_rows:
+            raise ValueError(
+                f"CTCVR_BATCH_MAX_ROWS ({self.batch_max_rows}) must be >= CTCVR_MAX_ROWS ({self.max_rows})"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> ServingSettings:
+    """The settings from the environment, read once (tests override this dependency)."""
+    return ServingSettings()

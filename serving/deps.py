@@ -1,0 +1,108 @@
+"""Named dependencies, so that route signatures read as domain words.
+
+They are ``async def`` because none of them blocks: FastAPI runs plain ``def`` dependencies in
+its thread pool, one thread hop each, which would cost more than the scoring of a small request.
+(For the same reason the app itself sets no ``dependency_overrides``: with any override present,
+FastAPI re-inspects every dependency's signature on every request.)
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from serving.batching import MicroBatcher
+from serving.config import ServingSettings
+from serving.metrics import ServiceMetrics
+from serving.registry import ModelRegistry
+from serving.scorer import Scorer
+
+__all__ = [
+    "BatcherDep",
+    "MetricsDep",
+    "RawJsonBody",
+    "RegistryDep",
+    "ScorerDep",
+    "SettingsDep",
+    "current_settings",
+    "require_admin_token",
+    "require_api_token",
+]
+
+async def current_settings(request: Request) -> ServingSettings:
+    """The app's settings: ``create_app(settings)``, by default :func:`get_settings` (the
+    environment). Tests pass their own to ``create_app`` or override this dependency."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[ServingSettings, Depends(current_settings)]
+
+
+async def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+async def _batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
+async def _metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
+BatcherDep = Annotated[MicroBatcher, Depends(_batcher)]
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
+
+
+async def _scorer(registry: RegistryDep) -> Scorer:
+    scorer = registry.current  # taken once: a reload during this request does not change it
+    if scorer is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model is loaded")
+    return scorer
+
+
+ScorerDep = Annotated[Scorer, Depends(_scorer)]
+
+
+async def _json_body(request: Request) -> bytes:
+    """The raw body (parsed later, in one pass, by the model's request schema)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise HTTPException(
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"send JSON (Content-Type: application/json), not {media!r}"
+            )
+    return await request.body()
+
+
+RawJsonBody = Annotated[bytes, Depends(_json_body)]
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _check(expected: SecretStr, credentials: HTTPAuthorizationCredentials | None) -> None:
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+async def require_api_token(settings: SettingsDep, credentials: Credentials) -> None:
+    """Checks ``Authorization: Bearer`` against ``CTCVR_API_TOKEN`` when one is configured."""
+    if settings.api_token is not None:
+        _check(settings.api_token, credentials)
+
+
+async def require_admin_token(settings: SettingsDep, credentials: Credentials) -> None:
+    """Admin endpoints need ``CTCVR_ADMIN_TOKEN``; without one configured they are disabled."""
+    if settings.admin_token is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin endpoints are disabled: set CTCVR_ADMIN_TOKEN")
+    _check(settings.admin_token, credentials)

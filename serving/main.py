@@ -1,0 +1,136 @@
+"""The FastAPI app: ``create_app()`` wires settings, model registry, micro-batcher and routes.
+
+Routes::
+
+    POST /v1/score        score impressions (bearer token if CTCVR_API_TOKEN is set)
+    GET  /v1/model        the model being served
+    POST /admin/reload    hot reload (bearer token CTCVR_ADMIN_TOKEN; disabled without one)
+    GET  /healthz         liveness
+    GET  /readyz          readiness (a model is loaded)
+    GET  /metrics         Prometheus
+    GET  /docs, /openapi.json
+
+The model is loaded in the lifespan, before the first request; a missing or invalid artifact
+fails the startup with a message naming the file and the problem. Unexpected errors answer
+``500 {"detail": "internal server error"}`` and are logged with their traceback, which never
+reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp
+
+from schemas.api import ScoreRequest
+from serving.artifact import ArtifactError
+from serving.batching import MicroBatcher
+from serving.config import ServingSettings, get_settings
+from serving.deps import require_api_token
+from serving.metrics import MetricsMiddleware, ServiceMetrics
+from serving.registry import ModelRegistry
+from serving.routes import admin, health, model, score
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("ctcvr.serving")
+
+API_PREFIX = "/v1"
+
+
+class _App(FastAPI):
+    """FastAPI whose metrics middleware sits outside everything, so it sees every response
+    (413s from the body limit and 500s included)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return MetricsMiddleware(super().build_middleware_stack(), self.state.metrics)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ServingSettings = app.state.settings
+    registry: ModelRegistry = app.state.registry
+    batcher: MicroBatcher = app.state.batcher
+    torch.set_num_threads(settings.torch_threads)
+    if registry.current is None:
+        try:
+            registry.load()
+        except ArtifactError as err:
+            log.error("cannot start: %s", err)
+            raise
+    log.info("serving %s from %s", registry.current.version, registry.model_dir)
+    batcher.start()
+    try:
+        yield
+    finally:
+        batcher.stop()
+
+
+def create_app(settings: ServingSettings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: default :func:`get_settings` (the environment); routes read them through
+            ``serving.deps.SettingsDep``.
+        registry: a registry with a model already loaded (``python -m serving`` loads before
+            starting the server so that a bad artifact fails with a plain message); default: one
+            that the lifespan fills from ``settings.model_dir``.
+    """
+    settings = settings or get_settings()
+    metrics = registry.metrics if registry is not None else ServiceMetrics()
+    app = _App(
+        title="ctcvr scoring service",
+        summary="Post-click conversion rate: pCTR, pCVR and pCTCVR for raw impressions.",
+        version="1",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry or ModelRegistry(settings.model_dir, settings.max_rows, metrics)
+    app.state.batcher = MicroBatcher(
+        max_rows=settings.batch_max_rows,
+        max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        max_queue_rows=settings.max_queue_rows,
+        on_batch=metrics.observe_batch,
+    )
+    metrics.track_queue(lambda: app.state.batcher.queued_rows)
+
+    api = Depends(require_api_token)
+    app.include_router(score.router, prefix=API_PREFIX, dependencies=[api])
+    app.include_router(model.router, prefix=API_PREFIX, dependencies=[api])
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.add_exception_handler(Exception, _internal_error)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with the request schema of the model being served."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, description=app.description,
+        routes=app.routes,
+    )
+    scorer = app.state.registry.current
+    request_model = scorer.request_model if scorer is not None else ScoreRequest
+    body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    components.update(body.pop("$defs", {}))
+    components["ScoreRequest"] = body
+    app.openapi_schema = spec
+    return spec

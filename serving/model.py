@@ -1,0 +1,279 @@
+"""The inference module, rebuilt from an artifact's ``ModelSpec`` with plain torch (no trainer).
+
+It computes what ``trainer.model.CtcvrModel`` computes in evaluation mode, for the ctr and cvr
+heads only (``schemas/artifact.py`` states the maths and the tensor names), arranged for few,
+large operations, because a request of a few rows costs what its number of operations costs:
+
+* the embedding tables are stored in one matrix per embedding dim, so all single-valued features
+  of a dim are one lookup (``(B, S)`` ids plus each table's row offset); list features pool
+  their bags from the same matrix (``embedding_bag``, sum or mean; an empty bag gives zeros);
+* the first layer of every expert and every gate is one matrix product (its input columns
+  permuted at load time to the lookup order, so inputs are never reordered); deeper expert layers and
+  the towers of both heads run as batched matrix products (``bmm``) over experts or heads;
+* the gate mixture is a ``bmm`` of the softmax weights with the expert outputs.
+
+The results equal the trainer's to float32 rounding (the parity tests hold them to 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.artifact import ModelSpec, Pooling
+
+__all__ = ["Features", "ScoringModel"]
+
+
+@dataclass
+class Features:
+    """Model inputs of ``B`` rows, as numpy arrays (ids already mapped by the schema's hashing).
+
+    Attributes:
+        single: ``(B, S)`` int64 row ids of the single-valued features, in the spec's order.
+        multi_values: per multi-valued feature (spec order), the flat int64 row ids of all rows.
+        multi_lengths: per multi-valued feature, ``(B,)`` int64 list lengths (0: empty bag).
+        dense: ``(B, N)`` float32 normalised dense features.
+    """
+
+    single: np.ndarray
+    multi_values: list[np.ndarray]
+    multi_lengths: list[np.ndarray]
+    dense: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.dense.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence[Features]) -> Features:
+        """The rows of several requests as one batch, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Features(
+            single=np.concatenate([p.single for p in parts]),
+            multi_values=[np.concatenate(v) for v in zip(*(p.multi_values for p in parts))],
+            multi_lengths=[np.concatenate(v) for v in zip(*(p.multi_lengths for p in parts))],
+            dense=np.concatenate([p.dense for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class _Input:
+    """Where one sparse feature's pooled embedding comes from."""
+
+    feature: str
+    table: str
+    dim: int
+    single_slot: int | None  # column of Features.single, or
+    multi_slot: int | None  # index into Features.multi_*
+    pooling: Pooling
+
+
+class ScoringModel(nn.Module):
+    """pCTR, pCVR and pCTCVR from mapped features.
+
+    Build it empty with the spec, then fill it with :meth:`set_table` (one table at a time, so
+    only one loaded table is ever held besides the model) and :meth:`set_dense`.
+
+    Args:
+        spec: the artifact's model spec.
+        multi_valued: names of the list features.
+
+    Example::
+
+        model = ScoringModel(manifest.model, multi_valued=["recent_items"])
+        for name, weight in tables:
+            model.set_table(name, weight)
+        model.set_dense(dense_tensors)
+        scores = model.predict(features)  # (B, 3) float32: pctr, pcvr, pctcvr
+    """
+
+    def __init__(self, spec: ModelSpec, multi_valued: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.spec = spec
+        multi = set(multi_valued)
+        # One matrix per embedding dim; each table is a block of rows in its dim's matrix.
+        dims = sorted({t.dim for t in spec.tables})
+        self._offset: dict[str, int] = {}
+        rows = dict.fromkeys(dims, 0)
+        for table in spec.tables:
+            self._offset[table.name] = rows[table.dim]
+            rows[table.dim] += table.num_rows
+        for dim in dims:
+            self.register_buffer(f"embeddings_{dim}", torch.zeros(rows[dim], dim))
+        self._loaded: set[str] = set()
+        inputs: list[_Input] = []
+        singles = multis = 0
+        for table in spec.tables:
+            for name in table.features:
+                is_multi = name in multi
+                inputs.append(
+                    _Input(name, table.name, table.dim, None if is_multi else singles, multis if is_multi else None,
+                           table.pooling)
+                )
+                singles, multis = (singles, multis + 1) if is_multi else (singles + 1, multis)
+        self._inputs = inputs
+        self.single_valued = [i.feature for i in inputs if i.single_slot is not None]
+        self.multi_valued = [i.feature for i in inputs if i.multi_slot is not None]
+        self._plan_lookups(dims)
+        self._dense_loaded = False
+
+    def _plan_lookups(self, dims: list[int]) -> None:
+        """Single-valued lookups grouped by dim, and the column order that restores the spec's."""
+        singles = [i for i in self._inputs if i.single_slot is not None]
+        self._groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+        pieces: list[tuple[str, int]] = []  # (feature, width) in the order forward concatenates
+        for dim in dims:
+            members = [i for i in singles if i.dim == dim]
+            if not members:
+                continue
+            slots = [i.single_slot for i in members]
+            select = None if slots == list(range(len(singles))) else torch.tensor(slots)
+            offsets = torch.tensor([self._offset[i.table] for i in members])
+            self._groups.append((dim, select, offsets))
+            pieces += [(i.feature, dim) for i in members]
+        self._bags = [i for i in self._inputs if i.multi_slot is not None]
+        pieces += [(i.feature, i.dim) for i in self._bags]
+        start, where = 0, {}
+        for feature, width in pieces:
+            where[feature] = (start, width)
+            start += width
+        columns = [c for i in self._inputs for c in range(where[i.feature][0], where[i.feature][0] + where[i.feature][1])]
+        columns += list(range(start, start + len(self.spec.dense_features)))
+        # forward concatenates in ``pieces`` order; the first layer's input columns are permuted
+        # to match once at load time instead of permuting every batch.
+        self._columns = torch.tensor(columns)
+
+    # Loading -----------------------------------------------------------------------------------
+
+    def set_table(self, name: str, weight: torch.Tensor) -> None:
+        """Copy one table's ``(num_rows, dim)`` float32 weights in.
+
+        Raises:
+            ValueError: unknown table, wrong shape or dtype.
+        """
+        entry = next((t for t in self.spec.tables if t.name == name), None)
+        if entry is None:
+            raise ValueError(f"table {name!r} is not in the model spec")
+        if tuple(weight.shape) != (entry.num_rows, entry.dim) or weight.dtype != torch.float32:
+            raise ValueError(
+                f"table {name!r} is {weight.dtype} {tuple(weight.shape)}; the spec needs float32 "
+                f"{(entry.num_rows, entry.dim)}"
+            )
+        start = self._offset[name]
+        getattr(self, f"embeddings_{entry.dim}")[start : start + entry.num_rows].copy_(weight)
+        self._loaded.add(name)
+
+    def set_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take the MMoE and tower tensors (names and shapes of ``spec.dense_shapes()``).
+
+        Raises:
+            ValueError: a tensor missing, unexpected, of the wrong shape or not float32.
+        """
+        expected = self.spec.dense_shapes()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"dense weights do not match the model spec: missing {missing}, unexpected {unexpected}")
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != expected[key] or tensor.dtype != torch.float32:
+                raise ValueError(f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; the spec needs float32 {expected[key]}")
+        spec, t = self.spec, tensors
+        experts, heads = range(spec.num_experts), spec.heads
+        # Layer 0 of every expert, then every gate: one (E*H1 + heads*E, in) matrix.
+        first = torch.cat(
+            [t[f"mmoe.experts.{e}.layers.0.weight"] for e in experts] + [t[f"mmoe.gates.{h}.weight"] for h in heads]
+        )
+        self.first_weight = torch.empty_like(first)
+        self.first_weight[:, self._columns] = first  # spec column c is read from position _columns[c]
+        self.first_bias = torch.cat(
+            [t[f"mmoe.experts.{e}.layers.0.bias"] for e in experts] + [t[f"mmoe.gates.{h}.bias"] for h in heads]
+        )
+        # Deeper expert layers as (E, in, out) for bmm; tower layers and heads as (heads, in, out).
+        self.expert_layers = [
+            (torch.stack([t[f"mmoe.experts.{e}.layers.{k}.weight"].T for e in experts]).contiguous(),
+             torch.stack([t[f"mmoe.experts.{e}.layers.{k}.bias"] for e in experts]).unsqueeze(1))
+            for k in range(1, len(spec.expert_sizes))
+        ]
+        names = [f"layers.{k}" for k in range(len(spec.tower_sizes))] + ["head"]
+        self.tower_layers = [
+            (torch.stack([t[f"towers.{h}.{n}.weight"].T for h in heads]).contiguous(),
+             torch.stack([t[f"towers.{h}.{n}.bias"] for h in heads]).unsqueeze(1))
+            for n in names
+        ]
+        self._dense_loaded = True
+
+    def check_loaded(self) -> None:
+        """Raises ValueError unless every table and the dense tensors were set."""
+        missing = sorted({t.name for t in self.spec.tables} - self._loaded)
+        if missing or not self._dense_loaded:
+            raise ValueError(f"model not fully loaded: tables {missing} missing" + ("" if self._dense_loaded else ", dense tensors missing"))
+
+    # Inference ---------------------------------------------------------------------------------
+
+    def forward(
+        self, single: torch.Tensor, multi_values: Sequence[torch.Tensor], multi_offsets: Sequence[torch.Tensor],
+        dense: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args:
+            single: ``(B, S)`` int64 ids of the single-valued features.
+            multi_values: per list feature, flat int64 ids.
+            multi_offsets: per list feature, ``(B,)`` int64 start of each row's bag.
+            dense: ``(B, N)`` float32.
+
+        Returns:
+            ``(B, 3)`` float32: pctr, pcvr, pctcvr.
+        """
+        batch = dense.shape[0]
+        pieces = []
+        for dim, select, offsets in self._groups:
+            ids = (single if select is None else single.index_select(1, select)) + offsets
+            pieces.append(F.embedding(ids, getattr(self, f"embeddings_{dim}")).view(batch, -1))
+        for bag in self._bags:
+            pieces.append(
+                F.embedding_bag(
+                    multi_values[bag.multi_slot] + self._offset[bag.table], getattr(self, f"embeddings_{bag.dim}"),
+                    multi_offsets[bag.multi_slot], mode=bag.pooling.value,
+                )
+            )
+        pieces.append(dense)
+        x = torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
+        spec = self.spec
+        experts, width = spec.num_experts, spec.expert_sizes[0]
+        first = F.linear(x, self.first_weight, self.first_bias)
+        hidden = torch.relu(first[:, : experts * width]).view(batch, experts, width).transpose(0, 1)  # (E, B, H)
+        for weight, bias in self.expert_layers:
+            hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
+        logits = first[:, experts * width :].reshape(batch, len(spec.heads), experts)
+        # softmax over the few experts, spelt out: torch.softmax is several times slower on so
+        # short a last dimension
+        gates = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        mixtures = torch.bmm(gates, hidden.transpose(0, 1)).transpose(0, 1)  # (heads, B, H)
+        for weight, bias in self.tower_layers[:-1]:
+            mixtures = torch.relu(torch.baddbmm(bias, mixtures, weight))
+        weight, bias = self.tower_layers[-1]
+        probs = torch.sigmoid(torch.baddbmm(bias, mixtures, weight).squeeze(-1))  # (heads, B)
+        pctr, pcvr = probs[0], probs[1]
+        return torch.stack([pctr, pcvr, pctr * pcvr], dim=1)
+
+    @torch.inference_mode()
+    def predict(self, features: Features) -> np.ndarray:
+        """``(B, 3)`` float32 numpy scores of a batch of mapped features."""
+        offsets = []
+        for lengths in features.multi_lengths:
+            starts = np.zeros(len(lengths), dtype=np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            offsets.append(torch.from_numpy(starts))
+        out = self(
+            torch.from_numpy(features.single),
+            [torch.from_numpy(v) for v in features.multi_values],
+            offsets,
+            torch.from_numpy(features.dense),
+        )
+        return out.numpy()

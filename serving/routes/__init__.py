@@ -1,0 +1,5 @@
+"""The service's routers, one file per resource."""
+
+from serving.routes import admin, health, model, score
+
+__all__ = ["admin", "health", "model", "score"]

@@ -1,0 +1,47 @@
+"""``POST /admin/reload``: hot reload of a model directory (needs ``CTCVR_ADMIN_TOKEN``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+
+from schemas.api import ErrorResponse, ReloadRequest, ReloadResponse
+from serving.artifact import ArtifactError
+from serving.deps import RegistryDep, require_admin_token
+from serving.registry import ReloadInProgress
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResponse,
+    summary="Load a model directory and serve it",
+    responses={
+        400: {"model": ErrorResponse, "description": "A body that is not JSON"},
+        401: {"model": ErrorResponse, "description": "Missing or invalid admin token"},
+        403: {"model": ErrorResponse, "description": "Admin endpoints are disabled (CTCVR_ADMIN_TOKEN unset)"},
+        409: {"model": ErrorResponse, "description": "Another reload is in progress"},
+        422: {"model": ErrorResponse, "description": "The artifact cannot be served (the previous model keeps serving), or an invalid body"},
+    },
+)
+def reload(registry: RegistryDep, request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place),
+    checks it, and swaps it in; requests in flight finish on the model they started with. A
+    failed reload changes nothing and says why.
+    """
+    model_dir = Path(body.model_dir) if body is not None and body.model_dir else None
+    previous = registry.current.version if registry.current is not None else None
+    try:
+        result = registry.reload(model_dir)
+    except ReloadInProgress as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    except ArtifactError as err:
+        raise HTTPException(
+            422, f"reload failed, still serving {previous}: {err}"
+        ) from None
+    request.app.openapi_schema = None  # the request schema follows the model's feature schema
+    return result

@@ -1,0 +1,40 @@
+"""``GET /v1/model``: what is being served."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from schemas.api import ErrorResponse, ModelInfo
+from serving.deps import RegistryDep, ScorerDep
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["model"])
+
+
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    summary="The model being served",
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)"},
+        503: {"model": ErrorResponse, "description": "No model loaded"},
+    },
+)
+def model_info(scorer: ScorerDep, registry: RegistryDep) -> ModelInfo:
+    """Version, provenance, evaluation metrics and the features a request row may hold."""
+    manifest = scorer.artifact.manifest
+    return ModelInfo(
+        version=manifest.version,
+        created_at=manifest.created_at,
+        loaded_at=scorer.loaded_at,
+        model_dir=str(scorer.artifact.path),
+        schema_name=scorer.artifact.schema.name,
+        schema_fingerprint=manifest.schema_fingerprint,
+        heads=list(manifest.model.heads),
+        source=manifest.source.model_dump(mode="json"),
+        metrics=manifest.metrics,
+        features=scorer.features_info(),
+        max_rows=scorer.max_rows,
+        last_reload_error=registry.last_reload_error,
+    )

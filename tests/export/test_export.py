@@ -1,0 +1,174 @@
+"""trainer.export: a checkpoint to a self-contained, checksummed, weights-only artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from schemas.artifact import DENSE_FILE, MANIFEST_FILE, SCHEMA_FILE, Manifest, table_file
+from serving.artifact import load_artifact
+from tests.serving.artifacts import (
+    REPO,
+    checkpoint_tensors,
+    edge_schema,
+    make_edge_run,
+    request_rows,
+    single_process_dcp,
+    trainer_predictions,
+)
+from trainer.export import ExportError, export_run
+from trainer.objectives import OBJECTIVES
+
+EXTRA_HEAD_OBJECTIVE = next((name for name, cls in OBJECTIVES.items() if cls.required_heads), None)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_edge_run(tmp_path_factory.mktemp("export"), seed=3)
+
+
+def test_export_writes_a_complete_checksummed_artifact(run, tmp_path):
+    out = tmp_path / "model"
+    manifest = export_run(run, out, log=None)
+    on_disk = Manifest.model_validate_json((out / MANIFEST_FILE).read_text())
+    assert on_disk == manifest
+    assert manifest.version.startswith("run-step00000007-") and manifest.source.step == 7
+    assert manifest.source.checkpoint == "step_00000007" and manifest.source.objective == "esmm"
+    assert manifest.schema_fingerprint == edge_schema().fingerprint()
+    assert manifest.metrics == {"ctr_auc": 0.61, "cvr_gauc": None, "impressions": 240.0}
+    assert manifest.training_config["model"]["expert_sizes"] == [8]
+    spec = manifest.model
+    assert [t.name for t in spec.tables] == ["tags", "user", "city", "level", "strict_cat", "words"]
+    assert spec.tables[0].features == ("recent_tags", "tag") and spec.tables[0].pooling.value == "mean"
+    assert spec.tables[1].pooling.value == "sum"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted([MANIFEST_FILE, *manifest.files])
+    for name, entry in manifest.files.items():
+        data = (out / name).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (entry.sha256, entry.bytes)
+    assert load_file(out / table_file("user"))["weight"].shape == (98, 4)
+    assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
+
+
+def test_exported_weights_equal_the_checkpoint(run, tmp_path):
+    out = tmp_path / "model"
+    export_run(run, out, log=None)
+    saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
+    prefix = "model.model."
+    table = saved[prefix + "sparse_arch.embedding_bag_collection.embedding_bags.tags.weight"]
+    assert torch.equal(load_file(out / table_file("tags"))["weight"], table)
+    dense = load_file(out / DENSE_FILE)
+    assert torch.equal(dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"])
+    assert torch.equal(dense["towers.cvr.layers.0.bias"], saved[prefix + "towers.cvr.hidden.layers.0.0.bias"])
+    assert torch.equal(dense["towers.ctr.head.weight"], saved[prefix + "towers.ctr.head.weight"])
+    assert torch.equal(dense["mmoe.gates.cvr.weight"], saved[prefix + "mmoe.gates.cvr.weight"])
+
+
+def test_the_served_model_predicts_what_the_trainer_predicts(run, tmp_path):
+    out = tmp_path / "model"
+    export_run(run, out, log=None)
+    data = run.parent / "data" / "test"
+    artifact = load_artifact(out)
+    got = artifact.model.predict(artifact.featurizer(request_rows(data, edge_schema())))
+    np.testing.assert_allclose(got, trainer_predictions(run, data), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(EXTRA_HEAD_OBJECTIVE is None, reason="no objective with a training-only head is registered")
+def test_training_only_heads_are_left_out(tmp_path):
+    run = make_edge_run(tmp_path / "r", objective=EXTRA_HEAD_OBJECTIVE)
+    lines: list[str] = []
+    manifest = export_run(run, tmp_path / "model", log=lines.append)
+    extra = sorted(OBJECTIVES[EXTRA_HEAD_OBJECTIVE].required_heads)
+    assert any("training-only heads left out" in line and extra[0] in line for line in lines)
+    assert manifest.model.heads == ("ctr", "cvr")
+    names = load_file(tmp_path / "model" / DENSE_FILE)
+    assert not [n for n in names if any(head in n for head in extra)]
+    data = run.parent / "data" / "test"
+    artifact = load_artifact(tmp_path / "model")
+    got = artifact.model.predict(artifact.featurizer(request_rows(data, edge_schema())))
+    np.testing.assert_allclose(got, trainer_predictions(run, data), atol=1e-5, rtol=0)
+
+
+def test_an_existing_output_is_replaced_only_with_force(run, tmp_path):
+    out = tmp_path / "model"
+    first = export_run(run, out, log=None)
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_run(run, out, log=None)
+    second = export_run(run, out, force=True, version="v2", log=None)
+    assert second.version == "v2" and load_artifact(out).version == "v2"
+    assert first.files == second.files  # same checkpoint, same bytes
+
+
+def test_refuses_a_checkpoint_of_another_schema(run, tmp_path):
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    (other / SCHEMA_FILE).write_text((other / SCHEMA_FILE).read_text().replace("hash_buckets: 97", "hash_buckets: 96"))
+    with pytest.raises(ExportError, match="trained on another feature schema"):
+        export_run(other, tmp_path / "model", log=None)
+
+
+def test_refuses_a_config_that_does_not_match_the_checkpoint(run, tmp_path):
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    ckpt = other / "checkpoints" / "step_00000007"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["model"]["expert_sizes"] = [9]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="has shape .* was the config changed after training"):
+        export_run(other, tmp_path / "model", log=None)
+
+
+def test_refuses_runs_without_checkpoints_and_non_runs(run, tmp_path):
+    with pytest.raises(ExportError, match="not a run directory"):
+        export_run(tmp_path, tmp_path / "model", log=None)
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    (other / "checkpoints" / "latest").unlink()
+    with pytest.raises(ExportError, match="has no checkpoint yet"):
+        export_run(other, tmp_path / "model", log=None)
+    with pytest.raises(ExportError, match="is not a complete checkpoint"):
+        export_run(other, tmp_path / "model", checkpoint="step_00000099", log=None)
+    assert not (tmp_path / "model").exists()
+
+
+def test_refuses_non_finite_weights(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    run = make_edge_run(tmp_path / "r", seed=4)
+    tensors = checkpoint_tensors(run / "checkpoints" / "step_00000007")
+    tensors["model.model.towers.ctr.head.weight"][0, 0] = float("nan")
+    diverged = run / "checkpoints" / "step_00000008"
+    with single_process_dcp():
+        dcp.save(tensors, checkpoint_id=str(diverged), no_dist=True)
+    meta = json.loads((run / "checkpoints" / "step_00000007" / "meta.json").read_text())
+    (diverged / "meta.json").write_text(json.dumps({**meta, "step": 8}))
+    with pytest.raises(ExportError, match="holds NaN or inf values; the training diverged"):
+        export_run(run, tmp_path / "model", checkpoint="step_00000008", log=None)
+
+
+def test_command_line(run, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "model"), "--version", "cli-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "version cli-1, step 7, 6 tables" in result.stdout
+    assert "Warning" not in result.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "model")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 1 and again.stderr.startswith("error: ") and "--force" in again.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "m2"), "--version", "bad id!"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,160 @@
+"""The micro-batcher: requests merged into model calls, in order, bounded, never mixing models."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.artifact import load_artifact
+from serving.batching import MicroBatcher, Overloaded, ScoringTimeout
+from serving.scorer import RequestInvalid, Scorer
+
+
+class GatedScorer:
+    """A scorer whose model calls wait for a gate (to hold the worker busy) and are recorded."""
+
+    def __init__(self, scorer: Scorer, name: str | None = None) -> None:
+        self.artifact, self._scorer = scorer.artifact, scorer
+        self.version = name or scorer.version
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set once the worker is inside a model call
+        self.calls: list[int] = []
+
+    def predict(self, features):
+        self.entered.set()
+        self.gate.wait(10)
+        self.calls.append(features.size)
+        return self._scorer.predict(features)
+
+
+@pytest.fixture(scope="module")
+def scorer(edge_model) -> Scorer:
+    return Scorer(load_artifact(edge_model.model), max_rows=1024)
+
+
+@pytest.fixture
+def batcher():
+    batches: list[int] = []
+    b = MicroBatcher(max_rows=64, max_wait_s=0.05, max_queue_rows=1000, on_batch=lambda rows, _: batches.append(rows))
+    b.batches = batches
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_rows(batcher, scorer, edge_model):
+    rows = edge_model.rows
+    requests = [(k * 5, 1 + k % 6) for k in range(24)]
+    barrier = threading.Barrier(len(requests))
+
+    def one(request):
+        start, size = request
+        barrier.wait()
+        with batcher.expecting():
+            ticket = batcher.submit(scorer, rows[start : start + size])
+        return batcher.result(ticket, timeout=10)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(one, requests))
+    for (start, size), result in zip(requests, results):
+        assert result.version == edge_model.version and result.scores.shape == (size, 3)
+        np.testing.assert_allclose(result.scores, edge_model.expected[start : start + size], atol=1e-5)
+    assert sum(batcher.batches) == sum(size for _, size in requests)
+    assert len(batcher.batches) < len(requests)  # merged
+    assert max(batcher.batches) <= 64  # bounded
+
+
+def test_a_lone_request_does_not_wait(scorer, edge_model):
+    import time
+
+    b = MicroBatcher(max_rows=64, max_wait_s=5.0, max_queue_rows=1000)
+    b.start()
+    try:
+        start = time.perf_counter()
+        b.score(scorer, edge_model.rows[:2], timeout=10)
+        assert time.perf_counter() - start < 2.0  # nobody else was being validated: no 5 s wait
+    finally:
+        b.stop()
+
+
+def test_batches_never_mix_models(batcher, scorer, edge_model):
+    a, b = GatedScorer(scorer, "A"), GatedScorer(scorer, "B")
+    a.gate.clear()
+    first = batcher.submit(a, edge_model.rows[:1])  # holds the worker
+    assert a.entered.wait(10)
+    order = [a, b, b, a, a, b]
+    tickets = [(s, batcher.submit(s, edge_model.rows[k : k + 2])) for k, s in enumerate(order)]
+    a.gate.set()
+    assert batcher.result(first, 10).version == "A"
+    for k, (s, ticket) in enumerate(tickets):
+        result = batcher.result(ticket, 10)
+        assert result.version == s.version
+        np.testing.assert_allclose(result.scores, edge_model.expected[k : k + 2], atol=1e-5)
+    assert a.calls == [1, 2, 4] and b.calls == [4, 2]  # runs of the same model merged, in order
+
+
+def test_overload_and_timeout(scorer, edge_model):
+    gated = GatedScorer(scorer)
+    gated.gate.clear()
+    b = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=10)
+    b.start()
+    try:
+        busy = b.submit(gated, edge_model.rows[:1])
+        assert gated.entered.wait(10)  # the worker is now inside the gated model call
+        waiting = b.submit(gated, edge_model.rows[:8])
+        with pytest.raises(Overloaded, match="rows are already waiting"):
+            b.submit(gated, edge_model.rows[:3])
+        with pytest.raises(ScoringTimeout):
+            b.result(waiting, timeout=0.05)
+        assert waiting.cancelled()
+        gated.gate.set()
+        assert b.result(busy, 10).scores.shape == (1, 3)
+        assert gated.calls == [1]  # the timed-out request was never scored
+    finally:
+        gated.gate.set()
+        b.stop()
+    with pytest.raises(Overloaded, match="not accepting requests"):
+        b.submit(scorer, edge_model.rows[:1])
+
+
+def test_mapping_errors_fail_only_their_request(batcher, scorer, edge_model):
+    gated = GatedScorer(scorer)
+    gated.gate.clear()
+    hold = batcher.submit(gated, edge_model.rows[:1])
+    assert gated.entered.wait(10)
+    good = batcher.submit(gated, edge_model.rows[:3])
+    bad = batcher.submit(gated, [{"strict_cat": 0}, {"strict_cat": 99}])  # past the request model
+    gated.gate.set()
+    batcher.result(hold, 10)
+    np.testing.assert_allclose(batcher.result(good, 10).scores, edge_model.expected[:3], atol=1e-5)
+    with pytest.raises(RequestInvalid) as err:
+        batcher.result(bad, 10)
+    assert err.value.errors[0]["loc"] == ["body", "rows", 1, "strict_cat"]
+    assert gated.calls == [1, 5]  # mapped and scored together
+
+
+def test_a_failing_model_call_fails_its_requests_only(batcher, scorer, edge_model):
+    class Broken(GatedScorer):
+        def predict(self, features):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        batcher.score(Broken(scorer), edge_model.rows[:2], timeout=10)
+    assert batcher.score(scorer, edge_model.rows[:2], timeout=10).scores.shape == (2, 3)
+
+
+def test_stop_scores_what_is_queued(scorer, edge_model):
+    gated = GatedScorer(scorer)
+    gated.gate.clear()
+    b = MicroBatcher(max_rows=2, max_wait_s=0.0, max_queue_rows=1000)
+    b.start()
+    tickets = [b.submit(gated, edge_model.rows[k : k + 2]) for k in range(5)]
+    stopper = threading.Thread(target=b.stop)
+    stopper.start()
+    gated.gate.set()
+    stopper.join(10)
+    assert all(t.done() and t.result().scores.shape == (2, 3) for t in tickets)

@@ -1,0 +1,50 @@
+"""Property-based: any JSON body, of any shape, gets a 200, 413, 415 or 422, never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+FEATURES = ["user", "city", "level", "strict_cat", "recent_tags", "tag", "words", "price", "activity", "raw"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+rows = st.dictionaries(st.sampled_from(FEATURES) | st.text(max_size=6), values, max_size=6)
+bodies = st.one_of(
+    st.fixed_dictionaries({"rows": st.lists(rows, max_size=5)}),
+    st.dictionaries(st.text(max_size=6), values, max_size=3),
+    values,
+)
+
+
+@pytest.fixture(scope="module")
+def app_client(edge_model):
+    from fastapi.testclient import TestClient
+
+    from serving.config import ServingSettings
+    from serving.main import create_app
+
+    with TestClient(create_app(ServingSettings(model_dir=edge_model.model)), raise_server_exceptions=False) as client:
+        yield client
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=bodies)
+def test_no_body_gets_a_server_error(app_client, body):
+    content = json.dumps(body, allow_nan=True)
+    response = app_client.post("/v1/score", content=content, headers={"content-type": "application/json"})
+    assert response.status_code in (200, 422), (response.status_code, response.text[:500])
+    if response.status_code == 200:
+        assert len(response.json()["scores"]) == len(body["rows"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200))
+def test_no_bytes_get_a_server_error(app_client, raw):
+    response = app_client.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:500]

@@ -1,0 +1,362 @@
+"""Export a training checkpoint as a self-contained serving artifact (see ``schemas.artifact``).
+
+::
+
+    python -m trainer.export --run runs/demo/run --out runs/demo/model
+    python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
+
+The (sharded) DCP checkpoint is read in one process without a process group: the dense
+parameters first, then the embedding tables one at a time, each gathered whole from however many
+ranks' shards wrote it, written to its own safetensors file and released, so that the whole model
+is never in memory at once. Only what the service needs crosses the boundary: the tables, the
+MMoE, and the ctr and cvr towers; heads that exist only for training (an objective's
+``required_heads``) and the optimizer state are left out. The manifest records the version id,
+the source run and step, the schema fingerprint, the model spec, the run's evaluation metrics and
+a sha256 per file. The directory is written beside ``--out`` and renamed into place when
+complete, so a service watching or reloading ``--out`` never sees half an artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torchrec import PoolingType
+
+from schemas import FeatureSchema, SchemaError, load_schema
+from schemas.artifact import (
+    DENSE_FILE,
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    SERVED_HEADS,
+    TABLE_TENSOR,
+    FileEntry,
+    Manifest,
+    ModelSpec,
+    Pooling,
+    Source,
+    TableEntry,
+    table_file,
+)
+from trainer.builders import build_model
+from trainer.checkpoint import CheckpointError, latest_checkpoint
+from trainer.config import ModelConfig, load_config, to_dict
+from trainer.model import embedding_bag_configs
+from trainer.objectives import build_objective
+from trainer.train_module import TrainModule
+
+__all__ = ["ExportError", "export_run", "main"]
+
+# DCP keys: the checkpoint saves {"model": TrainModule.state_dict()}, whose model is "model".
+_PREFIX = "model.model."
+_TABLE = re.compile(r"^sparse_arch\.embedding_bag_collection\.embedding_bags\.(\w+)\.weight$")
+_EXPERT = re.compile(r"^mmoe\.experts\.(\d+)\.layers\.(\d+)\.0\.(weight|bias)$")
+_GATE = re.compile(r"^mmoe\.gates\.(\w+)\.(weight|bias)$")
+_TOWER_LAYER = re.compile(r"^towers\.(\w+)\.hidden\.layers\.(\d+)\.0\.(weight|bias)$")
+_TOWER_HEAD = re.compile(r"^towers\.(\w+)\.head\.(weight|bias)$")
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported; the message says why and, where there is one, the fix."""
+
+
+@dataclass(frozen=True)
+class _Param:
+    checkpoint_key: str  # key in the DCP checkpoint
+    name: str  # artifact name: a dense tensor name, or the table name for tables
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    version: str | None = None,
+    force: bool = False,
+    log: Any = print,
+) -> Manifest:
+    """Write the serving artifact of a training run.
+
+    Args:
+        run_dir: a run directory written by ``trainer.train``.
+        out_dir: the model directory to create.
+        checkpoint: a checkpoint directory, or its name under ``RUN/checkpoints``; default the
+            run's latest.
+        version: the version id; default ``<run name>-step<step>-<content hash>``.
+        force: replace ``out_dir`` if it exists.
+        log: where progress lines go (``print``; ``None`` for silence).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        ExportError: no such run or checkpoint, a checkpoint of another schema, a checkpoint
+            that does not hold the model the run's config describes, non-finite weights, an
+            existing ``out_dir`` without ``force``.
+    """
+    say = log or (lambda *_: None)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    schema = _load_run_schema(run_dir)
+    ckpt = _find_checkpoint(run_dir, checkpoint)
+    meta = _read_meta(ckpt)
+    if meta.get("schema_fingerprint") != schema.fingerprint():
+        raise ExportError(
+            f"{ckpt} was trained on another feature schema than {run_dir / SCHEMA_FILE} "
+            f"({str(meta.get('schema_fingerprint'))[:12]} != {schema.fingerprint()[:12]})"
+        )
+    config = meta.get("config") or to_dict(load_config(run_dir / "config.yaml"))
+    model_config = ModelConfig(**config["model"])
+    objective_name = config["objective"]["name"]
+    objective_params = dict(config["objective"].get("params") or {})
+    objective = build_objective(objective_name, **objective_params)
+    spec = _model_spec(schema, model_config)
+    tables, dense, left_out = _plan(schema, model_config, objective, ckpt, spec)
+    if left_out:
+        say(f"[export] training-only heads left out: {', '.join(sorted(left_out))}")
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / table_file("x")).parent.mkdir(parents=True)
+    try:
+        files: dict[str, FileEntry] = {}
+        (tmp / SCHEMA_FILE).write_text(schema.to_yaml())
+        files[SCHEMA_FILE] = _file_entry(tmp / SCHEMA_FILE)
+        state = _load(ckpt, dense)
+        save_file({p.name: state[p.checkpoint_key].contiguous() for p in dense}, tmp / DENSE_FILE)
+        files[DENSE_FILE] = _file_entry(tmp / DENSE_FILE)
+        del state
+        for param in tables:  # one table in memory at a time
+            weight = _load(ckpt, [param])[param.checkpoint_key]
+            save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
+            files[table_file(param.name)] = _file_entry(tmp / table_file(param.name))
+            del weight
+        digest = hashlib.sha256("".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode())
+        manifest = Manifest(
+            version=version or f"{_slug(run_dir.resolve().name)}-step{meta['step']:08d}-{digest.hexdigest()[:10]}",
+            created_at=datetime.now(timezone.utc),
+            source=Source(
+                run_dir=str(run_dir.resolve()),
+                checkpoint=ckpt.name,
+                step=int(meta["step"]),
+                objective=objective_name,
+                objective_params=objective_params,
+            ),
+            schema_fingerprint=schema.fingerprint(),
+            model=spec,
+            metrics=_metrics(run_dir),
+            training_config=config,
+            files=files,
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(e.bytes for e in files.values())
+    say(
+        f"[export] wrote {out_dir}: version {manifest.version}, step {manifest.source.step}, "
+        f"{len(tables)} tables, {size / 2**20:.1f} MiB"
+    )
+    return manifest
+
+
+# Reading the run -------------------------------------------------------------------------------
+
+
+def _load_run_schema(run_dir: Path) -> FeatureSchema:
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory of trainer.train (no config.yaml)")
+    try:
+        return load_schema(run_dir / SCHEMA_FILE)
+    except SchemaError as err:
+        raise ExportError(str(err)) from None
+
+
+def _find_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    if checkpoint is None:
+        try:
+            path = latest_checkpoint(run_dir)
+        except CheckpointError as err:
+            raise ExportError(str(err)) from None
+        if path is None:
+            raise ExportError(f"{run_dir} has no checkpoint yet; train first (checkpoints/latest is missing)")
+        return path
+    path = Path(checkpoint)
+    if not path.is_dir():
+        path = run_dir / "checkpoints" / str(checkpoint)
+    if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
+        raise ExportError(f"{path} is not a complete checkpoint (meta.json or .metadata missing)")
+    return path
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot read {ckpt / 'meta.json'}: {err}") from None
+
+
+def _model_spec(schema: FeatureSchema, config: ModelConfig) -> ModelSpec:
+    tables = [
+        TableEntry(
+            name=table.name,
+            num_rows=table.num_embeddings,
+            dim=table.embedding_dim,
+            pooling=Pooling.MEAN if table.pooling == PoolingType.MEAN else Pooling.SUM,
+            features=tuple(table.feature_names),
+        )
+        for table in embedding_bag_configs(schema)  # the trainer's table order is the input order
+    ]
+    return ModelSpec(
+        num_experts=config.num_experts,
+        expert_sizes=tuple(config.expert_sizes),
+        tower_sizes=tuple(config.tower_sizes),
+        tables=tuple(tables),
+        dense_features=tuple(schema.dense_names),
+    )
+
+
+def _plan(
+    schema: FeatureSchema, config: ModelConfig, objective: Any, ckpt: Path, spec: ModelSpec
+) -> tuple[list[_Param], list[_Param], set[str]]:
+    """Map every model parameter to its artifact name and check it against the checkpoint."""
+    # The model as the run built it, on "meta": names and shapes only, no memory.
+    module = TrainModule(build_model(schema, config, objective.required_heads, embedding_device="meta"), objective)
+    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    tables: list[_Param] = []
+    dense: list[_Param] = []
+    left_out: set[str] = set()
+    for key, tensor in module.model.state_dict().items():
+        ckpt_key = _PREFIX + key
+        found = stored.get(ckpt_key)
+        if found is None or not hasattr(found, "size"):
+            raise ExportError(f"{ckpt} has no tensor {ckpt_key!r}: it was not written by this run's model")
+        if tuple(found.size) != tuple(tensor.shape):
+            raise ExportError(
+                f"{ckpt}: {ckpt_key!r} has shape {tuple(found.size)} but the run's config gives "
+                f"{tuple(tensor.shape)}; was the config changed after training?"
+            )
+        dtype = found.properties.dtype
+        if m := _TABLE.match(key):
+            tables.append(_Param(ckpt_key, m[1], tuple(found.size), dtype))
+            continue
+        name, head = _dense_name(key)
+        if head is not None and head not in SERVED_HEADS:
+            left_out.add(head)
+            continue
+        dense.append(_Param(ckpt_key, name, tuple(found.size), dtype))
+    expected = spec.dense_shapes()
+    got = {p.name: p.shape for p in dense}
+    if got != expected:
+        raise ExportError(
+            "the trainer's model no longer matches the serving artifact layout "
+            f"(schemas/artifact.py): missing {sorted(set(expected) - set(got))}, "
+            f"unexpected {sorted(set(got) - set(expected))}, "
+            f"shape mismatches {sorted(k for k in set(got) & set(expected) if got[k] != expected[k])}"
+        )
+    order = {t.name: i for i, t in enumerate(spec.tables)}
+    return sorted(tables, key=lambda p: order[p.name]), dense, left_out
+
+
+def _dense_name(key: str) -> tuple[str, str | None]:
+    """Artifact name of a dense parameter and the head it belongs to (None: shared)."""
+    if m := _EXPERT.match(key):
+        return f"mmoe.experts.{m[1]}.layers.{m[2]}.{m[3]}", None
+    if m := _GATE.match(key):
+        return f"mmoe.gates.{m[1]}.{m[2]}", m[1]
+    if m := _TOWER_LAYER.match(key):
+        return f"towers.{m[1]}.layers.{m[2]}.{m[3]}", m[1]
+    if m := _TOWER_HEAD.match(key):
+        return f"towers.{m[1]}.head.{m[2]}", m[1]
+    raise ExportError(
+        f"model parameter {key!r} has no place in the serving artifact, which holds the MMoE and "
+        "the ctr/cvr towers (schemas/artifact.py); extend the artifact format and serving/model.py "
+        "before exporting this architecture"
+    )
+
+
+def _load(ckpt: Path, params: list[_Param]) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of ``params``; DCP gathers them from every rank's shards."""
+    state = {p.checkpoint_key: torch.empty(p.shape, dtype=p.dtype) for p in params}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ExportError(f"{ckpt}: {key!r} holds NaN or inf values; the training diverged")
+    return state
+
+
+def _metrics(run_dir: Path) -> dict[str, float | None]:
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    out: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value) if math.isfinite(value) else None
+    return out
+
+
+# Writing ---------------------------------------------------------------------------------------
+
+
+def _file_entry(path: Path) -> FileEntry:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return FileEntry(sha256=digest.hexdigest(), bytes=path.stat().st_size)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:64] or "model"
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished directory into place (replacing an old one)."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory written by trainer.train")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)")
+    parser.add_argument("--version", help="version id (default: <run>-step<step>-<content hash>)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        export_run(args.run, args.out, checkpoint=args.checkpoint, version=args.version, force=args.force)
+    except (ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
