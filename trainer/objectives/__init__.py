@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+from trainer.objectives.badr import BadrObjective
 from trainer.objectives.base import LossOutput, Objective
+from trainer.objectives.escm2 import Escm2DrObjective, Escm2IpwObjective
 from trainer.objectives.esmm import EsmmObjective
+from trainer.objectives.multi_dr import MultiDrObjective
+from trainer.objectives.multi_ipw import MultiIpwObjective
 from trainer.objectives.naive import NaiveObjective
 
 __all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective"]
@@ -14,6 +18,11 @@ __all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective"]
 OBJECTIVES: dict[str, type] = {
     "naive": NaiveObjective,
     "esmm": EsmmObjective,
+    "multi_ipw": MultiIpwObjective,
+    "multi_dr": MultiDrObjective,
+    "escm2_ipw": Escm2IpwObjective,
+    "escm2_dr": Escm2DrObjective,
+    "badr": BadrObjective,
 }
 
 

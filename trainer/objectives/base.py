@@ -28,7 +28,7 @@ class Objective(Protocol):
     ``required_heads`` names the heads beyond ``("ctr", "cvr")`` that the model must build for
     it (e.g. ``frozenset({"imputation"})``); the model builder reads it. Implementations are
     small ``nn.Module``s or callables, one file per paper; they share estimator pieces through
-    ``trainer.objectives.functional`` rather than inheritance.
+    ``trainer.objectives.estimators`` (and ``functional``) rather than inheritance.
     """
 
     required_heads: ClassVar[frozenset[str]]

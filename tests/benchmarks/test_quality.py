@@ -1,0 +1,70 @@
+"""benchmarks/quality.py: argument checks, and a ``--quick`` run of 2 objectives x 1 seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_benchmark()
+
+
+def test_every_objective_has_a_simulated_config():
+    settings = quality.Settings()
+    settings.check()
+    assert {"naive", "esmm", "multi_ipw", "multi_dr", "escm2_ipw", "escm2_dr", "badr"} <= set(settings.objectives)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown"):
+        quality.Settings(objectives=["naive", "nope"]).check()
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        quality.Settings(steps=0).check()
+    with pytest.raises(ValueError, match="expected OBJECTIVE.KEY=VALUE"):
+        quality._parse_objective_params(["tau=0.1"])
+    assert quality._parse_objective_params(["multi_ipw.tau=0.1", "multi_ipw.cvr_weight=2"]) == {
+        "multi_ipw": {"tau": "0.1", "cvr_weight": "2"}
+    }
+
+
+def test_runs_differ_only_by_objective_and_seed(tmp_path):
+    settings = quality.Settings(objectives=["naive", "badr"], seeds=[0, 1])
+    runs = quality.plan_runs(settings, tmp_path / "data", tmp_path)
+    assert [(r.objective, r.seed) for r in runs] == [("naive", 0), ("naive", 1), ("badr", 0), ("badr", 1)]
+    strip = lambda run: [o for o in run.overrides if not o.startswith("seed=")]  # noqa: E731
+    assert strip(runs[0]) == strip(runs[2])
+    assert len({r.run_dir for r in runs}) == 4
+
+
+def test_quick_run_writes_the_table_and_the_chart(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", "simulated", "--quick", "--out", str(tmp_path / "out"),
+         "--work", str(tmp_path / "work"), "--jobs", "2", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    markdown = (out / "quality_simulated.md").read_text()
+    for row in ("| naive |", "| multi_ipw |"):
+        assert row in markdown
+    assert "cvr_bias" in markdown and "bias floor" in markdown
+    assert (out / "quality_simulated.png").stat().st_size > 10_000
+    raw = json.loads((out / "quality_simulated.json").read_text())
+    assert [(r["objective"], r["seed"]) for r in raw["runs"]] == [("naive", 0), ("multi_ipw", 0)]
+    assert all("cvr_bias" in r["metrics"] for r in raw["runs"])

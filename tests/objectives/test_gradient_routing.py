@@ -1,0 +1,97 @@
+"""Which towers each loss term trains, on a real (tiny) model.
+
+A head's own parameters are its MMoE gate and its tower. For every term of every debiasing
+objective, backpropagate that term alone and list the heads whose parameters get a non-zero
+gradient; the expected sets are the papers' (with the documented stop-gradients).
+"""
+
+import pytest
+import torch
+
+from tests.helpers import tiny_batch, tiny_schema
+from trainer.builders import build_model, mmoe_tiny
+from trainer.model import CtcvrModel
+from trainer.objectives import build_objective
+from trainer.train_module import TrainModule
+
+CLICK = [1, 0, 1, 0, 0, 1, 0, 0]
+CONVERSION = [1, 0, 0, 0, 0, 1, 0, 0]
+
+CTR, CVR, IMP = frozenset({"ctr"}), frozenset({"cvr"}), frozenset({"imputation"})
+BOTH = CTR | CVR
+
+# (objective, params) -> {term: heads it trains}
+EXPECTED = [
+    ("multi_ipw", {}, {"ctr": CTR, "cvr_ipw": CVR}),
+    ("multi_ipw", {"propensity_grad": True}, {"ctr": CTR, "cvr_ipw": BOTH}),  # Algorithm 1
+    ("multi_dr", {}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
+    ("multi_dr", {"undersample_rate": None}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
+    ("multi_dr", {"dr_trains_imputation": True, "undersample_rate": None},
+     {"ctr": CTR, "cvr_dr": CVR | IMP, "imputation": IMP}),  # Algorithm 2 read literally
+    ("escm2_ipw", {}, {"ctr": CTR, "cvr_ipw": CVR, "ctcvr": BOTH}),
+    ("escm2_dr", {}, {"ctr": CTR, "cvr_dr": CVR, "ctcvr": BOTH, "imputation": IMP}),
+    ("escm2_dr", {"propensity_grad": True}, {"ctr": CTR, "cvr_dr": BOTH, "ctcvr": BOTH, "imputation": IMP}),
+    ("badr", {}, {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP}),
+    ("badr", {"ctcvr_weight": 1.0}, {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP, "ctcvr": BOTH}),
+]
+
+
+def _model(objective) -> CtcvrModel:
+    torch.manual_seed(0)
+    return build_model(tiny_schema(), mmoe_tiny(), objective.required_heads, embedding_device="cpu")
+
+
+def _head_parameters(model: CtcvrModel, head: str) -> list[torch.Tensor]:
+    return [*model.mmoe.gates[head].parameters(), *model.towers[head].parameters()]
+
+
+def _heads_reached(model: CtcvrModel, term: torch.Tensor) -> tuple[frozenset[str], bool]:
+    """Heads whose own parameters get a non-zero gradient, and whether the shared experts do."""
+    heads = model.heads
+    params = [p for head in heads for p in _head_parameters(model, head)] + list(model.mmoe.experts.parameters())
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    nonzero = [g is not None and g.abs().sum().item() > 0 for g in grads]
+    reached, i = set(), 0
+    for head in heads:
+        n = len(_head_parameters(model, head))
+        if any(nonzero[i : i + n]):
+            reached.add(head)
+        i += n
+    return frozenset(reached), any(nonzero[i:])
+
+
+@pytest.mark.parametrize(("name", "params", "expected"), EXPECTED, ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_each_term_trains_exactly_the_papers_towers(name, params, expected):
+    objective = build_objective(name, **params)
+    model = _model(objective)
+    batch = tiny_batch(CLICK, CONVERSION)
+    loss = objective(model(batch.sparse, batch.dense), batch)
+    assert set(loss.terms) == set(expected)
+    for term, heads in expected.items():
+        reached, shared = _heads_reached(model, loss.terms[term])
+        assert reached == heads, f"{name} {params}: term {term!r} reached {sorted(reached)}, expected {sorted(heads)}"
+        assert shared, f"{name}: term {term!r} does not reach the shared experts"
+
+
+def test_train_module_adds_the_l2_on_the_imputation_tower_only():
+    objective = build_objective("multi_dr", imputation_l2=1e-2, undersample_rate=None)  # deterministic
+    model = _model(objective)
+    module = TrainModule(model, objective).train()
+    batch = tiny_batch(CLICK, CONVERSION)
+    total, (loss_out, _) = module(batch)
+    without = objective(model(batch.sparse, batch.dense), batch).total
+    params = _head_parameters(model, "imputation")
+    squares = sum(p.detach().square().sum() for p in params)
+    assert loss_out.terms["l2_imputation"].item() == pytest.approx(squares.item(), rel=1e-6)
+    assert total.item() == pytest.approx(without.item() + 1e-2 * squares.item(), rel=1e-6)
+    reached, _ = _heads_reached(model, total - without)
+    assert reached == IMP
+
+
+def test_train_module_without_head_l2_is_unchanged():
+    objective = build_objective("escm2_dr")
+    model = _model(objective)
+    batch = tiny_batch(CLICK, CONVERSION)
+    total, (loss_out, _) = TrainModule(model, objective).train()(batch)
+    assert total.item() == pytest.approx(objective(model(batch.sparse, batch.dense), batch).total.item(), rel=1e-6)
+    assert not any(name.startswith("l2_") for name in loss_out.terms)

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from tests.helpers import tiny_batch
+from trainer.model import TaskOutputs
+from trainer.objectives import build_objective
+from trainer.objectives.multi_dr import undersample_unclicked
+
+# Three impressions: clicked and converted, clicked only, not clicked.
+CLICK, CONVERSION = [1, 1, 0], [1, 0, 0]
+PCTR, PCVR, E_HAT = [0.5, 0.8, 0.25], [0.5, 0.4, 0.9], [0.3, 0.6, 0.2]
+CTR = -(math.log(0.5) + math.log(0.8) + math.log(0.75)) / 3
+E1, E2 = -math.log(0.5), -math.log(0.6)  # BCE(r, pCVR) of the two clicked rows
+
+
+def outputs(pctr=PCTR, pcvr=PCVR, e_hat=E_HAT) -> TaskOutputs:
+    """Leaf logits with the given probabilities and, for the imputation head, softplus^-1(e_hat)."""
+    logit = lambda ps: torch.tensor([math.log(p / (1 - p)) for p in ps], requires_grad=True)  # noqa: E731
+    imputation = torch.tensor([math.log(math.expm1(v)) for v in e_hat], requires_grad=True)
+    return TaskOutputs(logits={"ctr": logit(pctr), "cvr": logit(pcvr), "imputation": imputation})
+
+
+def test_multi_ipw_by_hand():
+    loss = build_objective("multi_ipw", tau=0.02)(outputs(), tiny_batch(CLICK, CONVERSION))
+    ipw = (E1 / 0.5 + E2 / 0.8) / 3  # Eq. 5: divided by |D| = 3, the unclicked row adds 0
+    assert loss.terms["ctr"].item() == pytest.approx(CTR, rel=1e-6)
+    assert loss.terms["cvr_ipw"].item() == pytest.approx(ipw, rel=1e-6)
+    assert loss.total.item() == pytest.approx(CTR + ipw, rel=1e-6)
+
+
+def test_multi_ipw_clips_small_propensities_at_tau():
+    loss = build_objective("multi_ipw", tau=0.6, cvr_weight=2.0)(outputs(), tiny_batch(CLICK, CONVERSION))
+    ipw = (E1 / 0.6 + E2 / 0.8) / 3  # pCTR 0.5 is raised to 0.6; 0.8 is left alone
+    assert loss.terms["cvr_ipw"].item() == pytest.approx(ipw, rel=1e-6)
+    assert loss.total.item() == pytest.approx(CTR + 2.0 * ipw, rel=1e-6)
+
+
+def test_multi_ipw_cvr_gradient_is_weighted_by_inverse_propensity():
+    out = outputs()
+    build_objective("multi_ipw")(out, tiny_batch(CLICK, CONVERSION)).terms["cvr_ipw"].backward()
+    # d/dlogit BCE = pcvr - r, times 1 / (|D| pCTR).
+    expected = [(0.5 - 1) / (3 * 0.5), (0.4 - 0) / (3 * 0.8), 0.0]
+    assert out.logits["cvr"].grad.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_dr_by_hand_without_undersampling():
+    loss = build_objective("multi_dr", undersample_rate=None)(outputs(), tiny_batch(CLICK, CONVERSION))
+    dr = ((0.3 + (E1 - 0.3) / 0.5) + (0.6 + (E2 - 0.6) / 0.8) + 0.2) / 3  # Eq. 9
+    imputation = ((0.3 - E1) ** 2 / 0.5 + (0.6 - E2) ** 2 / 0.8) / 3
+    assert loss.terms["cvr_dr"].item() == pytest.approx(dr, rel=1e-6)
+    assert loss.terms["imputation"].item() == pytest.approx(imputation, rel=1e-6)
+    assert loss.total.item() == pytest.approx(CTR + dr + imputation, rel=1e-6)
+
+
+def test_multi_dr_undersampling_keeps_clicks_and_lambda_times_as_many_rows():
+    torch.manual_seed(0)
+    click = torch.zeros(100)
+    click[[3, 17, 40, 41, 99]] = 1.0
+    for rate, kept in ((1.0, 5), (1.5, 8), (3.0, 15), (50.0, 100)):  # round(1.5 * 5) = 8
+        mask = undersample_unclicked(click, rate)
+        assert mask.sum().item() == kept
+        assert (mask[click > 0] == 1).all()
+    # The unclicked rows kept are a uniform sample: every one is kept sometimes.
+    counts = sum(undersample_unclicked(click, 3.0) for _ in range(400))
+    assert (counts[click == 0] > 0).all()
+
+
+def test_multi_dr_risk_is_the_mean_over_the_undersampled_rows():
+    click = [1, 0, 0, 0, 1, 0, 0, 0]
+    conversion = [1, 0, 0, 0, 0, 0, 0, 0]
+    out = outputs(pctr=[0.5] * 8, pcvr=[0.3] * 8, e_hat=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    torch.manual_seed(3)
+    loss = build_objective("multi_dr", undersample_rate=2.0)(out, tiny_batch(click, conversion))
+    torch.manual_seed(3)
+    mask = undersample_unclicked(torch.tensor(click, dtype=torch.float32), 2.0)
+    e_hat = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    e = [-math.log(0.3), 0, 0, 0, -math.log(0.7), 0, 0, 0]
+    terms = [v + c * (err - v) / 0.5 for v, c, err in zip(e_hat, click, e)]
+    expected = sum(t for t, m in zip(terms, mask.tolist()) if m) / 4  # 2 clicks + 2 unclicked
+    assert mask.sum().item() == 4
+    assert loss.terms["cvr_dr"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_multi_dr_declares_the_imputation_head_and_its_l2():
+    objective = build_objective("multi_dr", imputation_l2=0.5)
+    assert objective.required_heads == frozenset({"imputation"})
+    assert objective.head_l2 == {"imputation": 0.5}
+    assert build_objective("multi_dr", imputation_l2=0.0).head_l2 == {}
+    assert build_objective("multi_ipw").required_heads == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("multi_ipw", {"tau": 0.0}, r"multi_ipw: the propensity bound tau must be in \(0, 1\], got 0.0"),
+        ("multi_ipw", {"cvr_weight": -1}, "multi_ipw: cvr_weight must be >= 0, got -1"),
+        ("multi_dr", {"tau": 1.5}, r"multi_dr: the propensity bound tau must be in \(0, 1\]"),
+        ("multi_dr", {"undersample_rate": 0.5}, "multi_dr: undersample_rate must be >= 1"),
+        ("multi_dr", {"imputation_l2": -1e-4}, "multi_dr: imputation_l2 must be >= 0"),
+        ("multi_dr", {"imputation_link": "exp"}, "multi_dr: imputation_link must be one of"),
+        ("multi_dr", {"lambda_": 2}, "objective 'multi_dr': bad parameters"),
+    ],
+)
+def test_bad_hyper_parameters_are_named(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        build_objective(name, **params)

@@ -1,0 +1,267 @@
+"""Shared estimator pieces of the debiasing objectives: propensities, errors, IPW / DR / BADR risks.
+
+Every objective that corrects the selection bias of post-click CVR training is built from the
+same few parts, written once here and imported by ``multi_ipw.py``, ``multi_dr.py``,
+``escm2.py`` and ``badr.py``:
+
+- **Propensity** ``p_hat``: the model's pCTR, clipped from below at ``tau`` (``clip_propensity``)
+  and, by default, detached (``propensity``).
+- **Error** ``e = BCE(r, r_hat)``: the CVR tower's cross entropy against the conversion label
+  (``prediction_error``); only its values on clicked rows ever enter a loss.
+- **Imputed error** ``e_hat``: the imputation head's output mapped to ``[0, inf)``
+  (``imputed_error``).
+- **Risks** over one batch, written after their equations: the naive click-space risk, IPW
+  (multi-ipw-multi-dr.txt Eq. 4-5), DR (Eq. 8-9; badr.txt Eq. 7), BADR (badr.txt Eq. 13), the
+  joint-learning imputation loss (badr.txt Eq. 6 with a squared loss) and BADR's delta-method
+  imputation loss (badr.txt Eq. 32/36).
+
+The risk functions are plain tensor functions (tensors in, scalar out) that reduce over the last
+dimension, so a ``(draws, N)`` stack of click vectors gives one estimate per draw; the
+statistical tests use that. Notation: ``o`` click (0/1), ``r`` conversion, ``e`` error,
+``e_hat`` imputed error, ``p`` propensity, all of shape ``(..., B)``.
+
+Stop-gradients are chosen where the pieces are assembled (in the objectives and in
+``propensity``); the risk functions themselves never detach anything.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, unique
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data.batch import Batch
+from trainer.model.outputs import TaskOutputs
+from trainer.objectives.functional import bce, bce_with_logits
+
+__all__ = [
+    "ImputationLink",
+    "badr_batch_influence",
+    "badr_estimate",
+    "badr_imputation_loss",
+    "check_imputation_link",
+    "check_non_negative",
+    "check_propensity_bound",
+    "clip_propensity",
+    "ctcvr_loss",
+    "ctr_loss",
+    "dr_estimate",
+    "dr_terms",
+    "ideal_loss",
+    "imputed_error",
+    "ipw_estimate",
+    "joint_learning_imputation_loss",
+    "naive_estimate",
+    "prediction_error",
+    "propensity",
+]
+
+
+@unique
+class ImputationLink(str, Enum):
+    """How the imputation head's logit becomes an imputed error ``e_hat >= 0``."""
+
+    SOFTPLUS = "softplus"  # log(1 + exp(z)) in [0, inf): covers every cross-entropy value (default)
+    SIGMOID = "sigmoid"  # in (0, 1) as in the ESCM2 reference code; cannot reach errors above 1
+
+
+# Task losses -----------------------------------------------------------------------------------
+
+
+def ctr_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
+    """The CTR (propensity) task over the whole impression space: ``mean_D BCE(pCTR, o)``.
+
+    evi.txt Eq. 4; badr.txt Eq. 4 (the propensity model's loss); the auxiliary CTR task of
+    Multi-IPW / Multi-DR (multi-ipw-multi-dr.txt Section 3.4).
+    """
+    return bce_with_logits(outputs.logits["ctr"], batch.click).mean()
+
+
+def ctcvr_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
+    """ESMM's CTCVR task: ``mean_D BCE(pCTR x pCVR, o & r)`` (evi.txt Eq. 5, ESMM Eq. 3)."""
+    # batch.conversion is already o & r: a conversion is only recorded after a click.
+    return bce(outputs.pctcvr, batch.conversion).mean()
+
+
+# Hyper-parameter checks -----------------------------------------------------------------------
+
+
+def check_non_negative(owner: str, **values: float) -> None:
+    """Raise ``ValueError`` naming the first negative value (weights, L2 coefficients).
+
+    Raises:
+        ValueError: a value below 0.
+    """
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+
+def check_imputation_link(value: str, owner: str) -> ImputationLink:
+    """The ``ImputationLink`` named ``value``.
+
+    Raises:
+        ValueError: an unknown link.
+    """
+    try:
+        return ImputationLink(value)
+    except ValueError:
+        allowed = [member.value for member in ImputationLink]
+        raise ValueError(
+            f"{owner}: imputation_link must be one of {allowed}, got {value!r}"
+        ) from None
+
+
+# Propensity, error, imputed error ---------------------------------------------------------------
+
+
+def check_propensity_bound(tau: float, owner: str) -> float:
+    """Validate a propensity clipping bound; ``owner`` names where it came from.
+
+    Raises:
+        ValueError: ``tau`` not in ``(0, 1]``.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"{owner}: the propensity bound tau must be in (0, 1], got {tau}")
+    return float(tau)
+
+
+def clip_propensity(p: torch.Tensor, tau: float) -> torch.Tensor:
+    """``max(p, tau)``: each inverse-propensity weight ``1 / p`` is at most ``1 / tau``.
+
+    This is Multi-IPW's "IPW bound" (multi-ipw-multi-dr.txt Section 5.3) and BADR's clip to
+    ``[gamma, 1]``; values above ``tau`` pass unchanged (and keep their gradient).
+    """
+    return p.clamp(min=tau, max=1.0)
+
+
+def propensity(outputs: TaskOutputs, tau: float, *, grad: bool = False) -> torch.Tensor:
+    """The propensity ``p_hat``: pCTR clipped at ``tau``, detached unless ``grad``.
+
+    Args:
+        outputs: the model outputs; the CTR head is the propensity model.
+        tau: lower clipping bound, see ``clip_propensity``.
+        grad: let the CVR risk's gradient reach the CTR tower through ``1 / p_hat``.
+    """
+    p = outputs.pctr
+    if not grad:
+        # Stop-gradient (default): the propensity only re-weights the CVR risk. Through 1/p_hat
+        # that risk would push pCTR up on every clicked row (and never down elsewhere), a way to
+        # shrink the loss that makes the propensities, and so the correction, wrong. The CTR
+        # tower then learns from its own CTR loss only (as in the ESCM2 and BADR reference code).
+        p = p.detach()
+    return clip_propensity(p, tau)
+
+
+def prediction_error(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
+    """``e = BCE(r, pCVR)`` per row (multi-ipw-multi-dr.txt Eq. 1; badr.txt Eq. 1).
+
+    ``batch.conversion`` is the CVR label on clicked rows; on unclicked rows it is 0 and ``e`` is
+    meaningless, so every risk multiplies it by ``o`` before use.
+    """
+    return bce_with_logits(outputs.logits["cvr"], batch.conversion)
+
+
+def imputed_error(
+    outputs: TaskOutputs, link: ImputationLink | str = ImputationLink.SOFTPLUS
+) -> torch.Tensor:
+    """``e_hat`` per row from the ``"imputation"`` head (the imputation model ``g_phi``)."""
+    logit = outputs.logits["imputation"]
+    if ImputationLink(link) is ImputationLink.SIGMOID:
+        return torch.sigmoid(logit)
+    return F.softplus(logit)
+
+
+# Risks over a batch (reduce over the last dimension) ---------------------------------------------
+
+
+def ideal_loss(e: torch.Tensor) -> torch.Tensor:
+    """``P = (1/|D|) sum_D e``: the whole-space loss if every conversion label were known
+    (multi-ipw-multi-dr.txt Eq. 1; badr.txt Eq. 1)."""
+    return e.mean(dim=-1)
+
+
+def naive_estimate(e: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``(1/|O|) sum_D o e``: the click-space loss (multi-ipw-multi-dr.txt Eq. 2); 0 without
+    clicks."""
+    return (o * e).sum(dim=-1) / o.sum(dim=-1).clamp(min=1.0)
+
+
+def ipw_estimate(e: torch.Tensor, o: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``(1/|D|) sum_D o e / p`` (multi-ipw-multi-dr.txt Eq. 4-5; evi.txt Eq. 6; badr.txt Eq. 3)."""
+    return (o * e / p).mean(dim=-1)
+
+
+def dr_terms(
+    e: torch.Tensor, e_hat: torch.Tensor, o: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """The summand of the DR risk per row, ``e_hat + o (e - e_hat) / p`` (no reduction)."""
+    return e_hat + o * (e - e_hat) / p
+
+
+def dr_estimate(
+    e: torch.Tensor, e_hat: torch.Tensor, o: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """``(1/|D|) sum_D [e_hat + o (e - e_hat) / p]`` (multi-ipw-multi-dr.txt Eq. 8-9; evi.txt
+    Eq. 7; badr.txt Eq. 7)."""
+    return dr_terms(e, e_hat, o, p).mean(dim=-1)
+
+
+def badr_batch_influence(o: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``1 / sum_{D(k)} o / p``: the weight BADR gives the batch (badr.txt Eq. 13-14), against DR's
+    constant ``1 / |D(k)|`` (Eq. 15). ``inf`` for a batch without clicks."""
+    return 1.0 / (o / p).sum(dim=-1)
+
+
+def badr_estimate(
+    e: torch.Tensor, e_hat: torch.Tensor, o: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """``L_BADR-c(k) = sum_{D(k)} [e_hat + o (e - e_hat) / p] / sum_{D(k)} o / p`` (badr.txt
+    Eq. 13).
+
+    The DR sum of one batch normalised by the batch's total inverse-propensity weight instead of
+    its size. A batch without clicks has no normaliser and returns 0 (it carries no observed
+    evidence, so it gets no influence); the gradient graph is kept.
+    """
+    total = dr_terms(e, e_hat, o, p)
+    sum_w = (o / p).sum(dim=-1)
+    has_clicks = sum_w > 0
+    estimate = total.sum(dim=-1) / _ones_where_zero(sum_w)
+    return torch.where(has_clicks, estimate, torch.zeros_like(estimate))
+
+
+def joint_learning_imputation_loss(
+    e: torch.Tensor, e_hat: torch.Tensor, o: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """``(1/|D|) sum_D o (e_hat - e)^2 / p``: the imputation model's loss of DR joint learning
+    (Wang et al., ICML 2019; badr.txt Eq. 6 with a squared loss; ESCM2-DR's imputation loss)."""
+    return (o * (e_hat - e) ** 2 / p).mean(dim=-1)
+
+
+def badr_imputation_loss(
+    e: torch.Tensor, e_hat: torch.Tensor, o: torch.Tensor, p: torch.Tensor, badr_value: torch.Tensor
+) -> torch.Tensor:
+    """``L_BADR-e(k) = sum w^2 (e - e_hat + E_hat(k) - L_BADR-c(k))^2 / (sum w)^2`` with
+    ``w = o / p`` and ``E_hat(k) = sum e_hat / sum w`` (badr.txt Eq. 32 = Eq. 36, the
+    delta-method variance of ``L_BADR-c(k)``).
+
+    Args:
+        badr_value: ``L_BADR-c(k)`` of the same batch (from ``badr_estimate``), one per batch.
+            The caller decides whether it carries gradient (``BadrObjective`` detaches it).
+
+    A batch without clicks returns 0.
+    """
+    w = o / p
+    sum_w = w.sum(dim=-1)
+    safe_sum_w = _ones_where_zero(sum_w).unsqueeze(-1)
+    mean_imputed = e_hat.sum(dim=-1, keepdim=True) / safe_sum_w  # E_hat(k)
+    residual = o * (e - e_hat) + mean_imputed - badr_value.unsqueeze(-1)
+    loss = (w**2 * residual**2).sum(dim=-1) / safe_sum_w.squeeze(-1) ** 2
+    return torch.where(sum_w > 0, loss, torch.zeros_like(loss))
+
+
+def _ones_where_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros replaced by ones: a divisor that keeps values and gradients finite; the
+    caller masks the rows it replaced."""
+    return torch.where(x > 0, x, torch.ones_like(x))
