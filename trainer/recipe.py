@@ -6,6 +6,7 @@ entry point with its command line is ``trainer.train``.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import time
@@ -207,6 +208,16 @@ class TrainRecipe:
         return metrics
 
     def cleanup(self) -> None:
+        """Release the sharded model, then leave the process group.
+
+        The model goes first: torchrun ranks that tear down the process group while sharded
+        modules are still alive now and then abort at exit ("terminate called without an
+        active exception").
+        """
+        for name in ("optimizer", "model", "batches", "train_reader"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        # No barrier here: after a failure on one rank the others may never reach it.
         if dist.is_initialized():
             dist.destroy_process_group()
 
