@@ -3,7 +3,8 @@
 Run from the repository root (about a minute on 2 idle CPU cores; `--rounds 3` about 3)::
 
     .venv/bin/python benchmarks/train_throughput.py
-    .venv/bin/python benchmarks/train_throughput.py --steps 30 --warmup 5 --batch-size 4096 --out benchmarks/results
+    .venv/bin/python benchmarks/train_throughput.py --steps 30 --warmup 5 --batch-size 4096 \\
+        --out benchmarks/results
     .venv/bin/python benchmarks/train_throughput.py --table-scale 10   # tables 10x larger
     .venv/bin/python benchmarks/train_throughput.py --wait-idle 600 --rounds 2   # a shared machine
 
@@ -55,6 +56,7 @@ each variant, and ``--rounds`` lets the variants take turns so a burst of load i
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -78,7 +80,13 @@ from schemas import FeatureSchema
 from trainer.builders import build_model
 from trainer.config import DenseOptimizerConfig, ModelConfig, ShardingConfig, SparseOptimizerConfig
 from trainer.data.batch import Batch
-from trainer.distributed import DistContext, build_optimizer, fuse_sparse_optimizer, init_distributed, shard_model
+from trainer.distributed import (
+    DistContext,
+    build_optimizer,
+    fuse_sparse_optimizer,
+    init_distributed,
+    shard_model,
+)
 from trainer.model import embedding_bag_configs
 from trainer.objectives import build_objective
 from trainer.train_module import TrainModule
@@ -155,31 +163,47 @@ class Settings:
         """Raises: ValueError naming the flag of an out-of-range setting."""
         for name in ("steps", "batch_size", "pool_batches", "num_experts", "rounds"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if self.wait_idle < 0:
             raise ValueError(f"--wait-idle must be >= 0, got {self.wait_idle}")
         if self.table_scale <= 0:
             raise ValueError(f"--table-scale must be > 0, got {self.table_scale}")
-        if not self.expert_sizes or min(self.expert_sizes) < 1 or min(self.tower_sizes, default=1) < 1:
+        if (
+            not self.expert_sizes
+            or min(self.expert_sizes) < 1
+            or min(self.tower_sizes, default=1) < 1
+        ):
             raise ValueError(
-                f"--expert-sizes and --tower-sizes must be positive, got {self.expert_sizes} and {self.tower_sizes}"
+                "--expert-sizes and --tower-sizes must be positive, "
+                f"got {self.expert_sizes} and {self.tower_sizes}"
             )
 
     def worker_args(self) -> list[str]:
-        """The flags that give a worker these settings (rounds and variants are the orchestrator's)."""
+        """The flags that give a worker these settings (rounds and variants stay here)."""
         return [
-            f"--steps={self.steps}", f"--warmup={self.warmup}", f"--batch-size={self.batch_size}",
-            f"--pool-batches={self.pool_batches}", f"--seed={self.seed}", f"--table-scale={self.table_scale}",
+            f"--steps={self.steps}",
+            f"--warmup={self.warmup}",
+            f"--batch-size={self.batch_size}",
+            f"--pool-batches={self.pool_batches}",
+            f"--seed={self.seed}",
+            f"--table-scale={self.table_scale}",
             f"--num-experts={self.num_experts}",
-            "--expert-sizes", *map(str, self.expert_sizes), "--tower-sizes", *map(str, self.tower_sizes),
+            "--expert-sizes",
+            *map(str, self.expert_sizes),
+            "--tower-sizes",
+            *map(str, self.tower_sizes),
         ]
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
-            num_experts=self.num_experts, expert_sizes=list(self.expert_sizes),
-            tower_sizes=list(self.tower_sizes), dropout=0.0,
+            num_experts=self.num_experts,
+            expert_sizes=list(self.expert_sizes),
+            tower_sizes=list(self.tower_sizes),
+            dropout=0.0,
         )
 
 
@@ -196,7 +220,11 @@ def bench_schema(table_scale: float = 1.0) -> FeatureSchema:
         {
             "name": "train_throughput",
             "sparse": [
-                {"name": name, "hash_buckets": max(10, round(buckets * table_scale)), "dim": _EMBEDDING_DIM}
+                {
+                    "name": name,
+                    "hash_buckets": max(10, round(buckets * table_scale)),
+                    "dim": _EMBEDDING_DIM,
+                }
                 for name, buckets in _SPARSE_FIELDS
             ],
             "dense": [{"name": name} for name in _DENSE_FIELDS],
@@ -206,7 +234,7 @@ def bench_schema(table_scale: float = 1.0) -> FeatureSchema:
 
 
 def synthetic_batches(schema: FeatureSchema, batch_size: int, count: int, seed: int) -> list[Batch]:
-    """``count`` batches of ``batch_size`` rows of single-valued features; a function of ``seed``."""
+    """``count`` batches of ``batch_size`` rows of single-valued features (seeded)."""
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(count):
@@ -259,7 +287,9 @@ class EmbeddingBagArch(nn.Module):
         for config in configs:
             # KJT offsets have B + 1 entries: the last one closes the last bag.
             bag = nn.EmbeddingBag(
-                config.num_embeddings, config.embedding_dim, include_last_offset=True,
+                config.num_embeddings,
+                config.embedding_dim,
+                include_last_offset=True,
                 mode="mean" if config.pooling == PoolingType.MEAN else "sum",
             )
             with torch.no_grad():
@@ -272,7 +302,10 @@ class EmbeddingBagArch(nn.Module):
         """Args: features with one key per sparse feature. Returns ``(B, F * D)`` pooled."""
         jagged = features.to_dict()
         return torch.cat(
-            [self.bags[table](jagged[f].values(), jagged[f].offsets()) for f, table in self.feature_tables],
+            [
+                self.bags[table](jagged[f].values(), jagged[f].offsets())
+                for f, table in self.feature_tables
+            ],
             dim=1,
         )
 
@@ -280,12 +313,16 @@ class EmbeddingBagArch(nn.Module):
 # Workers -------------------------------------------------------------------------------------
 
 
-def _setup_torchrec(schema: FeatureSchema, settings: Settings) -> tuple[DistContext, nn.Module, object, dict]:
+def _setup_torchrec(
+    schema: FeatureSchema, settings: Settings
+) -> tuple[DistContext, nn.Module, object, dict]:
     # The recipe's order: process group, model on meta, sparse optimizer in backward, shard, dense.
     ctx = init_distributed("gloo", "cpu")
     torch.manual_seed(settings.seed)
     objective = build_objective("esmm")
-    module = TrainModule(build_model(schema, settings.model_config(), objective.required_heads), objective)
+    module = TrainModule(
+        build_model(schema, settings.model_config(), objective.required_heads), objective
+    )
     fuse_sparse_optimizer(module, SparseOptimizerConfig())
     model = shard_model(module, ctx, ShardingConfig(backend="gloo"))
     optimizer = build_optimizer(model, DenseOptimizerConfig())
@@ -297,7 +334,9 @@ def _setup_torchrec(schema: FeatureSchema, settings: Settings) -> tuple[DistCont
     return ctx, model, optimizer, {"plan": plan}
 
 
-def _setup_reference(schema: FeatureSchema, settings: Settings) -> tuple[DistContext, nn.Module, object, dict]:
+def _setup_reference(
+    schema: FeatureSchema, settings: Settings
+) -> tuple[DistContext, nn.Module, object, dict]:
     ctx = init_distributed("gloo", "cpu")  # a 1-rank group: the result is gathered as for TorchRec
     torch.manual_seed(settings.seed)
     objective = build_objective("esmm")
@@ -308,7 +347,9 @@ def _setup_reference(schema: FeatureSchema, settings: Settings) -> tuple[DistCon
     module = TrainModule(model, objective)
     # The product's dense optimizer and settings, over every parameter, embedding rows included.
     config = DenseOptimizerConfig()
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        module.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     return ctx, module, optimizer, {}
 
 
@@ -320,6 +361,32 @@ def run_worker(worker: Worker, settings: Settings) -> None:
     setup = _setup_torchrec if worker is Worker.TORCHREC else _setup_reference
     ctx, model, optimizer, extra = setup(schema, settings)
     setup_s = time.perf_counter() - start
+    mine = _timed_steps(model, optimizer, pool, ctx, settings)
+    mine.update(rank=ctx.rank, setup_s=setup_s)
+    # Free the sharded model before the process group and the interpreter go: torchrun ranks
+    # otherwise abort now and then at exit ("terminate called without an active exception").
+    del model, optimizer
+    gc.collect()
+
+    ranks: list[dict | None] = [None] * ctx.world_size
+    dist.all_gather_object(ranks, mine)
+    if ctx.is_main:
+        result = {
+            "worker": worker.value,
+            "world_size": ctx.world_size,
+            "batch_size": settings.batch_size,
+            "ranks": ranks,
+            **extra,
+        }
+        print(_RESULT_PREFIX + json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _timed_steps(
+    model: nn.Module, optimizer, pool: list[Batch], ctx: DistContext, settings: Settings
+) -> dict:
+    """The warmup steps, then the timed ones: step times, memory, threads and CPU use."""
 
     def train_step(step: int) -> float:
         # Ranks read different batches of the one pool, as data-parallel ranks read different rows.
@@ -338,32 +405,21 @@ def run_worker(worker: Worker, settings: Settings) -> None:
     for step in range(settings.warmup):
         train_step(step)
     machine, own = _cpu_ticks(), _own_cpu_s()
-    step_s = [train_step(step) for step in range(settings.warmup, settings.warmup + settings.steps)]
+    timed = range(settings.warmup, settings.warmup + settings.steps)
+    step_s = [train_step(step) for step in timed]
     machine_after = _cpu_ticks()
-
-    mine = {
-        "rank": ctx.rank,
+    measured = machine is not None and machine_after is not None
+    return {
         "step_s": step_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "threads": torch.get_num_threads(),
-        "setup_s": setup_s,
         "cpu_s": _own_cpu_s() - own,  # this process's CPU time over the timed steps
         # The whole machine's busy and elapsed CPU time over the timed steps (None off Linux).
-        "machine_busy_s": None if machine is None else (machine_after[0] - machine[0]) / _TICK,
-        "machine_total_s": None if machine is None else (machine_after[1] - machine[1]) / _TICK,
+        "machine_busy_s": (machine_after[0] - machine[0]) / _TICK if measured else None,
+        "machine_total_s": (machine_after[1] - machine[1]) / _TICK if measured else None,
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
-    ranks: list[dict | None] = [None] * ctx.world_size
-    dist.all_gather_object(ranks, mine)
-    if ctx.is_main:
-        result = {
-            "worker": worker.value, "world_size": ctx.world_size, "batch_size": settings.batch_size,
-            "ranks": ranks, **extra,
-        }
-        print(_RESULT_PREFIX + json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -391,14 +447,20 @@ def _variant_command(variant: Variant, settings: Settings) -> tuple[list[str], d
     if variant is Variant.TORCHREC_2P:
         # 2 processes on 2 cores: one intra-op thread each, or they oversubscribe the cores.
         env["OMP_NUM_THREADS"] = "1"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+        ]
         return [*launcher, script, "--worker", Worker.TORCHREC.value, *settings.worker_args()], env
     worker = Worker.REFERENCE if variant is Variant.REFERENCE else Worker.TORCHREC
     return [sys.executable, script, "--worker", worker.value, *settings.worker_args()], env
 
 
 def _wait_for_idle(timeout_s: float) -> None:
-    """Wait until other processes use less than ``_BUSY_SHARE`` of the CPUs, at most ``timeout_s``."""
+    """Wait, at most ``timeout_s``, until other processes use under ``_BUSY_SHARE`` of the CPUs."""
     deadline, logged = time.monotonic() + timeout_s, False
     while time.monotonic() < deadline:
         before = _cpu_ticks()
@@ -429,13 +491,15 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
             f"{variant.value} worker failed (exit {proc.returncode}):\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    result = json.loads(lines[-1][len(_RESULT_PREFIX):])
+    result = json.loads(lines[-1][len(_RESULT_PREFIX) :])
     result.update(variant=variant.value, command=prefix + " ".join(command))
     result["others_cpu_share"] = _others_cpu_share(result)
     others = result["others_cpu_share"]
     log.info(
         "%s: done in %.1f s; other processes took %s of the CPUs during the timed steps",
-        variant.value, time.perf_counter() - start, "?" if others is None else f"{others:.0%}",
+        variant.value,
+        time.perf_counter() - start,
+        "?" if others is None else f"{others:.0%}",
     )
     return result
 
@@ -460,7 +524,9 @@ def summarize(runs: list[dict]) -> dict:
     the largest over ranks and rounds, and so is the CPU share other processes took.
     """
     world, batch = runs[0]["world_size"], runs[0]["batch_size"]
-    step_s = [max(times) for run in runs for times in zip(*(rank["step_s"] for rank in run["ranks"]))]
+    step_s = [
+        max(times) for run in runs for times in zip(*(rank["step_s"] for rank in run["ranks"]))
+    ]
     rates = [world * batch / s for s in step_s]
     return {
         "variant": runs[0]["variant"],
@@ -488,25 +554,45 @@ def _reference_median(rows: list[dict]) -> float | None:
 def markdown_table(rows: list[dict], settings: Settings) -> str:
     """The result table, then the settings, the 1.25x target's verdict and any contention."""
     reference = _reference_median(rows)
-    lines = [
-        "| path | processes | threads / process | samples/s min | samples/s median | samples/s max "
-        "| median per process | median step (ms) | x reference (median) | peak RSS MiB | CPU used by others |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = (
+        "path",
+        "processes",
+        "threads / process",
+        "samples/s min",
+        "samples/s median",
+        "samples/s max",
+        "median per process",
+        "median step (ms)",
+        "x reference (median)",
+        "peak RSS MiB",
+        "CPU used by others",
+    )
+    lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
     for r in rows:
         ratio = f"{r['median'] / reference:.2f}x" if reference else "n/a"
-        lines.append(
-            f"| {r['variant']} | {r['processes']} | {r['threads']} | {r['min']:,.0f} | {r['median']:,.0f} "
-            f"| {r['max']:,.0f} | {r['median_per_process']:,.0f} | {r['median_step_ms']:.1f} | {ratio} "
-            f"| {r['peak_rss_mib']:,.0f} | {r['others_cpu_share']:.0%} |"
+        cells = (
+            r["variant"],
+            r["processes"],
+            r["threads"],
+            f"{r['min']:,.0f}",
+            f"{r['median']:,.0f}",
+            f"{r['max']:,.0f}",
+            f"{r['median_per_process']:,.0f}",
+            f"{r['median_step_ms']:.1f}",
+            ratio,
+            f"{r['peak_rss_mib']:,.0f}",
+            f"{r['others_cpu_share']:.0%}",
         )
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    cfg = settings
     lines += [
         "",
-        f"{settings.rounds} round(s) of {settings.steps} timed steps after {settings.warmup} warmup "
-        f"steps; batch {settings.batch_size} per process; {len(_SPARSE_FIELDS)} sparse fields of dim "
-        f"{_EMBEDDING_DIM} ({_embedding_rows(settings):,} embedding rows, table scale {settings.table_scale:g}); "
-        f"MMoE {settings.num_experts} experts of {settings.expert_sizes}, towers {settings.tower_sizes}; "
-        f"ESMM; {os.cpu_count()} CPUs. samples/s counts the rows of all processes.",
+        f"{cfg.rounds} round(s) of {cfg.steps} timed steps after {cfg.warmup} warmup steps; "
+        f"batch {cfg.batch_size} per process; {len(_SPARSE_FIELDS)} sparse fields of dim "
+        f"{_EMBEDDING_DIM} "
+        f"({_embedding_rows(cfg):,} embedding rows, table scale {cfg.table_scale:g}); MMoE "
+        f"{cfg.num_experts} experts of {cfg.expert_sizes}, towers {cfg.tower_sizes}; ESMM; "
+        f"{os.cpu_count()} CPUs. samples/s counts the rows of all processes.",
     ]
     busy = [r["variant"] for r in rows if r["others_cpu_share"] > _BUSY_SHARE]
     single = next((r for r in rows if r["variant"] == Variant.TORCHREC_1P.value), None)
@@ -516,11 +602,14 @@ def markdown_table(rows: list[dict], settings: Settings) -> str:
             verdict = "inconclusive, measured under outside load"
         else:
             verdict = "met" if ratio >= _TARGET_RATIO else "NOT met"
-        lines.append(f"\nTarget torchrec_1p >= {_TARGET_RATIO}x reference: {verdict} ({ratio:.2f}x).")
+        lines.append(
+            f"\nTarget torchrec_1p >= {_TARGET_RATIO}x reference: {verdict} ({ratio:.2f}x)."
+        )
     if busy:
         lines.append(
             f"\nWarning: other processes took more than {_BUSY_SHARE:.0%} of the CPUs during "
-            f"{', '.join(busy)}; those steps were stretched. Rerun on an idle machine (see --wait-idle)."
+            f"{', '.join(busy)}; those steps were stretched. Rerun on an idle machine "
+            "(see --wait-idle)."
         )
     return "\n".join(lines) + "\n"
 
@@ -541,17 +630,25 @@ def plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
     colors = {v.value: c for v, c in zip(Variant, ("#4c72b0", "#55a868", "#c44e52"))}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(
-        names, [r["median"] for r in rows], capsize=6, color=[colors[r["variant"]] for r in rows],
+        names,
+        [r["median"] for r in rows],
+        capsize=6,
+        color=[colors[r["variant"]] for r in rows],
         yerr=[[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]],
     )
     ax.set_ylabel("samples/s (median; whiskers: min, max)")
-    ax.set_title("Training throughput: TorchRec vs nn.EmbeddingBag + dense Adam" + (f"\n{subtitle}" if subtitle else ""))
+    ax.set_title(
+        "Training throughput: TorchRec vs nn.EmbeddingBag + dense Adam"
+        + (f"\n{subtitle}" if subtitle else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_all(settings: Settings, out: Path, command: str = "benchmarks/train_throughput.py") -> list[dict]:
+def run_all(
+    settings: Settings, out: Path, command: str = "benchmarks/train_throughput.py"
+) -> list[dict]:
     """Run every variant, write the table, the chart and the raw JSON; return the table rows.
 
     With several rounds the variants take turns (A B C A B C), so a burst of outside load is
@@ -569,14 +666,20 @@ def run_all(settings: Settings, out: Path, command: str = "benchmarks/train_thro
     header = f"# Training throughput\n\nCommand: `.venv/bin/python {command}`\n\n"
     (out / "train_throughput.md").write_text(header + table)
     raw = {
-        "command": command, "settings": asdict(settings), "rows": rows,
+        "command": command,
+        "settings": asdict(settings),
+        "rows": rows,
         "runs": {v.value: runs[v] for v in variants},
     }
     (out / "train_throughput.json").write_text(json.dumps(raw, indent=1))
-    subtitle = f"{_embedding_rows(settings):,} embedding rows, batch {settings.batch_size} per process"
+    subtitle = (
+        f"{_embedding_rows(settings):,} embedding rows, batch {settings.batch_size} per process"
+    )
     plot(rows, out / "train_throughput.png", subtitle)
     print(table)
-    log.info("wrote %s, %s and %s", *(out / f"train_throughput.{ext}" for ext in ("md", "png", "json")))
+    log.info(
+        "wrote %s, %s and %s", *(out / f"train_throughput.{ext}" for ext in ("md", "png", "json"))
+    )
     return rows
 
 
@@ -584,34 +687,59 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per worker")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before them")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per step per process")
-    parser.add_argument("--pool-batches", type=int, default=defaults.pool_batches, help="distinct batches, cycled")
+    parser.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="untimed steps before them"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="rows per step per process"
+    )
+    parser.add_argument(
+        "--pool-batches", type=int, default=defaults.pool_batches, help="distinct batches, cycled"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and initial weights")
     parser.add_argument(
-        "--table-scale", type=float, default=defaults.table_scale,
+        "--table-scale",
+        type=float,
+        default=defaults.table_scale,
         help="multiply every table's rows (0.001 for a quick test, 10 for 3.5M rows)",
     )
     parser.add_argument("--num-experts", type=int, default=defaults.num_experts)
     parser.add_argument("--expert-sizes", type=int, nargs="+", default=defaults.expert_sizes)
     parser.add_argument("--tower-sizes", type=int, nargs="*", default=defaults.tower_sizes)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="turns per variant, steps pooled")
     parser.add_argument(
-        "--wait-idle", type=float, default=defaults.wait_idle,
+        "--rounds", type=int, default=defaults.rounds, help="turns per variant, steps pooled"
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=defaults.wait_idle,
         help="before each variant, wait up to this many seconds for other processes to go quiet",
     )
     parser.add_argument(
-        "--variants", nargs="+", choices=[v.value for v in Variant], default=defaults.variants,
+        "--variants",
+        nargs="+",
+        choices=[v.value for v in Variant],
+        default=defaults.variants,
         help="variants to run, in this order (default: all)",
     )
-    parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results", help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=_ROOT / "benchmarks" / "results", help="output folder"
+    )
     parser.add_argument("--worker", choices=[w.value for w in Worker], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings(
-        steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, pool_batches=args.pool_batches,
-        seed=args.seed, table_scale=args.table_scale, num_experts=args.num_experts,
-        expert_sizes=args.expert_sizes, tower_sizes=args.tower_sizes, rounds=args.rounds,
-        wait_idle=args.wait_idle, variants=args.variants,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        pool_batches=args.pool_batches,
+        seed=args.seed,
+        table_scale=args.table_scale,
+        num_experts=args.num_experts,
+        expert_sizes=args.expert_sizes,
+        tower_sizes=args.tower_sizes,
+        rounds=args.rounds,
+        wait_idle=args.wait_idle,
+        variants=args.variants,
     )
     try:
         settings.check()

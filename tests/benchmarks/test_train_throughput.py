@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py: the reference's embeddings, the table maths, and a tiny real run."""
+"""benchmarks/train_throughput.py: the reference arch, the table maths, and tiny real runs."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ tt = _load_benchmark()
 def _run(tmp_path: Path, *variants: str) -> dict:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *TINY, "--out", str(tmp_path), "--variants", *variants],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("train_throughput.md", "train_throughput.png", "train_throughput.json"):
@@ -59,25 +62,38 @@ def test_embedding_bag_arch_matches_sparse_arch():
 
 def test_synthetic_batches_are_reproducible_and_in_range():
     schema = tt.bench_schema(0.001)
-    first, again = tt.synthetic_batches(schema, 32, 2, seed=3), tt.synthetic_batches(schema, 32, 2, seed=3)
+    first, again = (
+        tt.synthetic_batches(schema, 32, 2, seed=3),
+        tt.synthetic_batches(schema, 32, 2, seed=3),
+    )
     assert len(schema.sparse) == 20 and len(schema.dense) == 2
     for batch, same in zip(first, again):
         torch.testing.assert_close(batch.sparse.values(), same.sparse.values())
         for name, values in batch.sparse.to_dict().items():
-            assert 0 <= int(values.values().min()) and int(values.values().max()) < schema.table_of(name).buckets
+            assert (
+                0 <= int(values.values().min())
+                and int(values.values().max()) < schema.table_of(name).buckets
+            )
         assert bool((batch.conversion <= batch.click).all())  # conversions only after clicks
 
 
 def test_summarize_takes_the_slowest_rank_and_counts_all_rows():
-    runs = [{
-        "variant": "torchrec_2p", "world_size": 2, "batch_size": 100, "others_cpu_share": 0.02,
-        "ranks": [
-            {"step_s": [0.1, 0.2], "threads": 1, "peak_rss_mib": 50.0},
-            {"step_s": [0.2, 0.1], "threads": 1, "peak_rss_mib": 70.0},
-        ],
-    }]
+    runs = [
+        {
+            "variant": "torchrec_2p",
+            "world_size": 2,
+            "batch_size": 100,
+            "others_cpu_share": 0.02,
+            "ranks": [
+                {"step_s": [0.1, 0.2], "threads": 1, "peak_rss_mib": 50.0},
+                {"step_s": [0.2, 0.1], "threads": 1, "peak_rss_mib": 70.0},
+            ],
+        }
+    ]
     row = tt.summarize(runs)
-    assert row["min"] == row["median"] == row["max"] == pytest.approx(1000.0)  # 2 * 100 rows / 0.2 s
+    assert (
+        row["min"] == row["median"] == row["max"] == pytest.approx(1000.0)
+    )  # 2 * 100 rows / 0.2 s
     assert row["median_per_process"] == pytest.approx(500.0)
     assert row["peak_rss_mib"] == 70.0
 
@@ -85,8 +101,15 @@ def test_summarize_takes_the_slowest_rank_and_counts_all_rows():
 def test_markdown_table_reports_ratio_target_and_contention():
     def row(variant, median, others=0.0):
         return {
-            "variant": variant, "processes": 1, "threads": 2, "min": median, "median": median,
-            "max": median, "median_per_process": median, "median_step_ms": 1.0, "peak_rss_mib": 1.0,
+            "variant": variant,
+            "processes": 1,
+            "threads": 2,
+            "min": median,
+            "median": median,
+            "max": median,
+            "median_per_process": median,
+            "median_step_ms": 1.0,
+            "peak_rss_mib": 1.0,
             "others_cpu_share": others,
         }
 
@@ -95,15 +118,23 @@ def test_markdown_table_reports_ratio_target_and_contention():
     assert "| 1.30x |" in met and "met (1.30x)" in met and "Warning" not in met
     missed = tt.markdown_table([row("torchrec_1p", 110.0), row("reference", 100.0)], settings)
     assert "NOT met (1.10x)" in missed
-    busy = tt.markdown_table([row("torchrec_1p", 130.0, others=0.5), row("reference", 100.0)], settings)
-    assert "inconclusive" in busy and "Warning" in busy and "torchrec_1p" in busy.split("Warning")[1]
+    busy = tt.markdown_table(
+        [row("torchrec_1p", 130.0, others=0.5), row("reference", 100.0)], settings
+    )
+    assert (
+        "inconclusive" in busy and "Warning" in busy and "torchrec_1p" in busy.split("Warning")[1]
+    )
 
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--steps", "0"], "--steps must be >= 1"), (["--warmup", "-1"], "--warmup must be >= 0"),
-     (["--table-scale", "0"], "--table-scale must be > 0"), (["--rounds", "0"], "--rounds must be >= 1"),
-     (["--wait-idle", "-1"], "--wait-idle must be >= 0")],
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--table-scale", "0"], "--table-scale must be > 0"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--wait-idle", "-1"], "--wait-idle must be >= 0"),
+    ],
 )
 def test_bad_settings_are_rejected(flags, message, capsys):
     with pytest.raises(SystemExit):
