@@ -24,6 +24,7 @@ NAN_KEYS_NO_CLICKS = (
     "cvr_calibration",
     "ctcvr_auc",
     "ctcvr_calibration",
+    "cvr_ips_estimate",
 )
 
 
@@ -91,6 +92,27 @@ def test_ground_truth_metrics_from_mapping() -> None:
     assert m["pcvr_mean"] == pytest.approx(0.55)
     assert m["true_cvr_mean"] == pytest.approx(0.3)
     assert m["cvr_bias"] == pytest.approx(0.25)
+    assert m["cvr_ips_bias"] == pytest.approx(4 / 19 - 0.3)
+
+
+def test_ips_estimate_weights_clicks_by_inverse_pctr(five: dict[str, float]) -> None:
+    # clicks at pctr 0.9 (converted), 0.4, 0.6: (1/0.9) / (1/0.9 + 1/0.4 + 1/0.6) = 20/95
+    assert five["cvr_ips_estimate"] == pytest.approx(4 / 19)
+    assert "cvr_ips_bias" not in five
+
+
+def test_ips_estimate_recovers_the_whole_space_mean_under_known_propensities() -> None:
+    # Every impression converts with probability 0.5 if clicked; clicks are drawn at propensity
+    # 0.1 on half the rows and 0.9 on the other half, and the rarely clicked half converts less.
+    rng = np.random.default_rng(0)
+    n = 200_000
+    propensity = np.where(np.arange(n) < n // 2, 0.1, 0.9)
+    true_cvr = np.where(propensity < 0.5, 0.05, 0.25)  # whole-space mean 0.15
+    click = rng.random(n) < propensity
+    conversion = click & (rng.random(n) < true_cvr)
+    m = compute_metrics(propensity, true_cvr, click.astype(int), conversion.astype(int))
+    assert conversion[click].mean() > 0.22  # the clicked rows alone say ~0.23
+    assert m["cvr_ips_estimate"] == pytest.approx(0.15, abs=0.005)
 
 
 def test_ground_truth_from_attribute_container() -> None:

@@ -27,9 +27,11 @@ key                         rows         definition
 ``ctcvr_logloss``           all          log loss of ``pctr * pcvr`` against ``conversion``
 ``ctcvr_calibration``       all          ``mean(pctr * pcvr) / mean(conversion)``
 ``ctcvr_gauc``              all          GAUC of ``pctr * pcvr`` against ``conversion``
+``cvr_ips_estimate``        all          ``sum(conversion / pctr) / sum(click / pctr)``
 ``cvr_auc_whole_space``     all          ROC AUC of ``pcvr`` against ``truth.cf_conversion``
 ``cvr_logloss_whole_space`` all          log loss of ``pcvr`` against ``truth.cf_conversion``
 ``cvr_bias``                all          ``mean(pcvr) - mean(truth.true_cvr)``
+``cvr_ips_bias``            all          ``cvr_ips_estimate - mean(truth.true_cvr)``
 ``true_cvr_mean``           all          ``mean(truth.true_cvr)``
 ``pcvr_mean``               all          ``mean(pcvr)``
 ``impressions``             all          N
@@ -44,6 +46,13 @@ Definitions:
       ``g`` whose labels are not all identical, ``n_g`` the group's impressions (its clicked
       impressions for ``cvr_gauc``). ``AUC_g`` is the Mann-Whitney statistic with ties
       counted as one half, exactly as ``roc_auc_score`` computes it.
+    * ``cvr_ips_estimate`` is the self-normalised inverse-propensity estimate of the mean CVR
+      over all impressions, from the logged labels and the model's own ``pctr`` as the click
+      propensity (clipped to ``LOGLOSS_EPS``): what IPW with these propensities makes of the
+      whole space at the level of the mean. Set beside ``mean(pcvr)`` it checks, without ground
+      truth, whether the CVR tower agrees with its own propensities; ``cvr_ips_bias`` is its
+      error against the truth, the part of the selection bias that weighting by ``1 / pctr``
+      cannot see (propensities too flat, or selection on something the model does not resolve).
 
 Undefined metrics come back as ``nan`` with no exception and no warning: an AUC or GAUC
 with one class present, a calibration whose labels are all 0, any metric of an empty row set.
@@ -77,10 +86,12 @@ METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     "CTR": ("ctr_auc", "ctr_gauc", "ctr_logloss", "ctr_calibration"),
     "CVR (clicks)": ("cvr_auc", "cvr_gauc", "cvr_logloss", "cvr_calibration"),
     "CTCVR": ("ctcvr_auc", "ctcvr_gauc", "ctcvr_logloss", "ctcvr_calibration"),
+    "CVR (whole space, inverse-propensity estimate)": ("cvr_ips_estimate",),
     "ground truth": (
         "cvr_auc_whole_space",
         "cvr_logloss_whole_space",
         "cvr_bias",
+        "cvr_ips_bias",
         "true_cvr_mean",
         "pcvr_mean",
     ),
@@ -164,8 +175,10 @@ def compute_metrics(
         _binary_metrics("cvr", conversion_c, pcvr_c, None if group_a is None else group_a[clicked])
     )
     metrics.update(_binary_metrics("ctcvr", conversion_a, pctcvr, group_a))
+    metrics["cvr_ips_estimate"] = _ips_estimate(click_a, conversion_a, pctr_a)
     if truth is not None:
         metrics.update(_truth_metrics(truth, pcvr_a, n))
+        metrics["cvr_ips_bias"] = metrics["cvr_ips_estimate"] - metrics["true_cvr_mean"]
     metrics["impressions"] = float(n)
     metrics["clicks"] = float(click_a.sum())
     metrics["conversions"] = float(conversion_a.sum())
@@ -304,6 +317,14 @@ def _truth_field(truth: Mapping[str, ArrayLike] | SupportsTruth, name: str) -> A
 
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else _NAN
+
+
+def _ips_estimate(click: np.ndarray, conversion: np.ndarray, pctr: np.ndarray) -> float:
+    """Self-normalised IPS mean of the conversion labels over the clicks, weights ``1 / pctr``;
+    nan without clicks."""
+    weights = click / np.maximum(pctr, LOGLOSS_EPS)
+    total = weights.sum()
+    return float((weights * conversion).sum() / total) if total > 0 else _NAN
 
 
 def _auc(labels: np.ndarray, preds: np.ndarray) -> float:
