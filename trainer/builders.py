@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from schemas import FeatureSchema
-from trainer.config import ConfigError, ModelConfig, TowerSharing
-from trainer.model import CORE_HEADS, CtcvrModel, ModelStructure, SparseArch, embedding_bag_configs
+from trainer.config import ConfigError, FeatureInteraction, ModelConfig, TowerSharing
+from trainer.model import CORE_HEADS, CtcvrModel, DotInteraction, ModelStructure, SparseArch, embedding_bag_configs
 from trainer.model.adap_sl import IMPUTATION
 
 __all__ = ["build_model", "model_heads", "mmoe_tiny"]
@@ -48,6 +48,7 @@ def build_model(
     Raises:
         ConfigError: ``model.tower_sharing: adap_sl`` for an objective without an imputation head.
         ValueError: layer widths that ``model.adap_sl.shared_fraction`` cannot split.
+        ConfigError: ``model.interaction: dot`` over sparse features of different dimensions.
     """
     structure = structure or ModelStructure()
     heads = model_heads({*extra_heads, *structure.extra_heads})
@@ -58,7 +59,8 @@ def build_model(
             f"objective has no imputation head (heads: {', '.join(heads)}); use it with a DR-family "
             f"objective ({', '.join(_imputation_objectives())}) or set model.tower_sharing=none"
         )
-    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(schema), device=torch.device(embedding_device))
+    tables = embedding_bag_configs(schema)
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
     return CtcvrModel(
         sparse_arch=SparseArch(ebc),
         num_dense=len(schema.dense),
@@ -70,7 +72,23 @@ def build_model(
         structure=structure,
         partial_sharing=config.adap_sl.shared_fraction if adap_sl else None,
         detached_heads=tuple(sorted(detached_heads)),
+        interaction=build_interaction(config, tables),
     )
+
+
+def build_interaction(config: ModelConfig, tables: list[EmbeddingBagConfig]) -> DotInteraction | None:
+    """``model.interaction``'s module over the features of ``tables`` (``None`` for ``none``)."""
+    if config.interaction == FeatureInteraction.NONE.value:
+        return None
+    dims = {name: table.embedding_dim for table in tables for name in table.feature_names}
+    if len(set(dims.values())) != 1:
+        by_dim = ", ".join(f"{dim}: {[n for n, d in dims.items() if d == dim]}" for dim in sorted(set(dims.values())))
+        raise ConfigError(
+            f"model.interaction={config.interaction} takes dot products between sparse features, which needs "
+            f"one embedding dimension for all of them; the schema has {by_dim}. Give every table the same "
+            "dim or set model.interaction=none"
+        )
+    return DotInteraction(num_features=len(dims), dim=next(iter(dims.values())))
 
 
 def _imputation_objectives() -> list[str]:

@@ -23,6 +23,7 @@ __all__ = [
     "ShardingType",
     "SparseOptimizer",
     "TowerSharing",
+    "FeatureInteraction",
     "DataConfig",
     "DenseOptimizerConfig",
     "ModelConfig",
@@ -61,6 +62,12 @@ class SparseOptimizer(str, Enum):
 class TowerSharing(str, Enum):
     NONE = "none"  # every head has a tower of its own
     ADAP_SL = "adap_sl"  # CVR and imputation towers partially shared and pruned (adap-sl.txt)
+
+
+@unique
+class FeatureInteraction(str, Enum):
+    NONE = "none"  # the MMoE reads the concatenated embeddings and dense features only
+    DOT = "dot"  # ... and the pairwise dot products of the sparse embeddings (DotInteraction)
 
 
 @dataclass
@@ -107,6 +114,7 @@ class ModelConfig:
     tower_sizes: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
     tower_sharing: str = TowerSharing.NONE.value  # see TowerSharing
+    interaction: str = FeatureInteraction.NONE.value  # see FeatureInteraction
     adap_sl: AdapSlConfig = field(default_factory=AdapSlConfig)  # read with tower_sharing: adap_sl
 
 
@@ -256,6 +264,7 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
 
 def _check_tower_sharing(model: ModelConfig) -> None:
     _choice("model.tower_sharing", model.tower_sharing, TowerSharing)
+    _choice("model.interaction", model.interaction, FeatureInteraction)
     if model.tower_sharing != TowerSharing.ADAP_SL.value:
         return
     adap = model.adap_sl

@@ -231,6 +231,8 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def _model_spec(schema: FeatureSchema, config: ModelConfig, objective: Any) -> ModelSpec:
+    if config.interaction != "none":
+        raise ExportError(f"model.interaction={config.interaction} cannot be exported yet: the artifact has no interaction")
     tables = [
         TableEntry(
             name=table.name,

@@ -1,10 +1,11 @@
-"""Model components: embeddings from the schema, MMoE, towers (Adap-SL's partially shared ones
+"""Model components: embeddings from the schema, feature interactions, MMoE, towers (Adap-SL's partially shared ones
 too), and the CTR/CVR model."""
 
 from trainer.model.adap_sl import PartiallySharedTowers
 from trainer.model.conditioning import PropensityConditionedTower
 from trainer.model.ctcvr import CORE_HEADS, CtcvrModel
 from trainer.model.embeddings import SparseArch, embedding_bag_configs
+from trainer.model.interaction import DotInteraction
 from trainer.model.mlp import MLP
 from trainer.model.mmoe import MMoE
 from trainer.model.outputs import TaskOutputs
@@ -20,6 +21,7 @@ __all__ = [
     "CausalTransferFusion",
     "PartiallySharedTowers",
     "CtcvrModel",
+    "DotInteraction",
     "ModelStructure",
     "PropensityConditionedTower",
     "SparseArch",

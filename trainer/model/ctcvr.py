@@ -12,6 +12,7 @@ from trainer.model.adap_sl import TOWERS as PARTIALLY_SHARED_HEADS
 from trainer.model.adap_sl import PartiallySharedTowers
 from trainer.model.conditioning import PropensityConditionedTower
 from trainer.model.embeddings import SparseArch
+from trainer.model.interaction import DotInteraction
 from trainer.model.mmoe import MMoE
 from trainer.model.outputs import TaskOutputs
 from trainer.model.structure import ModelStructure
@@ -27,8 +28,9 @@ CORE_HEADS = ("ctr", "cvr")
 class CtcvrModel(nn.Module):
     """Multi-task model over the whole impression space.
 
-    Pooled sparse embeddings ``(B, F*D)`` and dense features ``(B, N)`` are concatenated and fed
-    to an MMoE with one gate per head; each head's tower turns its mixture into a logit.
+    Pooled sparse embeddings ``(B, F*D)``, dense features ``(B, N)`` and, with an ``interaction``,
+    the embeddings' pairwise dot products are concatenated and fed to an MMoE with one gate per
+    head; each head's tower turns its mixture into a logit.
     It knows nothing of ranks, sharding or losses. ``structure`` adds what an objective asks for
     beyond extra heads: DDPO's causal transfer modules, which fuse other heads' mixtures into
     the CVR tower's input, and EVI's propensity-conditioned teacher tower.
@@ -49,6 +51,8 @@ class CtcvrModel(nn.Module):
             (``trainer.model.adap_sl``); other heads keep their own towers.
         detached_heads: heads that read the shared features but never train them: their losses
             reach their own gate and tower only (see ``Objective.detached_heads``).
+        interaction: explicit second-order features of the pooled embeddings, appended to the
+            MMoE's input after the dense features (``None``: none).
 
     Example::
 
@@ -70,6 +74,7 @@ class CtcvrModel(nn.Module):
         structure: ModelStructure | None = None,
         partial_sharing: float | None = None,
         detached_heads: Sequence[str] = (),
+        interaction: DotInteraction | None = None,
     ) -> None:
         super().__init__()
         if tuple(heads[: len(CORE_HEADS)]) != CORE_HEADS:
@@ -83,7 +88,8 @@ class CtcvrModel(nn.Module):
         self.sparse_arch = sparse_arch
         self.num_dense = num_dense
         self._heads = tuple(heads)
-        in_features = sparse_arch.out_features + num_dense
+        self.interaction = interaction
+        in_features = sparse_arch.out_features + num_dense + (interaction.out_features if interaction else 0)
         self.mmoe = MMoE(in_features, heads, num_experts, expert_sizes, dropout, detached_heads)
         width = self.mmoe.out_features
         self.tower_sizes = tuple(tower_sizes)  # every tower's hidden widths (EVI's VIE is sized by them)
@@ -123,7 +129,9 @@ class CtcvrModel(nn.Module):
             ``TaskOutputs`` with a ``(B,)`` logit per head and each tower's hidden activations
             under ``"<head>.layers"``.
         """
-        x = torch.cat([self.sparse_arch(sparse), dense], dim=1)
+        pooled = self.sparse_arch(sparse)
+        inputs = [pooled, dense] if self.interaction is None else [pooled, dense, self.interaction(pooled)]
+        x = torch.cat(inputs, dim=1)
         mixtures = self.mmoe(x)
         if self.cvr_transfer is not None:
             mixtures["cvr"] = self.cvr_transfer(mixtures)  # ddpo.txt Eq. 14: the fused CVR feature
