@@ -19,7 +19,9 @@ sides take them from :meth:`ModelSpec.dense_shapes`)::
     cvr_transfer.fuse.weight / .bias              their fusion into the CVR tower's input
 
 The model: ``x = concat(pooled embeddings in table order, then each table's features in order;
-normalised dense features)``; ``mixture[h] = sum_e softmax(gate_h(x))_e * expert_e(x)``;
+normalised dense features; with ``interaction: dot``, then <e_i, e_j> for every pair i < j of the
+sparse features' pooled embeddings in that order, row-major: (0, 1), (0, 2), ..., (F-2, F-1))``;
+``mixture[h] = sum_e softmax(gate_h(x))_e * expert_e(x)``;
 ``logit[h] = head_h(tower_layers_h(mixture[h]))``; ``pctr = sigmoid(logit[ctr])``,
 ``pcvr = sigmoid(logit[cvr])``, ``pctcvr = pctr * pcvr``. Only the ctr and cvr heads are
 exported: heads that exist only for training (imputation, teachers...) are left out.
@@ -108,6 +110,9 @@ class ModelSpec(_Frozen):
     cvr_transfer: tuple[Name, ...] = Field(
         default=(), description="heads fused into the CVR tower's input by causal transfer modules (DDPO)"
     )
+    interaction: Literal["none", "dot"] = Field(
+        default="none", description="dot: the pairwise dot products of the sparse embeddings follow the dense features"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -123,6 +128,11 @@ class ModelSpec(_Frozen):
         tables = [t.name for t in self.tables]
         if len(set(tables)) != len(tables):
             raise ValueError("a table appears twice in the model spec")
+        if self.interaction == "dot" and len({t.dim for t in self.tables}) != 1:
+            raise ValueError("interaction 'dot' needs one embedding dim for every table, got "
+                             f"{sorted({t.dim for t in self.tables})}")
+        if self.interaction == "dot" and len(self.sparse_features) < 2:
+            raise ValueError("interaction 'dot' needs at least 2 sparse features")
         return self
 
     @property
@@ -136,9 +146,15 @@ class ModelSpec(_Frozen):
         return self.heads + tuple(h for h in self.cvr_transfer if h not in self.heads)
 
     @property
+    def num_interactions(self) -> int:
+        """Pairwise dot products in the MMoE input (0 without an interaction)."""
+        sparse = len(self.sparse_features)
+        return sparse * (sparse - 1) // 2 if self.interaction == "dot" else 0
+
+    @property
     def in_features(self) -> int:
-        """Width of the MMoE input: pooled embeddings then dense features."""
-        return sum(t.dim * len(t.features) for t in self.tables) + len(self.dense_features)
+        """Width of the MMoE input: pooled embeddings, dense features, then interactions."""
+        return sum(t.dim * len(t.features) for t in self.tables) + len(self.dense_features) + self.num_interactions
 
     def dense_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor in ``weights/dense.safetensors``."""

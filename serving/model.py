@@ -11,6 +11,9 @@ large operations, because a request of a few rows costs what its number of opera
   permuted at load time to the lookup order, so inputs are never reordered); deeper expert layers and
   the towers of both heads run as batched matrix products (``bmm``) over experts or heads;
 * the gate mixture is a ``bmm`` of the softmax weights with the expert outputs;
+* with ``spec.interaction == "dot"`` the pooled embeddings' pairwise dot products are one
+  ``bmm`` of the ``(B, F, D)`` embeddings (gathered in the spec's feature order) with itself,
+  appended after the dense features;
 * a model trained with DDPO's causal transfer modules (``spec.cvr_transfer``) replaces the CVR
   mixture by their fused feature before the towers (``_CausalTransfer``), as the trainer does.
 
@@ -149,7 +152,14 @@ class ScoringModel(nn.Module):
             where[feature] = (start, width)
             start += width
         columns = [c for i in self._inputs for c in range(where[i.feature][0], where[i.feature][0] + where[i.feature][1])]
-        columns += list(range(start, start + len(self.spec.dense_features)))
+        embedding_columns = list(columns)
+        columns += list(range(start, start + len(self.spec.dense_features) + self.spec.num_interactions))
+        self._interaction: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.spec.interaction == "dot":
+            num = len(self._inputs)
+            rows, cols = torch.triu_indices(num, num, offset=1)
+            # (pooled embedding columns in spec order, flat upper-triangle positions of the Gram matrix)
+            self._interaction = (torch.tensor(embedding_columns), rows * num + cols)
         # forward concatenates in ``pieces`` order; the first layer's input columns are permuted
         # to match once at load time instead of permuting every batch.
         self._columns = torch.tensor(columns)
@@ -247,6 +257,8 @@ class ScoringModel(nn.Module):
                 )
             )
         pieces.append(dense)
+        if self._interaction is not None:
+            pieces.append(self._dot_interaction(torch.cat(pieces[:-1], dim=1)))
         x = torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
         spec = self.spec
         experts, width = spec.num_experts, spec.expert_sizes[0]
@@ -268,6 +280,13 @@ class ScoringModel(nn.Module):
         probs = torch.sigmoid(torch.baddbmm(bias, mixtures, weight).squeeze(-1))  # (heads, B)
         pctr, pcvr = probs[0], probs[1]
         return torch.stack([pctr, pcvr, pctr * pcvr], dim=1)
+
+    def _dot_interaction(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(B, F (F - 1) / 2)`` pairwise dot products of the pooled embeddings (lookup order in)."""
+        columns, pairs = self._interaction
+        embeddings = pooled.index_select(1, columns).view(pooled.shape[0], len(self._inputs), -1)
+        gram = torch.bmm(embeddings, embeddings.transpose(1, 2))
+        return gram.flatten(1).index_select(1, pairs)
 
     @torch.inference_mode()
     def predict(self, features: Features) -> np.ndarray:

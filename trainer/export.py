@@ -231,8 +231,6 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def _model_spec(schema: FeatureSchema, config: ModelConfig, objective: Any) -> ModelSpec:
-    if config.interaction != "none":
-        raise ExportError(f"model.interaction={config.interaction} cannot be exported yet: the artifact has no interaction")
     tables = [
         TableEntry(
             name=table.name,
@@ -250,6 +248,7 @@ def _model_spec(schema: FeatureSchema, config: ModelConfig, objective: Any) -> M
         tables=tuple(tables),
         dense_features=tuple(schema.dense_names),
         cvr_transfer=model_structure(objective).cvr_transfer,
+        interaction=config.interaction,
     )
 
 

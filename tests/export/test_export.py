@@ -116,6 +116,16 @@ def test_a_ddpo_model_carries_its_causal_transfer_modules_to_the_service(tmp_pat
     assert_serves_like_the_trainer(run, tmp_path / "model")
 
 
+def test_a_dot_interaction_model_is_served_with_the_trainer_predictions(tmp_path):
+    # 7 sparse features of dim 4 (two read the shared tags table, two are lists): 21 pairs.
+    run = make_edge_run(tmp_path / "r", dim=4, overrides=["model.interaction=dot"])
+    manifest = export_run(run, tmp_path / "model", log=None)
+    assert manifest.model.interaction == "dot"
+    assert manifest.model.num_interactions == 21
+    assert manifest.model.in_features == 7 * 4 + 3 + 21
+    assert_serves_like_the_trainer(run, tmp_path / "model")
+
+
 def test_an_evi_model_leaves_its_teacher_and_vie_layers_out(tmp_path):
     run = make_edge_run(tmp_path / "r", objective="evi")
     assert any(".objective.vie." in key for key in checkpoint_tensors(run / "checkpoints" / "step_00000007"))

@@ -1,11 +1,14 @@
+import dataclasses
+
 import pytest
 import torch
 from torchrec import PoolingType
 
+from schemas import FeatureSchema
 from tests.helpers import tiny_batch, tiny_schema
 from trainer.builders import build_model, mmoe_tiny, model_heads
-from trainer.config import ModelConfig
-from trainer.model import MLP, MMoE, Tower, embedding_bag_configs
+from trainer.config import ConfigError, ModelConfig, load_config
+from trainer.model import MLP, DotInteraction, MMoE, Tower, embedding_bag_configs
 
 
 def test_embedding_configs_follow_the_schema():
@@ -88,3 +91,47 @@ def test_heads_must_start_with_ctr_cvr():
 def test_model_config_defaults_are_the_benchmark_mmoe():
     config = ModelConfig()
     assert (config.num_experts, config.expert_sizes) == (8, [256])
+
+
+def test_dot_interaction_by_hand():
+    # three features of dim 2: e0 = (1, 2), e1 = (3, 4), e2 = (5, 6)
+    pooled = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 0.0, 0.0, 1.0, 2.0, 2.0]])
+    interaction = DotInteraction(num_features=3, dim=2)
+    # pairs (0, 1), (0, 2), (1, 2): 1*3 + 2*4, 1*5 + 2*6, 3*5 + 4*6; then 0, 2, 2
+    assert torch.equal(interaction(pooled), torch.tensor([[11.0, 17.0, 39.0], [0.0, 2.0, 2.0]]))
+    assert interaction.out_features == 3
+    with pytest.raises(ValueError, match="at least 2 sparse features"):
+        DotInteraction(num_features=1, dim=2)
+
+
+def test_model_with_dot_interaction_feeds_the_products_to_the_mmoe():
+    torch.manual_seed(0)
+    config = dataclasses.replace(mmoe_tiny(), interaction="dot")
+    model = build_model(tiny_schema(), config, embedding_device="cpu")
+    # 3 sparse features of dim 4, 1 dense feature, 3 pairs
+    assert model.mmoe.gates["ctr"].in_features == 3 * 4 + 1 + 3
+    batch = tiny_batch([1, 0, 0, 1], [1, 0, 0, 0])
+    pooled = model.sparse_arch(batch.sparse)
+    captured = {}
+    model.mmoe.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    model(batch.sparse, batch.dense).logits["ctr"].sum().backward()
+    assert torch.allclose(captured["x"][:, 13:], DotInteraction(3, 4)(pooled))
+    assert model.sparse_arch.embedding_bag_collection.embedding_bags["user"].weight.grad.abs().sum() > 0
+
+
+def test_dot_interaction_needs_one_embedding_dim_and_says_which_features_differ():
+    schema = FeatureSchema.from_dict(
+        {
+            "sparse": [{"name": "user", "hash_buckets": 50, "dim": 4}, {"name": "item", "hash_buckets": 40, "dim": 3}],
+            "labels": {"click": "click", "conversion": "conversion"},
+        }
+    )
+    config = dataclasses.replace(mmoe_tiny(), interaction="dot")
+    with pytest.raises(ConfigError, match=r"3: \['item'\], 4: \['user'\]"):
+        build_model(schema, config, embedding_device="cpu")
+    assert build_model(schema, mmoe_tiny(), embedding_device="cpu").interaction is None
+
+
+def test_unknown_interaction_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.interaction: 'cross' is not one of"):
+        load_config(None, ["output_dir=x", "data.train=x", "model.interaction=cross"])

@@ -3,6 +3,8 @@ predictions from the trainer, request rows from Parquet, and a real uvicorn proc
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import socket
@@ -57,8 +59,15 @@ def single_process_dcp() -> Iterator[None]:
         yield
 
 
-def edge_schema() -> FeatureSchema:
-    return FeatureSchema.from_dict(EDGE_SCHEMA)
+def edge_schema(dim: int | None = None) -> FeatureSchema:
+    """:data:`EDGE_SCHEMA`, or with ``dim`` every table of that one dimension."""
+    if dim is None:
+        return FeatureSchema.from_dict(EDGE_SCHEMA)
+    same_dim = copy.deepcopy(EDGE_SCHEMA)
+    for entry in same_dim["tables"] + same_dim["sparse"]:
+        if "dim" in entry:
+            entry["dim"] = dim
+    return FeatureSchema.from_dict(same_dim)
 
 
 def edge_table(n: int, seed: int) -> pa.Table:
@@ -101,12 +110,12 @@ def edge_table(n: int, seed: int) -> pa.Table:
 
 def make_edge_run(
     root: Path, *, seed: int = 0, data_seed: int = 0, rows: int = 240, objective: str = "esmm", step: int = 7,
-    overrides: Sequence[str] = (), prepare: Callable[[Any], None] | None = None,
+    overrides: Sequence[str] = (), prepare: Callable[[Any], None] | None = None, dim: int | None = None,
 ) -> Path:
     """A run directory as ``trainer.train`` leaves it (config, schema, DCP checkpoint, metrics)
-    around a model of :data:`EDGE_SCHEMA` with random weights (``seed``), and its data
-    (``data_seed``) under ``root/data``. ``overrides`` are config overrides; ``prepare`` may
-    change the ``TrainModule`` before it is saved (e.g. prune it).
+    around a model of :data:`EDGE_SCHEMA` (``edge_schema(dim)``) with random weights (``seed``),
+    and its data (``data_seed``) under ``root/data``. ``overrides`` are config overrides;
+    ``prepare`` may change the ``TrainModule`` before it is saved (e.g. prune it).
     """
     import torch
     import torch.distributed.checkpoint as dcp
@@ -116,7 +125,7 @@ def make_edge_run(
     from trainer.objectives import build_objective, model_structure
     from trainer.train_module import TrainModule
 
-    schema = edge_schema()
+    schema = edge_schema(dim)
     data, run = root / "data", root / "run"
     (data / "test").mkdir(parents=True, exist_ok=True)
     schema.save(data / "schema.yaml")

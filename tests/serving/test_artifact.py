@@ -89,6 +89,8 @@ def test_an_unreadable_schema_is_refused_with_the_reason(model_dir, text, messag
         (lambda m: m["model"]["tables"][0].update(dim=5), "model spec and schema disagree"),
         (lambda m: m["model"].update(cvr_transfer=["cvr"]), "cvr_transfer must name distinct heads other than 'cvr'"),
         (lambda m: m["model"].update(cvr_transfer=["ctr"]), r"missing \['cvr_transfer.ctr.key.bias'"),
+        (lambda m: m["model"].update(interaction="dot"), r"interaction 'dot' needs one embedding dim .*\[2, 3, 4\]"),
+        (lambda m: m["model"].update(interaction="cross"), r"interaction.*'none' or 'dot'"),
     ],
 )
 def test_an_invalid_manifest_is_refused(model_dir, edit, message):
