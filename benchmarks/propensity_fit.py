@@ -16,6 +16,12 @@ For each run it scores the test split with the run's last checkpoint and prints:
 - **Propensities and pCVR by true click probability.** Mean true CTR, pCTR, true CVR and pCVR in
   each quintile of the true click probability; the weights ``1 / pCTR`` are too flat when the
   lowest quintile's pCTR is far above its true CTR.
+- **The bias IPW keeps, by IPW bound.** For each bound ``tau`` (``objective.params.tau``), the
+  bias of the self-normalised IPW estimate of the mean CVR with propensities ``max(p, tau)``,
+  in expectation over the clicks (``ipw_bias``): with the run's pCTR, and with the true click
+  probability. An IPW-trained CVR tower's mean matches this estimate (calibration in the
+  large), so this is the least mean bias IPW and DR can reach with these propensities. The
+  bound's own share is the true-propensity column.
 
 It rebuilds the simulated population from the data set's ``simulation.json`` through the
 simulator's private helpers (a diagnostic of the benchmark, like ``quality.confounding_floor``).
@@ -40,9 +46,10 @@ if str(_ROOT) not in sys.path:  # run as a script from anywhere
 from trainer.data import simulator as sim  # noqa: E402
 from trainer.recipe import TrainRecipe  # noqa: E402
 
-__all__ = ["component_logits", "main", "score_test_split"]
+__all__ = ["component_logits", "ipw_bias", "main", "score_test_split"]
 
 QUINTILES = 5
+BOUNDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # IPW bounds tau of the last table (0: unclipped)
 
 
 def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
@@ -99,6 +106,19 @@ def _coefficients(target: np.ndarray, components: dict[str, np.ndarray]) -> np.n
     return np.linalg.lstsq(design, target, rcond=None)[0][1:]
 
 
+def ipw_bias(true_ctr: np.ndarray, true_cvr: np.ndarray, propensity: np.ndarray, tau: float) -> float:
+    """Expected bias of the self-normalised IPW mean-CVR estimate with propensities
+    ``max(propensity, tau)``, against the mean true CVR.
+
+    With clicks ``o ~ Bernoulli(true_ctr)``, ``sum(o r / p) / sum(o / p)`` tends to
+    ``sum(true_ctr true_cvr / p) / sum(true_ctr / p)``: exactly the mean true CVR when
+    ``p = true_ctr`` and ``tau`` is below every ``true_ctr``; any other ``p`` or a binding
+    ``tau`` leaves the rest of the selection in.
+    """
+    weight = true_ctr / np.maximum(propensity, tau)
+    return float((weight * true_cvr).sum() / weight.sum() - true_cvr.mean())
+
+
 def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
     scores = score_test_split(run_dir)
     fits = {
@@ -119,6 +139,12 @@ def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
         rows = quintile == q
         lines.append(f"| {q + 1} | " + " | ".join(f"{scores[s][rows].mean():.4f}" for s in
                                                  ("true_ctr", "pctr", "true_cvr", "pcvr")) + " |")
+    lines += ["", "| IPW bound tau | share of pCTR below | IPW bias with pCTR | with the true CTR |",
+              "|---:|---:|---:|---:|"]
+    for tau in BOUNDS:
+        with_pctr, with_truth = (ipw_bias(scores["true_ctr"], scores["true_cvr"], scores[p], tau)
+                                 for p in ("pctr", "true_ctr"))
+        lines.append(f"| {tau:g} | {(scores['pctr'] < tau).mean():.3f} | {with_pctr:+.4f} | {with_truth:+.4f} |")
     return "\n".join(lines)
 
 
