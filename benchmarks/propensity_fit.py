@@ -22,6 +22,12 @@ For each run it scores the test split with the run's last checkpoint and prints:
   probability. An IPW-trained CVR tower's mean matches this estimate (calibration in the
   large), so this is the least mean bias IPW and DR can reach with these propensities. The
   bound's own share is the true-propensity column.
+- **What a propensity could learn from the attributes** (once per data set). The same table for
+  a propensity that knows every attribute effect of the click logit exactly but none of the
+  id-specific parts (the ids' own shares of the latent tastes, intent and appeal): the
+  population rebuilt from the same random draws with that id noise scaled to 0
+  (``attribute_only_propensity``). A trained pCTR near it has learned what the attributes
+  explain; the rest of the selection needs many impressions per id.
 
 It rebuilds the simulated population from the data set's ``simulation.json`` through the
 simulator's private helpers (a diagnostic of the benchmark, like ``quality.confounding_floor``).
@@ -33,6 +39,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +54,7 @@ if str(_ROOT) not in sys.path:  # run as a script from anywhere
 from trainer.data import simulator as sim  # noqa: E402
 from trainer.recipe import TrainRecipe  # noqa: E402
 
-__all__ = ["component_logits", "ipw_bias", "main", "score_test_split"]
+__all__ = ["attribute_only_propensity", "component_logits", "ipw_bias", "main", "score_test_split"]
 
 QUINTILES = 5
 BOUNDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # IPW bounds tau of the last table (0: unclipped)
@@ -75,8 +83,59 @@ def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
 
 def component_logits(data_dir: Path) -> dict[str, np.ndarray]:
     """The simulator's logit components of every test impression, in file order."""
+    population = sim._build_population(_simulator_config(data_dir))
+    return _components(population, data_dir)
+
+
+def attribute_only_propensity(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(propensity, true_ctr, true_cvr)`` of every test impression: ``propensity`` is the
+    click probability without the id-specific parts of the user x item taste, intent and
+    appeal, its intercept re-fit so that its mean is the mean true CTR (as the simulator fits
+    its own)."""
+    config = _simulator_config(data_dir)
+    real = _components(sim._build_population(config), data_dir)
+    with _without_id_noise():
+        attributes = _components(sim._build_population(config), data_dir)
+    truth = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["true_ctr", "true_cvr"])
+    true_ctr, true_cvr = (truth.column(name).to_numpy().astype(np.float64) for name in ("true_ctr", "true_cvr"))
+    shared = ("user intent", "item appeal", "click taste <p_u, q_i>")
+    logit = _logit(true_ctr) + sum(attributes[name] - real[name] for name in shared)
+    intercept = sim._bisect(true_ctr.mean(), lambda a: float(sim._sigmoid(a + logit).mean()))
+    return sim._sigmoid(intercept + logit), true_ctr, true_cvr
+
+
+@contextmanager
+def _without_id_noise() -> Iterator[None]:
+    """While open, ``sim._build_population`` draws the id-specific noise of the latent vectors,
+    intent and appeal as always (so every later draw is unchanged) but scales it to 0."""
+    latent, mix, twin = sim._latent, sim._mix_with_id_noise, sim._twin_vectors
+
+    def latent_without_ids(rng, attributes):
+        # Inside _latent the only _twin_vectors call is the id noise: the attribute tables are
+        # drawn while its arguments are evaluated, before the patch below is in place.
+        sim._twin_vectors = lambda rng, rows, scale, rho=0.5: twin(rng, rows, 0.0, rho)
+        try:
+            return latent(rng, attributes)
+        finally:
+            sim._twin_vectors = twin
+
+    def mix_without_ids(attribute_signal, rng):
+        mix(attribute_signal, rng)  # draws the noise, so later draws stay aligned
+        return math.sqrt(1.0 - sim._INTENT_ID_SHARE) * sim._standardise(attribute_signal)
+
+    sim._latent, sim._mix_with_id_noise = latent_without_ids, mix_without_ids
+    try:
+        yield
+    finally:
+        sim._latent, sim._mix_with_id_noise = latent, mix
+
+
+def _simulator_config(data_dir: Path) -> sim.SimulatorConfig:
     record = json.loads((data_dir / sim.SIMULATION_FILE).read_text())
-    population = sim._build_population(sim.SimulatorConfig(**record["config"]))
+    return sim.SimulatorConfig(**record["config"])
+
+
+def _components(population, data_dir: Path) -> dict[str, np.ndarray]:
     users, items, context = population.users, population.items, population.context
     test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"])
     user = _positions(users.ids, test.column("user_id").to_numpy())
@@ -148,6 +207,19 @@ def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
+def attribute_only_report(data_dir: Path) -> str:
+    """The IPW bias, by bound, of the attribute-only propensity of ``data_dir``'s test split."""
+    propensity, true_ctr, true_cvr = attribute_only_propensity(data_dir)
+    lines = [
+        f"## {data_dir.name}: a propensity that knows every attribute effect and no id-specific part",
+        "",
+        "| IPW bound tau | IPW bias with it |",
+        "|---:|---:|",
+    ]
+    lines += [f"| {tau:g} | {ipw_bias(true_ctr, true_cvr, propensity, tau):+.4f} |" for tau in BOUNDS]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of quality.py")
@@ -157,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = Path(_data_test(run_dir)).parent
         if data_dir not in components:
             components[data_dir] = component_logits(data_dir)
+            print(attribute_only_report(data_dir) + "\n")
         print(report(run_dir, components[data_dir]) + "\n")
     return 0
 

@@ -100,6 +100,7 @@ def test_quick_run_writes_the_table_and_the_chart(tmp_path):
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "| user intent |" in fit.stdout and "| 5 |" in fit.stdout
     assert "| 0.01 |" in fit.stdout  # the IPW bias by bound
+    assert "no id-specific part" in fit.stdout  # and with the attribute-only propensity
 
 
 def test_every_objective_runs_on_coat_and_the_coat_configs_match_the_benchmark():
