@@ -52,18 +52,15 @@ from trainer.data.batch import Batch
 from trainer.model.outputs import TaskOutputs
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    ImputationHead,
     ImputationLink,
+    PropensityWeighting,
     badr_estimate,
     badr_imputation_loss,
-    check_imputation_link,
     check_non_negative,
-    check_propensity_bound,
     ctcvr_loss,
     ctr_loss,
-    imputation_detached_heads,
-    imputed_error,
     prediction_error,
-    propensity,
 )
 
 __all__ = ["BadrObjective"]
@@ -99,8 +96,11 @@ class BadrObjective:
         imputation_trains_backbone: bool = False,
         oracle_propensity: bool = False,
     ) -> None:
-        self.tau = check_propensity_bound(tau, "badr")
-        self.oracle_propensity = oracle_propensity
+        # The propensity is always detached: see __call__.
+        self.weighting = PropensityWeighting("badr", tau, oracle=oracle_propensity)
+        self.imputation = ImputationHead("badr", imputation_link, imputation_trains_backbone)
+        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+        self.detached_heads = self.imputation.detached_heads
         check_non_negative(
             "badr",
             cvr_weight=cvr_weight,
@@ -110,9 +110,6 @@ class BadrObjective:
         self.cvr_weight = cvr_weight
         self.imputation_weight = imputation_weight
         self.ctcvr_weight = ctcvr_weight
-        self.imputation_link = check_imputation_link(imputation_link, "badr")
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
-        self.detached_heads = imputation_detached_heads(imputation_trains_backbone)
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
@@ -120,10 +117,9 @@ class BadrObjective:
         # Stop-gradient: the propensity model is trained by its own loss (Algorithm 1 fits it
         # before, and apart from, the CVR and imputation models); detaching it also fixes the
         # batch normaliser sum o / p_hat.
-        oracle = batch if self.oracle_propensity else None
-        p_hat = propensity(outputs, self.tau, grad=False, oracle_batch=oracle)
+        p_hat = self.weighting(outputs, batch)
         e = prediction_error(outputs, batch)
-        e_hat = imputed_error(outputs, self.imputation_link)
+        e_hat = self.imputation.errors(outputs)
         # Stop-gradient: theta step, the imputed errors are the imputation model's fixed output.
         cvr = badr_estimate(e, e_hat.detach(), o, p_hat)
         # Stop-gradient: phi step, the CVR model's errors and the estimate the delta method

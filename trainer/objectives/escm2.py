@@ -43,19 +43,16 @@ from trainer.data.batch import Batch
 from trainer.model.outputs import TaskOutputs
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    ImputationHead,
     ImputationLink,
-    check_imputation_link,
+    PropensityWeighting,
     check_non_negative,
-    check_propensity_bound,
     ctcvr_loss,
     ctr_loss,
     dr_estimate,
-    imputation_detached_heads,
-    imputed_error,
     ipw_estimate,
     joint_learning_imputation_loss,
     prediction_error,
-    propensity,
 )
 
 __all__ = ["Escm2DrObjective", "Escm2IpwObjective", "IpwNormalization"]
@@ -96,8 +93,9 @@ class Escm2IpwObjective:
         propensity_grad: bool = False,
         oracle_propensity: bool = False,
     ) -> None:
-        self.tau = check_propensity_bound(tau, "escm2_ipw")
-        self.oracle_propensity = oracle_propensity
+        self.weighting = PropensityWeighting(
+            "escm2_ipw", tau, grad=propensity_grad, oracle=oracle_propensity
+        )
         check_non_negative("escm2_ipw", cvr_weight=cvr_weight, ctcvr_weight=ctcvr_weight)
         try:
             self.ipw_normalization = IpwNormalization(ipw_normalization)
@@ -108,13 +106,11 @@ class Escm2IpwObjective:
             ) from None
         self.cvr_weight = cvr_weight
         self.ctcvr_weight = ctcvr_weight
-        self.propensity_grad = propensity_grad
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         ctr = ctr_loss(outputs, batch)
         ctcvr = ctcvr_loss(outputs, batch)
-        oracle = batch if self.oracle_propensity else None
-        o_hat = propensity(outputs, self.tau, grad=self.propensity_grad, oracle_batch=oracle)
+        o_hat = self.weighting(outputs, batch)
         cvr = ipw_estimate(prediction_error(outputs, batch), batch.click, o_hat)
         if self.ipw_normalization is IpwNormalization.CLICKS:
             # (1/|D|) sum -> (1/N_o) sum; a batch without clicks has a zero risk either way.
@@ -157,8 +153,12 @@ class Escm2DrObjective:
         imputation_trains_backbone: bool = False,
         oracle_propensity: bool = False,
     ) -> None:
-        self.tau = check_propensity_bound(tau, "escm2_dr")
-        self.oracle_propensity = oracle_propensity
+        self.weighting = PropensityWeighting(
+            "escm2_dr", tau, grad=propensity_grad, oracle=oracle_propensity
+        )
+        self.imputation = ImputationHead("escm2_dr", imputation_link, imputation_trains_backbone)
+        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+        self.detached_heads = self.imputation.detached_heads
         check_non_negative(
             "escm2_dr",
             cvr_weight=cvr_weight,
@@ -168,20 +168,15 @@ class Escm2DrObjective:
         self.cvr_weight = cvr_weight
         self.ctcvr_weight = ctcvr_weight
         self.imputation_weight = imputation_weight
-        self.propensity_grad = propensity_grad
         self.dr_trains_imputation = dr_trains_imputation
-        self.imputation_link = check_imputation_link(imputation_link, "escm2_dr")
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
-        self.detached_heads = imputation_detached_heads(imputation_trains_backbone)
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
         ctr = ctr_loss(outputs, batch)
         ctcvr = ctcvr_loss(outputs, batch)
-        oracle = batch if self.oracle_propensity else None
-        o_hat = propensity(outputs, self.tau, grad=self.propensity_grad, oracle_batch=oracle)
+        o_hat = self.weighting(outputs, batch)
         e = prediction_error(outputs, batch)
-        e_hat = imputed_error(outputs, self.imputation_link)
+        e_hat = self.imputation.errors(outputs)
         # Stop-gradient (default): the DR risk treats e_hat as the imputation model's fixed guess
         # (DR joint learning's prediction step); the imputation tower learns from L_IMP.
         cvr = dr_estimate(e, e_hat if self.dr_trains_imputation else e_hat.detach(), o, o_hat)

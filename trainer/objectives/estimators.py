@@ -6,11 +6,13 @@ same few parts, written once here and imported by ``multi_ipw.py``, ``multi_dr.p
 
 - **Propensity** ``p_hat``: the model's pCTR, clipped from below at ``tau`` (``clip_propensity``)
   and, by default, detached (``propensity``); the non-click propensity ``1 - p_hat`` likewise
-  (``non_click_propensity``).
+  (``non_click_propensity``). An objective keeps its choices (``tau``, stop-gradient, the
+  oracle diagnostic) in one ``PropensityWeighting``.
 - **Error** ``e = BCE(r, r_hat)``: the CVR tower's cross entropy against the conversion label
   (``prediction_error``); only its values on clicked rows ever enter a loss.
 - **Imputed error** ``e_hat``: the imputation head's output mapped to ``[0, inf)``
-  (``imputed_error``).
+  (``imputed_error``); a DR objective keeps its link and whether the head trains the backbone
+  in one ``ImputationHead``.
 - **Risks** over one batch, written after their equations: the naive click-space risk, IPW
   (multi-ipw-multi-dr.txt Eq. 4-5), DR (Eq. 8-9; badr.txt Eq. 7), BADR (badr.txt Eq. 13), the
   joint-learning imputation loss (badr.txt Eq. 6 with a squared loss) and BADR's delta-method
@@ -29,6 +31,7 @@ Stop-gradients are chosen where the pieces are assembled (in the objectives and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum, unique
 
 import torch
@@ -39,7 +42,9 @@ from trainer.model.outputs import TaskOutputs
 from trainer.objectives.functional import bce, bce_with_logits
 
 __all__ = [
+    "ImputationHead",
     "ImputationLink",
+    "PropensityWeighting",
     "badr_batch_influence",
     "badr_estimate",
     "badr_imputation_loss",
@@ -189,6 +194,54 @@ def propensity(
         # tower then learns from its own CTR loss only (as in the ESCM2 and BADR reference code).
         p = p.detach()
     return clip_propensity(p, tau)
+
+
+@dataclass(frozen=True)
+class PropensityWeighting:
+    """Where an IPW / DR objective takes its propensity ``p_hat`` from: pCTR clipped at ``tau``
+    and detached unless ``grad``, or with ``oracle`` the true click probability (``propensity``).
+
+    Raises:
+        ValueError: (on construction) ``tau`` outside ``(0, 1]``, naming ``owner``.
+    """
+
+    owner: str  # the objective's name, for error messages
+    tau: float = 0.01
+    grad: bool = False
+    oracle: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau", check_propensity_bound(self.tau, self.owner))
+
+    def __call__(self, outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
+        oracle_batch = batch if self.oracle else None
+        return propensity(outputs, self.tau, grad=self.grad, oracle_batch=oracle_batch)
+
+
+@dataclass(frozen=True)
+class ImputationHead:
+    """A DR objective's imputation head: how its logit becomes ``e_hat`` (``link``) and whether
+    its loss reshapes the shared backbone (``trains_backbone``, see ``imputation_detached_heads``).
+
+    Raises:
+        ValueError: (on construction) an unknown link, naming ``owner``.
+    """
+
+    owner: str  # the objective's name, for error messages
+    link: ImputationLink | str = ImputationLink.SOFTPLUS
+    trains_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "link", check_imputation_link(self.link, self.owner))
+
+    @property
+    def detached_heads(self) -> frozenset[str]:
+        """The objective's ``detached_heads``, read by the model builder."""
+        return imputation_detached_heads(self.trains_backbone)
+
+    def errors(self, outputs: TaskOutputs) -> torch.Tensor:
+        """``e_hat`` per row (``imputed_error``)."""
+        return imputed_error(outputs, self.link)
 
 
 def non_click_propensity(outputs: TaskOutputs, tau: float) -> torch.Tensor:

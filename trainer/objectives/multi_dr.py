@@ -49,17 +49,14 @@ from trainer.data.batch import Batch
 from trainer.model.outputs import TaskOutputs
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    ImputationHead,
     ImputationLink,
-    check_imputation_link,
+    PropensityWeighting,
     check_non_negative,
-    check_propensity_bound,
     ctr_loss,
     dr_terms,
-    imputation_detached_heads,
-    imputed_error,
     joint_learning_imputation_loss,
     prediction_error,
-    propensity,
 )
 from trainer.objectives.functional import masked_mean
 
@@ -118,8 +115,12 @@ class MultiDrObjective:
         imputation_trains_backbone: bool = False,
         oracle_propensity: bool = False,
     ) -> None:
-        self.tau = check_propensity_bound(tau, "multi_dr")
-        self.oracle_propensity = oracle_propensity
+        self.weighting = PropensityWeighting(
+            "multi_dr", tau, grad=propensity_grad, oracle=oracle_propensity
+        )
+        self.imputation = ImputationHead("multi_dr", imputation_link, imputation_trains_backbone)
+        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+        self.detached_heads = self.imputation.detached_heads
         if undersample_rate is not None and undersample_rate < 1.0:
             raise ValueError(
                 f"multi_dr: undersample_rate must be >= 1 (or null), got {undersample_rate}"
@@ -133,21 +134,16 @@ class MultiDrObjective:
         self.undersample_rate = undersample_rate
         self.cvr_weight = cvr_weight
         self.imputation_weight = imputation_weight
-        self.propensity_grad = propensity_grad
         self.dr_trains_imputation = dr_trains_imputation
-        self.imputation_link = check_imputation_link(imputation_link, "multi_dr")
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
-        self.detached_heads = imputation_detached_heads(imputation_trains_backbone)
         # Read by TrainModule: L2 coefficient per head on that head's own gate and tower.
         self.head_l2 = {"imputation": float(imputation_l2)} if imputation_l2 > 0 else {}
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
         ctr = ctr_loss(outputs, batch)
-        oracle = batch if self.oracle_propensity else None
-        p_hat = propensity(outputs, self.tau, grad=self.propensity_grad, oracle_batch=oracle)
+        p_hat = self.weighting(outputs, batch)
         e = prediction_error(outputs, batch)
-        e_hat = imputed_error(outputs, self.imputation_link)
+        e_hat = self.imputation.errors(outputs)
         # Stop-gradient (default): in the CVR risk e_hat is the imputation model's current guess,
         # held fixed as in DR joint learning's prediction step; the imputation tower learns from
         # its own loss below instead of from Eq. 9's zero-mean (1 - o / p_hat) gradient.

@@ -36,12 +36,11 @@ from trainer.data.batch import Batch
 from trainer.model.outputs import TaskOutputs
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    PropensityWeighting,
     check_non_negative,
-    check_propensity_bound,
     ctr_loss,
     ipw_estimate,
     prediction_error,
-    propensity,
 )
 
 __all__ = ["MultiIpwObjective"]
@@ -77,15 +76,14 @@ class MultiIpwObjective:
         propensity_grad: bool = False,
         oracle_propensity: bool = False,
     ) -> None:
-        self.tau = check_propensity_bound(tau, "multi_ipw")
-        self.oracle_propensity = oracle_propensity
+        self.weighting = PropensityWeighting(
+            "multi_ipw", tau, grad=propensity_grad, oracle=oracle_propensity
+        )
         check_non_negative("multi_ipw", cvr_weight=cvr_weight)
         self.cvr_weight = cvr_weight
-        self.propensity_grad = propensity_grad
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         ctr = ctr_loss(outputs, batch)
-        oracle = batch if self.oracle_propensity else None
-        p_hat = propensity(outputs, self.tau, grad=self.propensity_grad, oracle_batch=oracle)
+        p_hat = self.weighting(outputs, batch)
         cvr = ipw_estimate(prediction_error(outputs, batch), batch.click, p_hat)
         return LossOutput(total=ctr + self.cvr_weight * cvr, terms={"ctr": ctr, "cvr_ipw": cvr})
