@@ -83,19 +83,31 @@ def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
 
 def component_logits(data_dir: Path) -> dict[str, np.ndarray]:
     """The simulator's logit components of every test impression, in file order."""
-    population = sim._build_population(_simulator_config(data_dir))
-    return _components(population, data_dir)
+    record = json.loads((data_dir / sim.SIMULATION_FILE).read_text())
+    population = sim._build_population(sim.SimulatorConfig(**record["config"]))
+    users, items, context = population.users, population.items, population.context
+    test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"])
+    user = _positions(users.ids, test.column("user_id").to_numpy())
+    item = _positions(items.ids, test.column("item_id").to_numpy())
+    return {
+        "user intent": population.user_intent[user] / math.sqrt(2),
+        "item appeal": population.item_appeal[item] / math.sqrt(2),
+        "click taste <p_u, q_i>": np.einsum("nk,nk->n", users.click_vec[user], items.click_vec[item]),
+        "user click bias": users.click_bias[user],
+        "item click bias": items.click_bias[item],
+        "position": context.position[test.column("position").to_numpy()],
+    }
 
 
-def attribute_only_propensity(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attribute_only_propensity(
+    data_dir: Path, real: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(propensity, true_ctr, true_cvr)`` of every test impression: ``propensity`` is the
     click probability without the id-specific parts of the user x item taste, intent and
     appeal, its intercept re-fit so that its mean is the mean true CTR (as the simulator fits
-    its own)."""
-    config = _simulator_config(data_dir)
-    real = _components(sim._build_population(config), data_dir)
+    its own). ``real`` is ``component_logits(data_dir)``."""
     with _without_id_noise():
-        attributes = _components(sim._build_population(config), data_dir)
+        attributes = component_logits(data_dir)
     truth = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["true_ctr", "true_cvr"])
     true_ctr, true_cvr = (truth.column(name).to_numpy().astype(np.float64) for name in ("true_ctr", "true_cvr"))
     shared = ("user intent", "item appeal", "click taste <p_u, q_i>")
@@ -128,26 +140,6 @@ def _without_id_noise() -> Iterator[None]:
         yield
     finally:
         sim._latent, sim._mix_with_id_noise = latent, mix
-
-
-def _simulator_config(data_dir: Path) -> sim.SimulatorConfig:
-    record = json.loads((data_dir / sim.SIMULATION_FILE).read_text())
-    return sim.SimulatorConfig(**record["config"])
-
-
-def _components(population, data_dir: Path) -> dict[str, np.ndarray]:
-    users, items, context = population.users, population.items, population.context
-    test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"])
-    user = _positions(users.ids, test.column("user_id").to_numpy())
-    item = _positions(items.ids, test.column("item_id").to_numpy())
-    return {
-        "user intent": population.user_intent[user] / math.sqrt(2),
-        "item appeal": population.item_appeal[item] / math.sqrt(2),
-        "click taste <p_u, q_i>": np.einsum("nk,nk->n", users.click_vec[user], items.click_vec[item]),
-        "user click bias": users.click_bias[user],
-        "item click bias": items.click_bias[item],
-        "position": context.position[test.column("position").to_numpy()],
-    }
 
 
 def _positions(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -207,9 +199,9 @@ def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
-def attribute_only_report(data_dir: Path) -> str:
+def attribute_only_report(data_dir: Path, components: dict[str, np.ndarray]) -> str:
     """The IPW bias, by bound, of the attribute-only propensity of ``data_dir``'s test split."""
-    propensity, true_ctr, true_cvr = attribute_only_propensity(data_dir)
+    propensity, true_ctr, true_cvr = attribute_only_propensity(data_dir, components)
     lines = [
         f"## {data_dir.name}: a propensity that knows every attribute effect and no id-specific part",
         "",
@@ -224,20 +216,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of quality.py")
     args = parser.parse_args(argv)
+    data_dirs = {run_dir: _simulated_data_dir(run_dir, parser) for run_dir in args.runs}
     components: dict[Path, dict[str, np.ndarray]] = {}
-    for run_dir in args.runs:
-        data_dir = Path(_data_test(run_dir)).parent
+    for run_dir, data_dir in data_dirs.items():
         if data_dir not in components:
             components[data_dir] = component_logits(data_dir)
-            print(attribute_only_report(data_dir) + "\n")
+            print(attribute_only_report(data_dir, components[data_dir]) + "\n")
         print(report(run_dir, components[data_dir]) + "\n")
     return 0
 
 
-def _data_test(run_dir: Path) -> str:
-    from trainer.config import load_config
+def _simulated_data_dir(run_dir: Path, parser: argparse.ArgumentParser) -> Path:
+    """The simulated data set a run was evaluated on; a clear parser error if there is none."""
+    from trainer.config import ConfigError, load_config
 
-    return load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"]).data.test
+    if not (run_dir / "config.yaml").is_file():
+        parser.error(f"{run_dir}: no config.yaml; pass run directories written by trainer.train")
+    try:
+        data_dir = Path(load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"]).data.test).parent
+    except ConfigError as err:
+        parser.error(f"{run_dir}: {err}")
+    if not (data_dir / sim.SIMULATION_FILE).is_file():
+        parser.error(
+            f"{run_dir}: its test data {data_dir} has no {sim.SIMULATION_FILE}; "
+            "propensity_fit reads simulated data sets only"
+        )
+    return data_dir
 
 
 if __name__ == "__main__":

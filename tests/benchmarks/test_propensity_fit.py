@@ -73,10 +73,27 @@ def test_the_attribute_only_propensity_has_the_true_mean_and_leaves_part_of_the_
     from trainer.data import simulator as sim
 
     sim.simulate(sim.SimulatorConfig(rows=20_000, num_users=5_000, num_items=3_000), tmp_path, progress=False)
-    propensity, true_ctr, true_cvr = propensity_fit.attribute_only_propensity(tmp_path)
+    real = propensity_fit.component_logits(tmp_path)
+    propensity, true_ctr, true_cvr = propensity_fit.attribute_only_propensity(tmp_path, real)
     assert propensity.shape == true_ctr.shape == (4_000,)
     assert propensity.mean() == pytest.approx(true_ctr.mean(), rel=1e-6)
     assert 0.5 < np.corrcoef(np.log(propensity), np.log(true_ctr))[0, 1] < 0.99
     gap = propensity_fit.ipw_bias(true_ctr, true_cvr, np.ones_like(true_ctr), 0.0)  # naive's target
     left = propensity_fit.ipw_bias(true_ctr, true_cvr, propensity, 0.0)
     assert 0.0 < left < gap
+
+
+def test_runs_that_are_not_simulated_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        propensity_fit.main([str(tmp_path)])
+    assert f"{tmp_path}: no config.yaml" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"data:\n  test: {tmp_path / 'coat' / 'test'}\n")
+    with pytest.raises(SystemExit):
+        propensity_fit.main([str(run)])
+    assert "required value(s) missing: ['data.train']" in capsys.readouterr().err
+    (run / "config.yaml").write_text(f"data:\n  train: {tmp_path}\n  test: {tmp_path / 'coat' / 'test'}\n")
+    with pytest.raises(SystemExit):
+        propensity_fit.main([str(run)])
+    assert "has no simulation.json; propensity_fit reads simulated data sets only" in capsys.readouterr().err
