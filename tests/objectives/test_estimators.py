@@ -7,7 +7,9 @@ estimate over draws with the ideal whole-space loss. The tolerance is ``Z`` stan
 that mean, from the draws' own spread.
 """
 
+import functools
 import math
+import tempfile
 
 import pytest
 import torch
@@ -126,14 +128,38 @@ def _population(seed: int = 0):
     return p, e, clicks
 
 
+@functools.lru_cache(maxsize=1)
+def _simulated_population(rows: int = 3_000, draws: int = 4_000):
+    """Impressions of ``trainer.data.simulator`` with its true click probabilities as ``p``; the
+    errors are those of a fixed, imperfect CVR prediction against each row's counterfactual
+    conversion, and the clicks are redrawn ``draws`` times from the true propensities."""
+    import pyarrow.parquet as pq
+
+    from trainer.data.simulator import SimulatorConfig, simulate
+
+    config = SimulatorConfig(rows=rows * 5, num_users=5_000, num_items=3_000, calibration_rows=20_000)
+    with tempfile.TemporaryDirectory() as out:
+        simulate(config, out, progress=False)
+        table = pq.read_table(f"{out}/train", columns=["true_ctr", "true_cvr", "cf_conversion"]).slice(0, rows)
+    p, true_cvr, r = (torch.from_numpy(table.column(c).to_numpy().astype("float64")) for c in table.column_names)
+    r_hat = 0.5 * true_cvr + 0.5 * true_cvr.mean()  # fixed predictions, shrunk towards the mean
+    e = -(r * torch.log(r_hat) + (1 - r) * torch.log1p(-r_hat))
+    clicks = (torch.rand(draws, rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64) < p).double()
+    return p, e, clicks
+
+
+POPULATIONS = pytest.mark.parametrize("population", [_population, _simulated_population], ids=["toy", "simulator"])
+
+
 def _mean_and_standard_error(estimates: torch.Tensor) -> tuple[float, float]:
     return estimates.mean().item(), (estimates.std() / math.sqrt(estimates.numel())).item()
 
 
-def test_ipw_and_dr_recover_the_ideal_loss_and_naive_does_not():
-    p, e, o = _population()
+@POPULATIONS
+def test_ipw_and_dr_recover_the_ideal_loss_and_naive_does_not(population):
+    p, e, o = population()
     ideal = ideal_loss(e).item()
-    e_hat_wrong = 0.5 * e.mean() + 0.2 * torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    e_hat_wrong = 0.5 * e.mean() + 0.2 * torch.rand(len(e), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     ipw_mean, ipw_se = _mean_and_standard_error(ipw_estimate(e, o, p))
     dr_mean, dr_se = _mean_and_standard_error(dr_estimate(e, e_hat_wrong, o, p))
@@ -146,8 +172,9 @@ def test_ipw_and_dr_recover_the_ideal_loss_and_naive_does_not():
     assert abs(naive_mean - ideal) > 0.05 * ideal
 
 
-def test_dr_is_unbiased_with_right_imputed_errors_and_wrong_propensities():
-    p, e, o = _population()
+@POPULATIONS
+def test_dr_is_unbiased_with_right_imputed_errors_and_wrong_propensities(population):
+    p, e, o = population()
     ideal = ideal_loss(e).item()
     p_wrong = (p * 2.5).clamp(max=0.95)  # clicked rows under-weighted everywhere
 
@@ -158,9 +185,10 @@ def test_dr_is_unbiased_with_right_imputed_errors_and_wrong_propensities():
     assert dr_mean == pytest.approx(ideal, abs=Z * dr_se + 1e-12)  # ...DR needs only one of the two
 
 
-def test_dr_with_both_wrong_is_biased():
+@POPULATIONS
+def test_dr_with_both_wrong_is_biased(population):
     """The double robustness needs one of the two right; the tests above are not vacuous."""
-    p, e, o = _population()
+    p, e, o = population()
     ideal = ideal_loss(e).item()
     dr_mean, dr_se = _mean_and_standard_error(dr_estimate(e, torch.zeros_like(e), o, (p * 2.5).clamp(max=0.95)))
     assert abs(dr_mean - ideal) > 20 * Z * dr_se
