@@ -9,13 +9,13 @@ DEMO_DIR  ?= runs/demo
 DEMO_ROWS ?= 400000
 NPROC     ?= 2
 
-.PHONY: setup demo simulate train export-model serve-demo serve test image-test clean help
+.PHONY: setup demo simulate train export-model serve-demo serve lint test image-test clean help
 
 help:
 	@echo "make demo   - set up, simulate a data set, train with $(NPROC) processes, print the evaluation,"
 	@echo "              export the model, serve it and score a few impressions over HTTP"
 	@echo "make serve  - serve the demo model on 127.0.0.1:8000 (python -m serving)"
-	@echo "make test   - set up and run the test suite"
+	@echo "make test   - set up, lint (ruff check, ruff format --check) and run the test suite"
 	@echo "make image-test - build the container image (buildah, as root) and check that it serves"
 	@echo "              a freshly trained model (deploy/image_test.sh)"
 	@echo "make setup  - install the pinned stack into $(VENV) (deploy/install.sh)"
@@ -50,7 +50,11 @@ demo: simulate
 	$(MAKE) --no-print-directory export-model
 	$(MAKE) --no-print-directory serve-demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
 image-test: setup

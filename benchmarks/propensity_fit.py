@@ -51,8 +51,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(_ROOT))
 
-from trainer.data import simulator as sim  # noqa: E402
-from trainer.recipe import TrainRecipe  # noqa: E402
+from trainer.data import simulator as sim
+from trainer.recipe import TrainRecipe
 
 __all__ = ["attribute_only_propensity", "component_logits", "ipw_bias", "main", "score_test_split"]
 
@@ -63,17 +63,27 @@ BOUNDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # IPW bounds tau of the last ta
 def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
     """``pctr``, ``pcvr``, ``true_ctr`` and ``true_cvr`` of every test impression, in file order."""
     recipe = TrainRecipe.from_files(
-        run_dir / "config.yaml", [f"output_dir={run_dir}"], resume=True, require_checkpoint=True, read_only=True
+        run_dir / "config.yaml",
+        [f"output_dir={run_dir}"],
+        resume=True,
+        require_checkpoint=True,
+        read_only=True,
     )
     try:
-        reader = recipe._reader(recipe.config.data.test, shuffle=False, batch_size=recipe.config.data.eval_batch_size)
+        reader = recipe._reader(
+            recipe.config.data.test, shuffle=False, batch_size=recipe.config.data.eval_batch_size
+        )
         recipe.model.eval()
         parts: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             for batch in reader:
                 _, (_, out) = recipe.model(batch.to(recipe.ctx.device))
-                columns = {"pctr": out.pctr, "pcvr": out.pcvr, "true_ctr": batch.truth.true_ctr,
-                           "true_cvr": batch.truth.true_cvr}
+                columns = {
+                    "pctr": out.pctr,
+                    "pcvr": out.pcvr,
+                    "true_ctr": batch.truth.true_ctr,
+                    "true_cvr": batch.truth.true_cvr,
+                }
                 for name, values in columns.items():
                     parts.setdefault(name, []).append(values.double().cpu().numpy())
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -86,13 +96,17 @@ def component_logits(data_dir: Path) -> dict[str, np.ndarray]:
     record = json.loads((data_dir / sim.SIMULATION_FILE).read_text())
     population = sim._build_population(sim.SimulatorConfig(**record["config"]))
     users, items, context = population.users, population.items, population.context
-    test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"])
+    test = pq.read_table(
+        sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"]
+    )
     user = _positions(users.ids, test.column("user_id").to_numpy())
     item = _positions(items.ids, test.column("item_id").to_numpy())
     return {
         "user intent": population.user_intent[user] / math.sqrt(2),
         "item appeal": population.item_appeal[item] / math.sqrt(2),
-        "click taste <p_u, q_i>": np.einsum("nk,nk->n", users.click_vec[user], items.click_vec[item]),
+        "click taste <p_u, q_i>": np.einsum(
+            "nk,nk->n", users.click_vec[user], items.click_vec[item]
+        ),
         "user click bias": users.click_bias[user],
         "item click bias": items.click_bias[item],
         "position": context.position[test.column("position").to_numpy()],
@@ -108,8 +122,12 @@ def attribute_only_propensity(
     its own). ``real`` is ``component_logits(data_dir)``."""
     with _without_id_noise():
         attributes = component_logits(data_dir)
-    truth = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=["true_ctr", "true_cvr"])
-    true_ctr, true_cvr = (truth.column(name).to_numpy().astype(np.float64) for name in ("true_ctr", "true_cvr"))
+    truth = pq.read_table(
+        sorted((data_dir / "test").glob("*.parquet")), columns=["true_ctr", "true_cvr"]
+    )
+    true_ctr, true_cvr = (
+        truth.column(name).to_numpy().astype(np.float64) for name in ("true_ctr", "true_cvr")
+    )
     shared = ("user intent", "item appeal", "click taste <p_u, q_i>")
     logit = _logit(true_ctr) + sum(attributes[name] - real[name] for name in shared)
     intercept = sim._bisect(true_ctr.mean(), lambda a: float(sim._sigmoid(a + logit).mean()))
@@ -157,7 +175,9 @@ def _coefficients(target: np.ndarray, components: dict[str, np.ndarray]) -> np.n
     return np.linalg.lstsq(design, target, rcond=None)[0][1:]
 
 
-def ipw_bias(true_ctr: np.ndarray, true_cvr: np.ndarray, propensity: np.ndarray, tau: float) -> float:
+def ipw_bias(
+    true_ctr: np.ndarray, true_cvr: np.ndarray, propensity: np.ndarray, tau: float
+) -> float:
     """Expected bias of the self-normalised IPW mean-CVR estimate with propensities
     ``max(propensity, tau)``, against the mean true CVR.
 
@@ -173,7 +193,8 @@ def ipw_bias(true_ctr: np.ndarray, true_cvr: np.ndarray, propensity: np.ndarray,
 def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
     scores = score_test_split(run_dir)
     fits = {
-        name: _coefficients(_logit(scores[name]), components) for name in ("pctr", "true_ctr", "pcvr", "true_cvr")
+        name: _coefficients(_logit(scores[name]), components)
+        for name in ("pctr", "true_ctr", "pcvr", "true_cvr")
     }
     lines = [
         f"## {run_dir.name}",
@@ -185,17 +206,33 @@ def report(run_dir: Path, components: dict[str, np.ndarray]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{fits[s][k]:+.3f}" for s in fits) + " |")
     edges = np.quantile(scores["true_ctr"], np.linspace(0, 1, QUINTILES + 1)[1:-1])
     quintile = np.searchsorted(edges, scores["true_ctr"], side="right")
-    lines += ["", "| true-CTR quintile | true CTR | pCTR | true CVR | pCVR |", "|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| true-CTR quintile | true CTR | pCTR | true CVR | pCVR |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for q in range(QUINTILES):
         rows = quintile == q
-        lines.append(f"| {q + 1} | " + " | ".join(f"{scores[s][rows].mean():.4f}" for s in
-                                                 ("true_ctr", "pctr", "true_cvr", "pcvr")) + " |")
-    lines += ["", "| IPW bound tau | share of pCTR below | IPW bias with pCTR | with the true CTR |",
-              "|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {q + 1} | "
+            + " | ".join(
+                f"{scores[s][rows].mean():.4f}" for s in ("true_ctr", "pctr", "true_cvr", "pcvr")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "| IPW bound tau | share of pCTR below | IPW bias with pCTR | with the true CTR |",
+        "|---:|---:|---:|---:|",
+    ]
     for tau in BOUNDS:
-        with_pctr, with_truth = (ipw_bias(scores["true_ctr"], scores["true_cvr"], scores[p], tau)
-                                 for p in ("pctr", "true_ctr"))
-        lines.append(f"| {tau:g} | {(scores['pctr'] < tau).mean():.3f} | {with_pctr:+.4f} | {with_truth:+.4f} |")
+        with_pctr, with_truth = (
+            ipw_bias(scores["true_ctr"], scores["true_cvr"], scores[p], tau)
+            for p in ("pctr", "true_ctr")
+        )
+        lines.append(
+            f"| {tau:g} | {(scores['pctr'] < tau).mean():.3f} | {with_pctr:+.4f} | {with_truth:+.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -208,7 +245,9 @@ def attribute_only_report(data_dir: Path, components: dict[str, np.ndarray]) -> 
         "| IPW bound tau | IPW bias with it |",
         "|---:|---:|",
     ]
-    lines += [f"| {tau:g} | {ipw_bias(true_ctr, true_cvr, propensity, tau):+.4f} |" for tau in BOUNDS]
+    lines += [
+        f"| {tau:g} | {ipw_bias(true_ctr, true_cvr, propensity, tau):+.4f} |" for tau in BOUNDS
+    ]
     return "\n".join(lines)
 
 
@@ -233,7 +272,9 @@ def _simulated_data_dir(run_dir: Path, parser: argparse.ArgumentParser) -> Path:
     if not (run_dir / "config.yaml").is_file():
         parser.error(f"{run_dir}: no config.yaml; pass run directories written by trainer.train")
     try:
-        data_dir = Path(load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"]).data.test).parent
+        data_dir = Path(
+            load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"]).data.test
+        ).parent
     except ConfigError as err:
         parser.error(f"{run_dir}: {err}")
     if not (data_dir / sim.SIMULATION_FILE).is_file():

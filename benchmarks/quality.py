@@ -86,13 +86,21 @@ _CONFIGS = _ROOT / "trainer" / "configs"
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(_ROOT))
 
-from trainer.data.converters import CONVERSION_FILE, MnarConfig, convert_coat  # noqa: E402
-from trainer.data.simulator import SIMULATION_FILE, SimulatorConfig, simulate  # noqa: E402
-from trainer.evaluation import compute_metrics, metrics_table  # noqa: E402
-from trainer.objectives import OBJECTIVES  # noqa: E402
-from trainer.pruning import PRUNING_FILE  # noqa: E402
+from trainer.data.converters import CONVERSION_FILE, MnarConfig, convert_coat
+from trainer.data.simulator import SIMULATION_FILE, SimulatorConfig, simulate
+from trainer.evaluation import compute_metrics, metrics_table
+from trainer.objectives import OBJECTIVES
+from trainer.pruning import PRUNING_FILE
 
-__all__ = ["COAT_COLUMNS", "COLUMNS", "PUBLISHED_COAT", "Settings", "confounding_floor", "main", "truth_reference"]
+__all__ = [
+    "COAT_COLUMNS",
+    "COLUMNS",
+    "PUBLISHED_COAT",
+    "Settings",
+    "confounding_floor",
+    "main",
+    "truth_reference",
+]
 
 log = logging.getLogger("quality")
 
@@ -169,9 +177,15 @@ class Settings:
     confounding: float = 0.0  # simulator's hidden-confounder weight (its default)
     observed_confounding: float = 1.0  # simulator's user intent / item appeal weight (its default)
     dim: int = 16  # embedding dimension of every feature (simulator / converter schema)
-    validation: float = 0.0  # Coat: > 0 holds out this share of the training pairs and evaluates there
-    attributes: bool = True  # Coat: user and item attribute fields besides the ids (False: ids only)
-    objectives: list[str] = field(default_factory=lambda: default_runs())  # config stems, see default_runs
+    validation: float = (
+        0.0  # Coat: > 0 holds out this share of the training pairs and evaluates there
+    )
+    attributes: bool = (
+        True  # Coat: user and item attribute fields besides the ids (False: ids only)
+    )
+    objectives: list[str] = field(
+        default_factory=lambda: default_runs()
+    )  # config stems, see default_runs
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds (init, shuffling)
     steps: int = 250  # optimizer steps per run
     batch_size: int = 4096
@@ -188,7 +202,9 @@ class Settings:
     final_lr_scale: float = 0.05  # the dense lr decays linearly to dense_lr * final_lr_scale
     weight_decay: float = 0.0  # Adam's L2 on the MMoE and towers
     sparse_lr: float = 0.05  # row-wise Adagrad on the embeddings
-    objective_params: dict[str, dict[str, str]] = field(default_factory=dict)  # objective -> key -> value
+    objective_params: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )  # objective -> key -> value
 
     @classmethod
     def for_data(cls, data: str, **values: object) -> Settings:
@@ -202,7 +218,9 @@ class Settings:
     def check(self) -> None:
         for name in ("rows", "steps", "batch_size", "num_experts", "dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if not 0.0 <= self.validation < 1.0:
             raise ValueError(f"--validation must be in [0, 1), got {self.validation}")
         if (self.validation or not self.attributes) and not self.is_coat:
@@ -214,7 +232,9 @@ class Settings:
             raise ValueError(f"--objectives: unknown {unknown}; choose from {default_runs()}")
         for name in self.objective_params:
             if name not in self.objectives:
-                raise ValueError(f"--objective-param {name}.*: {name!r} is not among --objectives {self.objectives}")
+                raise ValueError(
+                    f"--objective-param {name}.*: {name!r} is not among --objectives {self.objectives}"
+                )
         missing = [n for n in self.objectives if config_path(n, self.data) is None]
         if missing:
             raise ValueError(
@@ -232,7 +252,9 @@ class Settings:
         )
 
     def coat(self) -> MnarConfig:
-        return MnarConfig(threshold=3.0, dim=self.dim, validation_fraction=self.validation, name="coat")
+        return MnarConfig(
+            threshold=3.0, dim=self.dim, validation_fraction=self.validation, name="coat"
+        )
 
     def overrides(self, data_dir: Path, objective: str, seed: int) -> list[str]:
         """The ``key=value`` config overrides of one run (everything but the objective's config)."""
@@ -250,7 +272,11 @@ class Settings:
             f"dense_optimizer.lr={self.dense_lr}",
             f"dense_optimizer.weight_decay={self.weight_decay}",
             # 1 (constant) is the trainer's default and goes unsaid
-            *([f"dense_optimizer.final_lr_scale={self.final_lr_scale}"] if self.final_lr_scale != 1.0 else []),
+            *(
+                [f"dense_optimizer.final_lr_scale={self.final_lr_scale}"]
+                if self.final_lr_scale != 1.0
+                else []
+            ),
             "sparse_optimizer.name=rowwise_adagrad",
             f"sparse_optimizer.lr={self.sparse_lr}",
             f"seed={seed}",
@@ -265,7 +291,9 @@ class Settings:
         if self.is_coat:
             # 87,000 training rows: one buffer holds them all, so every epoch is a full shuffle.
             overrides += [f"data.ranking_k={RANKING_K}", "data.shuffle_buffer=131072"]
-        overrides += [f"objective.params.{k}={v}" for k, v in self.objective_params.get(objective, {}).items()]
+        overrides += [
+            f"objective.params.{k}={v}" for k, v in self.objective_params.get(objective, {}).items()
+        ]
         return overrides
 
 
@@ -317,7 +345,9 @@ def config_path(objective: str, data: str = DataSet.SIMULATED.value) -> Path | N
 def default_runs() -> list[str]:
     """Every registered objective, then every other ``*_simulated.yaml`` (variants such as
     ``multi_dr_adapsl``), by name."""
-    variants = sorted(p.name.removesuffix("_simulated.yaml") for p in _CONFIGS.glob("*_simulated.yaml"))
+    variants = sorted(
+        p.name.removesuffix("_simulated.yaml") for p in _CONFIGS.glob("*_simulated.yaml")
+    )
     return list(OBJECTIVES) + [name for name in variants if name not in OBJECTIVES]
 
 
@@ -333,7 +363,9 @@ def variant_overrides(name: str, steps: int) -> list[str]:
     epoch_steps = OmegaConf.select(config, "model.adap_sl.epoch_steps")
     config_steps = OmegaConf.select(config, "train.steps")
     if epoch_steps is None or config_steps is None:
-        raise ValueError(f"{config_path(name)}: an adap_sl config must set model.adap_sl.epoch_steps and train.steps")
+        raise ValueError(
+            f"{config_path(name)}: an adap_sl config must set model.adap_sl.epoch_steps and train.steps"
+        )
     return [f"model.adap_sl.epoch_steps={max(1, round(epoch_steps * steps / config_steps))}"]
 
 
@@ -352,7 +384,9 @@ def pruning_section(settings: Settings, runs: list[Run]) -> str:
                 row.setdefault(part, []).append(float(report[part]))
     if not table:
         return ""
-    epochs = sorted({o for name in settings.objectives for o in variant_overrides(name, settings.steps)})
+    epochs = sorted(
+        {o for name in settings.objectives for o in variant_overrides(name, settings.steps)}
+    )
     return (
         "Adap-SL: share of each tower's weights left at the end (the paper's Table 4), mean ± std over "
         f"seeds; pruning epochs scaled to the budget ({', '.join(f'`{o}`' for o in epochs)}):\n\n"
@@ -433,7 +467,7 @@ def confounding_floor(cfg: SimulatorConfig, rows: int = 200_000) -> dict[str, fl
     )
     nodes, weights = np.polynomial.hermite_e.hermegauss(60)
     weights = weights / weights.sum()
-    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
     p_click = sigmoid(a0 + draw.click_score[:, None] + cfg.confounding * nodes[None])
     p_conv = sigmoid(b0 + draw.conv_score[:, None] + cfg.confounding * nodes[None])
     propensity = p_click @ weights  # P(click | x)
@@ -459,7 +493,10 @@ def truth_reference(data_dir: Path) -> dict[str, float]:
     test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=columns)
     c = {name: test.column(name).to_numpy() for name in columns}
     return compute_metrics(
-        c["true_ctr"], c["true_cvr"], c["click"], c["conversion"],
+        c["true_ctr"],
+        c["true_cvr"],
+        c["click"],
+        c["conversion"],
         truth={"true_cvr": c["true_cvr"], "cf_conversion": c["cf_conversion"]},
     )
 
@@ -485,8 +522,13 @@ class Run:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "trainer.train", "--config", str(self.config),
-            f"output_dir={self.run_dir}", *self.overrides,
+            sys.executable,
+            "-m",
+            "trainer.train",
+            "--config",
+            str(self.config),
+            f"output_dir={self.run_dir}",
+            *self.overrides,
         ]
 
 
@@ -498,7 +540,15 @@ def plan_runs(settings: Settings, data_dir: Path, work: Path) -> list[Run]:
         for seed in settings.seeds:
             overrides = settings.overrides(data_dir, objective, seed)
             key = _digest([config.read_text(), overrides])
-            runs.append(Run(objective, seed, config, overrides, work / "runs" / f"{objective}-seed{seed}-{key}"))
+            runs.append(
+                Run(
+                    objective,
+                    seed,
+                    config,
+                    overrides,
+                    work / "runs" / f"{objective}-seed{seed}-{key}",
+                )
+            )
     return runs
 
 
@@ -510,13 +560,17 @@ def execute(run: Run, threads: int) -> tuple[dict[str, float], float, bool]:
     """
     if run.metrics_path.is_file():
         log.info("%s seed %d: reusing %s", run.objective, run.seed, run.metrics_path)
-        seconds = float(run.seconds_path.read_text()) if run.seconds_path.is_file() else float("nan")
+        seconds = (
+            float(run.seconds_path.read_text()) if run.seconds_path.is_file() else float("nan")
+        )
         return json.loads(run.metrics_path.read_text()), seconds, True
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with open(run.run_dir / "train.log", "w") as out:
-        done = subprocess.run(run.command(), cwd=_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+        done = subprocess.run(
+            run.command(), cwd=_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
     if done.returncode != 0 or not run.metrics_path.is_file():
         tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-15:]
         raise RuntimeError(
@@ -563,24 +617,33 @@ def write_markdown(
         text = coat_table(table, settings)
         data_lines = _coat_lines(settings, record, table)
     else:
-        columns = list(COLUMNS) + ([PAIRED_BIAS] if PAIRED_BIAS in next(iter(table.values())) else [])
+        columns = list(COLUMNS) + (
+            [PAIRED_BIAS] if PAIRED_BIAS in next(iter(table.values())) else []
+        )
         text = metrics_table(table, columns)
         data_lines = _simulated_lines(settings, record, floor, text, truth)
     config_names = sorted({_config_name(n, settings.data) for n in settings.objectives})
     lines = [
-        f"# Quality benchmark: {settings.data}" + (" (validation split)" if settings.validation else ""),
+        f"# Quality benchmark: {settings.data}"
+        + (" (validation split)" if settings.validation else ""),
         "",
-        f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Run time "
-        f"{timing['run_seconds'] / 60:.0f} min summed over the runs ({timing['jobs']:.0f} at a time); "
-        f"this invocation {timing['wall_seconds'] / 60:.0f} min, {timing['reused']:.0f} of "
-        f"{timing['runs']:.0f} runs reused from an earlier one.",
+        (
+            f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Run time "
+            f"{timing['run_seconds'] / 60:.0f} min summed over the runs ({timing['jobs']:.0f} at a time); "
+            f"this invocation {timing['wall_seconds'] / 60:.0f} min, {timing['reused']:.0f} of "
+            f"{timing['runs']:.0f} runs reused from an earlier one."
+        ),
         "",
         f"{len(settings.objectives)} objectives x {len(settings.seeds)} seeds ({settings.seeds}), mean ± std "
         "(sample std over seeds). Same data, backbone and budget for all: "
         f"{settings.steps} steps of {settings.batch_size} rows, embedding dim {settings.dim}, MMoE "
         f"{settings.num_experts} experts {settings.expert_sizes}, towers {settings.tower_sizes}, Adam lr "
         f"{settings.dense_lr} (weight decay {settings.weight_decay}"
-        + (f", decayed linearly to x{settings.final_lr_scale}" if settings.final_lr_scale != 1.0 else ", constant")
+        + (
+            f", decayed linearly to x{settings.final_lr_scale}"
+            if settings.final_lr_scale != 1.0
+            else ", constant"
+        )
         + f"), row-wise Adagrad lr {settings.sparse_lr}. "
         f"Each objective's hyper-parameters are those of its config ({', '.join(config_names)})"
         + (f", with overrides {settings.objective_params}" if settings.objective_params else "")
@@ -602,10 +665,12 @@ def _simulated_lines(
 ) -> list[str]:
     gap = simulation["splits"]["test"]
     lines = [
-        f"Data: `trainer.data.simulator`, {settings.rows:,} impressions (seed {settings.data_seed}, "
-        f"observed confounding {settings.observed_confounding}, hidden confounding {settings.confounding}); test split: CTR {gap['ctr']:.4f}, CVR on clicks "
-        f"{gap['cvr_on_clicks']:.4f}, mean true CVR {gap['mean_true_cvr']:.4f} (selection gap "
-        f"{gap['selection_gap']:+.4f}).",
+        (
+            f"Data: `trainer.data.simulator`, {settings.rows:,} impressions (seed {settings.data_seed}, "
+            f"observed confounding {settings.observed_confounding}, hidden confounding {settings.confounding}); test split: CTR {gap['ctr']:.4f}, CVR on clicks "
+            f"{gap['cvr_on_clicks']:.4f}, mean true CVR {gap['mean_true_cvr']:.4f} (selection gap "
+            f"{gap['selection_gap']:+.4f})."
+        ),
         "",
         text,
         "",
@@ -613,16 +678,18 @@ def _simulated_lines(
         + ", ".join(f"{column} {truth[column]:.4f}" for column in COLUMNS if column != "cvr_bias")
         + " (the best any model can do; `true_ctr` is the ideal propensity).",
         "",
-        "`cvr_bias` = mean pCVR − mean true CVR over the test impressions (0 is unbiased); "
-        "`cvr_auc_whole_space` / `cvr_logloss_whole_space` score pCVR against the counterfactual "
-        "conversion of every impression. `cvr_auc` is on clicked impressions only. "
-        f"`{PAIRED_BIAS}`: cvr_bias minus naive's with the same seed (same initial weights and "
-        "data order), mean ± std over seeds; negative is less biased than naive. "
-        "`cvr_ips_bias`: the self-normalised IPS estimate of the mean CVR (test labels weighted "
-        "by 1 / the run's own pCTR) minus the true mean CVR, i.e. how much of the selection gap "
-        "these propensities cannot undo: the bias an IPW-trained intercept would keep; a CVR "
-        "tower does better only where its own features separate what the propensities do not "
-        "(the true probabilities' figure weights by the true propensities).",
+        (
+            "`cvr_bias` = mean pCVR − mean true CVR over the test impressions (0 is unbiased); "
+            "`cvr_auc_whole_space` / `cvr_logloss_whole_space` score pCVR against the counterfactual "
+            "conversion of every impression. `cvr_auc` is on clicked impressions only. "
+            f"`{PAIRED_BIAS}`: cvr_bias minus naive's with the same seed (same initial weights and "
+            "data order), mean ± std over seeds; negative is less biased than naive. "
+            "`cvr_ips_bias`: the self-normalised IPS estimate of the mean CVR (test labels weighted "
+            "by 1 / the run's own pCTR) minus the true mean CVR, i.e. how much of the selection gap "
+            "these propensities cannot undo: the bias an IPW-trained intercept would keep; a CVR "
+            "tower does better only where its own features separate what the propensities do not "
+            "(the true probabilities' figure weights by the true propensities)."
+        ),
     ]
     if floor is not None:
         hidden = (
@@ -635,9 +702,11 @@ def _simulated_lines(
         )
         lines += [
             "",
-            "Bias reference (population, not the test sample): training on clicks with no features "
-            f"targets CVR {floor['clicked_cvr']:.4f} (gap {floor['naive_gap']:+.4f}). {hidden} P(click | x): mean "
-            f"{floor['mean_propensity']:.4f}, {floor['share_propensity_below_2pct']:.0%} of impressions below 0.02.",
+            (
+                "Bias reference (population, not the test sample): training on clicks with no features "
+                f"targets CVR {floor['clicked_cvr']:.4f} (gap {floor['naive_gap']:+.4f}). {hidden} P(click | x): mean "
+                f"{floor['mean_propensity']:.4f}, {floor['share_propensity_below_2pct']:.0%} of impressions below 0.02."
+            ),
         ]
     return lines
 
@@ -657,12 +726,17 @@ def coat_table(table: dict, settings: Settings) -> str:
                 for name, value in zip(("AUC", f"NDCG@{k}", f"Recall@{k}"), published, strict=True):
                     row[f"{backbone} {name}"] = value
         rows[objective] = row
-    published_columns = [f"{b} {m}" for b in ("MF", "NCF") for m in ("AUC", f"NDCG@{k}", f"Recall@{k}")]
+    published_columns = [
+        f"{b} {m}" for b in ("MF", "NCF") for m in ("AUC", f"NDCG@{k}", f"Recall@{k}")
+    ]
     return metrics_table(rows, [*COAT_COLUMNS, *published_columns])
 
 
 def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
-    train, evaluated = conversion["splits"]["train"], conversion["splits"]["valid" if settings.validation else "test"]
+    train, evaluated = (
+        conversion["splits"]["train"],
+        conversion["splits"]["valid" if settings.validation else "test"],
+    )
     where = (
         f"the validation split ({settings.validation:.0%} of the training pairs held out, "
         f"{evaluated['rows']:,} pairs, {evaluated['clicks']:,} rated; metrics on the rated ones)"
@@ -671,14 +745,18 @@ def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
     )
     best = max(table, key=lambda name: np.nanmean(table[name]["cvr_auc"]))
     best_auc = float(np.nanmean(table[best]["cvr_auc"]))
-    features = "user and item ids and attributes" if settings.attributes else "user and item ids only"
+    features = (
+        "user and item ids and attributes" if settings.attributes else "user and item ids only"
+    )
     lines = [
-        f"Data: Coat (`trainer/data/datasets/coat`), {train['rows']:,} user x item training pairs "
-        f"({train['clicks']:,} rated, {train['cvr_on_clicks']:.1%} of the ratings >= 3); features: {features}. "
-        f"Evaluated on {where}: `cvr_auc` is the AUC of pCVR; `ndcg@{RANKING_K}` / `recall@{RANKING_K}` "
-        "rank each user's rated items by pCVR (users without a positive count with NDCG 1 and Recall 0, "
-        "as in the public code these papers build on); `cvr_gauc` is the per-user AUC weighted by each "
-        "user's rated rows; `cvr_logloss` is pCVR's log loss on the same rows.",
+        (
+            f"Data: Coat (`trainer/data/datasets/coat`), {train['rows']:,} user x item training pairs "
+            f"({train['clicks']:,} rated, {train['cvr_on_clicks']:.1%} of the ratings >= 3); features: {features}. "
+            f"Evaluated on {where}: `cvr_auc` is the AUC of pCVR; `ndcg@{RANKING_K}` / `recall@{RANKING_K}` "
+            "rank each user's rated items by pCVR (users without a positive count with NDCG 1 and Recall 0, "
+            "as in the public code these papers build on); `cvr_gauc` is the per-user AUC weighted by each "
+            "user's rated rows; `cvr_logloss` is pCVR's log loss on the same rows."
+        ),
         "",
         coat_table(table, settings),
     ]
@@ -691,8 +769,11 @@ def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
         "embedding size per method on Coat and report the mean of 5 seeds. The two papers' Recall@5 "
         "are not on one scale (similar NDCG@5, Recall@5 about 0.05 apart): compare within a column. "
         "Our backbone is an MMoE over the embeddings"
-        + ("; it also reads the user and item attributes, theirs read ids only (`--ids-only`: ids only)."
-           if settings.attributes else ", on ids only like theirs."),
+        + (
+            "; it also reads the user and item attributes, theirs read ids only (`--ids-only`: ids only)."
+            if settings.attributes
+            else ", on ids only like theirs."
+        ),
     ]
     verdict = "reached" if best_auc >= PUBLISHED_BEST_AUC else "not reached"
     lines += [
@@ -714,7 +795,7 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
         panels[PAIRED_BIAS] = "CVR bias minus naive's, same seed"
     rows, cols = (1, len(panels)) if settings.is_coat else (2, 4)
     fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (column, title) in zip(axes.flat, panels.items()):
         values = [np.asarray(table[n][column], dtype=float) for n in names]
@@ -724,7 +805,9 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=colors)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
         ax.set_title(title)
-        marks = _published_marks(names, column) if settings.is_coat and not settings.validation else []
+        marks = (
+            _published_marks(names, column) if settings.is_coat and not settings.validation else []
+        )
         for marker, label, xs, ys in marks:
             ax.scatter(xs, ys, marker=marker, color="#c44e52", zorder=3, label=label)
         if marks:
@@ -732,8 +815,13 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
         if column in ("cvr_bias", "cvr_ips_bias", PAIRED_BIAS):
             ax.axhline(0.0, color="black", linewidth=0.8)
             if floor is not None and column == "cvr_bias" and settings.confounding > 0:
-                ax.axhline(floor["bias_floor"], color="#c44e52", linestyle="--", linewidth=1,
-                           label="floor from hidden confounding")
+                ax.axhline(
+                    floor["bias_floor"],
+                    color="#c44e52",
+                    linestyle="--",
+                    linewidth=1,
+                    label="floor from hidden confounding",
+                )
                 ax.legend(fontsize=8, loc="lower right")
         else:
             finite = [m for m in means if np.isfinite(m)] + [y for *_, ys in marks for y in ys]
@@ -742,7 +830,11 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
                 pad = max(0.1 * (high - low), 0.005)
                 ax.set_ylim(low - pad - max(stds, default=0), high + pad + max(stds, default=0))
     if settings.is_coat:
-        split = f"validation split {settings.validation:.0%}" if settings.validation else "random-exposure test"
+        split = (
+            f"validation split {settings.validation:.0%}"
+            if settings.validation
+            else "random-exposure test"
+        )
         ids = "" if settings.attributes else ", ids only"
         title = f"coat ({split}{ids}): {len(settings.seeds)} seeds, {settings.steps} steps x {settings.batch_size} rows"
     else:
@@ -756,13 +848,18 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
     plt.close(fig)
 
 
-def _published_marks(names: list[str], column: str) -> list[tuple[str, str, list[int], list[float]]]:
+def _published_marks(
+    names: list[str], column: str
+) -> list[tuple[str, str, list[int], list[float]]]:
     """(marker, legend label, x positions, values) of the published numbers of one Coat metric."""
     position = {"cvr_auc": 0, f"ndcg@{RANKING_K}": 1, f"recall@{RANKING_K}": 2}.get(column)
     if position is None:
         return []
     marks = []
-    for backbone, marker, label in (("MF", "x", "published, MF (BADR)"), ("NCF", "+", "published, NCF (Adap-SL)")):
+    for backbone, marker, label in (
+        ("MF", "x", "published, MF (BADR)"),
+        ("NCF", "+", "published, NCF (Adap-SL)"),
+    ):
         xs = [i for i, n in enumerate(names) if backbone in PUBLISHED_COAT.get(n, {})]
         ys = [PUBLISHED_COAT[names[i]][backbone][position] for i in xs]
         if xs:
@@ -779,7 +876,9 @@ def _parse_objective_params(values: list[str]) -> dict[str, dict[str, str]]:
         name_key, sep, value = item.partition("=")
         name, dot, key = name_key.partition(".")
         if not (sep and dot and name and key):
-            raise ValueError(f"--objective-param {item!r}: expected OBJECTIVE.KEY=VALUE, e.g. multi_ipw.tau=0.01")
+            raise ValueError(
+                f"--objective-param {item!r}: expected OBJECTIVE.KEY=VALUE, e.g. multi_ipw.tau=0.01"
+            )
         params.setdefault(name, {})[key] = value
     return params
 
@@ -788,43 +887,82 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=[d.value for d in DataSet], default=defaults.data)
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny data/model/budget, 2 objectives, 1 seed")
-    parser.add_argument("--objectives", nargs="+", help=f"runs by config stem; default: all ({' '.join(default_runs())})")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny data/model/budget, 2 objectives, 1 seed",
+    )
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        help=f"runs by config stem; default: all ({' '.join(default_runs())})",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (coat: 0 1 2 3 4)")
     parser.add_argument("--rows", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--dim", type=int, help="embedding dimension (default 16)")
-    parser.add_argument("--interaction", choices=["none", "dot"],
-                        help="model.interaction of every run (default none; see trainer/model/interaction.py)")
+    parser.add_argument(
+        "--interaction",
+        choices=["none", "dot"],
+        help="model.interaction of every run (default none; see trainer/model/interaction.py)",
+    )
     parser.add_argument("--dense-lr", type=float)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--sparse-lr", type=float)
-    parser.add_argument("--validation", type=float, help="coat: hold out this share of the training pairs "
-                        "and evaluate on it instead of the test set (for tuning)")
-    parser.add_argument("--ids-only", action="store_true", help="coat: user and item ids only, no attributes "
-                        "(the input of the papers' MF / NCF backbones)")
-    parser.add_argument("--final-lr-scale", type=float,
-                        help="the dense lr decays linearly to dense-lr x this (1: constant; default 0.05, coat 1)")
+    parser.add_argument(
+        "--validation",
+        type=float,
+        help="coat: hold out this share of the training pairs "
+        "and evaluate on it instead of the test set (for tuning)",
+    )
+    parser.add_argument(
+        "--ids-only",
+        action="store_true",
+        help="coat: user and item ids only, no attributes "
+        "(the input of the papers' MF / NCF backbones)",
+    )
+    parser.add_argument(
+        "--final-lr-scale",
+        type=float,
+        help="the dense lr decays linearly to dense-lr x this (1: constant; default 0.05, coat 1)",
+    )
     parser.add_argument("--confounding", type=float, default=defaults.confounding)
     parser.add_argument("--observed-confounding", type=float, default=defaults.observed_confounding)
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
-    parser.add_argument("--objective-param", action="append", default=[], metavar="OBJECTIVE.KEY=VALUE",
-                        help="override one objective's hyper-parameter, e.g. multi_ipw.tau=0.01 (repeatable)")
-    parser.add_argument("--oracle-propensity", action="store_true",
-                        help="diagnostic: IPW / DR objectives weight by the true click probability")
+    parser.add_argument(
+        "--objective-param",
+        action="append",
+        default=[],
+        metavar="OBJECTIVE.KEY=VALUE",
+        help="override one objective's hyper-parameter, e.g. multi_ipw.tau=0.01 (repeatable)",
+    )
+    parser.add_argument(
+        "--oracle-propensity",
+        action="store_true",
+        help="diagnostic: IPW / DR objectives weight by the true click probability",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / jobs)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (0: cores / jobs)"
+    )
     parser.add_argument("--name", help="output stem quality_<name> (default: the --data value)")
     parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results")
-    parser.add_argument("--work", type=Path, default=_ROOT / "runs" / "quality", help="data and run directories")
+    parser.add_argument(
+        "--work", type=Path, default=_ROOT / "runs" / "quality", help="data and run directories"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
     )
 
     settings = Settings.for_data(
-        args.data, confounding=args.confounding, observed_confounding=args.observed_confounding,
+        args.data,
+        confounding=args.confounding,
+        observed_confounding=args.observed_confounding,
         data_seed=args.data_seed,
     )
     settings.attributes = not args.ids_only
@@ -834,8 +972,18 @@ def main(argv: list[str] | None = None) -> int:
         settings.objectives = args.objectives
     if args.quick:
         settings = quick_settings(settings, bool(args.objectives))
-    for name in ("rows", "steps", "batch_size", "dim", "interaction", "dense_lr", "weight_decay", "sparse_lr", "final_lr_scale",
-                 "validation"):
+    for name in (
+        "rows",
+        "steps",
+        "batch_size",
+        "dim",
+        "interaction",
+        "dense_lr",
+        "weight_decay",
+        "sparse_lr",
+        "final_lr_scale",
+        "validation",
+    ):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     try:
@@ -860,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.is_coat:
         try:
             floor = confounding_floor(settings.simulator(), rows=20_000 if args.quick else 200_000)
-        except Exception as err:  # a diagnostic only: the simulator's internals may change
+        except Exception as err:  # noqa: BLE001 (a diagnostic only: the simulator's internals may change)
             log.warning("no bias floor: %s", err)
     timing = {
         "wall_seconds": time.perf_counter() - started,
@@ -882,17 +1030,35 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"\n{pruning}\n")
         text += "\n\n" + pruning
     write_chart(png, table, settings, floor)
-    raw.write_text(json.dumps(
-        {"settings": asdict(settings), "conversion" if settings.is_coat else "simulation": record,
-         "bias_reference": floor, "truth_metrics": truth,
-         "timing": timing,
-         "runs": [{"objective": r.objective, "seed": r.seed, "config": str(r.config), "run_dir": str(r.run_dir),
-                   "seconds": seconds, "metrics": m} for r, (m, seconds, _) in zip(runs, done)]},
-        indent=2,
-    ) + "\n")
+    raw.write_text(
+        json.dumps(
+            {
+                "settings": asdict(settings),
+                "conversion" if settings.is_coat else "simulation": record,
+                "bias_reference": floor,
+                "truth_metrics": truth,
+                "timing": timing,
+                "runs": [
+                    {
+                        "objective": r.objective,
+                        "seed": r.seed,
+                        "config": str(r.config),
+                        "run_dir": str(r.run_dir),
+                        "seconds": seconds,
+                        "metrics": m,
+                    }
+                    for r, (m, seconds, _) in zip(runs, done)
+                ],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(text)
     if floor is not None:
-        print(f"bias floor from hidden confounding: {floor['bias_floor']:+.4f}; naive gap {floor['naive_gap']:+.4f}")
+        print(
+            f"bias floor from hidden confounding: {floor['bias_floor']:+.4f}; naive gap {floor['naive_gap']:+.4f}"
+        )
     print(f"wrote {md}, {png}, {raw}")
     return 0
 

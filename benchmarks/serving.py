@@ -64,7 +64,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if sys.path[0] != str(REPO):  # run as a script from anywhere: the repository's `serving`, not this file
+if sys.path[0] != str(
+    REPO
+):  # run as a script from anywhere: the repository's `serving`, not this file
     sys.path.insert(0, str(REPO))
 
 __all__ = ["Settings", "main"]
@@ -114,8 +116,17 @@ def _scored_rows(payload: bytes, form: str) -> int:
     return len(orjson.loads(payload)["pctr"])
 
 
-async def _connection(host: str, port: int, form: str, bodies: list[bytes], rows: int, offset: int,
-                      measure_from: float, stop_at: float, out: dict) -> None:
+async def _connection(
+    host: str,
+    port: int,
+    form: str,
+    bodies: list[bytes],
+    rows: int,
+    offset: int,
+    measure_from: float,
+    stop_at: float,
+    out: dict,
+) -> None:
     reader = writer = None
     i = offset
     while time.perf_counter() < stop_at:
@@ -145,22 +156,36 @@ async def _connection(host: str, port: int, form: str, bodies: list[bytes], rows
         writer.close()
 
 
-async def _load(url: str, form: str, bodies: list[bytes], rows: int, concurrency: int, warmup: float,
-                duration: float) -> dict:
+async def _load(
+    url: str,
+    form: str,
+    bodies: list[bytes],
+    rows: int,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+) -> dict:
     host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
     begin = time.perf_counter()
     measure_from, stop_at = begin + warmup, begin + warmup + duration
     out: dict = {"latencies": [], "errors": 0, "last": measure_from}
-    await asyncio.gather(*(
-        _connection(host, int(port), form, bodies, rows, k * 7, measure_from, stop_at, out) for k in range(concurrency)
-    ))
+    await asyncio.gather(
+        *(
+            _connection(host, int(port), form, bodies, rows, k * 7, measure_from, stop_at, out)
+            for k in range(concurrency)
+        )
+    )
     out["seconds"] = max(out["last"] - measure_from, 1e-9)
     return out
 
 
 def load_worker(args: argparse.Namespace) -> None:
     bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines()]
-    result = asyncio.run(_load(args.url, args.form, bodies, args.request_rows, args.clients, args.warmup, args.duration))
+    result = asyncio.run(
+        _load(
+            args.url, args.form, bodies, args.request_rows, args.clients, args.warmup, args.duration
+        )
+    )
     json.dump(result, sys.stdout)
 
 
@@ -182,7 +207,9 @@ def _demo_model(work: Path, schema_path: Path) -> Path:
 
     demo = OmegaConf.load(REPO / "trainer/configs/demo.yaml")
     run = work / "run"
-    config = load_config(REPO / "trainer/configs/demo.yaml", [f"output_dir={run}", f"data.train={work}"])
+    config = load_config(
+        REPO / "trainer/configs/demo.yaml", [f"output_dir={run}", f"data.train={work}"]
+    )
     schema = load_schema(schema_path)
     run.mkdir(parents=True)
     save_config(config, run / "config.yaml")
@@ -190,15 +217,20 @@ def _demo_model(work: Path, schema_path: Path) -> Path:
     torch.manual_seed(0)
     objective = build_objective(config.objective.name, **config.objective.params)
     module = TrainModule(
-        build_model(schema, config.model, structure=model_structure(objective), embedding_device="cpu"), objective
+        build_model(
+            schema, config.model, structure=model_structure(objective), embedding_device="cpu"
+        ),
+        objective,
     )
     ckpt = run / "checkpoints" / "step_00000000"
     with warnings.catch_warnings():  # "assuming ... a single process": it is one
         warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
         dcp.save({"model": module.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
-    (ckpt / "meta.json").write_text(json.dumps(
-        {"step": 0, "schema_fingerprint": schema.fingerprint(), "config": to_dict(config)}
-    ))
+    (ckpt / "meta.json").write_text(
+        json.dumps(
+            {"step": 0, "schema_fingerprint": schema.fingerprint(), "config": to_dict(config)}
+        )
+    )
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     print(f"[bench] demo model: {OmegaConf.to_container(demo.model)}", flush=True)
     export_run(run, work / "model", version="bench-demo-random", log=None)
@@ -212,12 +244,29 @@ def _request_rows(work: Path, sim_rows: int, schema_path: Path | None) -> tuple[
 
     data = work / "sim"
     subprocess.run(
-        [sys.executable, "-m", "trainer.data", "simulate", "--rows", str(sim_rows), "--out", str(data), "--seed", "0"],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "trainer.data",
+            "simulate",
+            "--rows",
+            str(sim_rows),
+            "--out",
+            str(data),
+            "--seed",
+            "0",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     schema = load_schema(schema_path or data / "schema.yaml")
     columns = schema.sparse_names + schema.dense_names
-    rows = [row for f in sorted((data / "train").glob("*.parquet")) for row in pq.read_table(f, columns=columns).to_pylist()]
+    rows = [
+        row
+        for f in sorted((data / "train").glob("*.parquet"))
+        for row in pq.read_table(f, columns=columns).to_pylist()
+    ]
     return rows, data / "schema.yaml"
 
 
@@ -247,8 +296,8 @@ def _batch_stats(url: str) -> tuple[float, float]:
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = float(re.search(r"^ctcvr_batch_rows_sum (\S+)$", text, re.M)[1])  # type: ignore[index]
-    count = float(re.search(r"^ctcvr_batch_rows_count (\S+)$", text, re.M)[1])  # type: ignore[index]
+    total = float(re.search(r"^ctcvr_batch_rows_sum (\S+)$", text, re.MULTILINE)[1])  # type: ignore[index]
+    count = float(re.search(r"^ctcvr_batch_rows_count (\S+)$", text, re.MULTILINE)[1])  # type: ignore[index]
     return total, count
 
 
@@ -261,7 +310,9 @@ class _Raw:
     """The raw in-process measurements, taken once per round (with the service idle), so that
     each round's service cells are compared with the model's rate at about the same time."""
 
-    def __init__(self, model_dir: Path, bodies: dict[tuple[str, int], list[bytes]], threads: int) -> None:
+    def __init__(
+        self, model_dir: Path, bodies: dict[tuple[str, int], list[bytes]], threads: int
+    ) -> None:
         import numpy as np
         import torch
 
@@ -274,30 +325,47 @@ class _Raw:
         self.features = {}
         for size in sorted({size for _, size in bodies}):
             forms = [form for form, s in bodies if s == size]
-            self.features[size] = [self.scorer.prepare(b, RequestForm(forms[0])) for b in bodies[forms[0], size]]
+            self.features[size] = [
+                self.scorer.prepare(b, RequestForm(forms[0])) for b in bodies[forms[0], size]
+            ]
             for form in forms[1:]:  # the forms carry the same impressions: the same model inputs
                 same = [self.scorer.prepare(b, RequestForm(form)) for b in bodies[form, size]]
-                assert all(np.array_equal(self.scorer.predict(a), self.scorer.predict(b))
-                           for a, b in zip(self.features[size], same))
+                assert all(
+                    np.array_equal(self.scorer.predict(a), self.scorer.predict(b))
+                    for a, b in zip(self.features[size], same)
+                )
 
     def measure(self, seconds: float, round_: int) -> list[dict]:
         scorer, out = self.scorer, []
 
-        def rate(mode: str, size: int, call) -> None:  # noqa: ANN001
+        def rate(mode: str, size: int, call) -> None:
             calls, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 call(calls)
                 calls += 1
             elapsed = time.perf_counter() - start
-            out.append({"round": round_, "mode": mode, "rows": size, "rows_per_s": calls * size / elapsed,
-                        "ms_per_call": 1000 * elapsed / calls, "loadavg": os.getloadavg()[0]})
+            out.append(
+                {
+                    "round": round_,
+                    "mode": mode,
+                    "rows": size,
+                    "rows_per_s": calls * size / elapsed,
+                    "ms_per_call": 1000 * elapsed / calls,
+                    "loadavg": os.getloadavg()[0],
+                }
+            )
 
         for size, features in self.features.items():
             rate("model", size, lambda k: scorer.predict(features[k % len(features)]))  # noqa: B023
             for form in [form for form, s in self.bodies if s == size]:
                 pool, request_form = self.bodies[form, size], self.form(form)
-                rate(f"in-process scorer ({form})", size,
-                     lambda k: scorer.predict(scorer.prepare(pool[k % len(pool)], request_form)))  # noqa: B023
+                rate(
+                    f"in-process scorer ({form})",
+                    size,
+                    lambda k, pool=pool, request_form=request_form: scorer.predict(
+                        scorer.prepare(pool[k % len(pool)], request_form)
+                    ),
+                )
         return out
 
 
@@ -310,10 +378,16 @@ def run(settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="ctcvr-bench-") as tmp:
         work = Path(tmp)
         model_dir = Path(settings.model_dir) if settings.model_dir else None
-        rows, schema_path = _request_rows(work, settings.sim_rows, model_dir / "schema.yaml" if model_dir else None)
+        rows, schema_path = _request_rows(
+            work, settings.sim_rows, model_dir / "schema.yaml" if model_dir else None
+        )
         if model_dir is None:
             model_dir = _demo_model(work, schema_path)
-        bodies = {(form, size): _bodies(rows, size, settings.bodies, form) for form in settings.forms for size in settings.rows}
+        bodies = {
+            (form, size): _bodies(rows, size, settings.bodies, form)
+            for form in settings.forms
+            for size in settings.rows
+        }
         files = {}
         for (form, size), pool in bodies.items():
             files[form, size] = work / f"bodies_{form}_{size}.jsonl"
@@ -327,28 +401,43 @@ def run(settings: Settings) -> dict:
             for round_ in range(settings.rounds):
                 if settings.wait_idle > 0:
                     _wait_for_idle(settings.wait_idle)
-                for r in raw_meter.measure(settings.duration, round_):  # the service is idle meanwhile
+                for r in raw_meter.measure(
+                    settings.duration, round_
+                ):  # the service is idle meanwhile
                     raw_rounds.append(r)
-                    print(f"[bench] round {round_} raw {r['mode']:<27} {r['rows']:>3} rows: {r['rows_per_s']:>10,.0f} rows/s "
-                          f"({r['ms_per_call']:.3f} ms per call)  load {r['loadavg']:.2f}", flush=True)
+                    print(
+                        f"[bench] round {round_} raw {r['mode']:<27} {r['rows']:>3} rows: {r['rows_per_s']:>10,.0f} rows/s "
+                        f"({r['ms_per_call']:.3f} ms per call)  load {r['loadavg']:.2f}",
+                        flush=True,
+                    )
                 for form, size in bodies:
                     for clients in settings.concurrency:
                         cell = _cell(url, files[form, size], form, size, clients, settings)
                         cell["round"] = round_
                         cells.setdefault((form, size, clients), []).append(cell)
-                        print(f"[bench] round {round_} {form:<7} rows {size:>3} concurrency {clients:>2}: "
-                              f"{cell['rows_per_s']:>9,.0f} rows/s  p50 {cell['p50_ms']:6.2f} ms  "
-                              f"p99 {cell['p99_ms']:6.2f} ms  errors {cell['errors']}  "
-                              f"batch {cell['mean_batch_rows']:.1f} rows  load {cell['loadavg']:.2f}", flush=True)
+                        print(
+                            f"[bench] round {round_} {form:<7} rows {size:>3} concurrency {clients:>2}: "
+                            f"{cell['rows_per_s']:>9,.0f} rows/s  p50 {cell['p50_ms']:6.2f} ms  "
+                            f"p99 {cell['p99_ms']:6.2f} ms  errors {cell['errors']}  "
+                            f"batch {cell['mean_batch_rows']:.1f} rows  load {cell['loadavg']:.2f}",
+                            flush=True,
+                        )
         load_after = os.getloadavg()
         manifest = json.loads((model_dir / "manifest.json").read_text())
     raw_summary = _summarise_raw(raw_rounds)
     summary = _summarise(cells, raw_summary)
     report = {
-        "settings": asdict(settings), "model": {"version": manifest["version"], **manifest["model"]},
-        "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
-        "summary": summary, "raw": raw_summary, "raw_rounds": raw_rounds,
-        "rounds": [{k: v for k, v in c.items() if k != "latencies_ms"} for cs in cells.values() for c in cs],
+        "settings": asdict(settings),
+        "model": {"version": manifest["version"], **manifest["model"]},
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "cpus": os.cpu_count(),
+        "summary": summary,
+        "raw": raw_summary,
+        "raw_rounds": raw_rounds,
+        "rounds": [
+            {k: v for k, v in c.items() if k != "latencies_ms"} for cs in cells.values() for c in cs
+        ],
     }
     (out_dir / "serving.json").write_text(json.dumps(report, indent=1))
     markdown = _markdown(report)
@@ -363,21 +452,48 @@ def _cell(url: str, bodies: Path, form: str, size: int, clients: int, settings: 
     loadavg = os.getloadavg()[0]
     before = _batch_stats(url)
     result = subprocess.run(
-        [sys.executable, __file__, "--worker", "load", "--url", url, "--form", form, "--bodies", str(bodies),
-         "--request-rows", str(size), "--clients", str(clients),
-         "--warmup", str(settings.warmup), "--duration", str(settings.duration)],
-        check=True, capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            "load",
+            "--url",
+            url,
+            "--form",
+            form,
+            "--bodies",
+            str(bodies),
+            "--request-rows",
+            str(size),
+            "--clients",
+            str(clients),
+            "--warmup",
+            str(settings.warmup),
+            "--duration",
+            str(settings.duration),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     after = _batch_stats(url)
     load = json.loads(result.stdout)
     lat = load["latencies"]
     return {
-        "form": form, "rows": size, "concurrency": clients, "requests": len(lat),
-        "errors": load["errors"], "seconds": load["seconds"],
-        "requests_per_s": len(lat) / load["seconds"], "rows_per_s": len(lat) * size / load["seconds"],
-        "p50_ms": 1000 * _percentile(lat, 0.50), "p99_ms": 1000 * _percentile(lat, 0.99),
+        "form": form,
+        "rows": size,
+        "concurrency": clients,
+        "requests": len(lat),
+        "errors": load["errors"],
+        "seconds": load["seconds"],
+        "requests_per_s": len(lat) / load["seconds"],
+        "rows_per_s": len(lat) * size / load["seconds"],
+        "p50_ms": 1000 * _percentile(lat, 0.50),
+        "p99_ms": 1000 * _percentile(lat, 0.99),
         "latencies_ms": [round(1000 * x, 3) for x in lat],
-        "mean_batch_rows": (after[0] - before[0]) / max(after[1] - before[1], 1), "loadavg": loadavg,
+        "mean_batch_rows": (after[0] - before[0]) / max(after[1] - before[1], 1),
+        "loadavg": loadavg,
     }
 
 
@@ -387,8 +503,16 @@ def _summarise_raw(rounds: list[dict]) -> list[dict]:
     for mode, size in dict.fromkeys((r["mode"], r["rows"]) for r in rounds):
         rates = [r["rows_per_s"] for r in rounds if (r["mode"], r["rows"]) == (mode, size)]
         median = statistics.median(rates)
-        out.append({"mode": mode, "rows": size, "rows_per_s": median, "rows_per_s_min": min(rates),
-                    "rows_per_s_max": max(rates), "ms_per_call": 1000 * size / median})
+        out.append(
+            {
+                "mode": mode,
+                "rows": size,
+                "rows_per_s": median,
+                "rows_per_s_min": min(rates),
+                "rows_per_s_max": max(rates),
+                "ms_per_call": 1000 * size / median,
+            }
+        )
     return out
 
 
@@ -399,15 +523,24 @@ def _summarise(cells: dict[tuple[str, int, int], list[dict]], raw: list[dict]) -
         latencies = [x for c in rounds for x in c["latencies_ms"]]
         rates = [c["rows_per_s"] for c in rounds]
         median = statistics.median(rates)
-        out.append({
-            "form": form, "rows": size, "concurrency": clients, "rows_per_s": median, "rows_per_s_min": min(rates),
-            "rows_per_s_max": max(rates), "requests_per_s": median / size,
-            "p50_ms": _percentile(latencies, 0.50), "p99_ms": _percentile(latencies, 0.99),
-            "errors": sum(c["errors"] for c in rounds), "requests": sum(c["requests"] for c in rounds),
-            "mean_batch_rows": statistics.mean(c["mean_batch_rows"] for c in rounds),
-            "vs_raw_model": median / raw_model[size] if size in raw_model else None,
-            "loadavg": statistics.mean(c["loadavg"] for c in rounds),
-        })
+        out.append(
+            {
+                "form": form,
+                "rows": size,
+                "concurrency": clients,
+                "rows_per_s": median,
+                "rows_per_s_min": min(rates),
+                "rows_per_s_max": max(rates),
+                "requests_per_s": median / size,
+                "p50_ms": _percentile(latencies, 0.50),
+                "p99_ms": _percentile(latencies, 0.99),
+                "errors": sum(c["errors"] for c in rounds),
+                "requests": sum(c["requests"] for c in rounds),
+                "mean_batch_rows": statistics.mean(c["mean_batch_rows"] for c in rounds),
+                "vs_raw_model": median / raw_model[size] if size in raw_model else None,
+                "loadavg": statistics.mean(c["loadavg"] for c in rounds),
+            }
+        )
     return out
 
 
@@ -416,8 +549,10 @@ def _markdown(report: dict) -> str:
     lines = [
         "# Serving: HTTP service vs raw model in-process",
         "",
-        "| form | rows/request | concurrency | rows/s (median) | min..max | requests/s | p50 ms | p99 ms | errors "
-        "| rows per model call | vs raw model | load avg |",
+        (
+            "| form | rows/request | concurrency | rows/s (median) | min..max | requests/s | p50 ms | p99 ms | errors "
+            "| rows per model call | vs raw model | load avg |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in summary:
@@ -426,11 +561,18 @@ def _markdown(report: dict) -> str:
             f"| {r['rows_per_s_min']:,.0f}..{r['rows_per_s_max']:,.0f} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['errors']} | {r['mean_batch_rows']:.1f} | {r['vs_raw_model']:.2f}x | {r['loadavg']:.2f} |"
         )
-    lines += ["", "Raw, in-process, the same batches (no HTTP, no batching), measured in every round:", "",
-              "| mode | rows/call | rows/s (median) | min..max | ms/call |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "Raw, in-process, the same batches (no HTTP, no batching), measured in every round:",
+        "",
+        "| mode | rows/call | rows/s (median) | min..max | ms/call |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in raw:
-        lines.append(f"| {r['mode']} | {r['rows']} | {r['rows_per_s']:,.0f} | {r['rows_per_s_min']:,.0f}.."
-                     f"{r['rows_per_s_max']:,.0f} | {r['ms_per_call']:.3f} |")
+        lines.append(
+            f"| {r['mode']} | {r['rows']} | {r['rows_per_s']:,.0f} | {r['rows_per_s_min']:,.0f}.."
+            f"{r['rows_per_s_max']:,.0f} | {r['ms_per_call']:.3f} |"
+        )
     errors = sum(r["errors"] for r in summary)
 
     def mark(ok: bool) -> str:
@@ -438,11 +580,21 @@ def _markdown(report: dict) -> str:
 
     lines += ["", "Targets:", "", f"- zero errors: {errors} errors: {mark(errors == 0)}"]
     for form in s["forms"]:
-        p99 = [r["p99_ms"] for r in summary if r["form"] == form and r["rows"] == 1 and r["concurrency"] == 8]
+        p99 = [
+            r["p99_ms"]
+            for r in summary
+            if r["form"] == form and r["rows"] == 1 and r["concurrency"] == 8
+        ]
         if p99:
-            lines.append(f"- p99 < 50 ms for 1-row requests at concurrency 8, {form}: {p99[0]:.2f} ms: {mark(p99[0] < 50)}")
+            lines.append(
+                f"- p99 < 50 ms for 1-row requests at concurrency 8, {form}: {p99[0]:.2f} ms: {mark(p99[0] < 50)}"
+            )
     for form in s["forms"]:
-        best = max((r for r in summary if r["form"] == form and r["rows"] == 256), key=lambda r: r["rows_per_s"], default=None)
+        best = max(
+            (r for r in summary if r["form"] == form and r["rows"] == 256),
+            key=lambda r: r["rows_per_s"],
+            default=None,
+        )
         if best is not None:
             lines.append(
                 f"- 256-row requests >= 0.5x the raw model's rows/s, {form}: best {best['vs_raw_model']:.2f}x "
@@ -450,17 +602,19 @@ def _markdown(report: dict) -> str:
             )
     lines += [
         "",
-        f"Forms: `rows` is `POST /v1/score` (one object per impression), `columns` is `POST /v1/score/columns` "
-        "(one list per feature); the same impressions in both. "
-        f"Model `{report['model']['version']}`: {report['model']['num_experts']} experts of "
-        f"{report['model']['expert_sizes']}, towers {report['model']['tower_sizes']}, "
-        f"{len(report['model']['tables'])} tables. {s['duration']:g} s measured after {s['warmup']:g} s warmup "
-        f"per cell, {s['rounds']} round(s); latency from first byte sent to last byte received, p50/p99 over "
-        f"all rounds; torch threads {s['torch_threads']} (service and raw). Service settings: defaults "
-        "unless set in the environment. "
-        f"{report['cpus']} CPUs, load average {report['loadavg_before'][0]:.2f} before and "
-        f"{report['loadavg_after'][0]:.2f} after, per cell in the table (the load generator shares the CPUs with "
-        "the service, and other jobs may too).",
+        (
+            f"Forms: `rows` is `POST /v1/score` (one object per impression), `columns` is `POST /v1/score/columns` "
+            "(one list per feature); the same impressions in both. "
+            f"Model `{report['model']['version']}`: {report['model']['num_experts']} experts of "
+            f"{report['model']['expert_sizes']}, towers {report['model']['tower_sizes']}, "
+            f"{len(report['model']['tables'])} tables. {s['duration']:g} s measured after {s['warmup']:g} s warmup "
+            f"per cell, {s['rounds']} round(s); latency from first byte sent to last byte received, p50/p99 over "
+            f"all rounds; torch threads {s['torch_threads']} (service and raw). Service settings: defaults "
+            "unless set in the environment. "
+            f"{report['cpus']} CPUs, load average {report['loadavg_before'][0]:.2f} before and "
+            f"{report['loadavg_after'][0]:.2f} after, per cell in the table (the load generator shares the CPUs with "
+            "the service, and other jobs may too)."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -479,17 +633,38 @@ def _plot(summary: list[dict], raw: list[dict], path: Path) -> None:
         for k, form in enumerate(forms):
             cells = [r for r in summary if r["rows"] == size and r["form"] == form]
             x = [i + 0.4 * k for i in range(len(cells))]
-            ax.bar(x, [r["rows_per_s"] for r in cells], width=0.4, color=f"C{k}", label=form,
-                   yerr=[[r["rows_per_s"] - r["rows_per_s_min"] for r in cells],
-                         [r["rows_per_s_max"] - r["rows_per_s"] for r in cells]], capsize=3)
-            ax.set_xticks([i + 0.2 for i in range(len(cells))], [f"c={r['concurrency']}" for r in cells])
+            ax.bar(
+                x,
+                [r["rows_per_s"] for r in cells],
+                width=0.4,
+                color=f"C{k}",
+                label=form,
+                yerr=[
+                    [r["rows_per_s"] - r["rows_per_s_min"] for r in cells],
+                    [r["rows_per_s_max"] - r["rows_per_s"] for r in cells],
+                ],
+                capsize=3,
+            )
+            ax.set_xticks(
+                [i + 0.2 for i in range(len(cells))], [f"c={r['concurrency']}" for r in cells]
+            )
         for r in raw:
             if r["rows"] == size:
                 model = r["mode"] == "model"
-                ax.axhline(r["rows_per_s"], color="black" if model else "grey", linestyle="--" if model else ":",
-                           linewidth=1, label=f"raw {r['mode']}")
+                ax.axhline(
+                    r["rows_per_s"],
+                    color="black" if model else "grey",
+                    linestyle="--" if model else ":",
+                    linewidth=1,
+                    label=f"raw {r['mode']}",
+                )
                 if model and size > 1:
-                    ax.axhline(r["rows_per_s"] / 2, color="red", linewidth=1, label="target: half the raw model")
+                    ax.axhline(
+                        r["rows_per_s"] / 2,
+                        color="red",
+                        linewidth=1,
+                        label="target: half the raw model",
+                    )
         ax.set_title(f"{size}-row requests")
         ax.set_ylabel("rows/s (median over rounds; whiskers min, max)")
         ax.legend(fontsize=7)
@@ -497,11 +672,21 @@ def _plot(summary: list[dict], raw: list[dict], path: Path) -> None:
     for k, form in enumerate(forms):
         for j, size in enumerate(sizes):
             cells = [r for r in summary if r["rows"] == size and r["form"] == form]
-            style = dict(color=f"C{k}", alpha=1.0 if j == 0 else 0.55)
-            right.plot([r["concurrency"] for r in cells], [r["p99_ms"] for r in cells], "s--", **style,
-                       label=f"p99, {form}, {size} row(s)")
-            right.plot([r["concurrency"] for r in cells], [r["p50_ms"] for r in cells], "o-", **style,
-                       label=f"p50, {form}, {size} row(s)")
+            style = {"color": f"C{k}", "alpha": 1.0 if j == 0 else 0.55}
+            right.plot(
+                [r["concurrency"] for r in cells],
+                [r["p99_ms"] for r in cells],
+                "s--",
+                **style,
+                label=f"p99, {form}, {size} row(s)",
+            )
+            right.plot(
+                [r["concurrency"] for r in cells],
+                [r["p50_ms"] for r in cells],
+                "o-",
+                **style,
+                label=f"p50, {form}, {size} row(s)",
+            )
     right.axhline(50, color="grey", linewidth=1, linestyle=":", label="50 ms target")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
@@ -527,8 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--sim-rows", type=int, default=defaults.sim_rows)
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=defaults.forms)
-    parser.add_argument("--wait-idle", type=float, default=defaults.wait_idle,
-                        help="before each round, wait up to this many seconds for the load average to fall below 1")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=defaults.wait_idle,
+        help="before each round, wait up to this many seconds for the load average to fall below 1",
+    )
     parser.add_argument("--form", choices=list(FORMS), help=argparse.SUPPRESS)
     parser.add_argument("--bodies", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["load"], help=argparse.SUPPRESS)
@@ -540,9 +729,16 @@ def main(argv: list[str] | None = None) -> int:
         load_worker(args)
         return 0
     settings = Settings(
-        model_dir=args.model_dir, out=args.out, concurrency=args.concurrency, rows=args.rows,
-        duration=args.duration, warmup=args.warmup, rounds=args.rounds, sim_rows=args.sim_rows,
-        forms=args.forms, wait_idle=args.wait_idle,
+        model_dir=args.model_dir,
+        out=args.out,
+        concurrency=args.concurrency,
+        rows=args.rows,
+        duration=args.duration,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        sim_rows=args.sim_rows,
+        forms=args.forms,
+        wait_idle=args.wait_idle,
     )
     run(settings)
     return 0

@@ -42,7 +42,9 @@ def _call(url: str, token: str | None = None, body: object | None = None) -> tup
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    request = urllib.request.Request(
+        url, data=data, headers=headers, method="GET" if data is None else "POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()
@@ -60,7 +62,9 @@ def wait_ready(url: str, timeout: float, server_pid: int | None) -> float:
     start = time.monotonic()
     while True:
         if server_pid is not None and not _alive(server_pid):
-            raise CheckFailed(f"the service process {server_pid} exited before {url}/readyz answered")
+            raise CheckFailed(
+                f"the service process {server_pid} exited before {url}/readyz answered"
+            )
         try:
             if _call(f"{url}/readyz")[0] == 200:
                 return time.monotonic() - start
@@ -99,28 +103,51 @@ def run_checks(args: argparse.Namespace) -> None:
     artifact = load_artifact(args.model_dir)
     status, body = _call(f"{url}/v1/model", args.token)
     served = json.loads(body).get("version") if status == 200 else None
-    _expect(served == artifact.version, f"GET /v1/model serves {artifact.version}: got {status} {body[:200]!r}")
+    _expect(
+        served == artifact.version,
+        f"GET /v1/model serves {artifact.version}: got {status} {body[:200]!r}",
+    )
 
-    rows = impressions(args.data, artifact.schema.sparse_names + artifact.schema.dense_names, args.rows)
+    rows = impressions(
+        args.data, artifact.schema.sparse_names + artifact.schema.dense_names, args.rows
+    )
     request = {"rows": rows}
     scorer = Scorer(artifact, max_rows=max(len(rows), 1))
     expected = scorer.predict(scorer.prepare(json.dumps(request).encode()))
     status, body = _call(f"{url}/v1/score", args.token, request)
-    _expect(status == 200, f"POST /v1/score of {len(rows)} rows -> 200: got {status} {body[:300]!r}")
+    _expect(
+        status == 200, f"POST /v1/score of {len(rows)} rows -> 200: got {status} {body[:300]!r}"
+    )
     answer = json.loads(body)
-    got = np.array([[s["pctr"], s["pcvr"], s["pctcvr"]] for s in answer["scores"]], dtype=np.float64)
-    _expect(answer["model_version"] == artifact.version,
-            f"the scores name model {artifact.version}: got {answer['model_version']}")
-    _expect(got.shape == expected.shape, f"one score per row: got {got.shape}, expected {expected.shape}")
+    got = np.array(
+        [[s["pctr"], s["pcvr"], s["pctcvr"]] for s in answer["scores"]], dtype=np.float64
+    )
+    _expect(
+        answer["model_version"] == artifact.version,
+        f"the scores name model {artifact.version}: got {answer['model_version']}",
+    )
+    _expect(
+        got.shape == expected.shape,
+        f"one score per row: got {got.shape}, expected {expected.shape}",
+    )
     worst = float(np.max(np.abs(got - expected)))
-    _expect(worst <= TOLERANCE, f"scores equal the in-process ones within {TOLERANCE:g} (max difference {worst:.2e})")
+    _expect(
+        worst <= TOLERANCE,
+        f"scores equal the in-process ones within {TOLERANCE:g} (max difference {worst:.2e})",
+    )
     _expect(float(np.ptp(expected[:, 0])) > 1e-4, "the compared scores are not all alike")
-    print(f"[image-check]     max |service - in-process| = {worst:.2e} over {got.size} values", flush=True)
+    print(
+        f"[image-check]     max |service - in-process| = {worst:.2e} over {got.size} values",
+        flush=True,
+    )
 
     bad = {"rows": [rows[0], {**rows[1], "no_such_feature": 1}]}
     status, body = _call(f"{url}/v1/score", args.token, bad)
     locs = [item.get("loc") for item in json.loads(body).get("detail", [])] if status == 422 else []
-    _expect(["body", "rows", 1, "no_such_feature"] in locs, f"a bad row -> 422 naming it: got {status} {body[:300]!r}")
+    _expect(
+        ["body", "rows", 1, "no_such_feature"] in locs,
+        f"a bad row -> 422 naming it: got {status} {body[:300]!r}",
+    )
     if args.token:
         _expect(_call(f"{url}/v1/score", None, request)[0] == 401, "no bearer token -> 401")
     status, body = _call(f"{url}/metrics")
@@ -128,9 +155,13 @@ def run_checks(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python deploy/image_check.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python deploy/image_check.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--url", required=True, help="base URL of the running service")
-    parser.add_argument("--model-dir", type=Path, required=True, help="the model directory the service serves")
+    parser.add_argument(
+        "--model-dir", type=Path, required=True, help="the model directory the service serves"
+    )
     parser.add_argument("--data", type=Path, required=True, help="Parquet impressions to score")
     parser.add_argument("--token", help="the service's CTCVR_API_TOKEN, if it has one")
     parser.add_argument("--rows", type=int, default=64, help="impressions to score (default 64)")

@@ -1,6 +1,7 @@
 """The single source of truth shared by trainer and service. Nothing here imports torch."""
 
 from schemas.features import (
+    TRUTH_COLUMNS,
     DenseFeature,
     FeatureSchema,
     Labels,
@@ -10,13 +11,13 @@ from schemas.features import (
     SchemaError,
     SparseDType,
     SparseFeature,
-    TRUTH_COLUMNS,
     TableSpec,
     load_schema,
 )
 from schemas.hashing import HashingError, hash_ints, hash_string, map_values, splitmix64, vocab_rows
 
 __all__ = [
+    "TRUTH_COLUMNS",
     "DenseFeature",
     "FeatureSchema",
     "HashingError",
@@ -27,7 +28,6 @@ __all__ = [
     "SchemaError",
     "SparseDType",
     "SparseFeature",
-    "TRUTH_COLUMNS",
     "TableSpec",
     "hash_ints",
     "hash_string",

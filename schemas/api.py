@@ -38,10 +38,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, unique
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired, Required
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, create_model
-from typing_extensions import NotRequired, Required, TypedDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    create_model,
+)
+from typing_extensions import TypedDict
 
 from schemas.features import FeatureSchema, Normalization, NormalizationKind, OOVPolicy, SparseDType
 
@@ -53,11 +62,11 @@ __all__ = [
     "MAX_STRING_CHARS",
     "ErrorResponse",
     "FeatureInfo",
+    "FeatureRule",
     "ModelInfo",
     "ReloadRequest",
     "ReloadResponse",
     "Score",
-    "FeatureRule",
     "ScoreColumnsRequest",
     "ScoreColumnsResponse",
     "ScoreRequest",
@@ -78,13 +87,20 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 RawValue = StrictInt | StrictFloat | StrictStr | list[StrictInt | StrictStr | None] | None
 
-_EXAMPLE_ROW = {"user_id": 961223854891, "city": "city_209", "recent_categories": [4, 35], "price": 25.34}
+_EXAMPLE_ROW = {
+    "user_id": 961223854891,
+    "city": "city_209",
+    "recent_categories": [4, 35],
+    "price": 25.34,
+}
 
 
 class ScoreRequest(BaseModel):
     """Impressions to score: one object per impression, raw feature values keyed by name."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"rows": [_EXAMPLE_ROW]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"rows": [_EXAMPLE_ROW]}]}
+    )
 
     rows: list[dict[str, RawValue]] = Field(min_length=1, max_length=MAX_ROWS_LIMIT)
 
@@ -105,7 +121,9 @@ class Score(BaseModel):
 
     pctr: float = Field(ge=0.0, le=1.0, description="P(click | impression)")
     pcvr: float = Field(ge=0.0, le=1.0, description="P(conversion | click, impression)")
-    pctcvr: float = Field(ge=0.0, le=1.0, description="P(click and conversion | impression) = pctr * pcvr")
+    pctcvr: float = Field(
+        ge=0.0, le=1.0, description="P(click and conversion | impression) = pctr * pcvr"
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -118,9 +136,13 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 class ScoreColumnsResponse(BaseModel):
     model_version: str = Field(description="version id of the model that computed every score")
-    pctr: list[Probability] = Field(description="P(click | impression), one per request row, in order")
+    pctr: list[Probability] = Field(
+        description="P(click | impression), one per request row, in order"
+    )
     pcvr: list[Probability] = Field(description="P(conversion | click, impression), one per row")
-    pctcvr: list[Probability] = Field(description="P(click and conversion | impression) = pctr * pcvr")
+    pctcvr: list[Probability] = Field(
+        description="P(click and conversion | impression) = pctr * pcvr"
+    )
 
 
 class ValidationErrorItem(BaseModel):
@@ -169,14 +191,18 @@ class ModelInfo(BaseModel):
     metrics: dict[str, float | None]
     features: list[FeatureInfo]
     max_rows: int = Field(description="most rows accepted per request")
-    last_reload_error: str | None = Field(default=None, description="why the last reload failed, if it did")
+    last_reload_error: str | None = Field(
+        default=None, description="why the last reload failed, if it did"
+    )
 
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str | None = Field(
-        default=None, min_length=1, max_length=4096,
+        default=None,
+        min_length=1,
+        max_length=4096,
         description="model directory to load; default: the directory of the model being served (re-read)",
     )
 
@@ -257,7 +283,9 @@ def feature_rules(schema: FeatureSchema) -> tuple[FeatureRule, ...]:
         elif table.is_hashed:
             unknown = f"missing: the OOV row {table.buckets}"
         else:
-            unknown = f"ids outside [0, {table.buckets}) and missing ones: the OOV row {table.buckets}"
+            unknown = (
+                f"ids outside [0, {table.buckets}) and missing ones: the OOV row {table.buckets}"
+            )
         if feature.multi_valued:
             description = (
                 f"list of {feature.dtype.value} ids, the first {feature.max_len} kept; null or absent: "
@@ -265,12 +293,16 @@ def feature_rules(schema: FeatureSchema) -> tuple[FeatureRule, ...]:
             )
         else:
             description = f"{feature.dtype.value} id; {unknown}"
-        rules.append(FeatureRule(feature.name, kind, feature.multi_valued, strict, low, high, description))
+        rules.append(
+            FeatureRule(feature.name, kind, feature.multi_valued, strict, low, high, description)
+        )
     for feature in schema.dense:
         norm = feature.normalization
         low, high = _dense_range(norm)
         description = f"number; null or absent: {feature.default}; normalisation {norm.kind.value}"
-        rules.append(FeatureRule(feature.name, ValueKind.FLOAT, False, False, low, high, description))
+        rules.append(
+            FeatureRule(feature.name, ValueKind.FLOAT, False, False, low, high, description)
+        )
     return tuple(rules)
 
 
@@ -313,9 +345,14 @@ def _check_rows(max_rows: int) -> None:
         raise ValueError(f"max_rows must be in [1, {MAX_ROWS_LIMIT}], got {max_rows}")
 
 
-def _features_dict(name: str, schema: FeatureSchema, field: Callable[[FeatureRule], Any], **config: Any) -> type:
+def _features_dict(
+    name: str, schema: FeatureSchema, field: Callable[[FeatureRule], Any], **config: Any
+) -> type:
     """A TypedDict with one ``field(rule)`` per feature (required under ``oov: error``) and no other key."""
-    fields = {rule.name: (Required if rule.required else NotRequired)[field(rule)] for rule in feature_rules(schema)}
+    fields = {
+        rule.name: (Required if rule.required else NotRequired)[field(rule)]
+        for rule in feature_rules(schema)
+    }
     typed = TypedDict(name, fields, total=False)  # type: ignore[misc]
     typed.__pydantic_config__ = ConfigDict(extra="forbid", **config)  # type: ignore[attr-defined]
     return typed
@@ -337,13 +374,17 @@ def score_request_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]
     """
     _check_rows(max_rows)
     impression = _features_dict(
-        "Impression", schema, lambda rule: Annotated[rule.entry_type(), Field(description=rule.description)]
+        "Impression",
+        schema,
+        lambda rule: Annotated[rule.entry_type(), Field(description=rule.description)],
     )
     return create_model(
         "ScoreRequest",
         __config__=ConfigDict(
             extra="forbid",
-            json_schema_extra={"description": f"Impressions to score, with the features of schema {schema.name!r}."},
+            json_schema_extra={
+                "description": f"Impressions to score, with the features of schema {schema.name!r}."
+            },
         ),
         rows=(list[impression], Field(min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
     )
@@ -363,10 +404,13 @@ def score_columns_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]
     """
     _check_rows(max_rows)
     columns = _features_dict(
-        "ImpressionColumns", schema,
+        "ImpressionColumns",
+        schema,
         lambda rule: Annotated[
             list[rule.entry_type()],  # type: ignore[misc]
-            Field(min_length=1, max_length=max_rows, description=f"one per row: {rule.description}"),
+            Field(
+                min_length=1, max_length=max_rows, description=f"one per row: {rule.description}"
+            ),
         ],
         json_schema_extra={"minProperties": 1},
     )

@@ -108,10 +108,12 @@ class ModelSpec(_Frozen):
     tables: tuple[TableEntry, ...] = Field(min_length=1)
     dense_features: tuple[Name, ...] = ()
     cvr_transfer: tuple[Name, ...] = Field(
-        default=(), description="heads fused into the CVR tower's input by causal transfer modules (DDPO)"
+        default=(),
+        description="heads fused into the CVR tower's input by causal transfer modules (DDPO)",
     )
     interaction: Literal["none", "dot"] = Field(
-        default="none", description="dot: the pairwise dot products of the sparse embeddings follow the dense features"
+        default="none",
+        description="dot: the pairwise dot products of the sparse embeddings follow the dense features",
     )
 
     @model_validator(mode="after")
@@ -119,7 +121,9 @@ class ModelSpec(_Frozen):
         if self.heads != SERVED_HEADS:
             raise ValueError(f"heads must be {list(SERVED_HEADS)}, got {list(self.heads)}")
         if "cvr" in self.cvr_transfer or len(set(self.cvr_transfer)) != len(self.cvr_transfer):
-            raise ValueError(f"cvr_transfer must name distinct heads other than 'cvr', got {list(self.cvr_transfer)}")
+            raise ValueError(
+                f"cvr_transfer must name distinct heads other than 'cvr', got {list(self.cvr_transfer)}"
+            )
         if min(self.expert_sizes) < 1 or min(self.tower_sizes, default=1) < 1:
             raise ValueError("expert_sizes and tower_sizes must be positive")
         features = self.sparse_features + list(self.dense_features)
@@ -129,8 +133,10 @@ class ModelSpec(_Frozen):
         if len(set(tables)) != len(tables):
             raise ValueError("a table appears twice in the model spec")
         if self.interaction == "dot" and len({t.dim for t in self.tables}) != 1:
-            raise ValueError("interaction 'dot' needs one embedding dim for every table, got "
-                             f"{sorted({t.dim for t in self.tables})}")
+            raise ValueError(
+                "interaction 'dot' needs one embedding dim for every table, got "
+                f"{sorted({t.dim for t in self.tables})}"
+            )
         if self.interaction == "dot" and len(self.sparse_features) < 2:
             raise ValueError("interaction 'dot' needs at least 2 sparse features")
         return self
@@ -154,7 +160,11 @@ class ModelSpec(_Frozen):
     @property
     def in_features(self) -> int:
         """Width of the MMoE input: pooled embeddings, dense features, then interactions."""
-        return sum(t.dim * len(t.features) for t in self.tables) + len(self.dense_features) + self.num_interactions
+        return (
+            sum(t.dim * len(t.features) for t in self.tables)
+            + len(self.dense_features)
+            + self.num_interactions
+        )
 
     def dense_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor in ``weights/dense.safetensors``."""
@@ -213,8 +223,12 @@ class Manifest(_Frozen):
     source: Source
     schema_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     model: ModelSpec
-    metrics: dict[str, float | None] = Field(default_factory=dict, description="evaluation of the run")
-    training_config: dict[str, Any] = Field(default_factory=dict, description="resolved TrainConfig")
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="evaluation of the run"
+    )
+    training_config: dict[str, Any] = Field(
+        default_factory=dict, description="resolved TrainConfig"
+    )
     files: dict[str, FileEntry]
 
     @field_validator("files")
@@ -222,7 +236,9 @@ class Manifest(_Frozen):
     def _safe_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
         for path in files:
             if not _REL_PATH.match(path):
-                raise ValueError(f"file path {path!r} is not a plain relative path inside the model directory")
+                raise ValueError(
+                    f"file path {path!r} is not a plain relative path inside the model directory"
+                )
         return files
 
     @model_validator(mode="after")

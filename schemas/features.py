@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "TRUTH_COLUMNS",
     "DenseFeature",
     "FeatureSchema",
     "Labels",
@@ -45,7 +46,6 @@ __all__ = [
     "SparseDType",
     "SparseFeature",
     "TableSpec",
-    "TRUTH_COLUMNS",
     "load_schema",
 ]
 
@@ -97,9 +97,7 @@ class TableSpec(_Frozen):
     @model_validator(mode="after")
     def _one_size(self) -> TableSpec:
         if (self.vocab_size is None) == (self.hash_buckets is None):
-            raise ValueError(
-                f"table {self.name!r}: set exactly one of vocab_size and hash_buckets"
-            )
+            raise ValueError(f"table {self.name!r}: set exactly one of vocab_size and hash_buckets")
         return self
 
     @property
@@ -148,7 +146,9 @@ class SparseFeature(_Frozen):
                     f"feature {self.name!r}: set exactly one of vocab_size and hash_buckets"
                 )
         if not self.multi_valued and self.max_len != 1:
-            raise ValueError(f"feature {self.name!r}: max_len only applies to multi_valued features")
+            raise ValueError(
+                f"feature {self.name!r}: max_len only applies to multi_valued features"
+            )
         if self.dtype is SparseDType.STRING and self.vocab_size is not None:
             raise ValueError(
                 f"feature {self.name!r}: string values need hash_buckets, not vocab_size"
@@ -254,9 +254,7 @@ class FeatureSchema(_Frozen):
     def all_tables(self) -> list[TableSpec]:
         """Declared tables followed by the implicit one-feature tables, in schema order."""
         implicit = [
-            TableSpec(
-                name=f.name, dim=f.dim, vocab_size=f.vocab_size, hash_buckets=f.hash_buckets
-            )
+            TableSpec(name=f.name, dim=f.dim, vocab_size=f.vocab_size, hash_buckets=f.hash_buckets)
             for f in self.sparse
             if f.table is None
         ]
@@ -301,9 +299,7 @@ class FeatureSchema(_Frozen):
         return cls.from_dict(data, source=source)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(
-            self.model_dump(mode="json", exclude_defaults=True), sort_keys=False
-        )
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())

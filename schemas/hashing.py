@@ -58,7 +58,9 @@ def hash_ints(values: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
     Returns:
         int64 row ids, the shape of ``values``.
     """
-    return (splitmix64(values.view(np.uint64)) % np.asarray(buckets, dtype=np.uint64)).astype(np.int64)
+    return (splitmix64(values.view(np.uint64)) % np.asarray(buckets, dtype=np.uint64)).astype(
+        np.int64
+    )
 
 
 def vocab_rows(values: np.ndarray, buckets: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +108,11 @@ def map_values(
         found = _map_ints(np.asarray(values), present, table, rows)
     if feature.oov is OOVPolicy.ERROR and not found.all():
         bad = int(np.flatnonzero(~found)[0])
-        reason = "missing value" if not present[bad] else f"value {_plain(values[bad])!r} is out of vocabulary"
+        reason = (
+            "missing value"
+            if not present[bad]
+            else f"value {_plain(values[bad])!r} is out of vocabulary"
+        )
         raise HashingError(
             f"{where + ': ' if where else ''}feature {feature.name!r} at position {bad}: "
             f"{reason} (oov policy is 'error'; table {table.name!r} has {table.buckets} rows)"
@@ -114,7 +120,9 @@ def map_values(
     return rows
 
 
-def _map_ints(values: np.ndarray, present: np.ndarray, table: TableSpec, rows: np.ndarray) -> np.ndarray:
+def _map_ints(
+    values: np.ndarray, present: np.ndarray, table: TableSpec, rows: np.ndarray
+) -> np.ndarray:
     if values.size and not np.issubdtype(values.dtype, np.integer):
         raise HashingError(f"expected integer values, got dtype {values.dtype}")
     ints = values.astype(np.int64, copy=False).reshape(-1)
@@ -136,7 +144,9 @@ def _hash_strings(
     for i in np.flatnonzero(present):
         value = values[i]
         if not isinstance(value, str):
-            raise HashingError(f"expected a string at position {i}, got {type(value).__name__} {value!r}")
+            raise HashingError(
+                f"expected a string at position {i}, got {type(value).__name__} {value!r}"
+            )
         row = cache.get(value)
         if row is None:
             pre = np.array([hash_string(value)], dtype=np.uint64)

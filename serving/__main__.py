@@ -30,15 +30,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {
         key: value
-        for key, value in {"model_dir": args.model_dir, "host": args.host, "port": args.port,
-                           "log_level": args.log_level}.items()
+        for key, value in {
+            "model_dir": args.model_dir,
+            "host": args.host,
+            "port": args.port,
+            "log_level": args.log_level,
+        }.items()
         if value is not None
     }
     try:
         settings = ServingSettings(**overrides)
     except ValidationError as err:
         for item in err.errors():
-            print(f"error: {'.'.join(map(str, item['loc'])) or 'settings'}: {item['msg']}", file=sys.stderr)
+            print(
+                f"error: {'.'.join(map(str, item['loc'])) or 'settings'}: {item['msg']}",
+                file=sys.stderr,
+            )
         return 2
     logging.basicConfig(
         level=settings.log_level.upper().replace("TRACE", "DEBUG"),

@@ -68,32 +68,42 @@ def load_artifact(model_dir: str | Path) -> Artifact:
     """
     path = Path(model_dir)
     if not path.is_dir():
-        raise ArtifactError(f"model directory {path} does not exist (write one with python -m trainer.export)")
+        raise ArtifactError(
+            f"model directory {path} does not exist (write one with python -m trainer.export)"
+        )
     manifest = _read_manifest(path)
     schema = _read_schema(path, manifest)
     try:
         featurizer = Featurizer(schema, manifest.model)
     except ValueError as err:
-        raise ArtifactError(f"{path / MANIFEST_FILE}: model spec and schema disagree: {err}") from None
+        raise ArtifactError(
+            f"{path / MANIFEST_FILE}: model spec and schema disagree: {err}"
+        ) from None
     model = ScoringModel(manifest.model, featurizer.multi_valued)
     try:
         model.set_dense(_read_tensors(path, manifest, DENSE_FILE))
         for table in manifest.model.tables:  # one table in memory at a time, besides the model
             tensors = _read_tensors(path, manifest, table_file(table.name))
             if set(tensors) != {TABLE_TENSOR}:
-                raise ValueError(f"{table_file(table.name)}: expected one tensor {TABLE_TENSOR!r}, found {sorted(tensors)}")
+                raise ValueError(
+                    f"{table_file(table.name)}: expected one tensor {TABLE_TENSOR!r}, found {sorted(tensors)}"
+                )
             model.set_table(table.name, tensors[TABLE_TENSOR])
         model.check_loaded()
     except ValueError as err:
         raise ArtifactError(f"{path}: {err}") from None
     _probe(path, featurizer, model, schema)
-    return Artifact(path=path.resolve(), manifest=manifest, schema=schema, featurizer=featurizer, model=model)
+    return Artifact(
+        path=path.resolve(), manifest=manifest, schema=schema, featurizer=featurizer, model=model
+    )
 
 
 def _read_manifest(path: Path) -> Manifest:
     file = path / MANIFEST_FILE
     if not file.is_file():
-        raise ArtifactError(f"{file} not found: {path} is not a model directory written by trainer.export")
+        raise ArtifactError(
+            f"{file} not found: {path} is not a model directory written by trainer.export"
+        )
     if file.stat().st_size > _MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{file} is larger than {_MAX_MANIFEST_BYTES} bytes")
     try:
@@ -167,4 +177,6 @@ def _probe(path: Path, featurizer: Featurizer, model: ScoringModel, schema: Feat
     }
     scores = model.predict(featurizer([row]))
     if scores.shape != (1, 3) or not np.isfinite(scores).all():
-        raise ArtifactError(f"{path}: the model does not produce finite scores (probe gave {scores.tolist()})")
+        raise ArtifactError(
+            f"{path}: the model does not produce finite scores (probe gave {scores.tolist()})"
+        )

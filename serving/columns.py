@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from schemas.api import INT64_MAX, INT64_MIN, MAX_LIST_VALUES, MAX_STRING_CHARS, FeatureRule, ValueKind, feature_rules
+from schemas.api import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LIST_VALUES,
+    MAX_STRING_CHARS,
+    FeatureRule,
+    ValueKind,
+    feature_rules,
+)
 from schemas.features import FeatureSchema
 
 __all__ = ["Column", "ColumnReader", "Columns", "Unreadable", "transpose"]
@@ -191,7 +199,9 @@ def _strings(values: Sequence[Any], nullable: bool) -> Sequence[str | None]:
     return values
 
 
-def _ints(values: Sequence[Any], rule: FeatureRule, nullable: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _ints(
+    values: Sequence[Any], rule: FeatureRule, nullable: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     # Only JSON integers: 1.0 is a valid id too, but the request model converts it (it is rare).
     ints, present = _numbers(values, {int}, nullable, np.int64)
     if rule.low > INT64_MIN or rule.high < INT64_MAX:
@@ -220,7 +230,7 @@ def _numbers(
             return np.array(values, dtype=dtype), None
         if nullable and types <= allowed | {_NONE}:
             objects = np.array(values, dtype=object)
-            present = objects != None  # noqa: E711 (element-wise)
+            present = objects != None
             objects[~present] = 0
             return objects.astype(dtype), present
     except OverflowError:  # an int beyond int64 (or float64)

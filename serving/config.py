@@ -48,7 +48,9 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CTCVR_", extra="ignore", protected_namespaces=())
 
-    model_dir: Path | None = Field(default=None, description="model directory written by trainer.export")
+    model_dir: Path | None = Field(
+        default=None, description="model directory written by trainer.export"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
     api_token: SecretStr | None = None

@@ -40,7 +40,9 @@ def _show(value: object) -> str:
 def _request(url: str, token: str, body: object | None = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url, data=data, method="POST" if data is not None else "GET",
+        url,
+        data=data,
+        method="POST" if data is not None else "GET",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
@@ -64,9 +66,15 @@ def _impressions(data: Path, model_dir: Path, count: int) -> tuple[list[dict], l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="model directory written by trainer.export")
-    parser.add_argument("--data", type=Path, required=True, help="Parquet impressions to take examples from")
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, required=True, help="model directory written by trainer.export"
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="Parquet impressions to take examples from"
+    )
     parser.add_argument("--rows", type=int, default=5, help="impressions to score")
     args = parser.parse_args(argv)
     rows, others = _impressions(args.data, args.model_dir, args.rows)
@@ -75,11 +83,27 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     token = secrets.token_urlsafe(24)
-    env = {**os.environ, "CTCVR_API_TOKEN": token, "CTCVR_HOST": "127.0.0.1", "CTCVR_PORT": str(port)}
+    env = {
+        **os.environ,
+        "CTCVR_API_TOKEN": token,
+        "CTCVR_HOST": "127.0.0.1",
+        "CTCVR_PORT": str(port),
+    }
     url = f"http://127.0.0.1:{port}"
-    print(f"[serve-demo] starting python -m serving --model-dir {args.model_dir} on {url}", flush=True)
+    print(
+        f"[serve-demo] starting python -m serving --model-dir {args.model_dir} on {url}", flush=True
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "serving", "--model-dir", str(args.model_dir), "--log-level", "warning"], env=env
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-dir",
+            str(args.model_dir),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
@@ -99,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
 
         status, info = _request(f"{url}/v1/model", token)
-        print(f"[serve-demo] GET /v1/model -> {status}: version {info['version']}, trained "
-              f"{info['source']['step']} steps with {info['source']['objective']}, "
-              f"test CTR AUC {info['metrics'].get('ctr_auc')}")
+        print(
+            f"[serve-demo] GET /v1/model -> {status}: version {info['version']}, trained "
+            f"{info['source']['step']} steps with {info['source']['objective']}, "
+            f"test CTR AUC {info['metrics'].get('ctr_auc')}"
+        )
         start = time.perf_counter()
         status, body = _request(f"{url}/v1/score", token, {"rows": rows})
         elapsed = 1000 * (time.perf_counter() - start)
-        print(f"[serve-demo] POST /v1/score with {len(rows)} impressions -> {status} in {elapsed:.1f} ms, "
-              f"model {body.get('model_version')}\n")
+        print(
+            f"[serve-demo] POST /v1/score with {len(rows)} impressions -> {status} in {elapsed:.1f} ms, "
+            f"model {body.get('model_version')}\n"
+        )
         shown = [name for name in _SHOWN if name in rows[0]]
         header = " | ".join(["#", *shown, "pCTR", "pCVR", "pCTCVR", "click", "conversion"])
         print(header)
@@ -120,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         columns = {name: [row.get(name) for row in rows] for name in rows[0]}
         status, body = _request(f"{url}/v1/score/columns", token, {"columns": columns})
         same = body.get("pctr") == [score["pctr"] for score in scores]
-        print(f"\n[serve-demo] POST /v1/score/columns with the same impressions, one list per feature -> {status}; "
-              f"pCTR {', '.join(f'{p:.4f}' for p in body.get('pctr', []))} ({'the same' if same else 'DIFFERENT'})")
+        print(
+            f"\n[serve-demo] POST /v1/score/columns with the same impressions, one list per feature -> {status}; "
+            f"pCTR {', '.join(f'{p:.4f}' for p in body.get('pctr', []))} ({'the same' if same else 'DIFFERENT'})"
+        )
         bad = {"rows": [{**rows[0], "price": "cheap", "no_such_feature": 1}]}
         status, body = _request(f"{url}/v1/score", token, bad)
         print(f"\n[serve-demo] a bad request gets {status}: {json.dumps(body['detail'])}")

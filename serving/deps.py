@@ -35,6 +35,7 @@ __all__ = [
     "require_api_token",
 ]
 
+
 async def current_settings(request: Request) -> ServingSettings:
     """The app's settings: ``create_app(settings)``, by default :func:`get_settings` (the
     environment). Tests pass their own to ``create_app`` or override this dependency."""
@@ -96,7 +97,8 @@ async def _json_body(request: Request) -> bytes:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise HTTPException(
-                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"send JSON (Content-Type: application/json), not {media!r}"
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                f"send JSON (Content-Type: application/json), not {media!r}",
             )
     return await request.body()
 
@@ -111,7 +113,9 @@ def _check(expected: SecretStr, credentials: HTTPAuthorizationCredentials | None
     given = credentials.credentials.encode() if credentials is not None else b""
     if not hmac.compare_digest(given, expected.get_secret_value().encode()):
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
         )
 
 
@@ -124,5 +128,7 @@ async def require_api_token(settings: SettingsDep, credentials: Credentials) -> 
 async def require_admin_token(settings: SettingsDep, credentials: Credentials) -> None:
     """Admin endpoints need ``CTCVR_ADMIN_TOKEN``; without one configured they are disabled."""
     if settings.admin_token is None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin endpoints are disabled: set CTCVR_ADMIN_TOKEN")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "admin endpoints are disabled: set CTCVR_ADMIN_TOKEN"
+        )
     _check(settings.admin_token, credentials)

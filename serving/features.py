@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from schemas.artifact import ModelSpec
-from schemas.features import DenseFeature, FeatureSchema, OOVPolicy, SparseDType, SparseFeature, TableSpec
+from schemas.features import (
+    DenseFeature,
+    FeatureSchema,
+    OOVPolicy,
+    SparseDType,
+    SparseFeature,
+    TableSpec,
+)
 from schemas.hashing import hash_ints, map_values, vocab_rows
 from serving.columns import Column, ColumnReader, Columns
 from serving.model import Features
@@ -57,7 +64,11 @@ class RowError:
     def loc(self, form: str) -> tuple[str | int, ...]:
         """Where it is in a request of ``form`` ``"rows"`` (``("rows", 3, "price")``) or
         ``"columns"`` (``("columns", "price", 3)``)."""
-        where = ("rows", self.row, self.feature) if form == "rows" else ("columns", self.feature, self.row)
+        where = (
+            ("rows", self.row, self.feature)
+            if form == "rows"
+            else ("columns", self.feature, self.row)
+        )
         return where if self.position is None else (*where, self.position)
 
 
@@ -65,7 +76,9 @@ class RowErrors(ValueError):
     """Rows that cannot be scored; each error names the row and the feature."""
 
     def __init__(self, errors: Sequence[RowError]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, e.loc('rows')))}: {e.msg}" for e in errors[:5]))
+        super().__init__(
+            "; ".join(f"{'.'.join(map(str, e.loc('rows')))}: {e.msg}" for e in errors[:5])
+        )
         self.errors = list(errors)
 
 
@@ -87,7 +100,9 @@ class StringRows:
 
     UNENCODABLE = -1  # the row of a string that is not valid UTF-8 (a lone surrogate)
 
-    def __init__(self, feature: SparseFeature, table: TableSpec, limit: int = STRING_CACHE_LIMIT) -> None:
+    def __init__(
+        self, feature: SparseFeature, table: TableSpec, limit: int = STRING_CACHE_LIMIT
+    ) -> None:
         self.feature, self.table, self.limit = feature, table, limit
         self.missing_row = table.buckets
         self._young: dict[str | None, int] = {None: self.missing_row}
@@ -139,7 +154,9 @@ class _IdGroup:
 @dataclass(frozen=True)
 class _Sparse:
     feature: SparseFeature
-    mapping: SparseFeature  # the same feature under oov_row: mapping never raises, errors name the row
+    mapping: (
+        SparseFeature  # the same feature under oov_row: mapping never raises, errors name the row
+    )
     table: TableSpec
     slot: int  # column of Features.single, or index into Features.multi_*
     strings: StringRows | None  # string features only
@@ -168,16 +185,24 @@ class Featurizer:
         for entry in spec.tables:
             for name in entry.features:
                 if name not in known:
-                    raise ValueError(f"model spec table {entry.name!r} reads {name!r}, which the schema lacks")
+                    raise ValueError(
+                        f"model spec table {entry.name!r} reads {name!r}, which the schema lacks"
+                    )
                 feature = schema.sparse_feature(name)
                 table = schema.table_of(name)
-                if (table.name, table.num_rows, table.dim) != (entry.name, entry.num_rows, entry.dim):
+                if (table.name, table.num_rows, table.dim) != (
+                    entry.name,
+                    entry.num_rows,
+                    entry.dim,
+                ):
                     raise ValueError(
                         f"feature {name!r}: the schema's table is {table.name!r} ({table.num_rows} x "
                         f"{table.dim}), the model spec's {entry.name!r} ({entry.num_rows} x {entry.dim})"
                     )
                 mapping = feature.model_copy(update={"oov": OOVPolicy.OOV_ROW})
-                strings = StringRows(mapping, table) if feature.dtype is SparseDType.STRING else None
+                strings = (
+                    StringRows(mapping, table) if feature.dtype is SparseDType.STRING else None
+                )
                 if feature.multi_valued:
                     self.multi.append(_Sparse(feature, mapping, table, len(self.multi), strings))
                     continue
@@ -188,7 +213,9 @@ class Featurizer:
                     (hashed if table.is_hashed else vocab).append((name, singles, table, strict))
                 singles += 1
         if set(spec.sparse_features) != known:
-            raise ValueError(f"the model spec lacks sparse features {sorted(known - set(spec.sparse_features))}")
+            raise ValueError(
+                f"the model spec lacks sparse features {sorted(known - set(spec.sparse_features))}"
+            )
         if tuple(schema.dense_names) != tuple(spec.dense_features):
             raise ValueError(
                 f"dense features differ: schema {schema.dense_names}, model spec {list(spec.dense_features)}"
@@ -213,7 +240,11 @@ class Featurizer:
             RowErrors: values refused by an ``oov: error`` policy, strings that are not valid
                 UTF-8, dense values whose normalised value overflows float32.
         """
-        columns = values if isinstance(values, Columns) else self.reader.rows_request({"rows": list(values)})
+        columns = (
+            values
+            if isinstance(values, Columns)
+            else self.reader.rows_request({"rows": list(values)})
+        )
         features, errors = self.map(columns)
         if errors:
             raise RowErrors(errors)
@@ -228,7 +259,9 @@ class Featurizer:
             if group.names:
                 single[:, group.slots] = self._ids(columns, group, hashed, errors)
         for sparse in self.strings:
-            single[:, sparse.slot] = self._strings(columns.values.get(sparse.feature.name), n, sparse, errors)
+            single[:, sparse.slot] = self._strings(
+                columns.values.get(sparse.feature.name), n, sparse, errors
+            )
         multi_values, multi_lengths = [], []
         for sparse in self.multi:
             values, lengths = self._list(columns.values.get(sparse.feature.name), n, sparse, errors)
@@ -237,12 +270,16 @@ class Featurizer:
         dense = np.empty((n, len(self.dense)), dtype=np.float32)
         for j, feature in enumerate(self.dense):
             dense[:, j] = self._dense(columns.values.get(feature.name), n, feature, errors)
-        features = Features(single=single, multi_values=multi_values, multi_lengths=multi_lengths, dense=dense)
+        features = Features(
+            single=single, multi_values=multi_values, multi_lengths=multi_lengths, dense=dense
+        )
         return features, sorted(errors, key=lambda e: e.row)
 
     # Sparse ------------------------------------------------------------------------------------
 
-    def _ids(self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]) -> np.ndarray:
+    def _ids(
+        self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]
+    ) -> np.ndarray:
         """``(n, k)`` rows of a group of single-valued int features, mapped in one call."""
         n = columns.rows
         ints = np.zeros((n, len(group.names)), dtype=np.int64)
@@ -264,10 +301,16 @@ class Featurizer:
         if group.strict.any():
             for i, j in zip(*np.nonzero(~found & group.strict)):
                 value = int(ints[i, j]) if present[i, j] else None
-                errors.append(_oov_error(int(i), group.names[j], None, value, group.tables[j], int(group.buckets[j])))
+                errors.append(
+                    _oov_error(
+                        int(i), group.names[j], None, value, group.tables[j], int(group.buckets[j])
+                    )
+                )
         return rows
 
-    def _strings(self, column: Column | None, n: int, sparse: _Sparse, errors: list[RowError]) -> np.ndarray:
+    def _strings(
+        self, column: Column | None, n: int, sparse: _Sparse, errors: list[RowError]
+    ) -> np.ndarray:
         if column is None:
             return np.full(n, sparse.table.buckets, dtype=np.int64)
         rows = sparse.strings.rows(column.values)  # type: ignore[union-attr]
@@ -285,7 +328,9 @@ class Featurizer:
         if lengths.max(initial=0) > max_len:  # type: ignore[union-attr]
             starts = np.cumsum(lengths) - lengths
             keep = np.arange(len(values)) - np.repeat(starts, lengths) < max_len
-            values = values[keep] if isinstance(values, np.ndarray) else list(compress(values, keep))
+            values = (
+                values[keep] if isinstance(values, np.ndarray) else list(compress(values, keep))
+            )
             present = None if present is None else present[keep]
             lengths = np.minimum(lengths, max_len)
         ends = np.cumsum(lengths)
@@ -304,20 +349,32 @@ class Featurizer:
             for k in np.flatnonzero(rows == table.buckets):
                 row, position = where(int(k))
                 value = None if present is not None and not present[k] else int(values[k])  # type: ignore[index]
-                errors.append(_oov_error(row, feature.name, position, value, table.name, table.buckets))
+                errors.append(
+                    _oov_error(row, feature.name, position, value, table.name, table.buckets)
+                )
         return rows, lengths
 
     @staticmethod
-    def _unencodable(rows: np.ndarray, sparse: _Sparse, errors: list[RowError], where) -> None:  # noqa: ANN001
+    def _unencodable(rows: np.ndarray, sparse: _Sparse, errors: list[RowError], where) -> None:
         bad = np.flatnonzero(rows == StringRows.UNENCODABLE)
         for k in bad:
             row, position = where(int(k))
-            errors.append(RowError(row, sparse.feature.name, position, "string is not valid UTF-8", "string_unicode"))
+            errors.append(
+                RowError(
+                    row,
+                    sparse.feature.name,
+                    position,
+                    "string is not valid UTF-8",
+                    "string_unicode",
+                )
+            )
         rows[bad] = sparse.table.buckets  # a valid placeholder; the row is refused
 
     # Dense -------------------------------------------------------------------------------------
 
-    def _dense(self, column: Column | None, n: int, feature: DenseFeature, errors: list[RowError]) -> np.ndarray:
+    def _dense(
+        self, column: Column | None, n: int, feature: DenseFeature, errors: list[RowError]
+    ) -> np.ndarray:
         if column is None:
             raw = np.full(n, feature.default, dtype=np.float64)
         elif column.present is None:
@@ -330,7 +387,9 @@ class Featurizer:
         for i in bad:
             errors.append(
                 RowError(
-                    int(i), feature.name, None,
+                    int(i),
+                    feature.name,
+                    None,
                     f"value {float(raw[i])!r} is out of range: its {feature.normalization.kind.value} "
                     "normalisation does not fit a float32",
                     "value_out_of_range",
@@ -350,10 +409,14 @@ def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
     )
 
 
-def _oov_error(row: int, name: str, position: int | None, value: int | None, table: str, buckets: int) -> RowError:
+def _oov_error(
+    row: int, name: str, position: int | None, value: int | None, table: str, buckets: int
+) -> RowError:
     reason = "missing value" if value is None else f"value {value!r} is out of vocabulary"
     return RowError(
-        row, name, position,
+        row,
+        name,
+        position,
         f"{reason}; the feature's oov policy is 'error' (table {table!r} has {buckets} rows)",
         "out_of_vocabulary",
     )

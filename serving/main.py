@@ -84,7 +84,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.stop()
 
 
-def create_app(settings: ServingSettings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(
+    settings: ServingSettings | None = None, registry: ModelRegistry | None = None
+) -> FastAPI:
     """Build the app.
 
     Args:
@@ -135,7 +137,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
     spec = get_openapi(
-        title=app.title, version=app.version, summary=app.summary, description=app.description,
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
         routes=app.routes,
     )
     scorer = app.state.registry.current
@@ -144,8 +149,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "ScoreColumnsRequest": scorer.columns_model if scorer is not None else ScoreColumnsRequest,
     }
     components = spec.setdefault("components", {}).setdefault("schemas", {})
-    for name, model in models.items():
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, request_model in models.items():
+        body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[name] = body
     app.openapi_schema = spec

@@ -33,22 +33,38 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "ctcvr_http_requests", "HTTP responses by route and status", ["method", "route", "status"], registry=r
+            "ctcvr_http_requests",
+            "HTTP responses by route and status",
+            ["method", "route", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "ctcvr_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "ctcvr_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.rows = Counter("ctcvr_score_rows", "Rows scored", registry=r)
-        self.batch_rows = Histogram("ctcvr_batch_rows", "Rows per model call", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            "ctcvr_batch_rows", "Rows per model call", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.batch_seconds = Histogram(
-            "ctcvr_batch_duration_seconds", "Time per model call", buckets=_LATENCY_BUCKETS, registry=r
+            "ctcvr_batch_duration_seconds",
+            "Time per model call",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_rows = Gauge("ctcvr_queue_rows", "Rows waiting for the model", registry=r)
         self.model_info = Gauge(
-            "ctcvr_model_info", "The model being served (value 1)", ["version", "schema_fingerprint"], registry=r
+            "ctcvr_model_info",
+            "The model being served (value 1)",
+            ["version", "schema_fingerprint"],
+            registry=r,
         )
-        self.reloads = Counter("ctcvr_model_reloads", "Hot reloads by result", ["result"], registry=r)
+        self.reloads = Counter(
+            "ctcvr_model_reloads", "Hot reloads by result", ["result"], registry=r
+        )
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.rows.inc(rows)
@@ -88,7 +104,9 @@ class MetricsMiddleware:
         finally:
             route, method = _route(scope), scope.get("method", "")
             self.metrics.requests.labels(method=method, route=route, status=str(status)).inc()
-            self.metrics.latency.labels(method=method, route=route).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(method=method, route=route).observe(
+                time.perf_counter() - start
+            )
 
 
 def _route(scope: Scope) -> str:

@@ -120,8 +120,14 @@ class ScoringModel(nn.Module):
             for name in table.features:
                 is_multi = name in multi
                 inputs.append(
-                    _Input(name, table.name, table.dim, None if is_multi else singles, multis if is_multi else None,
-                           table.pooling)
+                    _Input(
+                        name,
+                        table.name,
+                        table.dim,
+                        None if is_multi else singles,
+                        multis if is_multi else None,
+                        table.pooling,
+                    )
                 )
                 singles, multis = (singles, multis + 1) if is_multi else (singles + 1, multis)
         self._inputs = inputs
@@ -151,9 +157,15 @@ class ScoringModel(nn.Module):
         for feature, width in pieces:
             where[feature] = (start, width)
             start += width
-        columns = [c for i in self._inputs for c in range(where[i.feature][0], where[i.feature][0] + where[i.feature][1])]
+        columns = [
+            c
+            for i in self._inputs
+            for c in range(where[i.feature][0], where[i.feature][0] + where[i.feature][1])
+        ]
         embedding_columns = list(columns)
-        columns += list(range(start, start + len(self.spec.dense_features) + self.spec.num_interactions))
+        columns += list(
+            range(start, start + len(self.spec.dense_features) + self.spec.num_interactions)
+        )
         self._interaction: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.spec.interaction == "dot":
             num = len(self._inputs)
@@ -191,34 +203,53 @@ class ScoringModel(nn.Module):
             ValueError: a tensor missing, unexpected, of the wrong shape or not float32.
         """
         expected = self.spec.dense_shapes()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        missing, unexpected = (
+            sorted(set(expected) - set(tensors)),
+            sorted(set(tensors) - set(expected)),
+        )
         if missing or unexpected:
-            raise ValueError(f"dense weights do not match the model spec: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"dense weights do not match the model spec: missing {missing}, unexpected {unexpected}"
+            )
         for key, tensor in tensors.items():
             if tuple(tensor.shape) != expected[key] or tensor.dtype != torch.float32:
-                raise ValueError(f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; the spec needs float32 {expected[key]}")
+                raise ValueError(
+                    f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; the spec needs float32 {expected[key]}"
+                )
         spec, t = self.spec, tensors
         experts, heads, gates = range(spec.num_experts), spec.heads, spec.gate_heads
         # Layer 0 of every expert, then every gate: one (E*H1 + gates*E, in) matrix.
         first = torch.cat(
-            [t[f"mmoe.experts.{e}.layers.0.weight"] for e in experts] + [t[f"mmoe.gates.{h}.weight"] for h in gates]
+            [t[f"mmoe.experts.{e}.layers.0.weight"] for e in experts]
+            + [t[f"mmoe.gates.{h}.weight"] for h in gates]
         )
         self.first_weight = torch.empty_like(first)
-        self.first_weight[:, self._columns] = first  # spec column c is read from position _columns[c]
-        self.first_bias = torch.cat(
-            [t[f"mmoe.experts.{e}.layers.0.bias"] for e in experts] + [t[f"mmoe.gates.{h}.bias"] for h in gates]
+        self.first_weight[:, self._columns] = (
+            first  # spec column c is read from position _columns[c]
         )
-        self.cvr_transfer = _CausalTransfer(t, spec.cvr_transfer, gates) if spec.cvr_transfer else None
+        self.first_bias = torch.cat(
+            [t[f"mmoe.experts.{e}.layers.0.bias"] for e in experts]
+            + [t[f"mmoe.gates.{h}.bias"] for h in gates]
+        )
+        self.cvr_transfer = (
+            _CausalTransfer(t, spec.cvr_transfer, gates) if spec.cvr_transfer else None
+        )
         # Deeper expert layers as (E, in, out) for bmm; tower layers and heads as (heads, in, out).
         self.expert_layers = [
-            (torch.stack([t[f"mmoe.experts.{e}.layers.{k}.weight"].T for e in experts]).contiguous(),
-             torch.stack([t[f"mmoe.experts.{e}.layers.{k}.bias"] for e in experts]).unsqueeze(1))
+            (
+                torch.stack(
+                    [t[f"mmoe.experts.{e}.layers.{k}.weight"].T for e in experts]
+                ).contiguous(),
+                torch.stack([t[f"mmoe.experts.{e}.layers.{k}.bias"] for e in experts]).unsqueeze(1),
+            )
             for k in range(1, len(spec.expert_sizes))
         ]
         names = [f"layers.{k}" for k in range(len(spec.tower_sizes))] + ["head"]
         self.tower_layers = [
-            (torch.stack([t[f"towers.{h}.{n}.weight"].T for h in heads]).contiguous(),
-             torch.stack([t[f"towers.{h}.{n}.bias"] for h in heads]).unsqueeze(1))
+            (
+                torch.stack([t[f"towers.{h}.{n}.weight"].T for h in heads]).contiguous(),
+                torch.stack([t[f"towers.{h}.{n}.bias"] for h in heads]).unsqueeze(1),
+            )
             for n in names
         ]
         self._dense_loaded = True
@@ -227,12 +258,18 @@ class ScoringModel(nn.Module):
         """Raises ValueError unless every table and the dense tensors were set."""
         missing = sorted({t.name for t in self.spec.tables} - self._loaded)
         if missing or not self._dense_loaded:
-            raise ValueError(f"model not fully loaded: tables {missing} missing" + ("" if self._dense_loaded else ", dense tensors missing"))
+            raise ValueError(
+                f"model not fully loaded: tables {missing} missing"
+                + ("" if self._dense_loaded else ", dense tensors missing")
+            )
 
     # Inference ---------------------------------------------------------------------------------
 
     def forward(
-        self, single: torch.Tensor, multi_values: Sequence[torch.Tensor], multi_offsets: Sequence[torch.Tensor],
+        self,
+        single: torch.Tensor,
+        multi_values: Sequence[torch.Tensor],
+        multi_offsets: Sequence[torch.Tensor],
         dense: torch.Tensor,
     ) -> torch.Tensor:
         """Args:
@@ -252,8 +289,10 @@ class ScoringModel(nn.Module):
         for bag in self._bags:
             pieces.append(
                 F.embedding_bag(
-                    multi_values[bag.multi_slot] + self._offset[bag.table], getattr(self, f"embeddings_{bag.dim}"),
-                    multi_offsets[bag.multi_slot], mode=bag.pooling.value,
+                    multi_values[bag.multi_slot] + self._offset[bag.table],
+                    getattr(self, f"embeddings_{bag.dim}"),
+                    multi_offsets[bag.multi_slot],
+                    mode=bag.pooling.value,
                 )
             )
         pieces.append(dense)
@@ -263,7 +302,9 @@ class ScoringModel(nn.Module):
         spec = self.spec
         experts, width = spec.num_experts, spec.expert_sizes[0]
         first = F.linear(x, self.first_weight, self.first_bias)
-        hidden = torch.relu(first[:, : experts * width]).view(batch, experts, width).transpose(0, 1)  # (E, B, H)
+        hidden = (
+            torch.relu(first[:, : experts * width]).view(batch, experts, width).transpose(0, 1)
+        )  # (E, B, H)
         for weight, bias in self.expert_layers:
             hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
         logits = first[:, experts * width :].reshape(batch, len(spec.gate_heads), experts)
@@ -309,16 +350,22 @@ class _CausalTransfer:
     """DDPO's causal transfer modules and their fusion (``schemas/artifact.py`` states the maths):
     the CVR tower's input from the gate mixtures of the CVR head and of each source head."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], sources: Sequence[str], gate_heads: Sequence[str]) -> None:
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], sources: Sequence[str], gate_heads: Sequence[str]
+    ) -> None:
         self.cvr = gate_heads.index("cvr")
         self.sources = [gate_heads.index(source) for source in sources]
         # query, key and value of every source as one (3*H, H) matrix per source
         self.weights = [
-            torch.cat([tensors[f"cvr_transfer.{s}.{layer}.weight"] for layer in ("query", "key", "value")])
+            torch.cat(
+                [tensors[f"cvr_transfer.{s}.{layer}.weight"] for layer in ("query", "key", "value")]
+            )
             for s in sources
         ]
         self.biases = [
-            torch.cat([tensors[f"cvr_transfer.{s}.{layer}.bias"] for layer in ("query", "key", "value")])
+            torch.cat(
+                [tensors[f"cvr_transfer.{s}.{layer}.bias"] for layer in ("query", "key", "value")]
+            )
             for s in sources
         ]
         self.fuse_weight = tensors["cvr_transfer.fuse.weight"]

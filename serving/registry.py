@@ -84,7 +84,10 @@ class ModelRegistry:
             self.metrics.reloads.labels(result="success").inc()
             log.info("reloaded %s: now serving %s (was %s)", target, scorer.version, previous)
             return ReloadResponse(
-                version=scorer.version, previous_version=previous, model_dir=str(target), seconds=seconds
+                version=scorer.version,
+                previous_version=previous,
+                model_dir=str(target),
+                seconds=seconds,
             )
         finally:
             self._reload_lock.release()

@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum, unique
 from typing import Any
 
@@ -68,7 +68,7 @@ class Scorer:
         self.request_model: type[BaseModel] = score_request_model(artifact.schema, max_rows)
         self.columns_model: type[BaseModel] = score_columns_model(artifact.schema, max_rows)
         self.reader = ColumnReader(artifact.schema, max_rows)
-        self.loaded_at = datetime.now(timezone.utc)
+        self.loaded_at = datetime.now(UTC)
 
     @property
     def version(self) -> str:
@@ -95,7 +95,9 @@ class Scorer:
         try:
             return read({form.value: getattr(request, form.value)})
         except Unreadable as err:  # the two disagree: refuse, saying what the reader found
-            raise RequestInvalid([{"loc": ["body", form.value], "msg": str(err), "type": "value_error"}]) from None
+            raise RequestInvalid(
+                [{"loc": ["body", form.value], "msg": str(err), "type": "value_error"}]
+            ) from None
 
     def featurize(self, columns: Columns, form: RequestForm = RequestForm.ROWS) -> Features:
         """Map parsed values to model inputs.
@@ -121,14 +123,21 @@ class Scorer:
         schema = self.artifact.schema
         out = [
             FeatureInfo(
-                name=f.name, kind="sparse", dtype=f.dtype.value, multi_valued=f.multi_valued,
-                max_len=f.max_len if f.multi_valued else None, oov=f.oov.value,
+                name=f.name,
+                kind="sparse",
+                dtype=f.dtype.value,
+                multi_valued=f.multi_valued,
+                max_len=f.max_len if f.multi_valued else None,
+                oov=f.oov.value,
             )
             for f in schema.sparse
         ]
         out += [
             FeatureInfo(
-                name=f.name, kind="dense", dtype="float", default=f.default,
+                name=f.name,
+                kind="dense",
+                dtype="float",
+                default=f.default,
                 normalization=f.normalization.model_dump(mode="json"),
             )
             for f in schema.dense
@@ -145,9 +154,15 @@ def _pydantic_errors(err: ValidationError) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for item in err.errors(include_url=False, include_input=False):
         loc = list(item["loc"])
-        if loc and isinstance(loc[-1], str) and loc[-1].startswith(_UNION_TAGS):  # an id failed both branches
+        if (
+            loc and isinstance(loc[-1], str) and loc[-1].startswith(_UNION_TAGS)
+        ):  # an id failed both branches
             loc.pop()
-            merged = {"loc": ["body", *loc], "msg": "Input should be an integer", "type": "int_type"}
+            merged = {
+                "loc": ["body", *loc],
+                "msg": "Input should be an integer",
+                "type": "int_type",
+            }
             if item["type"] in _BOUNDS:
                 merged = {"loc": ["body", *loc], "msg": item["msg"], "type": item["type"]}
             if items and items[-1]["loc"] == merged["loc"]:
@@ -160,16 +175,25 @@ def _pydantic_errors(err: ValidationError) -> list[dict[str, Any]]:
     return _capped(items[:MAX_REPORTED_ERRORS], len(items))
 
 
-def row_errors(errors: list[RowError], form: RequestForm = RequestForm.ROWS) -> list[dict[str, Any]]:
+def row_errors(
+    errors: list[RowError], form: RequestForm = RequestForm.ROWS
+) -> list[dict[str, Any]]:
     """FastAPI-style error items of mapping errors, by row, at most ``MAX_REPORTED_ERRORS``."""
     errors = sorted(errors, key=lambda e: e.row)
-    items = [{"loc": ["body", *e.loc(form.value)], "msg": e.msg, "type": e.type} for e in errors[:MAX_REPORTED_ERRORS]]
+    items = [
+        {"loc": ["body", *e.loc(form.value)], "msg": e.msg, "type": e.type}
+        for e in errors[:MAX_REPORTED_ERRORS]
+    ]
     return _capped(items, len(errors))
 
 
 def _capped(items: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
     if total > len(items):
         items.append(
-            {"loc": ["body"], "msg": f"{total - len(items)} more error(s) not listed", "type": "too_many_errors"}
+            {
+                "loc": ["body"],
+                "msg": f"{total - len(items)} more error(s) not listed",
+                "type": "too_many_errors",
+            }
         )
     return items

@@ -37,7 +37,8 @@ def tiny_batch(click, conversion, schema: FeatureSchema | None = None) -> Batch:
             lengths.append(count)
             values.extend((row * 7 + k) % 10 for k in range(count))
     sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=schema.sparse_names, values=torch.tensor(values, dtype=torch.int64),
+        keys=schema.sparse_names,
+        values=torch.tensor(values, dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )
     return Batch(
@@ -51,5 +52,8 @@ def tiny_batch(click, conversion, schema: FeatureSchema | None = None) -> Batch:
 def outputs_from_probs(**probs) -> TaskOutputs:
     """TaskOutputs whose heads have the given probabilities (logits = log(p / (1 - p)))."""
     return TaskOutputs(
-        logits={head: torch.tensor([math.log(p / (1 - p)) for p in ps], requires_grad=True) for head, ps in probs.items()}
+        logits={
+            head: torch.tensor([math.log(p / (1 - p)) for p in ps], requires_grad=True)
+            for head, ps in probs.items()
+        }
     )

@@ -9,10 +9,17 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from schemas import FeatureSchema
 from trainer.config import ConfigError, FeatureInteraction, ModelConfig, TowerSharing
-from trainer.model import CORE_HEADS, CtcvrModel, DotInteraction, ModelStructure, SparseArch, embedding_bag_configs
+from trainer.model import (
+    CORE_HEADS,
+    CtcvrModel,
+    DotInteraction,
+    ModelStructure,
+    SparseArch,
+    embedding_bag_configs,
+)
 from trainer.model.adap_sl import IMPUTATION
 
-__all__ = ["build_model", "model_heads", "mmoe_tiny"]
+__all__ = ["build_model", "mmoe_tiny", "model_heads"]
 
 
 def model_heads(extra_heads: Iterable[str] = ()) -> tuple[str, ...]:
@@ -76,13 +83,18 @@ def build_model(
     )
 
 
-def build_interaction(config: ModelConfig, tables: list[EmbeddingBagConfig]) -> DotInteraction | None:
+def build_interaction(
+    config: ModelConfig, tables: list[EmbeddingBagConfig]
+) -> DotInteraction | None:
     """``model.interaction``'s module over the features of ``tables`` (``None`` for ``none``)."""
     if config.interaction == FeatureInteraction.NONE.value:
         return None
     dims = {name: table.embedding_dim for table in tables for name in table.feature_names}
     if len(set(dims.values())) != 1:
-        by_dim = ", ".join(f"{dim}: {[n for n, d in dims.items() if d == dim]}" for dim in sorted(set(dims.values())))
+        by_dim = ", ".join(
+            f"{dim}: {[n for n, d in dims.items() if d == dim]}"
+            for dim in sorted(set(dims.values()))
+        )
         raise ConfigError(
             f"model.interaction={config.interaction} takes dot products between sparse features, which needs "
             f"one embedding dimension for all of them; the schema has {by_dim}. Give every table the same "

@@ -27,7 +27,13 @@ from torch import nn
 
 from trainer.distributed import DistContext
 
-__all__ = ["CheckpointError", "CheckpointMeta", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointMeta",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 _LATEST = "latest"
 
@@ -78,7 +84,9 @@ def save_checkpoint(
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(path))
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(path)
+    )
     torch.save({"rng": _rng_state(), "state": rank_state or {}}, path / f"rank{ctx.rank}.pt")
     dist.barrier()
     if ctx.is_main:

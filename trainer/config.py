@@ -19,17 +19,17 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = [
     "AdapSlConfig",
     "ConfigError",
-    "PruningConfig",
-    "ShardingType",
-    "SparseOptimizer",
-    "TowerSharing",
-    "FeatureInteraction",
     "DataConfig",
     "DenseOptimizerConfig",
+    "FeatureInteraction",
     "ModelConfig",
     "ObjectiveConfig",
+    "PruningConfig",
     "ShardingConfig",
+    "ShardingType",
+    "SparseOptimizer",
     "SparseOptimizerConfig",
+    "TowerSharing",
     "TrainConfig",
     "TrainLoopConfig",
     "load_config",
@@ -135,7 +135,9 @@ class DenseOptimizerConfig:
 
 @dataclass
 class SparseOptimizerConfig:
-    name: str = SparseOptimizer.ROWWISE_ADAGRAD.value  # fused into the backward pass; see SparseOptimizer
+    name: str = (
+        SparseOptimizer.ROWWISE_ADAGRAD.value
+    )  # fused into the backward pass; see SparseOptimizer
     lr: float = 0.05
     eps: float = 1e-8
 
@@ -188,7 +190,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         merged = OmegaConf.merge(*layers)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"config {path or '<defaults>'}: required value(s) missing: {missing}")
+            raise ConfigError(
+                f"config {path or '<defaults>'}: required value(s) missing: {missing}"
+            )
         OmegaConf.resolve(merged)
         config = OmegaConf.to_object(merged)
     except FileNotFoundError:
@@ -224,17 +228,25 @@ def _check(config: TrainConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if config.data.ranking_k < 0:
-        raise ConfigError(f"data.ranking_k must be >= 0 (0: no ranking metrics), got {config.data.ranking_k}")
+        raise ConfigError(
+            f"data.ranking_k must be >= 0 (0: no ranking metrics), got {config.data.ranking_k}"
+        )
     if config.dense_optimizer.final_lr_scale < 0:
         raise ConfigError(
             f"dense_optimizer.final_lr_scale must be >= 0, got {config.dense_optimizer.final_lr_scale}"
         )
     if config.train.checkpoint_every < 0:
-        raise ConfigError(f"train.checkpoint_every must be >= 0, got {config.train.checkpoint_every}")
+        raise ConfigError(
+            f"train.checkpoint_every must be >= 0, got {config.train.checkpoint_every}"
+        )
     if not config.model.expert_sizes or min(config.model.expert_sizes) < 1:
-        raise ConfigError(f"model.expert_sizes must be positive sizes, got {config.model.expert_sizes}")
+        raise ConfigError(
+            f"model.expert_sizes must be positive sizes, got {config.model.expert_sizes}"
+        )
     if min(config.model.tower_sizes, default=1) < 1:
-        raise ConfigError(f"model.tower_sizes must be positive sizes, got {config.model.tower_sizes}")
+        raise ConfigError(
+            f"model.tower_sizes must be positive sizes, got {config.model.tower_sizes}"
+        )
     if not 0.0 <= config.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
     _check_tower_sharing(config.model)
@@ -244,7 +256,9 @@ def _check(config: TrainConfig) -> None:
     for value in config.sharding.types:
         _choice("sharding.types", value, ShardingType)
     if config.sharding.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}")
+        raise ConfigError(
+            f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}"
+        )
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
@@ -269,9 +283,13 @@ def _check_tower_sharing(model: ModelConfig) -> None:
         return
     adap = model.adap_sl
     if not 0.0 < adap.shared_fraction < 1.0:
-        raise ConfigError(f"model.adap_sl.shared_fraction must be in (0, 1), got {adap.shared_fraction}")
+        raise ConfigError(
+            f"model.adap_sl.shared_fraction must be in (0, 1), got {adap.shared_fraction}"
+        )
     if not model.tower_sizes:
-        raise ConfigError("model.tower_sizes is empty: adap_sl shares the towers' hidden units, give at least one layer")
+        raise ConfigError(
+            "model.tower_sizes is empty: adap_sl shares the towers' hidden units, give at least one layer"
+        )
     if adap.epoch_steps < 1:
         raise ConfigError(f"model.adap_sl.epoch_steps must be >= 1, got {adap.epoch_steps}")
     for tower in ("cvr", "imputation"):

@@ -27,7 +27,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from trainer.config import DenseOptimizerConfig, ShardingConfig, ShardingType, SparseOptimizer, SparseOptimizerConfig
+from trainer.config import (
+    DenseOptimizerConfig,
+    ShardingConfig,
+    ShardingType,
+    SparseOptimizer,
+    SparseOptimizerConfig,
+)
 
 __all__ = [
     "DistContext",
@@ -89,7 +95,7 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("sharding.backend=nccl needs CUDA; use gloo (or auto) on CPU")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch_device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(torch_device)
@@ -99,8 +105,11 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
         if "RANK" in os.environ:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             dist.init_process_group(
-                backend=backend, store=_attempt_store(rank, world_size), rank=rank,
-                world_size=world_size, timeout=_TIMEOUT,
+                backend=backend,
+                store=_attempt_store(rank, world_size),
+                rank=rank,
+                world_size=world_size,
+                timeout=_TIMEOUT,
             )
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -144,7 +153,9 @@ def fuse_sparse_optimizer(model: nn.Module, config: SparseOptimizerConfig) -> No
             apply_optimizer_in_backward(optimizer_class, module.parameters(), kwargs)
 
 
-def shard_model(model: nn.Module, ctx: DistContext, config: ShardingConfig) -> DistributedModelParallel:
+def shard_model(
+    model: nn.Module, ctx: DistContext, config: ShardingConfig
+) -> DistributedModelParallel:
     """Plan the sharding of every embedding table and wrap ``model`` in DMP.
 
     Raises:
@@ -164,7 +175,9 @@ def shard_model(model: nn.Module, ctx: DistContext, config: ShardingConfig) -> D
         for table in module.embedding_bag_configs()
     }
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    topology = Topology(world_size=ctx.world_size, local_world_size=local_world_size, compute_device=ctx.device.type)
+    topology = Topology(
+        world_size=ctx.world_size, local_world_size=local_world_size, compute_device=ctx.device.type
+    )
     # A fixed reserve for dense parameters and activations; the default heuristic estimates them
     # from meta tensors and warns that it over-estimates.
     planner = EmbeddingShardingPlanner(
@@ -177,7 +190,9 @@ def shard_model(model: nn.Module, ctx: DistContext, config: ShardingConfig) -> D
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
 
 
-def build_optimizer(model: DistributedModelParallel, config: DenseOptimizerConfig) -> CombinedOptimizer:
+def build_optimizer(
+    model: DistributedModelParallel, config: DenseOptimizerConfig
+) -> CombinedOptimizer:
     """Adam over the dense parameters, combined with the fused sparse optimizer of the tables.
 
     One ``step()``/``zero_grad()``/``state_dict()`` then covers both; the sparse part has already
@@ -185,7 +200,8 @@ def build_optimizer(model: DistributedModelParallel, config: DenseOptimizerConfi
     """
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     dense_optimizer = KeyedOptimizerWrapper(
-        dense, lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        dense,
+        lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay),
     )
     return CombinedOptimizer([("sparse", model.fused_optimizer), ("dense", dense_optimizer)])
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.data.batch import Batch
-from trainer.evaluation import compute_metrics, format_table, ranking_metrics, write_report
 from trainer.distributed import DistContext
+from trainer.evaluation import compute_metrics, format_table, ranking_metrics, write_report
 
 __all__ = ["Predictions", "evaluate", "predict"]
 
@@ -55,7 +55,10 @@ class Predictions:
                 raise ValueError("ranking metrics need the schema's group column (the user id)")
             rated = self.click == 1
             ranking = ranking_metrics(
-                self.pcvr[rated], self.conversion[rated], self.group[rated], k=ranking_k,
+                self.pcvr[rated],
+                self.conversion[rated],
+                self.group[rated],
+                k=ranking_k,
                 users_without_positives="count",
             )
             metrics.update({key: value for key, value in ranking.items() if key != "auc"})
@@ -80,7 +83,9 @@ def predict(model: nn.Module, batches: Iterable[Batch], ctx: DistContext) -> Pre
         if not _any_rank(batch is not None, ctx):
             break
         if batch is None and last is None:
-            raise RuntimeError(f"rank {ctx.rank} has no evaluation rows; use fewer ranks or more data")
+            raise RuntimeError(
+                f"rank {ctx.rank} has no evaluation rows; use fewer ranks or more data"
+            )
         _, (_, outputs) = model((batch if batch is not None else last).to(ctx.device))
         if batch is None:
             continue
@@ -103,7 +108,9 @@ def predict(model: nn.Module, batches: Iterable[Batch], ctx: DistContext) -> Pre
         gathered = [local]
     if not ctx.is_main:
         return None
-    joined = {name: np.concatenate([g[name] for g in gathered if name in g]) for name in gathered[0]}
+    joined = {
+        name: np.concatenate([g[name] for g in gathered if name in g]) for name in gathered[0]
+    }
     truth = (
         {"true_cvr": joined["true_cvr"], "cf_conversion": joined["cf_conversion"]}
         if "true_cvr" in joined
@@ -148,7 +155,9 @@ def _any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
-def _append(parts: dict[str, list[np.ndarray]], name: str, tensor: torch.Tensor, *, exact: bool = False) -> None:
+def _append(
+    parts: dict[str, list[np.ndarray]], name: str, tensor: torch.Tensor, *, exact: bool = False
+) -> None:
     """Collect a tensor as numpy; float32 unless ``exact`` (ids: 64-bit user ids and string
     hashes do not survive float32, which would merge users in GAUC and ranking metrics)."""
     tensor = tensor.detach().cpu()
@@ -158,16 +167,24 @@ def _append(parts: dict[str, list[np.ndarray]], name: str, tensor: torch.Tensor,
 def main(argv: list[str] | None = None) -> int:
     from trainer.recipe import TrainRecipe  # the recipe builds and shards the model as in training
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="run directory written by trainer.train")
-    parser.add_argument("--data", help="Parquet file or directory to evaluate (default: the run's data.test)")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--run", required=True, type=Path, help="run directory written by trainer.train"
+    )
+    parser.add_argument(
+        "--data", help="Parquet file or directory to evaluate (default: the run's data.test)"
+    )
     parser.add_argument("--out", type=Path, help="where to write metrics (default: RUN/eval)")
     args = parser.parse_args(argv)
     config_file = args.run / "config.yaml"
     if not config_file.is_file():
         parser.error(f"{config_file} not found: is {args.run} a run directory of trainer.train?")
     overrides = [f"output_dir={args.run}"] + ([f"data.test={args.data}"] if args.data else [])
-    recipe = TrainRecipe.from_files(config_file, overrides, resume=True, require_checkpoint=True, read_only=True)
+    recipe = TrainRecipe.from_files(
+        config_file, overrides, resume=True, require_checkpoint=True, read_only=True
+    )
     try:
         metrics = recipe.evaluate(out_dir=args.out or args.run / "eval")
         if metrics is not None:

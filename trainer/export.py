@@ -32,7 +32,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,9 @@ def export_run(
     objective = build_objective(objective_name, **objective_params)
     spec = _model_spec(schema, model_config, objective)
     # The model as the run built it, tables on "meta": names and shapes, no table memory.
-    model = build_model(schema, model_config, structure=model_structure(objective), embedding_device="meta")
+    model = build_model(
+        schema, model_config, structure=model_structure(objective), embedding_device="meta"
+    )
     tables, dense, folded, left_out = _plan(model, ckpt, spec)
     if left_out:
         say(f"[export] training-only heads left out: {', '.join(sorted(left_out))}")
@@ -164,10 +166,13 @@ def export_run(
             save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
             files[table_file(param.name)] = _file_entry(tmp / table_file(param.name))
             del weight
-        digest = hashlib.sha256("".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode())
+        digest = hashlib.sha256(
+            "".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode()
+        )
         manifest = Manifest(
-            version=version or f"{_slug(run_dir.resolve().name)}-step{meta['step']:08d}-{digest.hexdigest()[:10]}",
-            created_at=datetime.now(timezone.utc),
+            version=version
+            or f"{_slug(run_dir.resolve().name)}-step{meta['step']:08d}-{digest.hexdigest()[:10]}",
+            created_at=datetime.now(UTC),
             source=Source(
                 run_dir=str(run_dir.resolve()),
                 checkpoint=ckpt.name,
@@ -213,7 +218,9 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
         except CheckpointError as err:
             raise ExportError(str(err)) from None
         if path is None:
-            raise ExportError(f"{run_dir} has no checkpoint yet; train first (checkpoints/latest is missing)")
+            raise ExportError(
+                f"{run_dir} has no checkpoint yet; train first (checkpoints/latest is missing)"
+            )
         return path
     path = Path(checkpoint)
     if not path.is_dir():
@@ -272,7 +279,9 @@ def _plan(
         ckpt_key = _PREFIX + key
         found = stored.get(ckpt_key)
         if found is None or not hasattr(found, "size"):
-            raise ExportError(f"{ckpt} has no tensor {ckpt_key!r}: it was not written by this run's model")
+            raise ExportError(
+                f"{ckpt} has no tensor {ckpt_key!r}: it was not written by this run's model"
+            )
         if tuple(found.size) != tuple(tensor.shape):
             raise ExportError(
                 f"{ckpt}: {ckpt_key!r} has shape {tuple(found.size)} but the run's config gives "
@@ -283,7 +292,9 @@ def _plan(
             tables.append(_Param(ckpt_key, m[1], tuple(found.size), dtype))
             continue
         if key.startswith(_PARTIALLY_SHARED):
-            folded.append(_Param(ckpt_key, key.removeprefix(_PARTIALLY_SHARED), tuple(found.size), dtype))
+            folded.append(
+                _Param(ckpt_key, key.removeprefix(_PARTIALLY_SHARED), tuple(found.size), dtype)
+            )
             continue
         name, head = _dense_name(key)
         if head is not None and head not in SERVED_HEADS and name not in expected:
@@ -292,7 +303,9 @@ def _plan(
         dense.append(_Param(ckpt_key, name, tuple(found.size), dtype))
     if model.partially_shared is not None:
         left_out |= set(model.partially_shared.towers) - set(SERVED_HEADS)
-    got = {p.name: p.shape for p in dense} | {name: tuple(t.shape) for name, t in _folded_towers(model).items()}
+    got = {p.name: p.shape for p in dense} | {
+        name: tuple(t.shape) for name, t in _folded_towers(model).items()
+    }
     if got != expected:
         raise ExportError(
             "the trainer's model no longer matches the serving artifact layout "
@@ -304,7 +317,9 @@ def _plan(
     return sorted(tables, key=lambda p: order[p.name]), dense, folded, left_out
 
 
-def _folded_towers(model: CtcvrModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _folded_towers(
+    model: CtcvrModel, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The served heads among the model's partially shared towers, each as the artifact tensors
     of an ordinary tower (``PartiallySharedTowers.folded_tower``), after loading ``state`` (the
     module's own keys) into them; empty for a model without them."""
@@ -348,7 +363,9 @@ def _load(ckpt: Path, params: list[_Param]) -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors of ``params``; DCP gathers them from every rank's shards."""
     state = {p.checkpoint_key: torch.empty(p.shape, dtype=p.dtype) for p in params}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*load in a single process", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*load in a single process", category=UserWarning
+        )
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -393,15 +410,23 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="run directory written by trainer.train")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--run", required=True, type=Path, help="run directory written by trainer.train"
+    )
     parser.add_argument("--out", required=True, type=Path, help="model directory to write")
-    parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)")
+    parser.add_argument(
+        "--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)"
+    )
     parser.add_argument("--version", help="version id (default: <run>-step<step>-<content hash>)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     try:
-        export_run(args.run, args.out, checkpoint=args.checkpoint, version=args.version, force=args.force)
+        export_run(
+            args.run, args.out, checkpoint=args.checkpoint, version=args.version, force=args.force
+        )
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

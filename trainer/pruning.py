@@ -63,10 +63,12 @@ def magnitude_prune_(
     if count <= 0:
         return 0
     # Pruned entries rank last, so they are never counted again (masks are nested).
-    scores = torch.cat([
-        torch.where(mask.flatten() > 0, weight.detach().abs().flatten(), torch.inf)
-        for weight, mask in zip(weights, masks)
-    ])
+    scores = torch.cat(
+        [
+            torch.where(mask.flatten() > 0, weight.detach().abs().flatten(), torch.inf)
+            for weight, mask in zip(weights, masks)
+        ]
+    )
     flat_masks[torch.argsort(scores, stable=True)[:count]] = 0
     for mask, part in zip(masks, flat_masks.split([mask.numel() for mask in masks])):
         mask.copy_(part.view_as(mask))
@@ -92,7 +94,11 @@ def density_report(towers: PartiallySharedTowers) -> dict[str, dict[str, float |
             "private": counts["private"][0] / counts["private"][1],
             "total_kept": kept,
             "total_weights": weights,
-            **{f"{part}_{what}": n for part, (k, w) in counts.items() for what, n in (("kept", k), ("weights", w))},
+            **{
+                f"{part}_{what}": n
+                for part, (k, w) in counts.items()
+                for what, n in (("kept", k), ("weights", w))
+            },
         }
     return report
 
@@ -153,8 +159,10 @@ class AdaptivePruner:
         modules = [module for module, _ in self.towers.masked_linears(tower)]
         schedule = self.schedule(tower)
         return magnitude_prune_(
-            [module.linear.weight for module in modules], [module.mask(tower) for module in modules],
-            schedule.rate, schedule.min_density,
+            [module.linear.weight for module in modules],
+            [module.mask(tower) for module in modules],
+            schedule.rate,
+            schedule.min_density,
         )
 
     def _agree_across_ranks(self) -> None:

@@ -19,7 +19,13 @@ from tqdm import tqdm
 
 from schemas import FeatureSchema, load_schema
 from trainer.builders import build_model
-from trainer.checkpoint import CheckpointError, CheckpointMeta, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig, load_config, save_config, to_dict
 from trainer.data import ImpressionReader, infinite
 from trainer.distributed import (
@@ -72,7 +78,9 @@ class TrainRecipe:
         self.setup()
 
     @classmethod
-    def from_files(cls, config_file: str | Path | None, overrides: list[str], **kwargs: bool) -> TrainRecipe:
+    def from_files(
+        cls, config_file: str | Path | None, overrides: list[str], **kwargs: bool
+    ) -> TrainRecipe:
         return cls(load_config(config_file, overrides), **kwargs)
 
     # Setup ------------------------------------------------------------------------------------
@@ -94,14 +102,18 @@ class TrainRecipe:
         )
         # Adap-SL: the pruner holds the towers themselves; sharding wraps them without copying.
         self.pruner = (
-            AdaptivePruner(model.partially_shared, cfg.model.adap_sl) if model.partially_shared is not None else None
+            AdaptivePruner(model.partially_shared, cfg.model.adap_sl)
+            if model.partially_shared is not None
+            else None
         )
         module = TrainModule(model, self.objective)
         # The sparse optimizer must be attached before sharding, which fuses it into the kernels.
         fuse_sparse_optimizer(module, cfg.sparse_optimizer)
         self.model = shard_model(module, self.ctx, cfg.sharding)
         self.optimizer = build_optimizer(self.model, cfg.dense_optimizer)
-        self.train_reader = self._reader(cfg.data.train, shuffle=True, batch_size=cfg.data.batch_size)
+        self.train_reader = self._reader(
+            cfg.data.train, shuffle=True, batch_size=cfg.data.batch_size
+        )
         self.batches = infinite(self.train_reader)
         if not self.read_only:
             self._write_run_files()
@@ -147,7 +159,9 @@ class TrainRecipe:
             if self.require_checkpoint:
                 raise CheckpointError(f"{self.run_dir} has no checkpoint to load")
             return
-        meta, rank_state = load_checkpoint(path, self.ctx, self.model, self.optimizer, self.schema.fingerprint())
+        meta, rank_state = load_checkpoint(
+            path, self.ctx, self.model, self.optimizer, self.schema.fingerprint()
+        )
         self.step = meta.step
         if "data" in rank_state:
             self.batches.load_state_dict(rank_state["data"])
@@ -166,8 +180,11 @@ class TrainRecipe:
         cfg = self.config.train
         self._install_signal_handlers()
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.ctx.is_main),
-            unit="step", dynamic_ncols=True,
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.ctx.is_main),
+            unit="step",
+            dynamic_ncols=True,
         )
         window_loss, window_terms, window_rows, window_start = 0.0, {}, 0, time.perf_counter()
         self.model.train()
@@ -176,7 +193,9 @@ class TrainRecipe:
             loss, (loss_out, _) = self.model(batch)
             self.optimizer.zero_grad()
             loss.backward()
-            set_dense_lr(self.optimizer, dense_lr_at(self.config.dense_optimizer, self.step, cfg.steps))
+            set_dense_lr(
+                self.optimizer, dense_lr_at(self.config.dense_optimizer, self.step, cfg.steps)
+            )
             self.optimizer.step()
             self.step += 1
             if self.pruner is not None:
@@ -187,31 +206,61 @@ class TrainRecipe:
                 window_terms[name] = window_terms.get(name, 0.0) + value.item()
             window_rows += batch.size
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                steps = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                record = self._log_metrics(steps, window_loss, window_terms, window_rows, window_start)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:,.0f}")
-                window_loss, window_terms, window_rows, window_start = 0.0, {}, 0, time.perf_counter()
+                steps = (
+                    cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                )
+                record = self._log_metrics(
+                    steps, window_loss, window_terms, window_rows, window_start
+                )
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:,.0f}"
+                )
+                window_loss, window_terms, window_rows, window_start = (
+                    0.0,
+                    {},
+                    0,
+                    time.perf_counter(),
+                )
             if self._should_stop():
                 bar.close()
                 self.save_checkpoint()
-                self._log(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+                self._log(
+                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved"
+                )
                 raise SystemExit(128 + (self._stop_signal or signal.SIGTERM))
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            if (
+                cfg.checkpoint_every
+                and self.step % cfg.checkpoint_every == 0
+                and self.step < cfg.steps
+            ):
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
         if self.pruner is not None:
-            self._log(f"weights left after {self.step} steps: " + format_density(density_report(self.pruner.towers)))
+            self._log(
+                f"weights left after {self.step} steps: "
+                + format_density(density_report(self.pruner.towers))
+            )
         if cfg.evaluate and self.config.data.test:
             return self.evaluate(out_dir=self.run_dir / "eval")
         return None
 
     def save_checkpoint(self) -> Path:
-        meta = CheckpointMeta(step=self.step, schema_fingerprint=self.schema.fingerprint(), config=to_dict(self.config))
+        meta = CheckpointMeta(
+            step=self.step,
+            schema_fingerprint=self.schema.fingerprint(),
+            config=to_dict(self.config),
+        )
         # The reader's order depends only on (seed, epoch, rank): its position restores the stream.
         rank_state = {"data": self.batches.state_dict()}
         path = save_checkpoint(
-            self.run_dir, self.ctx, self.model, self.optimizer, meta, rank_state, self.config.train.keep_checkpoints
+            self.run_dir,
+            self.ctx,
+            self.model,
+            self.optimizer,
+            meta,
+            rank_state,
+            self.config.train.keep_checkpoints,
         )
         if self.pruner is not None and self.ctx.is_main:
             report = {"step": self.step, "towers": density_report(self.pruner.towers)}
@@ -222,8 +271,12 @@ class TrainRecipe:
         """Metrics of the model on ``data.test`` (computed and returned on rank 0)."""
         if not self.config.data.test:
             raise ValueError("data.test is not set: nothing to evaluate")
-        reader = self._reader(self.config.data.test, shuffle=False, batch_size=self.config.data.eval_batch_size)
-        metrics = evaluate(self.model, reader, self.ctx, out_dir, ranking_k=self.config.data.ranking_k)
+        reader = self._reader(
+            self.config.data.test, shuffle=False, batch_size=self.config.data.eval_batch_size
+        )
+        metrics = evaluate(
+            self.model, reader, self.ctx, out_dir, ranking_k=self.config.data.ranking_k
+        )
         if metrics is not None and out_dir is not None:
             self._log(f"evaluation written to {out_dir}\n{format_table(metrics)}")
         return metrics
@@ -248,10 +301,14 @@ class TrainRecipe:
         """Adap-SL's pruning step (``trainer.pruning``); logs the towers' density when it prunes."""
         pruned = self.pruner.after_step(self.step)
         if pruned:
-            self._log(f"step {self.step}: pruned {', '.join(pruned)}; weights left: "
-                      + format_density(density_report(self.pruner.towers)))
+            self._log(
+                f"step {self.step}: pruned {', '.join(pruned)}; weights left: "
+                + format_density(density_report(self.pruner.towers))
+            )
 
-    def _log_metrics(self, steps: int, loss: float, terms: dict[str, float], rows: int, start: float) -> dict[str, float]:
+    def _log_metrics(
+        self, steps: int, loss: float, terms: dict[str, float], rows: int, start: float
+    ) -> dict[str, float]:
         elapsed = max(time.perf_counter() - start, 1e-9)
         local = torch.tensor([loss / steps, *(v / steps for v in terms.values())])
         mean = all_reduce_mean(local).tolist()
@@ -279,7 +336,9 @@ class TrainRecipe:
 
     def _should_stop(self) -> bool:
         # Ranks agree, so they all reach the (collective) checkpoint save together.
-        flag = torch.tensor([0 if self._stop_signal is None else self._stop_signal], dtype=torch.int64)
+        flag = torch.tensor(
+            [0 if self._stop_signal is None else self._stop_signal], dtype=torch.int64
+        )
         if self.ctx.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self._stop_signal is None:

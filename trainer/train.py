@@ -34,11 +34,15 @@ from trainer.recipe import TrainRecipe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.train", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+        prog="python -m trainer.train",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("--config", help="YAML config file (see trainer/configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if any")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint, if any"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     try:

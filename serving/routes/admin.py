@@ -23,12 +23,20 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
     responses={
         400: {"model": ErrorResponse, "description": "A body that is not JSON"},
         401: {"model": ErrorResponse, "description": "Missing or invalid admin token"},
-        403: {"model": ErrorResponse, "description": "Admin endpoints are disabled (CTCVR_ADMIN_TOKEN unset)"},
+        403: {
+            "model": ErrorResponse,
+            "description": "Admin endpoints are disabled (CTCVR_ADMIN_TOKEN unset)",
+        },
         409: {"model": ErrorResponse, "description": "Another reload is in progress"},
-        422: {"model": ErrorResponse, "description": "The artifact cannot be served (the previous model keeps serving), or an invalid body"},
+        422: {
+            "model": ErrorResponse,
+            "description": "The artifact cannot be served (the previous model keeps serving), or an invalid body",
+        },
     },
 )
-def reload(registry: RegistryDep, request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+def reload(
+    registry: RegistryDep, request: Request, body: ReloadRequest | None = None
+) -> ReloadResponse:
     """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place),
     checks it, and swaps it in; requests in flight finish on the model they started with. A
     failed reload changes nothing and says why.
@@ -40,8 +48,6 @@ def reload(registry: RegistryDep, request: Request, body: ReloadRequest | None =
     except ReloadInProgress as err:
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
     except ArtifactError as err:
-        raise HTTPException(
-            422, f"reload failed, still serving {previous}: {err}"
-        ) from None
+        raise HTTPException(422, f"reload failed, still serving {previous}: {err}") from None
     request.app.openapi_schema = None  # the request schema follows the model's feature schema
     return result

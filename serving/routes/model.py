@@ -17,7 +17,10 @@ router = APIRouter(tags=["model"])
     response_model=ModelInfo,
     summary="The model being served",
     responses={
-        401: {"model": ErrorResponse, "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)"},
+        401: {
+            "model": ErrorResponse,
+            "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)",
+        },
         503: {"model": ErrorResponse, "description": "No model loaded"},
     },
 )

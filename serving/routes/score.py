@@ -22,11 +22,20 @@ router = APIRouter(tags=["score"])
 _INLINE_PARSE_BYTES = 16 * 1024  # parsing and mapping take well under a millisecond
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)"},
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)",
+    },
     413: {"description": "Body larger than CTCVR_MAX_BODY_BYTES"},
     415: {"model": ErrorResponse, "description": "Body is not JSON"},
-    422: {"model": ValidationErrorResponse, "description": "Invalid values: each `loc` names the row and the feature"},
-    503: {"model": ErrorResponse, "description": "No model loaded, overloaded, or timed out; retry later"},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "Invalid values: each `loc` names the row and the feature",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "No model loaded, overloaded, or timed out; retry later",
+    },
 }
 
 
@@ -38,7 +47,10 @@ def _body(schema: str) -> dict[str, Any]:
 
 
 @router.post(
-    "/score", response_model=ScoreResponse, summary="Score impressions", openapi_extra=_body("ScoreRequest"),
+    "/score",
+    response_model=ScoreResponse,
+    summary="Score impressions",
+    openapi_extra=_body("ScoreRequest"),
     responses=_RESPONSES,
 )
 async def score(body: RawJsonBody, scoring: ScoringDep) -> Response:
@@ -52,12 +64,18 @@ async def score(body: RawJsonBody, scoring: ScoringDep) -> Response:
     # Serialised here rather than through ScoreResponse objects, which cost more than the model
     # for large requests; the shape is ScoreResponse's (the OpenAPI spec and tests hold it to it).
     scores = [{"pctr": a, "pcvr": b, "pctcvr": c} for a, b, c in result.scores.tolist()]
-    return Response(orjson.dumps({"model_version": result.version, "scores": scores}), media_type="application/json")
+    return Response(
+        orjson.dumps({"model_version": result.version, "scores": scores}),
+        media_type="application/json",
+    )
 
 
 @router.post(
-    "/score/columns", response_model=ScoreColumnsResponse, summary="Score impressions given column by column",
-    openapi_extra=_body("ScoreColumnsRequest"), responses=_RESPONSES,
+    "/score/columns",
+    response_model=ScoreColumnsResponse,
+    summary="Score impressions given column by column",
+    openapi_extra=_body("ScoreColumnsRequest"),
+    responses=_RESPONSES,
 )
 async def score_columns(body: RawJsonBody, scoring: ScoringDep) -> Response:
     """Scores a batch of impressions given as one list of raw values per feature, one entry per
@@ -88,15 +106,19 @@ async def _scores(body: bytes, form: RequestForm, scoring: Scoring) -> BatchResu
     except RequestInvalid as err:
         raise HTTPException(422, detail=err.errors) from None
     except (Overloaded, ScoringTimeout) as err:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(err), headers={"Retry-After": "1"}) from None
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(err), headers={"Retry-After": "1"}
+        ) from None
     bad = np.flatnonzero(~np.isfinite(result.scores).all(axis=1))
     if bad.size:  # only extreme dense values can get here; say which rows
         raise HTTPException(
             422,
             detail=[
-                {"loc": ["body", "rows", i] if form is RequestForm.ROWS else ["body", "columns"],
-                 "msg": f"the model gives no finite score for row {i}; check its dense values",
-                 "type": "value_out_of_range"}
+                {
+                    "loc": ["body", "rows", i] if form is RequestForm.ROWS else ["body", "columns"],
+                    "msg": f"the model gives no finite score for row {i}; check its dense values",
+                    "type": "value_out_of_range",
+                }
                 for i in bad[:50].tolist()
             ],
         )

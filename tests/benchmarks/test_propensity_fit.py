@@ -28,13 +28,17 @@ TRUE_CVR = np.array([0.1, 0.02])  # mean true CVR 0.06
 
 
 def test_true_propensities_unclipped_leave_no_bias():
-    assert propensity_fit.ipw_bias(TRUE_CTR, TRUE_CVR, TRUE_CTR, 0.0) == pytest.approx(0.0, abs=1e-15)
+    assert propensity_fit.ipw_bias(TRUE_CTR, TRUE_CVR, TRUE_CTR, 0.0) == pytest.approx(
+        0.0, abs=1e-15
+    )
 
 
 def test_a_binding_bound_keeps_part_of_the_selection():
     # tau = 0.05 raises the second propensity to 0.05: weights 0.2/0.2 = 1 and 0.01/0.05 = 0.2,
     # so the estimate is (1 * 0.1 + 0.2 * 0.02) / 1.2 = 0.104 / 1.2.
-    assert propensity_fit.ipw_bias(TRUE_CTR, TRUE_CVR, TRUE_CTR, 0.05) == pytest.approx(0.104 / 1.2 - 0.06)
+    assert propensity_fit.ipw_bias(TRUE_CTR, TRUE_CVR, TRUE_CTR, 0.05) == pytest.approx(
+        0.104 / 1.2 - 0.06
+    )
 
 
 def test_flat_propensities_keep_the_whole_click_space_gap():
@@ -57,7 +61,16 @@ def test_the_attribute_only_population_keeps_every_draw_but_the_id_noise():
     np.testing.assert_array_equal(again.user_intent, real.user_intent)
     # Same ids and attributes, drawn after the id noise: the random streams stayed aligned.
     # (Not the histories: they are drawn from the latent tastes, which lost their id share.)
-    for name in ("ids", "gender", "level", "depth", "activity", "recent_len", "click_bias", "conv_bias"):
+    for name in (
+        "ids",
+        "gender",
+        "level",
+        "depth",
+        "activity",
+        "recent_len",
+        "click_bias",
+        "conv_bias",
+    ):
         np.testing.assert_array_equal(getattr(attributes.users, name), getattr(real.users, name))
     np.testing.assert_array_equal(attributes.items.brand, real.items.brand)
     # Intent keeps its attribute share (80 % of the variance), so it correlates with the real
@@ -72,7 +85,9 @@ def test_the_attribute_only_population_keeps_every_draw_but_the_id_noise():
 def test_the_attribute_only_propensity_has_the_true_mean_and_leaves_part_of_the_selection(tmp_path):
     from trainer.data import simulator as sim
 
-    sim.simulate(sim.SimulatorConfig(rows=20_000, num_users=5_000, num_items=3_000), tmp_path, progress=False)
+    sim.simulate(
+        sim.SimulatorConfig(rows=20_000, num_users=5_000, num_items=3_000), tmp_path, progress=False
+    )
     real = propensity_fit.component_logits(tmp_path)
     propensity, true_ctr, true_cvr = propensity_fit.attribute_only_propensity(tmp_path, real)
     assert propensity.shape == true_ctr.shape == (4_000,)
@@ -93,7 +108,12 @@ def test_runs_that_are_not_simulated_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         propensity_fit.main([str(run)])
     assert "required value(s) missing: ['data.train']" in capsys.readouterr().err
-    (run / "config.yaml").write_text(f"data:\n  train: {tmp_path}\n  test: {tmp_path / 'coat' / 'test'}\n")
+    (run / "config.yaml").write_text(
+        f"data:\n  train: {tmp_path}\n  test: {tmp_path / 'coat' / 'test'}\n"
+    )
     with pytest.raises(SystemExit):
         propensity_fit.main([str(run)])
-    assert "has no simulation.json; propensity_fit reads simulated data sets only" in capsys.readouterr().err
+    assert (
+        "has no simulation.json; propensity_fit reads simulated data sets only"
+        in capsys.readouterr().err
+    )

@@ -28,8 +28,12 @@ quality = _load_benchmark()
 def test_every_objective_has_a_simulated_config():
     settings = quality.Settings()
     settings.check()
-    assert {"naive", "esmm", "multi_ipw", "multi_dr", "escm2_ipw", "escm2_dr", "badr"} <= set(settings.objectives)
-    assert {"multi_dr_adapsl", "badr_adapsl"} <= set(settings.objectives)  # variants: runs of their own
+    assert {"naive", "esmm", "multi_ipw", "multi_dr", "escm2_ipw", "escm2_dr", "badr"} <= set(
+        settings.objectives
+    )
+    assert {"multi_dr_adapsl", "badr_adapsl"} <= set(
+        settings.objectives
+    )  # variants: runs of their own
 
 
 def test_an_adap_sl_variant_keeps_its_pruning_epochs_under_the_budget(tmp_path):
@@ -40,7 +44,9 @@ def test_an_adap_sl_variant_keeps_its_pruning_epochs_under_the_budget(tmp_path):
     settings = quality.Settings(objectives=["multi_dr", "multi_dr_adapsl"], seeds=[0], steps=250)
     plain, adap = quality.plan_runs(settings, tmp_path / "data", tmp_path)
     assert set(adap.overrides) - set(plain.overrides) == {"model.adap_sl.epoch_steps=25"}
-    assert adap.command()[adap.command().index("--config") + 1].endswith("multi_dr_adapsl_simulated.yaml")
+    assert adap.command()[adap.command().index("--config") + 1].endswith(
+        "multi_dr_adapsl_simulated.yaml"
+    )
 
 
 def test_bad_settings_are_named():
@@ -58,8 +64,13 @@ def test_bad_settings_are_named():
 def test_runs_differ_only_by_objective_and_seed(tmp_path):
     settings = quality.Settings(objectives=["naive", "badr"], seeds=[0, 1])
     runs = quality.plan_runs(settings, tmp_path / "data", tmp_path)
-    assert [(r.objective, r.seed) for r in runs] == [("naive", 0), ("naive", 1), ("badr", 0), ("badr", 1)]
-    strip = lambda run: [o for o in run.overrides if not o.startswith("seed=")]  # noqa: E731
+    assert [(r.objective, r.seed) for r in runs] == [
+        ("naive", 0),
+        ("naive", 1),
+        ("badr", 0),
+        ("badr", 1),
+    ]
+    strip = lambda run: [o for o in run.overrides if not o.startswith("seed=")]
     assert strip(runs[0]) == strip(runs[2])
     assert len({r.run_dir for r in runs}) == 4
 
@@ -77,9 +88,25 @@ def test_oracle_propensity_applies_to_the_ipw_and_dr_objectives_only():
 
 def test_quick_run_writes_the_table_and_the_chart(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", "simulated", "--quick", "--out", str(tmp_path / "out"),
-         "--work", str(tmp_path / "work"), "--jobs", "2", "--threads", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--data",
+            "simulated",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -95,7 +122,10 @@ def test_quick_run_writes_the_table_and_the_chart(tmp_path):
     # The diagnostic reads the same runs: what the towers learned of each logit component.
     fit = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "propensity_fit.py"), raw["runs"][1]["run_dir"]],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "| user intent |" in fit.stdout and "| 5 |" in fit.stdout
@@ -116,13 +146,25 @@ def test_every_objective_runs_on_coat_and_the_coat_configs_match_the_benchmark()
         config = load_config(path)
         assert config.objective.name == objective, path
         shared = (
-            config.data.batch_size, config.train.steps, config.model.num_experts, config.model.expert_sizes,
-            config.model.tower_sizes, config.dense_optimizer.lr, config.dense_optimizer.weight_decay,
-            config.sparse_optimizer.lr, config.data.ranking_k,
+            config.data.batch_size,
+            config.train.steps,
+            config.model.num_experts,
+            config.model.expert_sizes,
+            config.model.tower_sizes,
+            config.dense_optimizer.lr,
+            config.dense_optimizer.weight_decay,
+            config.sparse_optimizer.lr,
+            config.data.ranking_k,
         )
         assert shared == (
-            defaults["batch_size"], defaults["steps"], defaults["num_experts"], defaults["expert_sizes"],
-            defaults["tower_sizes"], defaults["dense_lr"], defaults["weight_decay"], defaults["sparse_lr"],
+            defaults["batch_size"],
+            defaults["steps"],
+            defaults["num_experts"],
+            defaults["expert_sizes"],
+            defaults["tower_sizes"],
+            defaults["dense_lr"],
+            defaults["weight_decay"],
+            defaults["sparse_lr"],
             quality.RANKING_K,
         ), f"{path.name} disagrees with DATA_DEFAULTS['coat'] in benchmarks/quality.py"
     assert quality.config_path("no_such_objective", "coat") is None
@@ -140,14 +182,34 @@ def test_coat_overrides_ask_for_the_ranking_protocol_and_validation_evaluates_va
 
 def test_quick_coat_run_prints_the_published_numbers_beside_ours(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", "coat", "--quick", "--objectives", "naive", "--out",
-         str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--jobs", "1", "--threads", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--data",
+            "coat",
+            "--quick",
+            "--objectives",
+            "naive",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     markdown = (tmp_path / "out" / "quality_coat.md").read_text()
     assert "| run | cvr_auc | ndcg@5 | recall@5 | cvr_gauc | cvr_logloss | MF AUC |" in markdown
-    assert "| naive |" in markdown and "0.6983" in markdown and "0.7570" in markdown  # BADR / Adap-SL
+    assert (
+        "| naive |" in markdown and "0.6983" in markdown and "0.7570" in markdown
+    )  # BADR / Adap-SL
     assert "random-exposure test set (4,640 ratings" in markdown
     raw = json.loads((tmp_path / "out" / "quality_coat.json").read_text())
     assert raw["conversion"]["splits"]["train"]["rows"] == 87_000

@@ -81,15 +81,15 @@ def _write_parquet(
 
 def _small_config(**overrides: object) -> SimulatorConfig:
     """A fast simulation: small population, several row groups and part files."""
-    base = dict(
-        rows=20_000,
-        seed=7,
-        num_users=3_000,
-        num_items=2_000,
-        row_group_rows=3_000,
-        file_rows=9_000,
-        calibration_rows=50_000,
-    )
+    base = {
+        "rows": 20_000,
+        "seed": 7,
+        "num_users": 3_000,
+        "num_items": 2_000,
+        "row_group_rows": 3_000,
+        "file_rows": 9_000,
+        "calibration_rows": 50_000,
+    }
     base.update(overrides)
     return SimulatorConfig(**base)
 

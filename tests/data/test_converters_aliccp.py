@@ -19,7 +19,9 @@ def _features(*features: tuple[str, int, float]) -> str:
     return "\x01".join(f"{field}\x02{feature}\x03{value}" for field, feature, value in features)
 
 
-def _skeleton(sample_id: int, click: int, conversion: int, key: str, *features: tuple[str, int, float]) -> str:
+def _skeleton(
+    sample_id: int, click: int, conversion: int, key: str, *features: tuple[str, int, float]
+) -> str:
     return f"{sample_id},{click},{conversion},{key},{len(features)},{_features(*features)}"
 
 
@@ -28,7 +30,12 @@ def _common(key: str, *features: tuple[str, int, float]) -> str:
 
 
 USER_A = _common(
-    "aaa", ("101", 501, 1.0), ("124", 9001, 1.0), ("109_14", 71, 3.0), ("109_14", 72, 1.0), ("109_14", 73, 2.0)
+    "aaa",
+    ("101", 501, 1.0),
+    ("124", 9001, 1.0),
+    ("109_14", 71, 3.0),
+    ("109_14", 72, 1.0),
+    ("109_14", 73, 2.0),
 )
 USER_B = _common("bbb", ("101", 502, 1.0), ("125", 9101, 1.0))
 ITEM_1 = (("205", 7001, 1.0), ("206", 8001, 1.0), ("301", 1, 1.0))
@@ -46,7 +53,13 @@ TRAIN_SKELETON = [
     _skeleton(9, 1, 0, "zzz", *ITEM_1),  # unknown common_feature_index
     _skeleton(10, 0, 0, "ccc", *ITEM_1),  # a user without field 101
 ]
-TRAIN_COMMON = [USER_A, USER_B, _common("ccc", ("124", 9002, 1.0)), _common("aaa", ("101", 999, 1.0)), "ddd,2"]
+TRAIN_COMMON = [
+    USER_A,
+    USER_B,
+    _common("ccc", ("124", 9002, 1.0)),
+    _common("aaa", ("101", 999, 1.0)),
+    "ddd,2",
+]
 TEST_SKELETON = [_skeleton(11, 1, 0, "bbb", *ITEM_1)]
 TEST_COMMON = [USER_B]
 
@@ -66,9 +79,9 @@ def aliccp_dir(tmp_path: Path) -> Path:
 
 
 def test_parse_features_groups_ids_by_field() -> None:
-    assert parse_features(_features(("101", 5, 1.0), ("109_14", 7, 2.0), ("109_14", 8, 1.0)), 3) == {
-        "101": [5], "109_14": [7, 8]
-    }
+    assert parse_features(
+        _features(("101", 5, 1.0), ("109_14", 7, 2.0), ("109_14", 8, 1.0)), 3
+    ) == {"101": [5], "109_14": [7, 8]}
     with pytest.raises(ValueError, match="feature_num says 2, the list has 1"):
         parse_features(_features(("101", 5, 1.0)), 2)
     with pytest.raises(ValueError, match="id or value is not a number"):
@@ -82,16 +95,24 @@ def test_samples_are_joined_with_their_user_features(tmp_path: Path, aliccp_dir:
     assert sorted(rows) == [1, 2, 3]
     first = rows[1]
     assert (first["click"], first["conversion"], first["group"]) == (1, 1, 501)
-    assert (first["user_id"], first["user_gender"], first["item_id"], first["item_category"], first["position"]) == (
-        501, 9001, 7001, 8001, 1
-    )
+    assert (
+        first["user_id"],
+        first["user_gender"],
+        first["item_id"],
+        first["item_category"],
+        first["position"],
+    ) == (501, 9001, 7001, 8001, 1)
     assert first["user_category_history"] == [71, 72]  # history_max_len 2: the first ids
     assert first["item_brand"] is None and first["user_age"] is None  # absent fields are null
     assert (rows[3]["user_id"], rows[3]["user_age"], rows[3]["item_brand"]) == (502, 9101, 8101)
     assert rows[3]["user_category_history"] is None
     test = pq.read_table(tmp_path / "out" / "test").to_pylist()
     assert [(r["sample_id"], r["user_id"]) for r in test] == [(11, 502)]
-    assert (result.splits["train"].rows, result.splits["train"].clicks, result.splits["train"].conversions) == (3, 2, 1)
+    assert (
+        result.splits["train"].rows,
+        result.splits["train"].clicks,
+        result.splits["train"].conversions,
+    ) == (3, 2, 1)
     assert not list((tmp_path / "out").glob(".common_features_*"))  # the join store is removed
 
 
@@ -108,18 +129,26 @@ def test_every_malformed_line_is_counted_by_reason(tmp_path: Path, aliccp_dir: P
     assert counts["2 columns, expected 3"] == 1  # common-features line "ddd,2"
     assert sum(v for k, v in counts.items() if "is not field" in k) == 1
     assert result.malformed.total == 9 == len(TRAIN_SKELETON) - 3 + 2
-    assert "sample_skeleton_train.csv, line 4: 5 columns, expected 6" in result.malformed.examples[2]
+    assert (
+        "sample_skeleton_train.csv, line 4: 5 columns, expected 6" in result.malformed.examples[2]
+    )
 
 
 def test_strict_stops_at_the_first_malformed_line(tmp_path: Path, aliccp_dir: Path) -> None:
-    with pytest.raises(ConversionError, match=r"common_features_train\.csv, line 4: common_feature_index seen"):
+    with pytest.raises(
+        ConversionError, match=r"common_features_train\.csv, line 4: common_feature_index seen"
+    ):
         convert_aliccp(aliccp_dir, tmp_path / "out", strict=True)
 
 
-def test_schema_hashes_each_kept_field_and_the_reader_reads_it(tmp_path: Path, aliccp_dir: Path) -> None:
+def test_schema_hashes_each_kept_field_and_the_reader_reads_it(
+    tmp_path: Path, aliccp_dir: Path
+) -> None:
     from trainer.data import ImpressionReader
 
-    cfg = AliCcpConfig(fields=("user_id", "user_category_history", "item_id"), buckets={"item_id": 1000}, dim=8)
+    cfg = AliCcpConfig(
+        fields=("user_id", "user_category_history", "item_id"), buckets={"item_id": 1000}, dim=8
+    )
     convert_aliccp(aliccp_dir, tmp_path / "out", cfg)
     schema = load_schema(tmp_path / "out" / "schema.yaml")
     assert schema.sparse_names == ["user_id", "user_category_history", "item_id"]
@@ -146,13 +175,35 @@ def test_missing_files_and_bad_configs_are_named(tmp_path: Path, aliccp_dir: Pat
 def test_cli_converts_a_sample_of_lines(tmp_path: Path, aliccp_dir: Path) -> None:
     result = CliRunner().invoke(
         app,
-        ["convert", "aliccp", "--src", str(aliccp_dir), "--out", str(tmp_path / "cli"), "--max-lines", "2",
-         "--fields", "user_id,item_id", "--buckets", "item_id=4096"],
+        [
+            "convert",
+            "aliccp",
+            "--src",
+            str(aliccp_dir),
+            "--out",
+            str(tmp_path / "cli"),
+            "--max-lines",
+            "2",
+            "--fields",
+            "user_id,item_id",
+            "--buckets",
+            "item_id=4096",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "cli" / "train").num_rows == 2
     assert "malformed lines skipped: 2" in result.output  # the two in the common-features file
     bad = CliRunner().invoke(
-        app, ["convert", "aliccp", "--src", str(aliccp_dir), "--out", str(tmp_path / "x"), "--buckets", "item_id"]
+        app,
+        [
+            "convert",
+            "aliccp",
+            "--src",
+            str(aliccp_dir),
+            "--out",
+            str(tmp_path / "x"),
+            "--buckets",
+            "item_id",
+        ],
     )
     assert bad.exit_code == 1 and "expected FIELD=N" in bad.output

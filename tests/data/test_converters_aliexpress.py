@@ -43,7 +43,9 @@ def test_columns_labels_and_groups_are_converted(tmp_path: Path, country: Path) 
     train = pq.read_table(tmp_path / "out" / "train")
     assert train.column("categorical_1").to_pylist() == [3, 1, 0]
     assert train.column("numerical_2").to_pylist() == [10.0, 20.0, 30.0]
-    assert train.column("click").to_pylist() == [1, 0, 1] and train.column("conversion").to_pylist() == [1, 0, 0]
+    assert train.column("click").to_pylist() == [1, 0, 1] and train.column(
+        "conversion"
+    ).to_pylist() == [1, 0, 0]
     assert train.column("group").to_pylist() == [100, 100, 101]
     assert pq.ParquetFile(next((tmp_path / "out" / "train").glob("*.parquet"))).num_row_groups == 2
     assert pq.read_table(tmp_path / "out" / "test").num_rows == 2
@@ -64,7 +66,9 @@ def test_malformed_lines_are_counted_by_reason(tmp_path: Path, country: Path) ->
         convert_aliexpress(country, tmp_path / "strict", strict=True)
 
 
-def test_schema_vocabularies_and_training_split_standardisation(tmp_path: Path, country: Path) -> None:
+def test_schema_vocabularies_and_training_split_standardisation(
+    tmp_path: Path, country: Path
+) -> None:
     convert_aliexpress(country, tmp_path / "out", AliExpressConfig(dim=4))
     schema = load_schema(tmp_path / "out" / "schema.yaml")
     assert schema.table_of("categorical_1").vocab_size == 10  # largest value, 9, is in test
@@ -80,7 +84,9 @@ def test_the_trainer_reader_reads_the_conversion(tmp_path: Path, country: Path) 
     from trainer.data import ImpressionReader
 
     convert_aliexpress(country, tmp_path / "out")
-    batch = next(iter(ImpressionReader.from_dataset(tmp_path / "out", "train", batch_size=8, shuffle=False)))
+    batch = next(
+        iter(ImpressionReader.from_dataset(tmp_path / "out", "train", batch_size=8, shuffle=False))
+    )
     expected = (np.array([10.0, 20.0, 30.0]) - 20.0) / math.sqrt(200 / 3)
     np.testing.assert_allclose(batch.dense[:, 1].numpy(), expected, rtol=1e-5)
 
@@ -95,7 +101,9 @@ def test_missing_files_and_headers_are_named(tmp_path: Path, country: Path) -> N
 
 
 def test_cli_converts_a_country(tmp_path: Path, country: Path) -> None:
-    result = CliRunner().invoke(app, ["convert", "aliexpress", "--src", str(country), "--out", str(tmp_path / "c")])
+    result = CliRunner().invoke(
+        app, ["convert", "aliexpress", "--src", str(country), "--out", str(tmp_path / "c")]
+    )
     assert result.exit_code == 0, result.output
     assert "malformed lines skipped: 5" in result.output
     assert (tmp_path / "c" / "conversion.json").is_file()

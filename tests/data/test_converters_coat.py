@@ -63,14 +63,23 @@ def test_attributes_are_the_index_of_the_one_hot_column_set(coat: Path) -> None:
     users = _raw("user_features.ascii")  # gender 2, age 6, location 3, fashioninterest 3
     items = _raw("item_features.ascii")  # gender 2, jackettype 16, color 13, onfrontpage 2
     user, item = table.column("user_id").to_numpy(), table.column("item_id").to_numpy()
-    np.testing.assert_array_equal(table.column("user_age").to_numpy(), users[user, 2:8].argmax(axis=1))
-    np.testing.assert_array_equal(table.column("item_color").to_numpy(), items[item, 18:31].argmax(axis=1))
+    np.testing.assert_array_equal(
+        table.column("user_age").to_numpy(), users[user, 2:8].argmax(axis=1)
+    )
+    np.testing.assert_array_equal(
+        table.column("item_color").to_numpy(), items[item, 18:31].argmax(axis=1)
+    )
     record = json.loads((coat / "conversion.json").read_text())
     assert record["vocabularies"]["user_gender"] == ["men", "women"]
     assert record["vocabularies"]["item_onfrontpage"] == ["yes", "no"]
     assert record["malformed_lines"]["total"] == 0
     schema = (coat / "schema.yaml").read_text()
-    for name, size in (("user_id", 290), ("item_id", 300), ("item_jackettype", 16), ("user_location", 3)):
+    for name, size in (
+        ("user_id", 290),
+        ("item_id", 300),
+        ("item_jackettype", 16),
+        ("user_location", 3),
+    ):
         assert f"name: {name}\n  dim: 16\n  vocab_size: {size}\n" in schema
 
 
@@ -80,15 +89,24 @@ def test_the_trainer_reader_reads_the_conversion(coat: Path) -> None:
     reader = ImpressionReader.from_dataset(coat, "test", batch_size=1_000)
     batches = list(reader)
     assert sum(b.size for b in batches) == 4_640
-    assert batches[0].sparse.keys()[:2] == ["user_id", "item_id"] and batches[0].dense.shape == (1_000, 0)
+    assert batches[0].sparse.keys()[:2] == ["user_id", "item_id"] and batches[0].dense.shape == (
+        1_000,
+        0,
+    )
     assert reader.stats.oov_values == dict.fromkeys(reader.schema.sparse_names, 0)
 
 
-def test_validation_split_is_a_seeded_share_of_pairs_independent_of_chunking(tmp_path: Path) -> None:
+def test_validation_split_is_a_seeded_share_of_pairs_independent_of_chunking(
+    tmp_path: Path,
+) -> None:
     source = read_coat()
-    one = write_mnar_dataset(source, tmp_path / "a", MnarConfig(name="coat", validation_fraction=0.2, seed=5))
-    other = write_mnar_dataset(
-        source, tmp_path / "b", MnarConfig(name="coat", validation_fraction=0.2, seed=5, row_group_rows=7_000)
+    one = write_mnar_dataset(
+        source, tmp_path / "a", MnarConfig(name="coat", validation_fraction=0.2, seed=5)
+    )
+    write_mnar_dataset(
+        source,
+        tmp_path / "b",
+        MnarConfig(name="coat", validation_fraction=0.2, seed=5, row_group_rows=7_000),
     )
     assert one.splits["train"].rows + one.splits["valid"].rows == 87_000
     assert one.splits["train"].clicks + one.splits["valid"].clicks == 6_960
@@ -99,11 +117,16 @@ def test_validation_split_is_a_seeded_share_of_pairs_independent_of_chunking(tmp
         return set(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
 
     assert pairs(tmp_path / "a") == pairs(tmp_path / "b")
+
     def row_groups(root: Path) -> int:
         return sum(pq.ParquetFile(p).num_row_groups for p in (root / "train").glob("*.parquet"))
 
-    assert row_groups(tmp_path / "b") > row_groups(tmp_path / "a")  # chunked differently, same split
-    reseeded = write_mnar_dataset(source, tmp_path / "c", MnarConfig(name="coat", validation_fraction=0.2, seed=6))
+    assert row_groups(tmp_path / "b") > row_groups(
+        tmp_path / "a"
+    )  # chunked differently, same split
+    reseeded = write_mnar_dataset(
+        source, tmp_path / "c", MnarConfig(name="coat", validation_fraction=0.2, seed=6)
+    )
     assert pairs(tmp_path / "c") != pairs(tmp_path / "a") and reseeded.splits["test"].rows == 4_640
 
 
@@ -129,12 +152,36 @@ def _replace_line(path: Path, number: int, text: str) -> None:
 @pytest.mark.parametrize(
     ("file", "line", "text", "message"),
     [
-        ("train.ascii", 5, " ".join(["0"] * 299), r"train\.ascii, line 5: 299 values, expected 300"),
-        ("test.ascii", 7, " ".join(["0"] * 299 + ["x"]), r"test\.ascii, line 7: 'x' is not an integer"),
-        ("train.ascii", 2, " ".join(["0"] * 299 + ["6"]), r"train\.ascii, line 2: value 6 outside \[0, 5\]"),
-        ("user_features.ascii", 3, "1 1 1 0 0 0 0 0 1 0 0 1 0 0",
-         r"user_features\.ascii, line 3: more than one 'gender:' column"),
-        ("item_features_map.txt", 4, "cropped", r"item_features_map\.txt, line 4: 'cropped' is not 'group:value'"),
+        (
+            "train.ascii",
+            5,
+            " ".join(["0"] * 299),
+            r"train\.ascii, line 5: 299 values, expected 300",
+        ),
+        (
+            "test.ascii",
+            7,
+            " ".join(["0"] * 299 + ["x"]),
+            r"test\.ascii, line 7: 'x' is not an integer",
+        ),
+        (
+            "train.ascii",
+            2,
+            " ".join(["0"] * 299 + ["6"]),
+            r"train\.ascii, line 2: value 6 outside \[0, 5\]",
+        ),
+        (
+            "user_features.ascii",
+            3,
+            "1 1 1 0 0 0 0 0 1 0 0 1 0 0",
+            r"user_features\.ascii, line 3: more than one 'gender:' column",
+        ),
+        (
+            "item_features_map.txt",
+            4,
+            "cropped",
+            r"item_features_map\.txt, line 4: 'cropped' is not 'group:value'",
+        ),
     ],
 )
 def test_a_malformed_coat_file_is_an_error_naming_file_and_line(
@@ -159,12 +206,27 @@ def test_cli_converts_the_shipped_coat(tmp_path: Path) -> None:
     from trainer.data.__main__ import app
 
     result = CliRunner().invoke(
-        app, ["convert", "coat", "--out", str(tmp_path / "c"), "--validation-fraction", "0.1", "--dim", "8"]
+        app,
+        [
+            "convert",
+            "coat",
+            "--out",
+            str(tmp_path / "c"),
+            "--validation-fraction",
+            "0.1",
+            "--dim",
+            "8",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "malformed lines: none" in result.output and "test    4,640   4,640" in result.output
     assert "dim: 8" in (tmp_path / "c" / "schema.yaml").read_text()
-    assert json.loads((tmp_path / "c" / "conversion.json").read_text())["config"]["validation_fraction"] == 0.1
+    assert (
+        json.loads((tmp_path / "c" / "conversion.json").read_text())["config"][
+            "validation_fraction"
+        ]
+        == 0.1
+    )
 
 
 def test_ids_only_keeps_user_and_item_ids(tmp_path: Path) -> None:

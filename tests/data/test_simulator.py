@@ -101,7 +101,7 @@ def test_cvr_on_clicks_overestimates_the_whole_space_cvr(rates):
 
 def _variants(tmp_path, small_config, **knobs: tuple[float, float]) -> tuple[dict, dict]:
     """The same small simulation with one knob at two values: tables and selection gaps."""
-    (name, values), = knobs.items()
+    ((name, values),) = knobs.items()
     tables, gaps = {}, {}
     for value in values:
         cfg = small_config(rows=20_000, calibration_rows=20_000, **{name: value})

@@ -18,7 +18,7 @@ IMAGE_CONFIGS = "configs/"
 
 
 def image_uid() -> int:
-    users = re.findall(r"^USER\s+(\d+)", (REPO / "Dockerfile").read_text(), flags=re.M)
+    users = re.findall(r"^USER\s+(\d+)", (REPO / "Dockerfile").read_text(), flags=re.MULTILINE)
     assert len(users) == 1, users
     return int(users[0])
 

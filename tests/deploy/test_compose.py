@@ -4,6 +4,7 @@ waiting for the one before it, sharing volumes, and commands the image and train
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import yaml
 
@@ -31,15 +32,22 @@ def mounts(name: str) -> dict[str, str]:
 def test_every_step_waits_for_the_one_before_it():
     chain = ["simulate", "train", "export", "scoring"]
     assert set(SERVICES) == set(chain)
-    for before, after in zip(chain, chain[1:]):
-        assert SERVICES[after]["depends_on"] == {before: {"condition": "service_completed_successfully"}}
+    for before, after in itertools.pairwise(chain):
+        assert SERVICES[after]["depends_on"] == {
+            before: {"condition": "service_completed_successfully"}
+        }
 
 
 def test_all_services_run_the_image_built_from_the_dockerfile():
     for service in SERVICES.values():
-        assert service["build"]["context"] == ".." and (REPO / service["build"]["dockerfile"]).is_file()
+        assert (
+            service["build"]["context"] == ".."
+            and (REPO / service["build"]["dockerfile"]).is_file()
+        )
         assert service["image"] == SERVICES["scoring"]["image"]
-    assert set(COMPOSE["volumes"]) == {v.split(":")[0] for s in SERVICES.values() for v in s["volumes"]}
+    assert set(COMPOSE["volumes"]) == {
+        v.split(":")[0] for s in SERVICES.values() for v in s["volumes"]
+    }
 
 
 def test_commands_name_existing_modules():
@@ -72,4 +80,7 @@ def test_the_export_reads_the_run_and_writes_what_scoring_serves():
 def test_scoring_has_the_image_health_check_and_listens_on_loopback_only():
     scoring = SERVICES["scoring"]
     assert scoring["healthcheck"]["test"] == ["CMD", "ctcvr-entrypoint", "healthcheck"]
-    assert scoring["ports"] == ["127.0.0.1:8000:8000"] and scoring["environment"]["CTCVR_PORT"] == "8000"
+    assert (
+        scoring["ports"] == ["127.0.0.1:8000:8000"]
+        and scoring["environment"]["CTCVR_PORT"] == "8000"
+    )

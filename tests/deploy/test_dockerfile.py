@@ -50,7 +50,9 @@ def stages() -> list[list[tuple[str, str]]]:
 
 
 def test_hadolint_finds_nothing():
-    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -66,7 +68,10 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
 def test_base_image_is_a_build_argument_defaulting_to_python_slim():
     first = instructions()[0]
     assert first == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    assert all(rest.startswith("${BASE_IMAGE}") for _, rest in (i for i in instructions() if i[0] == "FROM"))
+    assert all(
+        rest.startswith("${BASE_IMAGE}")
+        for _, rest in (i for i in instructions() if i[0] == "FROM")
+    )
 
 
 def test_build_stage_installs_with_the_install_script_and_the_gpu_variant_is_an_argument():
@@ -75,7 +80,7 @@ def test_build_stage_installs_with_the_install_script_and_the_gpu_variant_is_an_
     assert len(runs) == 2 and all("bash deploy/install.sh" in run for run in runs)
     assert ("ARG", "TORCH_VARIANT=cpu") in build
     # install.sh knows the variable the build argument sets.
-    assert 'TORCH_VARIANT:-cpu' in (REPO / "deploy/install.sh").read_text()
+    assert "TORCH_VARIANT:-cpu" in (REPO / "deploy/install.sh").read_text()
     assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
 
 
@@ -87,8 +92,13 @@ def test_runtime_runs_as_a_non_root_user_with_health_check_port_and_entrypoint()
     assert runtime["EXPOSE"] == "8000" and "CTCVR_PORT=8000" in runtime["ENV"]
     assert "CTCVR_MODEL_DIR=/models/current" in runtime["ENV"]
     healthcheck = runtime["HEALTHCHECK"]
-    assert json.loads(healthcheck[healthcheck.index("CMD") + 3 :]) == ["ctcvr-entrypoint", "healthcheck"]
-    assert json.loads(runtime["ENTRYPOINT"]) == ["ctcvr-entrypoint"] and json.loads(runtime["CMD"]) == ["serve"]
+    assert json.loads(healthcheck[healthcheck.index("CMD") + 3 :]) == [
+        "ctcvr-entrypoint",
+        "healthcheck",
+    ]
+    assert json.loads(runtime["ENTRYPOINT"]) == ["ctcvr-entrypoint"] and json.loads(
+        runtime["CMD"]
+    ) == ["serve"]
 
 
 def test_build_context_holds_only_what_the_image_needs():
@@ -96,11 +106,19 @@ def test_build_context_holds_only_what_the_image_needs():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {
-        "pyproject.toml", "README.md", "deploy/install.sh", "deploy/entrypoint.sh", "schemas", "trainer", "serving",
+        "pyproject.toml",
+        "README.md",
+        "deploy/install.sh",
+        "deploy/entrypoint.sh",
+        "schemas",
+        "trainer",
+        "serving",
     }
     for keyword, rest in instructions():
         if keyword == "COPY" and not rest.startswith("--from"):
             for source in rest.split()[:-1]:
                 if source != ".":
-                    assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
+                    assert any(
+                        source.rstrip("/") == a or source.startswith(a + "/") for a in allowed
+                    ), source
                     assert (REPO / source).exists(), source

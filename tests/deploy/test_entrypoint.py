@@ -18,11 +18,20 @@ ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
 
 
 def run(*args: str, port: int | None = None, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    environ = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **env,
+    }
     if port is not None:
         environ["CTCVR_PORT"] = str(port)
     return subprocess.run(
-        ["sh", str(ENTRYPOINT), *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
+        ["sh", str(ENTRYPOINT), *args],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -31,7 +40,7 @@ def readyz_server(status: int) -> Iterator[int]:
     """A loopback HTTP server whose GET /readyz answers ``status``; yields its port."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             self.send_response(status if self.path == "/readyz" else 404)
             self.end_headers()
 

@@ -25,7 +25,9 @@ def test_manifest_is_valid_kubernetes(path, version):
 
 def test_validation_catches_a_broken_manifest():
     deployment = yaml.safe_load(yaml.safe_dump(DOCS["Deployment/ctcvr-scoring"]))
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = [8000]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = [
+        8000
+    ]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
     deployment["spec"]["strategy"]["rollingUpdate"]["maxSurgeTypo"] = 1
@@ -41,7 +43,9 @@ def test_scoring_probes_use_the_service_endpoints_on_its_port():
     container = scoring_container()
     env = {e["name"]: e.get("value") for e in container["env"]}
     (port,) = container["ports"]
-    assert port["containerPort"] == int(env["CTCVR_PORT"]) == 8000 and env["CTCVR_HOST"] == "0.0.0.0"
+    assert (
+        port["containerPort"] == int(env["CTCVR_PORT"]) == 8000 and env["CTCVR_HOST"] == "0.0.0.0"
+    )
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     # The routes exist in the service.
@@ -57,13 +61,17 @@ def test_scoring_runs_as_the_image_user_with_resources_and_a_rolling_update():
     assert pod["securityContext"]["runAsUser"] == image_uid()
     container = scoring_container()
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    assert (
+        container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    )
     rolling = deployment["spec"]["strategy"]
     assert rolling["type"] == "RollingUpdate" and rolling["rollingUpdate"]["maxUnavailable"] == 0
     # production mode: the tokens come from a Secret
     env = {e["name"]: e for e in container["env"]}
     assert env["CTCVR_ENVIRONMENT"]["value"] == "production"
-    assert {"CTCVR_API_TOKEN", "CTCVR_ADMIN_TOKEN"} <= {n for n, e in env.items() if "valueFrom" in e}
+    assert {"CTCVR_API_TOKEN", "CTCVR_ADMIN_TOKEN"} <= {
+        n for n, e in env.items() if "valueFrom" in e
+    }
 
 
 def test_service_and_autoscaler_point_at_the_deployment():
@@ -73,7 +81,11 @@ def test_service_and_autoscaler_point_at_the_deployment():
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == scoring_container()["ports"][0]["name"]
     hpa = DOCS["HorizontalPodAutoscaler/ctcvr-scoring"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ctcvr-scoring"}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "ctcvr-scoring",
+    }
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
 
 
@@ -83,11 +95,13 @@ def training_pod() -> tuple[dict, dict]:
 
 
 def training_commands() -> list[list[str]]:
-    job, pod = training_pod()
+    _job, pod = training_pod()
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert container["command"] == ["/bin/sh", "-c"]
-    return shell_commands(container["args"][0], {**env, "JOB_COMPLETION_INDEX": "0", "is_host": "true"})
+    return shell_commands(
+        container["args"][0], {**env, "JOB_COMPLETION_INDEX": "0", "is_host": "true"}
+    )
 
 
 def test_training_job_is_indexed_with_one_pod_per_node():
@@ -101,8 +115,14 @@ def test_training_job_is_indexed_with_one_pod_per_node():
     # The rendezvous host is pod 0 under the headless Service that the pods use as subdomain.
     service = DOCS["Service/ctcvr-train"]
     host, port = flags["--rdzv-endpoint"].split(":")
-    assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}" and pod["subdomain"] == service["metadata"]["name"]
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert (
+        host == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+        and pod["subdomain"] == service["metadata"]["name"]
+    )
+    assert (
+        service["spec"]["clusterIP"] == "None"
+        and service["spec"]["publishNotReadyAddresses"] is True
+    )
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
     assert int(port) == service["spec"]["ports"][0]["port"]
     assert pod["securityContext"]["runAsUser"] == image_uid()
@@ -121,5 +141,9 @@ def test_training_job_trains_with_a_valid_config_and_exports_where_scoring_reads
     served = {e["name"]: e.get("value") for e in scoring_container()["env"]}["CTCVR_MODEL_DIR"]
     assert model_dir == served
     volumes = training_pod()[1]["volumes"]
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
-    assert claims <= {name.split("/")[1] for name in DOCS if name.startswith("PersistentVolumeClaim/")}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
+    }
+    assert claims <= {
+        name.split("/")[1] for name in DOCS if name.startswith("PersistentVolumeClaim/")
+    }

@@ -15,9 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SMALL = [  # a tiny model and a few steps: 2 agents on a shared 2-core machine
-    "model.num_experts=2", "model.expert_sizes=[16]", "model.tower_sizes=[8]",
-    "data.batch_size=256", "data.eval_batch_size=4096", "data.shuffle_buffer=1024",
-    "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.progress=false",
+    "model.num_experts=2",
+    "model.expert_sizes=[16]",
+    "model.tower_sizes=[8]",
+    "data.batch_size=256",
+    "data.eval_batch_size=4096",
+    "data.shuffle_buffer=1024",
+    "train.steps=4",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "train.progress=false",
 ]
 
 
@@ -31,20 +38,49 @@ def free_port() -> int:
 def test_two_nodes_meet_through_c10d_and_train_one_model(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     subprocess.run(
-        [sys.executable, "-m", "trainer.data", "simulate", "--rows", "6000", "--out", str(data), "--seed", "5"],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "trainer.data",
+            "simulate",
+            "--rows",
+            "6000",
+            "--out",
+            str(data),
+            "--seed",
+            "5",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [
         subprocess.Popen(
             [
-                str(TORCHRUN), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-run",
-                "-m", "trainer.train", "--config", "trainer/configs/demo.yaml", "--resume",
-                f"output_dir={run}", f"data.train={data / 'train'}", f"data.test={data / 'test'}", *SMALL,
+                str(TORCHRUN),
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=test-run",
+                "-m",
+                "trainer.train",
+                "--config",
+                "trainer/configs/demo.yaml",
+                "--resume",
+                f"output_dir={run}",
+                f"data.train={data / 'train'}",
+                f"data.test={data / 'test'}",
+                *SMALL,
             ],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]

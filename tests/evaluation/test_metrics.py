@@ -231,9 +231,7 @@ def test_clicks_without_conversions_gives_nan_cvr_auc_and_calibration() -> None:
 def test_empty_input_is_all_nan_and_zero_counts() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m = compute_metrics(
-            [], [], [], [], group=[], truth={"true_cvr": [], "cf_conversion": []}
-        )
+        m = compute_metrics([], [], [], [], group=[], truth={"true_cvr": [], "cf_conversion": []})
     counts = {"impressions", "clicks", "conversions"}
     assert all(m[k] == 0.0 for k in counts)
     assert all(math.isnan(v) for k, v in m.items() if k not in counts)
@@ -385,5 +383,7 @@ def test_count_convention_gives_users_without_a_positive_ndcg_1_and_recall_0() -
 
 
 def test_unknown_users_without_positives_policy_is_named() -> None:
-    with pytest.raises(ValueError, match=r"users_without_positives must be one of \('skip', 'count'\), got 'drop'"):
+    with pytest.raises(
+        ValueError, match=r"users_without_positives must be one of \('skip', 'count'\), got 'drop'"
+    ):
         ranking_metrics([0.1], [1], [0], users_without_positives="drop")

@@ -32,7 +32,9 @@ def test_ranking_metrics_rank_each_users_rated_rows_by_pcvr() -> None:
     assert metrics["recall@2"] == pytest.approx((0.5 + 0.0) / 2)
     assert (metrics["users"], metrics["users_evaluated"]) == (2.0, 1.0)
     assert "auc" not in metrics  # the protocol's AUC is cvr_auc over the rated rows
-    assert metrics["cvr_auc"] == pytest.approx(2 / 6)  # 0.2 beats none of 0.9, 0.4, 0.3; 0.6 beats two
+    assert metrics["cvr_auc"] == pytest.approx(
+        2 / 6
+    )  # 0.2 beats none of 0.9, 0.4, 0.3; 0.6 beats two
 
 
 def test_without_ranking_k_there_are_no_ranking_keys() -> None:

@@ -23,26 +23,7 @@ def test_format_table_groups_sections_in_order() -> None:
         "ctr_auc": 0.75,
         "impressions": 1_000_000.0,
     }
-    expected = "\n".join(
-        [
-            "| metric | value |",
-            "|---|---:|",
-            "| **CTR** | |",
-            "| ctr_auc | 0.7500 |",
-            "| ctr_logloss | 0.5000 |",
-            "| **CVR (clicks)** | |",
-            "| cvr_auc | nan |",
-            "| **CTCVR** | |",
-            "| ctcvr_auc | 0.6000 |",
-            "| **ground truth** | |",
-            "| cvr_bias | -0.0123 |",
-            "| **counts** | |",
-            "| impressions | 1000000 |",
-            "| clicks | 3 |",
-            "| **other** | |",
-            "| my_loss | 0.1235 |",
-        ]
-    )
+    expected = "| metric | value |\n|---|---:|\n| **CTR** | |\n| ctr_auc | 0.7500 |\n| ctr_logloss | 0.5000 |\n| **CVR (clicks)** | |\n| cvr_auc | nan |\n| **CTCVR** | |\n| ctcvr_auc | 0.6000 |\n| **ground truth** | |\n| cvr_bias | -0.0123 |\n| **counts** | |\n| impressions | 1000000 |\n| clicks | 3 |\n| **other** | |\n| my_loss | 0.1235 |"
     assert format_table(metrics) == expected
 
 

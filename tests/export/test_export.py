@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -48,7 +48,9 @@ def test_export_writes_a_complete_checksummed_artifact(run, tmp_path):
     assert manifest.training_config["model"]["expert_sizes"] == [8]
     spec = manifest.model
     assert [t.name for t in spec.tables] == ["tags", "user", "city", "level", "strict_cat", "words"]
-    assert spec.tables[0].features == ("recent_tags", "tag") and spec.tables[0].pooling.value == "mean"
+    assert (
+        spec.tables[0].features == ("recent_tags", "tag") and spec.tables[0].pooling.value == "mean"
+    )
     assert spec.tables[1].pooling.value == "sum"
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([MANIFEST_FILE, *manifest.files])
@@ -67,8 +69,12 @@ def test_exported_weights_equal_the_checkpoint(run, tmp_path):
     table = saved[prefix + "sparse_arch.embedding_bag_collection.embedding_bags.tags.weight"]
     assert torch.equal(load_file(out / table_file("tags"))["weight"], table)
     dense = load_file(out / DENSE_FILE)
-    assert torch.equal(dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"])
-    assert torch.equal(dense["towers.cvr.layers.0.bias"], saved[prefix + "towers.cvr.hidden.layers.0.0.bias"])
+    assert torch.equal(
+        dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"]
+    )
+    assert torch.equal(
+        dense["towers.cvr.layers.0.bias"], saved[prefix + "towers.cvr.hidden.layers.0.0.bias"]
+    )
     assert torch.equal(dense["towers.ctr.head.weight"], saved[prefix + "towers.ctr.head.weight"])
     assert torch.equal(dense["mmoe.gates.cvr.weight"], saved[prefix + "mmoe.gates.cvr.weight"])
 
@@ -88,7 +94,9 @@ def test_the_served_model_predicts_what_the_trainer_predicts(run, tmp_path):
     assert_serves_like_the_trainer(run, out)
 
 
-@pytest.mark.skipif(EXTRA_HEAD_OBJECTIVE is None, reason="no objective with a training-only head is registered")
+@pytest.mark.skipif(
+    EXTRA_HEAD_OBJECTIVE is None, reason="no objective with a training-only head is registered"
+)
 def test_training_only_heads_are_left_out(tmp_path):
     run = make_edge_run(tmp_path / "r", objective=EXTRA_HEAD_OBJECTIVE)
     lines: list[str] = []
@@ -110,9 +118,15 @@ def test_a_ddpo_model_carries_its_causal_transfer_modules_to_the_service(tmp_pat
     assert any("training-only heads left out: conversion_propensity" in line for line in lines)
     names = set(load_file(tmp_path / "model" / DENSE_FILE))
     assert names == set(manifest.model.dense_shapes())
-    assert {"mmoe.gates.conversion_propensity.weight", "cvr_transfer.ctr.query.weight",
-            "cvr_transfer.conversion_propensity.value.bias", "cvr_transfer.fuse.weight"} <= names
-    assert not [n for n in names if n.startswith("towers.conversion_propensity")]  # its tower is training-only
+    assert {
+        "mmoe.gates.conversion_propensity.weight",
+        "cvr_transfer.ctr.query.weight",
+        "cvr_transfer.conversion_propensity.value.bias",
+        "cvr_transfer.fuse.weight",
+    } <= names
+    assert not [
+        n for n in names if n.startswith("towers.conversion_propensity")
+    ]  # its tower is training-only
     assert_serves_like_the_trainer(run, tmp_path / "model")
 
 
@@ -128,7 +142,10 @@ def test_a_dot_interaction_model_is_served_with_the_trainer_predictions(tmp_path
 
 def test_an_evi_model_leaves_its_teacher_and_vie_layers_out(tmp_path):
     run = make_edge_run(tmp_path / "r", objective="evi")
-    assert any(".objective.vie." in key for key in checkpoint_tensors(run / "checkpoints" / "step_00000007"))
+    assert any(
+        ".objective.vie." in key
+        for key in checkpoint_tensors(run / "checkpoints" / "step_00000007")
+    )
     lines: list[str] = []
     manifest = export_run(run, tmp_path / "model", log=lines.append)
     assert any("training-only heads left out: cvr_teacher" in line for line in lines)
@@ -151,7 +168,9 @@ def test_an_existing_output_is_replaced_only_with_force(run, tmp_path):
 def test_refuses_a_checkpoint_of_another_schema(run, tmp_path):
     other = tmp_path / "run"
     shutil.copytree(run, other)
-    (other / SCHEMA_FILE).write_text((other / SCHEMA_FILE).read_text().replace("hash_buckets: 97", "hash_buckets: 96"))
+    (other / SCHEMA_FILE).write_text(
+        (other / SCHEMA_FILE).read_text().replace("hash_buckets: 97", "hash_buckets: 96")
+    )
     with pytest.raises(ExportError, match="trained on another feature schema"):
         export_run(other, tmp_path / "model", log=None)
 
@@ -197,28 +216,71 @@ def test_refuses_non_finite_weights(tmp_path):
 
 def test_command_line(run, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "model"), "--version", "cli-1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "model"),
+            "--version",
+            "cli-1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "version cli-1, step 7, 6 tables" in result.stdout
     assert "Warning" not in result.stderr
     again = subprocess.run(
-        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "model")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "model"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert again.returncode == 1 and again.stderr.startswith("error: ") and "--force" in again.stderr
+    assert (
+        again.returncode == 1 and again.stderr.startswith("error: ") and "--force" in again.stderr
+    )
     bad = subprocess.run(
-        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "m2"), "--version", "bad id!"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "m2"),
+            "--version",
+            "bad id!",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr
 
 
 ADAP_SL = (
-    "model.tower_sharing=adap_sl", "model.tower_sizes=[6,4]",
-    "model.adap_sl.epoch_steps=1", "model.adap_sl.cvr.rate=0.3", "model.adap_sl.cvr.min_density=0.3",
-    "model.adap_sl.cvr.warmup_epochs=0", "model.adap_sl.imputation.rate=0.5",
+    "model.tower_sharing=adap_sl",
+    "model.tower_sizes=[6,4]",
+    "model.adap_sl.epoch_steps=1",
+    "model.adap_sl.cvr.rate=0.3",
+    "model.adap_sl.cvr.min_density=0.3",
+    "model.adap_sl.cvr.warmup_epochs=0",
+    "model.adap_sl.imputation.rate=0.5",
 )
 
 
@@ -233,7 +295,9 @@ def _prune_four_epochs(module) -> None:
 
 
 def test_a_pruned_adap_sl_model_is_served_as_an_ordinary_model_with_the_same_predictions(tmp_path):
-    run = make_edge_run(tmp_path / "r", objective="badr", overrides=ADAP_SL, prepare=_prune_four_epochs)
+    run = make_edge_run(
+        tmp_path / "r", objective="badr", overrides=ADAP_SL, prepare=_prune_four_epochs
+    )
     lines: list[str] = []
     manifest = export_run(run, tmp_path / "model", log=lines.append)
     assert manifest.model.tower_sizes == (6, 4) and manifest.model.heads == ("ctr", "cvr")

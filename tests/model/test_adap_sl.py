@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -30,7 +31,9 @@ def adap_sl_config(**adap: object) -> ModelConfig:
 
 def adap_sl_model(seed: int = 0, **adap: object) -> CtcvrModel:
     torch.manual_seed(seed)
-    return build_model(tiny_schema(), adap_sl_config(**adap), {"imputation"}, embedding_device="cpu")
+    return build_model(
+        tiny_schema(), adap_sl_config(**adap), {"imputation"}, embedding_device="cpu"
+    )
 
 
 def cvr_and_imputation(model: CtcvrModel) -> tuple[list, list]:
@@ -45,18 +48,28 @@ def test_shared_units_are_one_set_of_parameters_and_private_units_are_not():
     model = adap_sl_model()
     assert model.heads == ("ctr", "cvr", "imputation") and set(model.towers) == {"ctr"}
     cvr, imputation = cvr_and_imputation(model)
-    assert [shared for _, shared in cvr] == [True, False, True, False, False]  # 2 layers, then the head
+    assert [shared for _, shared in cvr] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]  # 2 layers, then the head
     for (a, shared), (b, _) in zip(cvr, imputation):
         if shared:
             assert a is b and a.linear.weight is b.linear.weight
-            assert a.mask("cvr") is not a.mask("imputation")  # one mask per tower over the same weights
+            assert a.mask("cvr") is not a.mask(
+                "imputation"
+            )  # one mask per tower over the same weights
         else:
             assert a.linear.weight is not b.linear.weight
     # No parameter is counted twice, and the halves add up to an ordinary tower's layer.
     names = [name for name, _ in model.partially_shared.named_parameters()]
     assert len(names) == len(set(names))
     first = model.partially_shared.layers[0]
-    assert first.shared.linear.weight.shape == (4, 16) and first.private["cvr"].linear.weight.shape == (4, 16)
+    assert first.shared.linear.weight.shape == (4, 16) and first.private[
+        "cvr"
+    ].linear.weight.shape == (4, 16)
 
 
 def test_each_layer_is_shared_units_then_private_units():
@@ -65,12 +78,16 @@ def test_each_layer_is_shared_units_then_private_units():
     layer = PartiallySharedLinear(3, 4, shared_fraction=0.5)
     x = torch.randn(2, 3)
     shared, private = layer.shared.linear, layer.private["imputation"].linear
-    expected = torch.cat([x @ shared.weight.T + shared.bias, x @ private.weight.T + private.bias], dim=1)
+    expected = torch.cat(
+        [x @ shared.weight.T + shared.bias, x @ private.weight.T + private.bias], dim=1
+    )
     torch.testing.assert_close(layer(x, "imputation"), expected)
     layer.shared.mask("imputation")[1, 2] = 0
     expected[:, 1] -= x[:, 2] * shared.weight[1, 2]
     torch.testing.assert_close(layer(x, "imputation"), expected)
-    torch.testing.assert_close(layer(x, "cvr")[:, :2], (x @ shared.weight.T + shared.bias))  # cvr's mask is whole
+    torch.testing.assert_close(
+        layer(x, "cvr")[:, :2], (x @ shared.weight.T + shared.bias)
+    )  # cvr's mask is whole
 
 
 def test_the_input_is_shared_on_its_first_dims_and_private_on_the_rest():
@@ -97,12 +114,23 @@ def test_losses_reach_the_shared_units_and_only_their_own_private_units():
     }
 
     def reached(term: torch.Tensor) -> set[str]:
-        grads = torch.autograd.grad(term, list(watched.values()), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            term, list(watched.values()), retain_graph=True, allow_unused=True
+        )
         return {name for name, g in zip(watched, grads) if g is not None and g.abs().sum() > 0}
 
     # The imputation loss trains the shared units and, through the shared input dims, the CVR gate.
-    assert reached(loss.terms["imputation"]) == {"shared", "imputation_private", "cvr_gate", "imputation_gate"}
-    assert reached(loss.terms["cvr_dr"]) == {"shared", "cvr_private", "cvr_gate"}  # e_hat is detached
+    assert reached(loss.terms["imputation"]) == {
+        "shared",
+        "imputation_private",
+        "cvr_gate",
+        "imputation_gate",
+    }
+    assert reached(loss.terms["cvr_dr"]) == {
+        "shared",
+        "cvr_private",
+        "cvr_gate",
+    }  # e_hat is detached
 
 
 def test_head_l2_covers_what_the_imputation_tower_computes_with():
@@ -122,7 +150,9 @@ def test_head_l2_covers_what_the_imputation_tower_computes_with():
 def test_a_folded_tower_computes_the_same_logit():
     model = adap_sl_model()
     towers = model.partially_shared
-    AdaptivePruner(towers, AdapSlConfig(epoch_steps=1, cvr=PruningConfig(0.5, 0.2, 0))).after_step(1)
+    AdaptivePruner(towers, AdapSlConfig(epoch_steps=1, cvr=PruningConfig(0.5, 0.2, 0))).after_step(
+        1
+    )
     mixtures = {"cvr": torch.randn(5, 16), "imputation": torch.randn(5, 16)}
     out = towers(mixtures)
     for tower, x in towers.tower_inputs(mixtures).items():
@@ -131,14 +161,24 @@ def test_a_folded_tower_computes_the_same_logit():
         torch.testing.assert_close(logit, out[tower][0], rtol=0, atol=1e-6)
         assert [a.shape for a in activations] == [(5, 8), (5, 6)]
     folded = towers.folded_tower("cvr")
-    zeros = sum(int((p == 0).sum()) for name, p in folded.named_parameters() if name.endswith("weight"))
-    assert zeros == density_report(towers)["cvr"]["total_weights"] - density_report(towers)["cvr"]["total_kept"]
+    zeros = sum(
+        int((p == 0).sum()) for name, p in folded.named_parameters() if name.endswith("weight")
+    )
+    assert (
+        zeros
+        == density_report(towers)["cvr"]["total_weights"]
+        - density_report(towers)["cvr"]["total_kept"]
+    )
 
 
 def test_objectives_without_an_imputation_head_are_refused():
     config = adap_sl_config()
-    with pytest.raises(ConfigError, match=r"no imputation head \(heads: ctr, cvr\).*badr, escm2_dr, multi_dr"):
-        build_model(tiny_schema(), config, build_objective("esmm").required_heads, embedding_device="cpu")
+    with pytest.raises(
+        ConfigError, match=r"no imputation head \(heads: ctr, cvr\).*badr, escm2_dr, multi_dr"
+    ):
+        build_model(
+            tiny_schema(), config, build_objective("esmm").required_heads, embedding_device="cpu"
+        )
 
 
 @pytest.mark.parametrize(
@@ -183,7 +223,9 @@ def test_magnitude_pruning_by_hand():
     assert sum(int(m.sum()) for m in masks) == 3
 
 
-def _train_steps(model: CtcvrModel, pruner: AdaptivePruner, steps: range, optimizer) -> list[dict[str, torch.Tensor]]:
+def _train_steps(
+    model: CtcvrModel, pruner: AdaptivePruner, steps: range, optimizer
+) -> list[dict[str, torch.Tensor]]:
     """Adam steps on Multi-DR with the pruner after each; every tower mask after every step."""
     objective = build_objective("multi_dr", undersample_rate=None)
     module = TrainModule(model, objective).train()
@@ -195,18 +237,23 @@ def _train_steps(model: CtcvrModel, pruner: AdaptivePruner, steps: range, optimi
         loss.backward()
         optimizer.step()
         pruner.after_step(step)
-        history.append({k: v.clone() for k, v in model.partially_shared.state_dict().items() if ".mask_" in k})
+        history.append(
+            {k: v.clone() for k, v in model.partially_shared.state_dict().items() if ".mask_" in k}
+        )
     return history
 
 
 def test_masks_are_nested_reach_the_target_density_and_follow_the_schedule():
-    cvr, imputation = PruningConfig(rate=0.2, min_density=0.3, warmup_epochs=1), PruningConfig(0.1, 0.6, 3)
+    cvr, imputation = (
+        PruningConfig(rate=0.2, min_density=0.3, warmup_epochs=1),
+        PruningConfig(0.1, 0.6, 3),
+    )
     config = AdapSlConfig(epoch_steps=2, cvr=cvr, imputation=imputation)
     model = adap_sl_model(**vars(config))
     pruner = AdaptivePruner(model.partially_shared, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     history = _train_steps(model, pruner, range(1, 31), optimizer)
-    for before, after in zip(history, history[1:]):
+    for before, after in itertools.pairwise(history):
         for key in before:
             assert torch.all(after[key] <= before[key]), key  # a pruned weight never comes back
     densities = [density_report_of(model, masks) for masks in history]
@@ -230,7 +277,9 @@ def density_report_of(model: CtcvrModel, masks: dict[str, torch.Tensor]) -> dict
 
 
 def test_pruned_weights_stay_zero_and_receive_no_update():
-    config = AdapSlConfig(epoch_steps=3, cvr=PruningConfig(0.5, 0.1, 0), imputation=PruningConfig(0.5, 0.1, 0))
+    config = AdapSlConfig(
+        epoch_steps=3, cvr=PruningConfig(0.5, 0.1, 0), imputation=PruningConfig(0.5, 0.1, 0)
+    )
     model = adap_sl_model(**vars(config))
     towers = model.partially_shared
     pruner = AdaptivePruner(towers, config)
@@ -246,17 +295,25 @@ def test_pruned_weights_stay_zero_and_receive_no_update():
         module = towers.get_submodule(name.removesuffix(".linear.weight"))
         unread = torch.stack([module.mask(t) for t in module.towers]).amax(0) == 0
         assert unread.any(), name
-        assert torch.all(weight.detach()[unread] == 0) and torch.all(raw_before[name][unread] == 0), name
-        assert torch.all(weight.grad[unread] == 0), name  # masked in the forward: no gradient at all
+        assert torch.all(weight.detach()[unread] == 0) and torch.all(
+            raw_before[name][unread] == 0
+        ), name
+        assert torch.all(weight.grad[unread] == 0), (
+            name
+        )  # masked in the forward: no gradient at all
         read = ~unread
-        assert not torch.equal(weight.detach()[read], raw_before[name][read]), name  # the rest trains
+        assert not torch.equal(weight.detach()[read], raw_before[name][read]), (
+            name
+        )  # the rest trains
     for tower in ("cvr", "imputation"):
         for module, _ in towers.masked_linears(tower):
             assert torch.all(module.masked_weight(tower)[module.mask(tower) == 0] == 0)
 
 
 def test_shared_weights_pruned_by_one_tower_keep_training_for_the_other():
-    config = AdapSlConfig(epoch_steps=1, cvr=PruningConfig(0.6, 0.1, 0), imputation=PruningConfig(0.0, 1.0, 0))
+    config = AdapSlConfig(
+        epoch_steps=1, cvr=PruningConfig(0.6, 0.1, 0), imputation=PruningConfig(0.0, 1.0, 0)
+    )
     model = adap_sl_model(**vars(config))
     towers = model.partially_shared
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -265,7 +322,9 @@ def test_shared_weights_pruned_by_one_tower_keep_training_for_the_other():
     only_imputation = (shared.mask("cvr") == 0) & (shared.mask("imputation") == 1)
     assert only_imputation.any()
     before = shared.linear.weight.detach()[only_imputation].clone()
-    _train_steps(model, AdaptivePruner(towers, AdapSlConfig(epoch_steps=10**6)), range(3, 5), optimizer)
+    _train_steps(
+        model, AdaptivePruner(towers, AdapSlConfig(epoch_steps=10**6)), range(3, 5), optimizer
+    )
     after = shared.linear.weight.detach()[only_imputation]
     assert torch.all(after != 0) and not torch.equal(before, after)
     assert torch.all(shared.masked_weight("cvr")[only_imputation] == 0)

@@ -29,7 +29,9 @@ def test_model_forward_shapes_and_ctcvr_product():
     out = model(batch.sparse, batch.dense)
     assert set(out.logits) == {"ctr", "cvr"}
     assert out.logits["ctr"].shape == (4,)
-    assert torch.allclose(out.pctcvr, torch.sigmoid(out.logits["ctr"]) * torch.sigmoid(out.logits["cvr"]))
+    assert torch.allclose(
+        out.pctcvr, torch.sigmoid(out.logits["ctr"]) * torch.sigmoid(out.logits["cvr"])
+    )
     assert [a.shape for a in out.features["cvr.layers"]] == [(4, 8)]
 
 
@@ -80,8 +82,9 @@ def test_mlp_and_tower_validate_arguments():
 
 
 def test_heads_must_start_with_ctr_cvr():
-    from trainer.model import CtcvrModel, SparseArch
     from torchrec import EmbeddingBagCollection
+
+    from trainer.model import CtcvrModel, SparseArch
 
     arch = SparseArch(EmbeddingBagCollection(tables=embedding_bag_configs(tiny_schema())))
     with pytest.raises(ValueError, match="heads must start with"):
@@ -116,13 +119,19 @@ def test_model_with_dot_interaction_feeds_the_products_to_the_mmoe():
     model.mmoe.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
     model(batch.sparse, batch.dense).logits["ctr"].sum().backward()
     assert torch.allclose(captured["x"][:, 13:], DotInteraction(3, 4)(pooled))
-    assert model.sparse_arch.embedding_bag_collection.embedding_bags["user"].weight.grad.abs().sum() > 0
+    assert (
+        model.sparse_arch.embedding_bag_collection.embedding_bags["user"].weight.grad.abs().sum()
+        > 0
+    )
 
 
 def test_dot_interaction_needs_one_embedding_dim_and_says_which_features_differ():
     schema = FeatureSchema.from_dict(
         {
-            "sparse": [{"name": "user", "hash_buckets": 50, "dim": 4}, {"name": "item", "hash_buckets": 40, "dim": 3}],
+            "sparse": [
+                {"name": "user", "hash_buckets": 50, "dim": 4},
+                {"name": "item", "hash_buckets": 40, "dim": 3},
+            ],
             "labels": {"click": "click", "conversion": "conversion"},
         }
     )

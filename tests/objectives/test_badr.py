@@ -16,7 +16,9 @@ def test_badr_by_hand():
     loss = build_objective("badr")(outputs(), tiny_batch(CLICK, CONVERSION))
     mean_imputed = (0.3 + 0.6 + 0.2) / SUM_W  # E_hat(k)
     residuals = [E1 - 0.3 + mean_imputed - BADR, E2 - 0.6 + mean_imputed - BADR]
-    imputation = ((1 / 0.5) ** 2 * residuals[0] ** 2 + (1 / 0.8) ** 2 * residuals[1] ** 2) / SUM_W**2  # Eq. 32
+    imputation = (
+        (1 / 0.5) ** 2 * residuals[0] ** 2 + (1 / 0.8) ** 2 * residuals[1] ** 2
+    ) / SUM_W**2  # Eq. 32
     assert loss.terms["ctr"].item() == pytest.approx(CTR, rel=1e-6)
     assert loss.terms["cvr_badr"].item() == pytest.approx(BADR, rel=1e-6)
     assert loss.terms["imputation"].item() == pytest.approx(imputation, rel=1e-5)
@@ -25,10 +27,14 @@ def test_badr_by_hand():
 
 
 def test_badr_with_ctcvr_task():
-    loss = build_objective("badr", ctcvr_weight=0.5, cvr_weight=2.0)(outputs(), tiny_batch(CLICK, CONVERSION))
+    loss = build_objective("badr", ctcvr_weight=0.5, cvr_weight=2.0)(
+        outputs(), tiny_batch(CLICK, CONVERSION)
+    )
     ctcvr = -(math.log(0.25) + math.log(1 - 0.32) + math.log(1 - 0.225)) / 3
     assert loss.terms["ctcvr"].item() == pytest.approx(ctcvr, rel=1e-6)
-    assert loss.total.item() == pytest.approx(CTR + 2.0 * BADR + loss.terms["imputation"].item() + 0.5 * ctcvr, rel=1e-6)
+    assert loss.total.item() == pytest.approx(
+        CTR + 2.0 * BADR + loss.terms["imputation"].item() + 0.5 * ctcvr, rel=1e-6
+    )
 
 
 def test_badr_cvr_gradient_is_normalised_by_the_batch_weight():

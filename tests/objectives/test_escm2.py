@@ -20,7 +20,9 @@ def test_escm2_ipw_by_hand():
 
 
 def test_escm2_ipw_click_normalisation_divides_by_the_clicks():
-    objective = build_objective("escm2_ipw", ipw_normalization="clicks", cvr_weight=1.0, ctcvr_weight=2.0)
+    objective = build_objective(
+        "escm2_ipw", ipw_normalization="clicks", cvr_weight=1.0, ctcvr_weight=2.0
+    )
     loss = objective(outputs(), tiny_batch(CLICK, CONVERSION))
     ipw = (E1 / 0.5 + E2 / 0.8) / 2  # the reference code: / N_o
     assert loss.terms["cvr_ipw"].item() == pytest.approx(ipw, rel=1e-6)
@@ -35,7 +37,9 @@ def test_escm2_dr_by_hand():
     assert loss.terms["cvr_dr"].item() == pytest.approx(dr, rel=1e-6)
     assert loss.terms["imputation"].item() == pytest.approx(imputation, rel=1e-6)
     assert loss.terms["ctcvr"].item() == pytest.approx(CTCVR, rel=1e-6)
-    assert loss.total.item() == pytest.approx(CTR + 0.5 * dr + 0.5 * CTCVR + 0.5 * imputation, rel=1e-6)
+    assert loss.total.item() == pytest.approx(
+        CTR + 0.5 * dr + 0.5 * CTCVR + 0.5 * imputation, rel=1e-6
+    )
 
 
 def test_escm2_heads_and_bad_parameters():

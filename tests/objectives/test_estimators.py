@@ -8,6 +8,7 @@ that mean, from the draws' own spread.
 """
 
 import functools
+import itertools
 import math
 import tempfile
 
@@ -94,7 +95,9 @@ def test_badr_by_hand():
     r1 = 0.7 - 0.5 + mean_imputed - badr
     r3 = 0.2 - 0.3 + mean_imputed - badr
     expected = ((1 / 0.5) ** 2 * r1**2 + (1 / 0.25) ** 2 * r3**2) / sum_w**2
-    assert badr_imputation_loss(E, E_HAT, O, P, torch.tensor(badr, dtype=torch.float64)).item() == pytest.approx(expected)
+    assert badr_imputation_loss(
+        E, E_HAT, O, P, torch.tensor(badr, dtype=torch.float64)
+    ).item() == pytest.approx(expected)
 
 
 def test_badr_without_clicks_is_zero_and_finite():
@@ -110,7 +113,9 @@ def test_clip_propensity_is_a_floor():
 def test_estimators_reduce_over_the_last_dimension():
     stacked = torch.stack([O, 1 - O])
     assert ipw_estimate(E, stacked, P).shape == (2,)
-    assert badr_estimate(E, E_HAT, stacked, P).tolist()[0] == pytest.approx(badr_estimate(E, E_HAT, O, P).item())
+    assert badr_estimate(E, E_HAT, stacked, P).tolist()[0] == pytest.approx(
+        badr_estimate(E, E_HAT, O, P).item()
+    )
 
 
 # Statistical unbiasedness ------------------------------------------------------------------------
@@ -121,8 +126,12 @@ def _population(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     taste = torch.randn(N, generator=g, dtype=torch.float64)
     p = torch.sigmoid(-1.5 + 1.2 * taste)  # true propensity, mean ~0.25, down to ~0.01
-    r = (torch.rand(N, generator=g, dtype=torch.float64) < torch.sigmoid(-1.0 + 1.5 * taste)).double()
-    r_hat = torch.sigmoid(-0.8 + 0.4 * taste + 0.3 * torch.randn(N, generator=g, dtype=torch.float64))
+    r = (
+        torch.rand(N, generator=g, dtype=torch.float64) < torch.sigmoid(-1.0 + 1.5 * taste)
+    ).double()
+    r_hat = torch.sigmoid(
+        -0.8 + 0.4 * taste + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+    )
     e = -(r * torch.log(r_hat) + (1 - r) * torch.log1p(-r_hat))  # fixed predictions -> fixed errors
     clicks = (torch.rand(DRAWS, N, generator=g, dtype=torch.float64) < p).double()
     return p, e, clicks
@@ -137,18 +146,28 @@ def _simulated_population(rows: int = 3_000, draws: int = 4_000):
 
     from trainer.data.simulator import SimulatorConfig, simulate
 
-    config = SimulatorConfig(rows=rows * 5, num_users=5_000, num_items=3_000, calibration_rows=20_000)
+    config = SimulatorConfig(
+        rows=rows * 5, num_users=5_000, num_items=3_000, calibration_rows=20_000
+    )
     with tempfile.TemporaryDirectory() as out:
         simulate(config, out, progress=False)
-        table = pq.read_table(f"{out}/train", columns=["true_ctr", "true_cvr", "cf_conversion"]).slice(0, rows)
-    p, true_cvr, r = (torch.from_numpy(table.column(c).to_numpy().astype("float64")) for c in table.column_names)
+        table = pq.read_table(
+            f"{out}/train", columns=["true_ctr", "true_cvr", "cf_conversion"]
+        ).slice(0, rows)
+    p, true_cvr, r = (
+        torch.from_numpy(table.column(c).to_numpy().astype("float64")) for c in table.column_names
+    )
     r_hat = 0.5 * true_cvr + 0.5 * true_cvr.mean()  # fixed predictions, shrunk towards the mean
     e = -(r * torch.log(r_hat) + (1 - r) * torch.log1p(-r_hat))
-    clicks = (torch.rand(draws, rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64) < p).double()
+    clicks = (
+        torch.rand(draws, rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64) < p
+    ).double()
     return p, e, clicks
 
 
-POPULATIONS = pytest.mark.parametrize("population", [_population, _simulated_population], ids=["toy", "simulator"])
+POPULATIONS = pytest.mark.parametrize(
+    "population", [_population, _simulated_population], ids=["toy", "simulator"]
+)
 
 
 def _mean_and_standard_error(estimates: torch.Tensor) -> tuple[float, float]:
@@ -159,7 +178,9 @@ def _mean_and_standard_error(estimates: torch.Tensor) -> tuple[float, float]:
 def test_ipw_and_dr_recover_the_ideal_loss_and_naive_does_not(population):
     p, e, o = population()
     ideal = ideal_loss(e).item()
-    e_hat_wrong = 0.5 * e.mean() + 0.2 * torch.rand(len(e), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    e_hat_wrong = 0.5 * e.mean() + 0.2 * torch.rand(
+        len(e), generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
 
     ipw_mean, ipw_se = _mean_and_standard_error(ipw_estimate(e, o, p))
     dr_mean, dr_se = _mean_and_standard_error(dr_estimate(e, e_hat_wrong, o, p))
@@ -190,7 +211,9 @@ def test_dr_with_both_wrong_is_biased(population):
     """The double robustness needs one of the two right; the tests above are not vacuous."""
     p, e, o = population()
     ideal = ideal_loss(e).item()
-    dr_mean, dr_se = _mean_and_standard_error(dr_estimate(e, torch.zeros_like(e), o, (p * 2.5).clamp(max=0.95)))
+    dr_mean, dr_se = _mean_and_standard_error(
+        dr_estimate(e, torch.zeros_like(e), o, (p * 2.5).clamp(max=0.95))
+    )
     assert abs(dr_mean - ideal) > 20 * Z * dr_se
 
 
@@ -259,4 +282,4 @@ def test_badr_stays_bounded_as_a_propensity_goes_to_zero():
     assert badr_values[-1] == pytest.approx(0.9 - 0.2, rel=1e-6)  # -> e - e_hat of the tiny row
     # DR grows like 1 / p: ten times larger per decade.
     assert dr_values[-1] > 1e10
-    assert all(b > 9 * a for a, b in zip(dr_values[2:], dr_values[3:]))
+    assert all(b > 9 * a for a, b in itertools.pairwise(dr_values[2:]))

@@ -33,7 +33,9 @@ def softplus(x: float) -> float:
 L_CTR = sum(bce(p, o) for p, o in zip(PCTR, CLICK)) / 4  # Eq. 12
 L_CTCVR = sum(bce(c * v, r) for c, v, r in zip(PCTR, PCVR, CONVERSION)) / 4  # Eq. 13
 L_T = sum(bce(p, r) for p, r in zip(PT, CONVERSION)) / 4  # Eq. 14: r = 0 on unclicked rows
-L_CVR = (bce(0.5, 1) / 0.5 + bce(0.4, 0) / 0.8) / 8 + (bce(0.3, 0.1) / 0.8 + bce(0.1, 0.05) / 0.4) / 8  # Eq. 15
+L_CVR = (bce(0.5, 1) / 0.5 + bce(0.4, 0) / 0.8) / 8 + (
+    bce(0.3, 0.1) / 0.8 + bce(0.1, 0.05) / 0.4
+) / 8  # Eq. 15
 
 
 def vie_by_hand(t_rows, s_rows) -> float:
@@ -42,7 +44,9 @@ def vie_by_hand(t_rows, s_rows) -> float:
     total = 0.0
     for t, s in zip(t_rows, s_rows):
         mu = [sum(w * x for w, x in zip(MEAN_W[n], s)) + MEAN_B[n] for n in range(2)]
-        total += sum(0.5 * math.log(variance[n]) + (t[n] - mu[n]) ** 2 / (2 * variance[n]) for n in range(2))
+        total += sum(
+            0.5 * math.log(variance[n]) + (t[n] - mu[n]) ** 2 / (2 * variance[n]) for n in range(2)
+        )
     return total / len(t_rows)
 
 
@@ -82,7 +86,13 @@ def test_every_term_and_the_total_by_hand():
 
 
 def test_the_weights_of_eq_16():
-    weights = dict(ctr_weight=1.0, teacher_weight=0.5, cvr_weight=3.0, vie_weight=0.0, ctcvr_weight=0.1)
+    weights = {
+        "ctr_weight": 1.0,
+        "teacher_weight": 0.5,
+        "cvr_weight": 3.0,
+        "vie_weight": 0.0,
+        "ctcvr_weight": 0.1,
+    }
     loss = attached(**weights)(outputs(), tiny_batch(CLICK, CONVERSION))
     expected = 1.0 * L_CTR + 0.5 * L_T + 3.0 * L_CVR + 0.1 * L_CTCVR
     assert loss.total.item() == pytest.approx(expected, rel=1e-6)
@@ -90,7 +100,9 @@ def test_the_weights_of_eq_16():
 
 def test_propensities_are_floored_at_tau_on_both_sides():
     loss = attached(tau=0.6)(outputs(), tiny_batch(CLICK, CONVERSION))
-    expected = (bce(0.5, 1) / 0.6 + bce(0.4, 0) / 0.8) / 8 + (bce(0.3, 0.1) / 0.8 + bce(0.1, 0.05) / 0.6) / 8
+    expected = (bce(0.5, 1) / 0.6 + bce(0.4, 0) / 0.8) / 8 + (
+        bce(0.3, 0.1) / 0.8 + bce(0.1, 0.05) / 0.6
+    ) / 8
     assert loss.terms["cvr_evi"].item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -100,7 +112,12 @@ def test_pseudo_labels_and_propensities_are_detached_in_the_student_loss():
     assert out.logits["cvr_teacher"].grad is None  # the teacher's pseudo-labels are targets
     assert out.logits["ctr"].grad is None
     # d/dlogit BCE(y, r_hat) / (2 |D| p) = (r_hat - y) / (8 p)
-    expected = [(0.5 - 1) / (8 * 0.5), (0.4 - 0) / (8 * 0.8), (0.3 - 0.1) / (8 * 0.8), (0.1 - 0.05) / (8 * 0.4)]
+    expected = [
+        (0.5 - 1) / (8 * 0.5),
+        (0.4 - 0) / (8 * 0.8),
+        (0.3 - 0.1) / (8 * 0.8),
+        (0.1 - 0.05) / (8 * 0.4),
+    ]
     assert out.logits["cvr"].grad.tolist() == pytest.approx(expected, rel=1e-5)
 
 
@@ -119,12 +136,17 @@ def test_vie_moves_the_student_and_its_own_parameters_and_the_teacher_only_if_as
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert (teacher.grad is not None) == trains_teacher
     vie = objective.vie[0]
-    assert vie.rho.grad.abs().min() > 0 and vie.mean.weight.grad.abs().sum() > 0  # Eq. 11's rho is trained
+    assert (
+        vie.rho.grad.abs().min() > 0 and vie.mean.weight.grad.abs().sum() > 0
+    )  # Eq. 11's rho is trained
     variance = [softplus(r) + 1e-3 for r in RHO]
     # d/d rho_n of the mean NLL: (1/2 - mean (t - mu)^2 / (2 sigma^2)) / sigma^2 * sigmoid(rho)
     t, s = torch.tensor(TEACHER_LAYER), torch.tensor(STUDENT_LAYER)
     residual2 = ((t - vie.mean(s)) ** 2).mean(dim=0).tolist()
-    expected = [(0.5 - residual2[n] / (2 * variance[n])) / variance[n] / (1 + math.exp(-RHO[n])) for n in range(2)]
+    expected = [
+        (0.5 - residual2[n] / (2 * variance[n])) / variance[n] / (1 + math.exp(-RHO[n]))
+        for n in range(2)
+    ]
     assert vie.rho.grad.tolist() == pytest.approx(expected, rel=1e-5)
 
 
@@ -145,8 +167,15 @@ def test_transfer_layers_pair_the_last_k_hidden_layers():
     assert [vie.mean.in_features for vie in objective.vie] == [4, 2]
     every = build_objective("evi")
     every.attach(SimpleNamespace(tower_sizes=(8, 4, 2)))
-    assert [vie.mean.in_features for vie in every.vie] == [8, 4, 2]  # the paper's K = 3 of [128, 64, 32]
-    with pytest.raises(ValueError, match=r"evi: transfer_layers=4 needs that many hidden tower layers; model.tower_sizes is \[8, 4, 2\]"):
+    assert [vie.mean.in_features for vie in every.vie] == [
+        8,
+        4,
+        2,
+    ]  # the paper's K = 3 of [128, 64, 32]
+    with pytest.raises(
+        ValueError,
+        match=r"evi: transfer_layers=4 needs that many hidden tower layers; model.tower_sizes is \[8, 4, 2\]",
+    ):
         build_objective("evi", transfer_layers=4).attach(SimpleNamespace(tower_sizes=(8, 4, 2)))
     with pytest.raises(ValueError, match="needs that many hidden tower layers"):
         build_objective("evi").attach(SimpleNamespace(tower_sizes=()))
@@ -178,7 +207,9 @@ def test_the_teacher_loss_never_reaches_the_ctr_head_and_the_vie_layers_are_chec
     objective = build_objective("evi", propensity_dim=3)
     torch.manual_seed(0)
     config = ModelConfig(num_experts=2, expert_sizes=[16], tower_sizes=[8, 4])
-    model = build_model(tiny_schema(), config, structure=model_structure(objective), embedding_device="cpu")
+    model = build_model(
+        tiny_schema(), config, structure=model_structure(objective), embedding_device="cpu"
+    )
     module = TrainModule(model, objective).train()
     assert [vie.mean.in_features for vie in objective.vie] == [8, 4]
     assert {k for k in module.state_dict() if k.startswith("objective.")} == {

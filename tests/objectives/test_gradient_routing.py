@@ -29,26 +29,58 @@ EXPECTED = [
     ("multi_ipw", {"propensity_grad": True}, {"ctr": CTR, "cvr_ipw": BOTH}),  # Algorithm 1
     ("multi_dr", {}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
     ("multi_dr", {"undersample_rate": None}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
-    ("multi_dr", {"dr_trains_imputation": True, "undersample_rate": None},
-     {"ctr": CTR, "cvr_dr": CVR | IMP, "imputation": IMP}),  # Algorithm 2 read literally
+    (
+        "multi_dr",
+        {"dr_trains_imputation": True, "undersample_rate": None},
+        {"ctr": CTR, "cvr_dr": CVR | IMP, "imputation": IMP},
+    ),  # Algorithm 2 read literally
     ("escm2_ipw", {}, {"ctr": CTR, "cvr_ipw": CVR, "ctcvr": BOTH}),
     ("escm2_dr", {}, {"ctr": CTR, "cvr_dr": CVR, "ctcvr": BOTH, "imputation": IMP}),
-    ("escm2_dr", {"propensity_grad": True}, {"ctr": CTR, "cvr_dr": BOTH, "ctcvr": BOTH, "imputation": IMP}),
+    (
+        "escm2_dr",
+        {"propensity_grad": True},
+        {"ctr": CTR, "cvr_dr": BOTH, "ctcvr": BOTH, "imputation": IMP},
+    ),
     ("badr", {}, {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP}),
-    ("badr", {"ctcvr_weight": 1.0}, {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP, "ctcvr": BOTH}),
+    (
+        "badr",
+        {"ctcvr_weight": 1.0},
+        {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP, "ctcvr": BOTH},
+    ),
     # The teacher reads sg(pCTR) and its pseudo-labels are detached; VIE fits the student to it.
     ("evi", {}, {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR, "ctcvr": BOTH}),
-    ("evi", {"vie_trains_teacher": True},
-     {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR | TEACHER, "ctcvr": BOTH}),
+    (
+        "evi",
+        {"vie_trains_teacher": True},
+        {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR | TEACHER, "ctcvr": BOTH},
+    ),
     # Without transfer modules; with them the CVR losses also reach the source heads' gates
     # (test_ddpo.py tells gates and towers apart).
-    ("ddpo", {"causal_transfer": False},
-     {"ctr": CTR, "conversion_propensity": CONV, "cvr_ddpo": CVR, "ctcvr": BOTH}),
-    ("ddpo", {}, {"ctr": CTR, "conversion_propensity": CONV, "cvr_ddpo": BOTH | CONV, "ctcvr": BOTH | CONV}),
-    ("multi_dr", {"imputation_trains_backbone": True}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
-    ("escm2_dr", {"imputation_trains_backbone": True},
-     {"ctr": CTR, "cvr_dr": CVR, "ctcvr": BOTH, "imputation": IMP}),
-    ("badr", {"imputation_trains_backbone": True}, {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP}),
+    (
+        "ddpo",
+        {"causal_transfer": False},
+        {"ctr": CTR, "conversion_propensity": CONV, "cvr_ddpo": CVR, "ctcvr": BOTH},
+    ),
+    (
+        "ddpo",
+        {},
+        {"ctr": CTR, "conversion_propensity": CONV, "cvr_ddpo": BOTH | CONV, "ctcvr": BOTH | CONV},
+    ),
+    (
+        "multi_dr",
+        {"imputation_trains_backbone": True},
+        {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP},
+    ),
+    (
+        "escm2_dr",
+        {"imputation_trains_backbone": True},
+        {"ctr": CTR, "cvr_dr": CVR, "ctcvr": BOTH, "imputation": IMP},
+    ),
+    (
+        "badr",
+        {"imputation_trains_backbone": True},
+        {"ctr": CTR, "cvr_badr": CVR, "imputation": IMP},
+    ),
 ]
 IMPUTATION_OBJECTIVES = ("multi_dr", "escm2_dr", "badr")
 
@@ -87,7 +119,9 @@ def _heads_reached(model: CtcvrModel, term: torch.Tensor) -> tuple[frozenset[str
     return frozenset(reached), any(nonzero[i:])
 
 
-@pytest.mark.parametrize(("name", "params", "expected"), EXPECTED, ids=lambda v: str(v) if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("name", "params", "expected"), EXPECTED, ids=lambda v: str(v) if isinstance(v, str) else None
+)
 def test_each_term_trains_exactly_the_papers_towers(name, params, expected):
     objective = build_objective(name, **params)
     model = _model(objective)
@@ -96,7 +130,9 @@ def test_each_term_trains_exactly_the_papers_towers(name, params, expected):
     assert set(loss.terms) == set(expected)
     for term, heads in expected.items():
         reached, shared = _heads_reached(model, loss.terms[term])
-        assert reached == heads, f"{name} {params}: term {term!r} reached {sorted(reached)}, expected {sorted(heads)}"
+        assert reached == heads, (
+            f"{name} {params}: term {term!r} reached {sorted(reached)}, expected {sorted(heads)}"
+        )
         isolated = term == "imputation" and not params.get("imputation_trains_backbone", False)
         assert shared != isolated, f"{name} {params}: term {term!r} reaches the backbone: {shared}"
 
@@ -111,7 +147,10 @@ def test_imputation_head_is_detached_from_the_backbone_by_default(name):
 def test_detached_head_reads_the_same_features():
     """Detaching changes the gradient only: the imputation logits are those of the shared model."""
     objective = build_objective("escm2_dr")
-    detached, shared = _model(objective), _model(build_objective("escm2_dr", imputation_trains_backbone=True))
+    detached, shared = (
+        _model(objective),
+        _model(build_objective("escm2_dr", imputation_trains_backbone=True)),
+    )
     shared.load_state_dict(detached.state_dict())
     batch = tiny_batch(CLICK, CONVERSION)
     a, b = detached(batch.sparse, batch.dense), shared(batch.sparse, batch.dense)
@@ -120,7 +159,9 @@ def test_detached_head_reads_the_same_features():
 
 
 def test_train_module_adds_the_l2_on_the_imputation_tower_only():
-    objective = build_objective("multi_dr", imputation_l2=1e-2, undersample_rate=None)  # deterministic
+    objective = build_objective(
+        "multi_dr", imputation_l2=1e-2, undersample_rate=None
+    )  # deterministic
     model = _model(objective)
     module = TrainModule(model, objective).train()
     batch = tiny_batch(CLICK, CONVERSION)
@@ -139,5 +180,7 @@ def test_train_module_without_head_l2_is_unchanged():
     model = _model(objective)
     batch = tiny_batch(CLICK, CONVERSION)
     total, (loss_out, _) = TrainModule(model, objective).train()(batch)
-    assert total.item() == pytest.approx(objective(model(batch.sparse, batch.dense), batch).total.item(), rel=1e-6)
+    assert total.item() == pytest.approx(
+        objective(model(batch.sparse, batch.dense), batch).total.item(), rel=1e-6
+    )
     assert not any(name.startswith("l2_") for name in loss_out.terms)

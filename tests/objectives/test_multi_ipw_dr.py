@@ -18,7 +18,7 @@ E1, E2 = -math.log(0.5), -math.log(0.6)  # BCE(r, pCVR) of the two clicked rows
 
 def outputs(pctr=PCTR, pcvr=PCVR, e_hat=E_HAT) -> TaskOutputs:
     """Leaf logits with the given probabilities and, for the imputation head, softplus^-1(e_hat)."""
-    logit = lambda ps: torch.tensor([math.log(p / (1 - p)) for p in ps], requires_grad=True)  # noqa: E731
+    logit = lambda ps: torch.tensor([math.log(p / (1 - p)) for p in ps], requires_grad=True)
     imputation = torch.tensor([math.log(math.expm1(v)) for v in e_hat], requires_grad=True)
     return TaskOutputs(logits={"ctr": logit(pctr), "cvr": logit(pcvr), "imputation": imputation})
 
@@ -32,7 +32,9 @@ def test_multi_ipw_by_hand():
 
 
 def test_multi_ipw_clips_small_propensities_at_tau():
-    loss = build_objective("multi_ipw", tau=0.6, cvr_weight=2.0)(outputs(), tiny_batch(CLICK, CONVERSION))
+    loss = build_objective("multi_ipw", tau=0.6, cvr_weight=2.0)(
+        outputs(), tiny_batch(CLICK, CONVERSION)
+    )
     ipw = (E1 / 0.6 + E2 / 0.8) / 3  # pCTR 0.5 is raised to 0.6; 0.8 is left alone
     assert loss.terms["cvr_ipw"].item() == pytest.approx(ipw, rel=1e-6)
     assert loss.total.item() == pytest.approx(CTR + 2.0 * ipw, rel=1e-6)
@@ -57,7 +59,9 @@ def test_oracle_propensity_weights_by_the_true_click_probability(name):
         if term not in ("ctr", "ctcvr"):  # these still score the model's own pCTR
             assert value.item() == pytest.approx(same.terms[term].item(), rel=1e-6), term
     assert oracle.terms["ctr"].item() == pytest.approx(CTR, rel=1e-6)
-    with pytest.raises(ValueError, match="oracle_propensity needs the ground-truth column true_ctr"):
+    with pytest.raises(
+        ValueError, match="oracle_propensity needs the ground-truth column true_ctr"
+    ):
         build_objective(name, oracle_propensity=True)(outputs(), tiny_batch(CLICK, CONVERSION))
 
 
@@ -70,7 +74,9 @@ def test_multi_ipw_cvr_gradient_is_weighted_by_inverse_propensity():
 
 
 def test_multi_dr_by_hand_without_undersampling():
-    loss = build_objective("multi_dr", undersample_rate=None)(outputs(), tiny_batch(CLICK, CONVERSION))
+    loss = build_objective("multi_dr", undersample_rate=None)(
+        outputs(), tiny_batch(CLICK, CONVERSION)
+    )
     dr = ((0.3 + (E1 - 0.3) / 0.5) + (0.6 + (E2 - 0.6) / 0.8) + 0.2) / 3  # Eq. 9
     imputation = ((0.3 - E1) ** 2 / 0.5 + (0.6 - E2) ** 2 / 0.8) / 3
     assert loss.terms["cvr_dr"].item() == pytest.approx(dr, rel=1e-6)
@@ -118,7 +124,11 @@ def test_multi_dr_declares_the_imputation_head_and_its_l2():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("multi_ipw", {"tau": 0.0}, r"multi_ipw: the propensity bound tau must be in \(0, 1\], got 0.0"),
+        (
+            "multi_ipw",
+            {"tau": 0.0},
+            r"multi_ipw: the propensity bound tau must be in \(0, 1\], got 0.0",
+        ),
         ("multi_ipw", {"cvr_weight": -1}, "multi_ipw: cvr_weight must be >= 0, got -1"),
         ("multi_dr", {"tau": 1.5}, r"multi_dr: the propensity bound tau must be in \(0, 1\]"),
         ("multi_dr", {"undersample_rate": 0.5}, "multi_dr: undersample_rate must be >= 1"),

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from tests.helpers import outputs_from_probs, tiny_batch
 from trainer.objectives import OBJECTIVES, build_objective

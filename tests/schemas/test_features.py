@@ -48,17 +48,32 @@ def test_yaml_round_trip_and_fingerprint(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d: d["sparse"].append({"name": "user_id", "vocab_size": 3, "dim": 4}), "duplicate feature name 'user_id'"),
+        (
+            lambda d: d["sparse"].append({"name": "user_id", "vocab_size": 3, "dim": 4}),
+            "duplicate feature name 'user_id'",
+        ),
         (lambda d: d["dense"].append({"name": "gender"}), "duplicate feature name 'gender'"),
-        (lambda d: d["sparse"][0].update(dim=0), "sparse[0] 'user_id'.dim: Input should be greater than 0"),
-        (lambda d: d["tables"][0].update(dim=0), "tables[0] 'items'.dim: Input should be greater than 0"),
+        (
+            lambda d: d["sparse"][0].update(dim=0),
+            "sparse[0] 'user_id'.dim: Input should be greater than 0",
+        ),
+        (
+            lambda d: d["tables"][0].update(dim=0),
+            "tables[0] 'items'.dim: Input should be greater than 0",
+        ),
         (lambda d: d["sparse"][1].update(table="nope"), "'item_id' reads unknown table 'nope'"),
         (lambda d: d["labels"].pop("conversion"), "labels.conversion: Field required"),
         (lambda d: d.pop("labels"), "labels: Field required"),
         (lambda d: d["sparse"][3].update(dtype="string"), "string values need hash_buckets"),
-        (lambda d: d["sparse"][0].update(vocab_size=10), "set exactly one of vocab_size and hash_buckets"),
+        (
+            lambda d: d["sparse"][0].update(vocab_size=10),
+            "set exactly one of vocab_size and hash_buckets",
+        ),
         (lambda d: d["sparse"][1].update(dim=4), "dim belong to the table"),
-        (lambda d: d["sparse"][0].update(colour="red"), "sparse[0] 'user_id'.colour: Extra inputs are not permitted"),
+        (
+            lambda d: d["sparse"][0].update(colour="red"),
+            "sparse[0] 'user_id'.colour: Extra inputs are not permitted",
+        ),
         (lambda d: d["sparse"][0].update(max_len=3), "max_len only applies to multi_valued"),
         (lambda d: d.update(sparse=[]), "at least one sparse feature"),
     ],
@@ -95,5 +110,7 @@ def test_normalization_by_hand():
 
     x = np.array([-3.0, 0.0, 2.0])
     assert Normalization().apply(x).tolist() == [-3.0, 0.0, 2.0]
-    assert Normalization(kind="log1p").apply(x).tolist() == pytest.approx([-math.log(4), 0.0, math.log(3)])
+    assert Normalization(kind="log1p").apply(x).tolist() == pytest.approx(
+        [-math.log(4), 0.0, math.log(3)]
+    )
     assert Normalization(kind="standard", mean=1.0, std=2.0).apply(x).tolist() == [-2.0, -0.5, 0.5]

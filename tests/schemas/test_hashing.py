@@ -67,14 +67,19 @@ def test_hashing_is_process_independent(s):
     )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
             env={**os.environ, "PYTHONHASHSEED": seed},
         ).stdout
         for seed in ("0", "1", "12345")
     }
     assert len(outs) == 1
     table = s.table_of("city")
-    assert outs.pop().strip() == str(map_values(["paris", "rome", "x"], s.sparse_feature("city"), table).tolist())
+    assert outs.pop().strip() == str(
+        map_values(["paris", "rome", "x"], s.sparse_feature("city"), table).tolist()
+    )
 
 
 def test_vocab_ids_pass_through_and_oov_goes_to_last_row(s):
@@ -84,13 +89,18 @@ def test_vocab_ids_pass_through_and_oov_goes_to_last_row(s):
 
 
 def test_missing_hashed_value_goes_to_oov_row(s):
-    rows = map_values(np.array([7, 0]), s.sparse_feature("uid"), s.table_of("uid"), valid=np.array([True, False]))
+    rows = map_values(
+        np.array([7, 0]), s.sparse_feature("uid"), s.table_of("uid"), valid=np.array([True, False])
+    )
     assert rows[1] == 1000
 
 
 def test_oov_error_policy_names_feature_and_position(s):
     f, t = s.sparse_feature("strict"), s.table_of("strict")
-    with pytest.raises(HashingError, match=r"part-0.parquet: feature 'strict' at position 1: value 7 is out of vocabulary"):
+    with pytest.raises(
+        HashingError,
+        match=r"part-0.parquet: feature 'strict' at position 1: value 7 is out of vocabulary",
+    ):
         map_values(np.array([1, 7]), f, t, where="part-0.parquet")
     with pytest.raises(HashingError, match="position 0: missing value"):
         map_values(np.array([1]), f, t, valid=np.array([False]))
@@ -111,8 +121,14 @@ def test_several_features_map_at_once_as_one_by_one(s):
     ids = np.stack([rng.integers(-(2**62), 2**62, 50), rng.integers(-2, 5, 50)], axis=1)
     buckets = np.array([1000, 3])
     hashed = hash_ints(ids, buckets)
-    assert hashed[:, 0].tolist() == map_values(ids[:, 0], s.sparse_feature("uid"), s.table_of("uid")).tolist()
+    assert (
+        hashed[:, 0].tolist()
+        == map_values(ids[:, 0], s.sparse_feature("uid"), s.table_of("uid")).tolist()
+    )
     rows, found = vocab_rows(ids, buckets)
-    assert rows[:, 1].tolist() == map_values(ids[:, 1], s.sparse_feature("gender"), s.table_of("gender")).tolist()
+    assert (
+        rows[:, 1].tolist()
+        == map_values(ids[:, 1], s.sparse_feature("gender"), s.table_of("gender")).tolist()
+    )
     assert found[:, 1].tolist() == ((ids[:, 1] >= 0) & (ids[:, 1] < 3)).tolist()
     assert hashed.dtype == rows.dtype == np.int64

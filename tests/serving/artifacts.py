@@ -4,7 +4,6 @@ predictions from the trainer, request rows from Parquet, and a real uvicorn proc
 from __future__ import annotations
 
 import copy
-
 import json
 import os
 import socket
@@ -39,11 +38,22 @@ EDGE_SCHEMA = {
         {"name": "strict_cat", "dtype": "int", "vocab_size": 4, "dim": 2, "oov": "error"},
         {"name": "recent_tags", "table": "tags", "multi_valued": True, "max_len": 3},
         {"name": "tag", "table": "tags"},
-        {"name": "words", "dtype": "string", "hash_buckets": 11, "dim": 2, "multi_valued": True, "max_len": 2},
+        {
+            "name": "words",
+            "dtype": "string",
+            "hash_buckets": 11,
+            "dim": 2,
+            "multi_valued": True,
+            "max_len": 2,
+        },
     ],
     "dense": [
         {"name": "price", "default": 1.5, "normalization": {"kind": "log1p"}},
-        {"name": "activity", "default": -2.0, "normalization": {"kind": "standard", "mean": 3.0, "std": 2.5}},
+        {
+            "name": "activity",
+            "default": -2.0,
+            "normalization": {"kind": "standard", "mean": 3.0, "std": 2.5},
+        },
         {"name": "raw"},
     ],
     "labels": {"click": "click", "conversion": "conversion"},
@@ -83,23 +93,34 @@ def edge_table(n: int, seed: int) -> pa.Table:
             if rng.random() < 0.15:
                 out.append(None)
                 continue
-            out.append(maybe([int(v) for v in rng.integers(-1, high, rng.integers(0, max_len + 1))], 0.1))
+            out.append(
+                maybe([int(v) for v in rng.integers(-1, high, rng.integers(0, max_len + 1))], 0.1)
+            )
         return out
 
     words = [
-        None if rng.random() < 0.1 else maybe([f"w{int(v)}" for v in rng.integers(0, 30, rng.integers(0, 4))], 0.1)
+        None
+        if rng.random() < 0.1
+        else maybe([f"w{int(v)}" for v in rng.integers(0, 30, rng.integers(0, 4))], 0.1)
         for _ in range(n)
     ]
     click = (rng.random(n) < 0.4).astype(np.int8)
     columns = {
-        "user": pa.array(maybe([int(v) for v in rng.integers(-(2**40), 2**40, n)], 0.1), pa.int64()),
-        "city": pa.array(maybe([f"city_{int(v)}" for v in rng.integers(0, 40, n)], 0.15), pa.string()),
+        "user": pa.array(
+            maybe([int(v) for v in rng.integers(-(2**40), 2**40, n)], 0.1), pa.int64()
+        ),
+        "city": pa.array(
+            maybe([f"city_{int(v)}" for v in rng.integers(0, 40, n)], 0.15), pa.string()
+        ),
         "level": pa.array(maybe([int(v) for v in rng.integers(-2, 8, n)], 0.1), pa.int64()),
         "strict_cat": pa.array([int(v) for v in rng.integers(0, 4, n)], pa.int64()),
         "recent_tags": pa.array(int_list(5, 14), pa.list_(pa.int64())),
         "tag": pa.array(maybe([int(v) for v in rng.integers(0, 14, n)], 0.1), pa.int64()),
         "words": pa.array(words, pa.list_(pa.string())),
-        "price": pa.array(maybe([float(v) for v in rng.lognormal(2, 2, n) * rng.choice([-1, 1], n)], 0.1), pa.float32()),
+        "price": pa.array(
+            maybe([float(v) for v in rng.lognormal(2, 2, n) * rng.choice([-1, 1], n)], 0.1),
+            pa.float32(),
+        ),
         "activity": pa.array(maybe([float(v) for v in rng.normal(3, 4, n)], 0.1), pa.float32()),
         "raw": pa.array(maybe([float(v) for v in rng.normal(0, 1, n)], 0.1), pa.float32()),
         "click": pa.array(click, pa.int8()),
@@ -109,8 +130,16 @@ def edge_table(n: int, seed: int) -> pa.Table:
 
 
 def make_edge_run(
-    root: Path, *, seed: int = 0, data_seed: int = 0, rows: int = 240, objective: str = "esmm", step: int = 7,
-    overrides: Sequence[str] = (), prepare: Callable[[Any], None] | None = None, dim: int | None = None,
+    root: Path,
+    *,
+    seed: int = 0,
+    data_seed: int = 0,
+    rows: int = 240,
+    objective: str = "esmm",
+    step: int = 7,
+    overrides: Sequence[str] = (),
+    prepare: Callable[[Any], None] | None = None,
+    dim: int | None = None,
 ) -> Path:
     """A run directory as ``trainer.train`` leaves it (config, schema, DCP checkpoint, metrics)
     around a model of :data:`EDGE_SCHEMA` (``edge_schema(dim)``) with random weights (``seed``),
@@ -129,19 +158,32 @@ def make_edge_run(
     data, run = root / "data", root / "run"
     (data / "test").mkdir(parents=True, exist_ok=True)
     schema.save(data / "schema.yaml")
-    pq.write_table(edge_table(rows, data_seed), data / "test" / "part-00000.parquet", row_group_size=100)
-    config = load_config(None, [
-        f"output_dir={run}", f"data.train={data / 'test'}", f"data.test={data / 'test'}",
-        "model.num_experts=2", "model.expert_sizes=[8]", "model.tower_sizes=[4]", f"objective.name={objective}",
-        *overrides,
-    ])
+    pq.write_table(
+        edge_table(rows, data_seed), data / "test" / "part-00000.parquet", row_group_size=100
+    )
+    config = load_config(
+        None,
+        [
+            f"output_dir={run}",
+            f"data.train={data / 'test'}",
+            f"data.test={data / 'test'}",
+            "model.num_experts=2",
+            "model.expert_sizes=[8]",
+            "model.tower_sizes=[4]",
+            f"objective.name={objective}",
+            *overrides,
+        ],
+    )
     run.mkdir(parents=True)
     save_config(config, run / "config.yaml")
     schema.save(run / "schema.yaml")
     torch.manual_seed(seed)
     objective_ = build_objective(config.objective.name, **config.objective.params)
     module = TrainModule(
-        build_model(schema, config.model, structure=model_structure(objective_), embedding_device="cpu"), objective_
+        build_model(
+            schema, config.model, structure=model_structure(objective_), embedding_device="cpu"
+        ),
+        objective_,
     )
     with torch.no_grad():  # biases away from 0 so that every parameter matters to the outputs
         for name, param in module.named_parameters():
@@ -156,7 +198,9 @@ def make_edge_run(
     (ckpt / "meta.json").write_text(json.dumps(meta))
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "eval").mkdir()
-    (run / "eval" / "metrics.json").write_text(json.dumps({"ctr_auc": 0.61, "cvr_gauc": float("nan"), "impressions": rows}))
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps({"ctr_auc": 0.61, "cvr_gauc": float("nan"), "impressions": rows})
+    )
     return run
 
 
@@ -197,7 +241,10 @@ def trainer_predictions(run_dir: Path, data: Path) -> np.ndarray:
     schema = load_schema(run_dir / "schema.yaml")
     objective = build_objective(config.objective.name, **config.objective.params)
     module = TrainModule(
-        build_model(schema, config.model, structure=model_structure(objective), embedding_device="cpu"), objective
+        build_model(
+            schema, config.model, structure=model_structure(objective), embedding_device="cpu"
+        ),
+        objective,
     )
     state = module.state_dict()
     with single_process_dcp():
@@ -206,7 +253,9 @@ def trainer_predictions(run_dir: Path, data: Path) -> np.ndarray:
     module.eval()
     out = []
     with torch.no_grad():
-        for batch in ImpressionReader(data, schema, batch_size=512, shuffle=False, with_truth=False):
+        for batch in ImpressionReader(
+            data, schema, batch_size=512, shuffle=False, with_truth=False
+        ):
             _, (_, outputs) = module(batch)
             out.append(torch.stack([outputs.pctr, outputs.pcvr, outputs.pctcvr], dim=1).numpy())
     return np.concatenate(out)
@@ -230,28 +279,47 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(model_dir: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+def live_server(
+    model_dir: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
+) -> Iterator[str]:
     """``python -m serving`` on a free loopback port; yields its base URL once it is ready."""
     port = free_port()
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "--model-dir",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}"
+                )
             time.sleep(0.2)
         yield url
     finally:
@@ -270,7 +338,11 @@ def as_columns(rows: list[dict]) -> dict[str, list]:
 
 
 def score_over_http(
-    client: httpx.Client, rows: list[dict], chunk: int = 200, headers: dict | None = None, form: str = "rows"
+    client: httpx.Client,
+    rows: list[dict],
+    chunk: int = 200,
+    headers: dict | None = None,
+    form: str = "rows",
 ) -> tuple[np.ndarray, set[str]]:
     """Scores of ``rows`` via ``POST /v1/score`` (``form="rows"``) or ``POST /v1/score/columns``
     (``form="columns"``, the same rows as columns) in chunks; also the model versions seen."""
@@ -280,7 +352,9 @@ def score_over_http(
         if form == "rows":
             response = client.post("/v1/score", json={"rows": part}, headers=headers)
         else:
-            response = client.post("/v1/score/columns", json={"columns": as_columns(part)}, headers=headers)
+            response = client.post(
+                "/v1/score/columns", json={"columns": as_columns(part)}, headers=headers
+            )
         assert response.status_code == 200, response.text
         body = response.json()
         versions.add(body["model_version"])

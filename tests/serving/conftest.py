@@ -15,7 +15,13 @@ from fastapi.testclient import TestClient
 
 from serving.config import ServingSettings
 from serving.main import create_app
-from tests.serving.artifacts import REPO, edge_schema, make_edge_run, request_rows, trainer_predictions
+from tests.serving.artifacts import (
+    REPO,
+    edge_schema,
+    make_edge_run,
+    request_rows,
+    trainer_predictions,
+)
 
 API_TOKEN = "api-token-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -47,8 +53,12 @@ def _edge_model(root: Path, seed: int, objective: str | None = None) -> EdgeMode
     manifest = export_run(run, root / "model", log=None)
     data = root / "data" / "test"
     return EdgeModel(
-        run=run, data=data, model=root / "model", rows=request_rows(data, edge_schema()),
-        expected=trainer_predictions(run, data), version=manifest.version,
+        run=run,
+        data=data,
+        model=root / "model",
+        rows=request_rows(data, edge_schema()),
+        expected=trainer_predictions(run, data),
+        version=manifest.version,
     )
 
 
@@ -84,21 +94,65 @@ def trained_model(tmp_path_factory) -> TrainedModel:
     root = tmp_path_factory.mktemp("trained")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "trainer.data", "simulate", "--rows", "3000", "--out", str(root / "sim"), "--seed", "5"],
-        check=True, cwd=REPO, capture_output=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "trainer.data",
+            "simulate",
+            "--rows",
+            "3000",
+            "--out",
+            str(root / "sim"),
+            "--seed",
+            "5",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        env=env,
     )
     train = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "trainer.train",
-         "--config", str(REPO / "trainer/configs/demo.yaml"), f"output_dir={root / 'run'}",
-         f"data.train={root / 'sim' / 'train'}", f"data.test={root / 'sim' / 'test'}", "train.steps=4",
-         "model.num_experts=2", "model.expert_sizes=[16]", "model.tower_sizes=[8]", "data.batch_size=128",
-         "data.shuffle_buffer=1024", "train.progress=false", "sharding.types=[column_wise]"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer.train",
+            "--config",
+            str(REPO / "trainer/configs/demo.yaml"),
+            f"output_dir={root / 'run'}",
+            f"data.train={root / 'sim' / 'train'}",
+            f"data.test={root / 'sim' / 'test'}",
+            "train.steps=4",
+            "model.num_experts=2",
+            "model.expert_sizes=[16]",
+            "model.tower_sizes=[8]",
+            "data.batch_size=128",
+            "data.shuffle_buffer=1024",
+            "train.progress=false",
+            "sharding.types=[column_wise]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert train.returncode == 0, train.stderr[-5000:]
     export = subprocess.run(
-        [sys.executable, "-m", "trainer.export", "--run", str(root / "run"), "--out", str(root / "model")],
-        cwd=REPO, capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(root / "run"),
+            "--out",
+            str(root / "model"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert export.returncode == 0, export.stderr[-3000:]
     return TrainedModel(run=root / "run", test_data=root / "sim" / "test", model=root / "model")

@@ -48,7 +48,9 @@ def test_a_changed_weight_file_is_refused(model_dir):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"checksum mismatch for .*user\.safetensors.*corrupt or was changed"):
+    with pytest.raises(
+        ArtifactError, match=r"checksum mismatch for .*user\.safetensors.*corrupt or was changed"
+    ):
         load_artifact(model_dir)
 
 
@@ -67,8 +69,10 @@ def test_a_changed_schema_is_refused(model_dir):
     [
         ("version: 2\nsparse: []\n", "cannot read the model's feature schema"),
         ("{{{ not yaml", "(?s)cannot read the model's feature schema.*not valid YAML"),
-        ("name: x\nsparse:\n- {name: a, dim: 0, hash_buckets: 3}\nlabels: {click: c, conversion: v}\n",
-         r"(?s)cannot read the model's feature schema.*sparse\[0\] 'a'.dim"),
+        (
+            "name: x\nsparse:\n- {name: a, dim: 0, hash_buckets: 3}\nlabels: {click: c, conversion: v}\n",
+            r"(?s)cannot read the model's feature schema.*sparse\[0\] 'a'.dim",
+        ),
     ],
 )
 def test_an_unreadable_schema_is_refused_with_the_reason(model_dir, text, message):
@@ -84,12 +88,24 @@ def test_an_unreadable_schema_is_refused_with_the_reason(model_dir, text, messag
         (lambda m: m.update(format_version=2), "format_version 2; this service reads version 1"),
         (lambda m: m.update(format="other"), "is not a ctcvr-model manifest"),
         (lambda m: m["files"].pop(DENSE_FILE), "no checksum for"),
-        (lambda m: m["files"].update({"../../etc/passwd": m["files"][SCHEMA_FILE]}), "not a plain relative path"),
+        (
+            lambda m: m["files"].update({"../../etc/passwd": m["files"][SCHEMA_FILE]}),
+            "not a plain relative path",
+        ),
         (lambda m: m["model"].update(heads=["ctr", "cvr", "imputation"]), "heads must be"),
         (lambda m: m["model"]["tables"][0].update(dim=5), "model spec and schema disagree"),
-        (lambda m: m["model"].update(cvr_transfer=["cvr"]), "cvr_transfer must name distinct heads other than 'cvr'"),
-        (lambda m: m["model"].update(cvr_transfer=["ctr"]), r"missing \['cvr_transfer.ctr.key.bias'"),
-        (lambda m: m["model"].update(interaction="dot"), r"interaction 'dot' needs one embedding dim .*\[2, 3, 4\]"),
+        (
+            lambda m: m["model"].update(cvr_transfer=["cvr"]),
+            "cvr_transfer must name distinct heads other than 'cvr'",
+        ),
+        (
+            lambda m: m["model"].update(cvr_transfer=["ctr"]),
+            r"missing \['cvr_transfer.ctr.key.bias'",
+        ),
+        (
+            lambda m: m["model"].update(interaction="dot"),
+            r"interaction 'dot' needs one embedding dim .*\[2, 3, 4\]",
+        ),
         (lambda m: m["model"].update(interaction="cross"), r"interaction.*'none' or 'dot'"),
     ],
 )
@@ -121,7 +137,9 @@ def test_weights_of_the_wrong_shape_or_not_finite_are_refused(model_dir):
     tensors[key] = torch.zeros(1, 3)
     save_file(tensors, path)
     _rehash(model_dir, DENSE_FILE)
-    with pytest.raises(ArtifactError, match=r"towers.cvr.head.weight.* the spec needs float32 \(1, 4\)"):
+    with pytest.raises(
+        ArtifactError, match=r"towers.cvr.head.weight.* the spec needs float32 \(1, 4\)"
+    ):
         load_artifact(model_dir)
     tensors[key] = original.clone()
     tensors[key][0, 0] = float("nan")

@@ -18,8 +18,16 @@ def test_without_a_token_configured_the_api_is_open(client):
 
 def test_with_a_token_configured_v1_needs_it(make_client):
     client = make_client(api_token=API_TOKEN)
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN}, {"Authorization": "Basic x"}):
-        for response in (client.post("/v1/score", json=ROW, headers=headers), client.get("/v1/model", headers=headers)):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": API_TOKEN},
+        {"Authorization": "Basic x"},
+    ):
+        for response in (
+            client.post("/v1/score", json=ROW, headers=headers),
+            client.get("/v1/model", headers=headers),
+        ):
             assert response.status_code == 401, headers
             assert response.headers["WWW-Authenticate"] == "Bearer"
             assert response.json() == {"detail": "missing or invalid bearer token"}
@@ -39,7 +47,9 @@ def test_admin_endpoints_are_off_without_an_admin_token(make_client):
 def test_admin_endpoints_need_the_admin_token(make_client):
     client = make_client(api_token=API_TOKEN, admin_token=ADMIN_TOKEN)
     assert client.post("/admin/reload").status_code == 401
-    assert client.post("/admin/reload", headers=AUTH).status_code == 401  # the API token is not enough
+    assert (
+        client.post("/admin/reload", headers=AUTH).status_code == 401
+    )  # the API token is not enough
     assert client.post("/admin/reload", headers=ADMIN).status_code == 200
 
 
@@ -48,7 +58,11 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CTCVR_MAX_ROWS", "7")
     monkeypatch.setenv("CTCVR_API_TOKEN", API_TOKEN)
     settings = ServingSettings()
-    assert (settings.model_dir, settings.max_rows, settings.api_token.get_secret_value()) == (tmp_path, 7, API_TOKEN)
+    assert (settings.model_dir, settings.max_rows, settings.api_token.get_secret_value()) == (
+        tmp_path,
+        7,
+        API_TOKEN,
+    )
     assert API_TOKEN not in repr(settings)  # secrets stay out of logs
 
 
@@ -56,7 +70,10 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     ("values", "message"),
     [
         ({"environment": "production"}, "CTCVR_API_TOKEN must be set to at least 16 characters"),
-        ({"environment": "production", "api_token": API_TOKEN, "admin_token": "short"}, "CTCVR_ADMIN_TOKEN must be set"),
+        (
+            {"environment": "production", "api_token": API_TOKEN, "admin_token": "short"},
+            "CTCVR_ADMIN_TOKEN must be set",
+        ),
         ({"api_token": "  "}, "CTCVR_API_TOKEN is set but empty"),
         ({"max_rows": 0}, "greater than or equal to 1"),
         ({"max_rows": 20_000}, "less than or equal to 10000"),
@@ -71,5 +88,7 @@ def test_unsafe_or_invalid_settings_are_refused(values, message):
 
 
 def test_production_accepts_long_tokens():
-    settings = ServingSettings(environment="production", api_token=API_TOKEN, admin_token=ADMIN_TOKEN)
+    settings = ServingSettings(
+        environment="production", api_token=API_TOKEN, admin_token=ADMIN_TOKEN
+    )
     assert settings.environment.value == "production"

@@ -51,14 +51,21 @@ def inputs(scorer, edge_model):
 @pytest.fixture
 def batcher():
     batches: list[int] = []
-    b = MicroBatcher(max_rows=64, max_wait_s=0.05, max_queue_rows=1000, on_batch=lambda rows, _: batches.append(rows))
+    b = MicroBatcher(
+        max_rows=64,
+        max_wait_s=0.05,
+        max_queue_rows=1000,
+        on_batch=lambda rows, _: batches.append(rows),
+    )
     b.batches = batches
     b.start()
     yield b
     b.stop()
 
 
-def test_concurrent_requests_share_model_calls_and_get_their_own_rows(batcher, scorer, inputs, edge_model):
+def test_concurrent_requests_share_model_calls_and_get_their_own_rows(
+    batcher, scorer, inputs, edge_model
+):
     requests = [(k * 5, 1 + k % 6) for k in range(24)]
     barrier = threading.Barrier(len(requests))
 
@@ -73,7 +80,9 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows(batcher, s
         results = list(pool.map(one, requests))
     for (start, size), result in zip(requests, results):
         assert result.version == edge_model.version and result.scores.shape == (size, 3)
-        np.testing.assert_allclose(result.scores, edge_model.expected[start : start + size], atol=1e-5)
+        np.testing.assert_allclose(
+            result.scores, edge_model.expected[start : start + size], atol=1e-5
+        )
     assert sum(batcher.batches) == sum(size for _, size in requests)
     assert len(batcher.batches) < len(requests)  # merged
     assert max(batcher.batches) <= 64  # bounded
@@ -100,7 +109,10 @@ def test_only_small_batches_wait_for_requests_being_validated(scorer, inputs):
     try:
         with b.expecting():  # another request is being validated all along
             start = time.perf_counter()
-            assert b.score(scorer, inputs(0, 4), timeout=10).scores.shape == (4, 3)  # 4 rows: at once
+            assert b.score(scorer, inputs(0, 4), timeout=10).scores.shape == (
+                4,
+                3,
+            )  # 4 rows: at once
             assert time.perf_counter() - start < 2.0
             small = b.submit(scorer, inputs(0, 2))  # 2 rows: waits for the other request
             time.sleep(0.3)

@@ -31,45 +31,76 @@ def scorer(edge_model) -> Scorer:
 # Values on both sides of every rule's edges, for each kind of feature of the edge schema. Half of
 # the bodies draw only valid values (some unusual: ids written 2.0, long strings, huge numbers).
 anything = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**65), max_value=2**65),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3), st.just([]), st.just({}),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.just([]),
+    st.just({}),
 )
 VALID = {
     "id": st.one_of(
-        st.integers(min_value=-(2**63), max_value=2**63 - 1), st.integers(min_value=-3, max_value=15),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.integers(min_value=-3, max_value=15),
         st.sampled_from([1.0, -7.0, 2.0**53, -(2.0**53)]),
     ),
     "string": st.one_of(st.text(max_size=4), st.sampled_from(["é" * 1024, "\x00", "😀" * 1024])),
     "number": st.one_of(
-        st.floats(min_value=-3.3e38, max_value=3.3e38), st.integers(min_value=-(2**64), max_value=2**64),
+        st.floats(min_value=-3.3e38, max_value=3.3e38),
+        st.integers(min_value=-(2**64), max_value=2**64),
     ),
 }
 INVALID = {
     "id": st.sampled_from([2**63, -(2**63) - 1, 2.0**60, 1.5, 2.5e-42, True, False, "3", [1]]),
     "string": st.sampled_from(["x" * 1025, 1, True, ["a"]]),
-    "number": st.sampled_from([3.5e38, -3.5e38, 1e39, 1.7e308, float("nan"), float("inf"), True, "1.5", [1.0]]),
+    "number": st.sampled_from(
+        [3.5e38, -3.5e38, 1e39, 1.7e308, float("nan"), float("inf"), True, "1.5", [1.0]]
+    ),
 }
-KIND = {"user": "id", "level": "id", "tag": "id", "strict_cat": "id", "recent_tags": "id", "city": "string",
-        "words": "string", "price": "number", "activity": "number", "raw": "number"}
+KIND = {
+    "user": "id",
+    "level": "id",
+    "tag": "id",
+    "strict_cat": "id",
+    "recent_tags": "id",
+    "city": "string",
+    "words": "string",
+    "price": "number",
+    "activity": "number",
+    "raw": "number",
+}
 LISTS = {"recent_tags", "words"}
 FEATURE = st.sampled_from(sorted(KIND))
 
 
 def entries(name: str, clean: bool) -> st.SearchStrategy:
     """What one row may hold for feature ``name``."""
-    value = VALID[KIND[name]] if clean else st.one_of(*[VALID[KIND[name]]] * 8, INVALID[KIND[name]], anything)
+    value = (
+        VALID[KIND[name]]
+        if clean
+        else st.one_of(*[VALID[KIND[name]]] * 8, INVALID[KIND[name]], anything)
+    )
     if name == "strict_cat":
         return st.integers(min_value=0, max_value=3) if clean else st.one_of(value, st.none())
     if name in LISTS:
         lists = st.lists(st.one_of(value, st.none()), max_size=5)
-        return st.one_of(lists, lists, st.none()) if clean else st.one_of(lists, lists, st.none(), anything)
+        return (
+            st.one_of(lists, lists, st.none())
+            if clean
+            else st.one_of(lists, lists, st.none(), anything)
+        )
     return st.one_of(value, value, st.none())
 
 
 @st.composite
 def row_bodies(draw) -> dict:
     clean = draw(st.booleans())
-    n = draw(st.integers(min_value=1, max_value=MAX_ROWS) if clean else st.integers(min_value=0, max_value=MAX_ROWS + 1))
+    n = draw(
+        st.integers(min_value=1, max_value=MAX_ROWS)
+        if clean
+        else st.integers(min_value=0, max_value=MAX_ROWS + 1)
+    )
     rows = []
     for _ in range(n):
         names = draw(st.sets(FEATURE, max_size=len(KIND))) | {"strict_cat"}
@@ -85,10 +116,16 @@ def row_bodies(draw) -> dict:
 @st.composite
 def column_bodies(draw) -> dict:
     clean = draw(st.booleans())
-    n = draw(st.integers(min_value=1, max_value=MAX_ROWS) if clean else st.integers(min_value=0, max_value=MAX_ROWS + 1))
+    n = draw(
+        st.integers(min_value=1, max_value=MAX_ROWS)
+        if clean
+        else st.integers(min_value=0, max_value=MAX_ROWS + 1)
+    )
     columns = {}
     for name in draw(st.sets(FEATURE, max_size=len(KIND))) | {"strict_cat"}:
-        length = n if clean or draw(st.integers(0, 10)) else draw(st.integers(0, MAX_ROWS))  # ragged
+        length = (
+            n if clean or draw(st.integers(0, 10)) else draw(st.integers(0, MAX_ROWS))
+        )  # ragged
         columns[name] = [draw(entries(name, clean)) for _ in range(length)]
     if not clean and draw(st.integers(0, 10)) == 0:
         columns.pop("strict_cat")
@@ -124,13 +161,21 @@ def _check_agreement(scorer: Scorer, form: RequestForm, body: dict) -> None:
             scorer.parse(raw, form)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=row_bodies())
 def test_the_fast_path_accepts_exactly_what_the_row_model_accepts(scorer, body):
     _check_agreement(scorer, RequestForm.ROWS, body)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=column_bodies())
 def test_the_fast_path_accepts_exactly_what_the_columns_model_accepts(scorer, body):
     _check_agreement(scorer, RequestForm.COLUMNS, body)
@@ -186,10 +231,16 @@ def test_string_rows_match_the_schema_hashing_and_stay_bounded(monkeypatch):
     values = ["a", None, "b", "a", "c", "\ud800"]
     got = cache.rows(values)
     present = [v for v in values if v is not None and v != "\ud800"]
-    assert got.tolist() == [*map_values(present[:1], feature, table), table.buckets,
-                            *map_values(present[1:], feature, table), StringRows.UNENCODABLE]
+    assert got.tolist() == [
+        *map_values(present[:1], feature, table),
+        table.buckets,
+        *map_values(present[1:], feature, table),
+        StringRows.UNENCODABLE,
+    ]
     hashed = []
-    monkeypatch.setattr("serving.features.map_values", lambda v, *a: hashed.extend(v) or map_values(v, *a))
+    monkeypatch.setattr(
+        "serving.features.map_values", lambda v, *a: hashed.extend(v) or map_values(v, *a)
+    )
     for k in range(40):  # "a" is used all the time: hashed once, never again; the rest come and go
         assert cache.rows(["a", f"v{k}"])[0] == got[0]
         assert len(cache) <= 2 * (4 + 1)
@@ -213,7 +264,9 @@ def test_string_rows_are_safe_to_share_between_threads():
     for t in threads:
         t.join()
     for k, rows in results.items():
-        np.testing.assert_array_equal(rows, np.concatenate([expected[k * 100 :], expected[: k * 100]]))
+        np.testing.assert_array_equal(
+            rows, np.concatenate([expected[k * 100 :], expected[: k * 100]])
+        )
 
 
 def test_in_process_rows_are_checked_like_a_request(scorer, edge_model):

@@ -50,7 +50,7 @@ def test_model_metadata(client, edge_model):
 def _metric(text: str, name: str, **labels: str) -> float:
     selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = rf"^{re.escape(name)}{re.escape('{' + selector + '}') if labels else ''} (\S+)$"
-    match = re.search(pattern, text, re.M)
+    match = re.search(pattern, text, re.MULTILINE)
     assert match, f"{name}{labels} not in metrics"
     return float(match[1])
 
@@ -62,17 +62,46 @@ def test_metrics_count_requests_by_status_latency_batches_and_model(client, edge
     client.post("/v1/score", content=b"x", headers={"content-type": "text/plain"})
     client.get("/nope")
     text = client.get("/metrics").text
-    assert _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="200") == 3
-    assert _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="422") == 1
-    assert _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="415") == 1
-    assert _metric(text, "ctcvr_http_requests_total", method="GET", route="other", status="404") == 1
-    assert _metric(text, "ctcvr_http_request_duration_seconds_count", method="POST", route="/v1/score") == 5
-    assert _metric(text, "ctcvr_http_request_duration_seconds_bucket", method="POST", route="/v1/score", le="+Inf") == 5
+    assert (
+        _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="200")
+        == 3
+    )
+    assert (
+        _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="422")
+        == 1
+    )
+    assert (
+        _metric(text, "ctcvr_http_requests_total", method="POST", route="/v1/score", status="415")
+        == 1
+    )
+    assert (
+        _metric(text, "ctcvr_http_requests_total", method="GET", route="other", status="404") == 1
+    )
+    assert (
+        _metric(text, "ctcvr_http_request_duration_seconds_count", method="POST", route="/v1/score")
+        == 5
+    )
+    assert (
+        _metric(
+            text,
+            "ctcvr_http_request_duration_seconds_bucket",
+            method="POST",
+            route="/v1/score",
+            le="+Inf",
+        )
+        == 5
+    )
     assert _metric(text, "ctcvr_score_rows_total") == 12
-    assert _metric(text, "ctcvr_batch_rows_count") == 3 and _metric(text, "ctcvr_batch_rows_sum") == 12
+    assert (
+        _metric(text, "ctcvr_batch_rows_count") == 3 and _metric(text, "ctcvr_batch_rows_sum") == 12
+    )
     assert _metric(text, "ctcvr_batch_duration_seconds_count") == 3
     assert _metric(text, "ctcvr_queue_rows") == 0
-    info = re.search(r'^ctcvr_model_info\{schema_fingerprint="([0-9a-f]{64})",version="([^"]+)"\} 1.0$', text, re.M)
+    info = re.search(
+        r'^ctcvr_model_info\{schema_fingerprint="([0-9a-f]{64})",version="([^"]+)"\} 1.0$',
+        text,
+        re.MULTILINE,
+    )
     assert info and info[2] == edge_model.version
 
 
@@ -81,12 +110,13 @@ def test_startup_fails_on_a_bad_artifact(edge_model, tmp_path):
     shutil.copytree(edge_model.model, broken)
     (broken / SCHEMA_FILE).write_text("name: changed\n")
     app = create_app(ServingSettings(model_dir=broken))
-    with pytest.raises(ArtifactError, match="checksum mismatch for .*schema.yaml"):
-        with TestClient(app):
-            pass
-    with pytest.raises(ArtifactError, match="no model directory: set CTCVR_MODEL_DIR"):
-        with TestClient(create_app(ServingSettings())):
-            pass
+    with pytest.raises(ArtifactError, match="checksum mismatch for .*schema.yaml"), TestClient(app):
+        pass
+    with (
+        pytest.raises(ArtifactError, match="no model directory: set CTCVR_MODEL_DIR"),
+        TestClient(create_app(ServingSettings())),
+    ):
+        pass
 
 
 def test_the_command_line_refuses_a_bad_artifact_with_a_plain_message(edge_model, tmp_path):
@@ -95,13 +125,23 @@ def test_the_command_line_refuses_a_bad_artifact_with_a_plain_message(edge_model
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["format_version"] = 9
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    result = subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(broken)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "serving", "--model-dir", str(broken)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: ") and "format_version 9" in result.stderr
     assert "Traceback" not in result.stderr
-    check = subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(edge_model.model), "--check"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-m", "serving", "--model-dir", str(edge_model.model), "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0 and edge_model.version in check.stdout
 
 

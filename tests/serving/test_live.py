@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from schemas import load_schema
-from tests.serving.artifacts import REPO, live_server, request_rows, score_over_http, trainer_predictions
+from tests.serving.artifacts import (
+    REPO,
+    live_server,
+    request_rows,
+    score_over_http,
+    trainer_predictions,
+)
 from tests.serving.conftest import ADMIN, ADMIN_TOKEN, API_TOKEN, AUTH
 
 ENV = {"CTCVR_API_TOKEN": API_TOKEN, "CTCVR_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -22,13 +28,17 @@ ENV = {"CTCVR_API_TOKEN": API_TOKEN, "CTCVR_ADMIN_TOKEN": ADMIN_TOKEN}
 
 @pytest.fixture(scope="module")
 def trained_server(trained_model, tmp_path_factory):
-    with live_server(trained_model.model, tmp_path_factory.mktemp("log") / "server.log", env=ENV) as url:
+    with live_server(
+        trained_model.model, tmp_path_factory.mktemp("log") / "server.log", env=ENV
+    ) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def edge_server(edge_model, tmp_path_factory):
-    with live_server(edge_model.model, tmp_path_factory.mktemp("log") / "server.log", env=ENV) as url:
+    with live_server(
+        edge_model.model, tmp_path_factory.mktemp("log") / "server.log", env=ENV
+    ) as url:
         yield url
 
 
@@ -52,7 +62,9 @@ def test_service_matches_the_trainer_on_every_edge_case(edge_model, edge_server)
     and columns."""
     with httpx.Client(base_url=edge_server, timeout=30) as client:
         got, versions = score_over_http(client, edge_model.rows, chunk=64, headers=AUTH)
-        columns, column_versions = score_over_http(client, edge_model.rows, chunk=64, headers=AUTH, form="columns")
+        columns, column_versions = score_over_http(
+            client, edge_model.rows, chunk=64, headers=AUTH, form="columns"
+        )
     assert versions == column_versions == {edge_model.version}
     np.testing.assert_allclose(got, edge_model.expected, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(columns, got)
@@ -61,7 +73,10 @@ def test_service_matches_the_trainer_on_every_edge_case(edge_model, edge_server)
 def test_hot_reload_under_load_drops_no_request(edge_model, edge_model_b, edge_server):
     """Clients score without pause while the model is swapped back and forth; every response is
     a 200 whose scores are exactly those of the model version it names."""
-    expected = {edge_model.version: edge_model.expected, edge_model_b.version: edge_model_b.expected}
+    expected = {
+        edge_model.version: edge_model.expected,
+        edge_model_b.version: edge_model_b.expected,
+    }
     rows, stop, failures, seen = edge_model.rows, threading.Event(), [], []
 
     def client_loop(k: int) -> None:
@@ -80,8 +95,12 @@ def test_hot_reload_under_load_drops_no_request(edge_model, edge_model_b, edge_s
                     continue
                 body = response.json()
                 got = np.array([[s["pctr"], s["pcvr"], s["pctcvr"]] for s in body["scores"]])
-                if not np.allclose(got, expected[body["model_version"]][start : start + size], atol=1e-5):
-                    failures.append(f"scores of rows {start}:{start + size} do not match {body['model_version']}")
+                if not np.allclose(
+                    got, expected[body["model_version"]][start : start + size], atol=1e-5
+                ):
+                    failures.append(
+                        f"scores of rows {start}:{start + size} do not match {body['model_version']}"
+                    )
                 seen.append(body["model_version"])
 
     threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(6)]
@@ -110,12 +129,33 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(trained_se
     schemathesis = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(
         # every check is on by default; the config turns one off for one operation (see there)
-        [str(schemathesis), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
-         f"{trained_server}/openapi.json",
-         "--header", f"Authorization: Bearer {API_TOKEN}", "--exclude-path", "/admin/reload",
-         "--max-examples", "60", "--seed", "0", "--workers", "1", "--output-truncate", "true",
-         "--report", "junit", "--report-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            str(schemathesis),
+            "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")),
+            "run",
+            f"{trained_server}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {API_TOKEN}",
+            "--exclude-path",
+            "/admin/reload",
+            "--max-examples",
+            "60",
+            "--seed",
+            "0",
+            "--workers",
+            "1",
+            "--output-truncate",
+            "true",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

@@ -8,14 +8,38 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-FEATURES = ["user", "city", "level", "strict_cat", "recent_tags", "tag", "words", "price", "activity", "raw"]
+FEATURES = [
+    "user",
+    "city",
+    "level",
+    "strict_cat",
+    "recent_tags",
+    "tag",
+    "words",
+    "price",
+    "activity",
+    "raw",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 rows = st.dictionaries(st.sampled_from(FEATURES) | st.text(max_size=6), values, max_size=6)
-columns = st.dictionaries(st.sampled_from(FEATURES) | st.text(max_size=6), st.lists(values, max_size=4) | values, max_size=6)
+columns = st.dictionaries(
+    st.sampled_from(FEATURES) | st.text(max_size=6),
+    st.lists(values, max_size=4) | values,
+    max_size=6,
+)
 bodies = st.one_of(
     st.fixed_dictionaries({"rows": st.lists(rows, max_size=5)}),
     st.fixed_dictionaries({"columns": columns}),
@@ -32,11 +56,17 @@ def app_client(edge_model):
     from serving.config import ServingSettings
     from serving.main import create_app
 
-    with TestClient(create_app(ServingSettings(model_dir=edge_model.model)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(ServingSettings(model_dir=edge_model.model)), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=bodies, route=ROUTES)
 def test_no_body_gets_a_server_error(app_client, body, route):
     content = json.dumps(body, allow_nan=True)
@@ -48,7 +78,9 @@ def test_no_body_gets_a_server_error(app_client, body, route):
         assert len(response.json()["pctr"]) == len(next(iter(body["columns"].values())))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=st.binary(max_size=200), route=ROUTES)
 def test_no_bytes_get_a_server_error(app_client, raw, route):
     response = app_client.post(route, content=raw, headers={"content-type": "application/json"})

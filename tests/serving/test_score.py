@@ -42,14 +42,26 @@ def test_a_ddpo_model_scores_like_the_trainer(make_client, ddpo_edge_model):
 def test_a_row_scores_the_same_alone_and_in_any_batch(client, edge_model):
     batch = scores(client.post("/v1/score", json={"rows": edge_model.rows[:7]}))
     reversed_ = scores(client.post("/v1/score", json={"rows": edge_model.rows[:7][::-1]}))
-    alone = np.concatenate([scores(client.post("/v1/score", json={"rows": [row]})) for row in edge_model.rows[:7]])
+    alone = np.concatenate(
+        [scores(client.post("/v1/score", json={"rows": [row]})) for row in edge_model.rows[:7]]
+    )
     np.testing.assert_allclose(batch, alone, atol=1e-6)
     np.testing.assert_allclose(batch, reversed_[::-1], atol=1e-6)
 
 
 def test_a_missing_feature_follows_the_schema_policy(client):
-    base = {"strict_cat": 1, "user": 5, "city": "x", "level": 2, "recent_tags": [1, 2], "tag": 3,
-            "words": ["a"], "price": 3.0, "activity": 1.0, "raw": 0.5}
+    base = {
+        "strict_cat": 1,
+        "user": 5,
+        "city": "x",
+        "level": 2,
+        "recent_tags": [1, 2],
+        "tag": 3,
+        "words": ["a"],
+        "price": 3.0,
+        "activity": 1.0,
+        "raw": 0.5,
+    }
 
     def score_of(**changes):
         row = {k: v for k, v in {**base, **changes}.items() if v is not ...}
@@ -64,10 +76,18 @@ def test_a_missing_feature_follows_the_schema_policy(client):
     np.testing.assert_allclose(score_of(price=...), score_of(price=1.5), atol=1e-7)
     np.testing.assert_allclose(score_of(activity=None), score_of(activity=-2.0), atol=1e-7)
     # lists are cut to max_len (3 for recent_tags, 2 for words)
-    np.testing.assert_allclose(score_of(recent_tags=[1, 2, 3, 4, 5]), score_of(recent_tags=[1, 2, 3]), atol=1e-7)
-    np.testing.assert_allclose(score_of(words=["a", "b", "c"]), score_of(words=["a", "b"]), atol=1e-7)
+    np.testing.assert_allclose(
+        score_of(recent_tags=[1, 2, 3, 4, 5]), score_of(recent_tags=[1, 2, 3]), atol=1e-7
+    )
+    np.testing.assert_allclose(
+        score_of(words=["a", "b", "c"]), score_of(words=["a", "b"]), atol=1e-7
+    )
     # ids may be written as integral numbers (JSON Schema's "integer" admits 1.0)
-    np.testing.assert_allclose(score_of(user=-7.0, level=2.0, recent_tags=[1.0]), score_of(user=-7, level=2, recent_tags=[1]), atol=1e-7)
+    np.testing.assert_allclose(
+        score_of(user=-7.0, level=2.0, recent_tags=[1.0]),
+        score_of(user=-7, level=2, recent_tags=[1]),
+        atol=1e-7,
+    )
     # and the values matter
     assert not np.allclose(score_of(level=1), score_of(level=2))
 
@@ -80,14 +100,26 @@ def test_a_missing_feature_follows_the_schema_policy(client):
         ([{"user": 1.5}], ("body", "rows", 0, "user"), "Input should be an integer"),
         ([{"user": True}], ("body", "rows", 0, "user"), "Input should be an integer"),
         ([{"user": 2**63}], ("body", "rows", 0, "user"), "Input should be less than"),
-        ([{"user": -(2**63) - 1}], ("body", "rows", 0, "user"), "Input should be greater than or equal to"),
+        (
+            [{"user": -(2**63) - 1}],
+            ("body", "rows", 0, "user"),
+            "Input should be greater than or equal to",
+        ),
         ([{"user": 1e300}], ("body", "rows", 0, "user"), "Input should be less than"),
         ([{"user": 2.5e-42}], ("body", "rows", 0, "user"), "Input should be an integer"),
         ([{"city": 7}], ("body", "rows", 0, "city"), "valid string"),
         ([{"city": "x" * 1025}], ("body", "rows", 0, "city"), "at most 1024 characters"),
         ([{"recent_tags": 3}], ("body", "rows", 0, "recent_tags"), "valid array"),
-        ([{"recent_tags": [1, "a"]}], ("body", "rows", 0, "recent_tags", 1), "Input should be an integer"),
-        ([{"recent_tags": list(range(1_001))}], ("body", "rows", 0, "recent_tags"), "at most 1000 items"),
+        (
+            [{"recent_tags": [1, "a"]}],
+            ("body", "rows", 0, "recent_tags", 1),
+            "Input should be an integer",
+        ),
+        (
+            [{"recent_tags": list(range(1_001))}],
+            ("body", "rows", 0, "recent_tags"),
+            "at most 1000 items",
+        ),
         ([{"words": ["a", 1]}], ("body", "rows", 0, "words", 1), "valid string"),
         ([{"price": "1.5"}], ("body", "rows", 0, "price"), "valid number"),
         ([{"price": False}], ("body", "rows", 0, "price"), "valid number"),
@@ -103,7 +135,9 @@ def test_invalid_values_are_refused_naming_row_and_field(client, rows, loc, mess
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_numbers_are_refused(client, literal):
-    body = '{"rows": [{"strict_cat": 0, "price": 1.0}, {"strict_cat": 0, "price": %s}]}' % literal
+    body = (
+        f'{{"rows": [{{"strict_cat": 0, "price": 1.0}}, {{"strict_cat": 0, "price": {literal}}}]}}'
+    )
     assert errors(client.post("/v1/score", content=body, headers=JSON)) == [
         (("body", "rows", 1, "price"), "Input should be a finite number")
     ]
@@ -118,7 +152,12 @@ def test_the_configured_row_limit_applies(make_client):
 
 
 def test_oov_error_policy_makes_the_feature_required_within_its_vocabulary(client):
-    found = errors(client.post("/v1/score", json={"rows": [{"strict_cat": 1}, {"strict_cat": 9}, {}, {"strict_cat": None}]}))
+    found = errors(
+        client.post(
+            "/v1/score",
+            json={"rows": [{"strict_cat": 1}, {"strict_cat": 9}, {}, {"strict_cat": None}]},
+        )
+    )
     assert found == [
         (("body", "rows", 1, "strict_cat"), "Input should be less than or equal to 3"),
         (("body", "rows", 2, "strict_cat"), "Field required"),
@@ -134,7 +173,9 @@ def test_the_featurizer_enforces_the_oov_error_policy_too(edge_model):
     from serving.features import RowErrors
 
     featurizer = load_artifact(edge_model.model).featurizer
-    columns = Columns(3, {"strict_cat": Column(np.array([1, 9, 0]), present=np.array([True, True, False]))})
+    columns = Columns(
+        3, {"strict_cat": Column(np.array([1, 9, 0]), present=np.array([True, True, False]))}
+    )
     with pytest.raises(RowErrors) as err:
         featurizer(columns)
     found = [(e.loc("rows"), e.msg) for e in err.value.errors]
@@ -145,9 +186,16 @@ def test_the_featurizer_enforces_the_oov_error_policy_too(edge_model):
 
 
 def test_dense_values_whose_normalisation_overflows_float32_are_refused(client, edge_model):
-    rows = [{"strict_cat": 0, "raw": 1e39}, {"strict_cat": 0, "activity": -1e39}, {"strict_cat": 0, "price": 1e308}]
+    rows = [
+        {"strict_cat": 0, "raw": 1e39},
+        {"strict_cat": 0, "activity": -1e39},
+        {"strict_cat": 0, "price": 1e308},
+    ]
     found = errors(client.post("/v1/score", json={"rows": rows}))
-    assert [loc for loc, _ in found] == [("body", "rows", 0, "raw"), ("body", "rows", 1, "activity")]
+    assert [loc for loc, _ in found] == [
+        ("body", "rows", 0, "raw"),
+        ("body", "rows", 1, "activity"),
+    ]
     assert all(msg.startswith("Input should be") for _, msg in found)  # log1p of 1e308 fits
     # the featurizer checks it too, for in-process callers
     from serving.artifact import load_artifact
@@ -157,11 +205,24 @@ def test_dense_values_whose_normalisation_overflows_float32_are_refused(client, 
     def dense(k: int, value: float) -> Column:
         return Column(np.where(np.arange(3) == k, value, 0.0), present=np.arange(3) == k)
 
-    columns = Columns(3, {"strict_cat": Column(np.zeros(3, dtype=np.int64)), "raw": dense(0, 1e39),
-                          "activity": dense(1, -1e39), "price": dense(2, 1e308)})
-    with pytest.raises(RowErrors, match="value 1e\\+39 is out of range: its none normalisation does not fit a float32") as err:
+    columns = Columns(
+        3,
+        {
+            "strict_cat": Column(np.zeros(3, dtype=np.int64)),
+            "raw": dense(0, 1e39),
+            "activity": dense(1, -1e39),
+            "price": dense(2, 1e308),
+        },
+    )
+    with pytest.raises(
+        RowErrors,
+        match="value 1e\\+39 is out of range: its none normalisation does not fit a float32",
+    ) as err:
         load_artifact(edge_model.model).featurizer(columns)
-    assert [e.loc("rows") for e in err.value.errors] == [("rows", 0, "raw"), ("rows", 1, "activity")]
+    assert [e.loc("rows") for e in err.value.errors] == [
+        ("rows", 0, "raw"),
+        ("rows", 1, "activity"),
+    ]
 
 
 def test_other_requests_of_a_batch_are_unaffected_by_a_bad_one(client, edge_model):
@@ -171,10 +232,17 @@ def test_other_requests_of_a_batch_are_unaffected_by_a_bad_one(client, edge_mode
     good = {"rows": edge_model.rows[:3]}
     bad = {"rows": [{"strict_cat": 99}]}
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda k: client.post("/v1/score", json=bad if k % 2 else good), range(16)))
+        results = list(
+            pool.map(lambda k: client.post("/v1/score", json=bad if k % 2 else good), range(16))
+        )
     for k, response in enumerate(results):
         if k % 2:
-            assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "rows", 0, "strict_cat"]
+            assert response.status_code == 422 and response.json()["detail"][0]["loc"] == [
+                "body",
+                "rows",
+                0,
+                "strict_cat",
+            ]
         else:
             np.testing.assert_allclose(scores(response), edge_model.expected[:3], atol=1e-5)
 
@@ -229,11 +297,18 @@ def test_strings_that_are_not_utf8_are_refused(edge_model):
     from tests.serving.artifacts import edge_schema
 
     reader = ColumnReader(edge_schema(), max_rows=10)
-    rows = [{"strict_cat": 0}, {"strict_cat": 0, "city": "\ud800"}, {"strict_cat": 0, "words": ["ok", "\udfff"]}]
+    rows = [
+        {"strict_cat": 0},
+        {"strict_cat": 0, "city": "\ud800"},
+        {"strict_cat": 0, "words": ["ok", "\udfff"]},
+    ]
     featurizer = load_artifact(edge_model.model).featurizer
     with pytest.raises(RowErrors) as err:
         featurizer(reader.rows_request({"rows": rows}))
-    assert [e.loc("rows") for e in err.value.errors] == [("rows", 1, "city"), ("rows", 2, "words", 1)]
+    assert [e.loc("rows") for e in err.value.errors] == [
+        ("rows", 1, "city"),
+        ("rows", 2, "words", 1),
+    ]
 
 
 def test_unknown_routes_and_methods(client):

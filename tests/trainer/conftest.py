@@ -32,34 +32,72 @@ TINY = [
 def sim_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim")
     subprocess.run(
-        [sys.executable, "-m", "trainer.data", "simulate", "--rows", "120000", "--out", str(out), "--seed", "3"],
-        check=True, cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "trainer.data",
+            "simulate",
+            "--rows",
+            "120000",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     return out
 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
     return [
-        "--config", str(REPO / "trainer/configs/demo.yaml"),
-        f"output_dir={run}", f"data.train={data / 'train'}", f"data.test={data / 'test'}",
-        *TINY, *extra,
+        "--config",
+        str(REPO / "trainer/configs/demo.yaml"),
+        f"output_dir={run}",
+        f"data.train={data / 'train'}",
+        f"data.test={data / 'test'}",
+        *TINY,
+        *extra,
     ]
 
 
-def run_train(data: Path, run: Path, *extra: str, nproc: int = 1, resume: bool = False,
-              torchrun_args: tuple[str, ...] = (), entry: str = "trainer.train",
-              timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+def run_train(
+    data: Path,
+    run: Path,
+    *extra: str,
+    nproc: int = 1,
+    resume: bool = False,
+    torchrun_args: tuple[str, ...] = (),
+    entry: str = "trainer.train",
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+    }
     args = (["--resume"] if resume else []) + train_args(data, run, *extra)
     if nproc == 1 and not torchrun_args:
         cmd = [sys.executable, "-m", entry, *args]
     else:
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", entry, *args]
+        cmd = [
+            str(TORCHRUN),
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *torchrun_args,
+            "-m",
+            entry,
+            *args,
+        ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
     return result
 
 

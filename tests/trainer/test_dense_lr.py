@@ -36,4 +36,6 @@ def test_set_dense_lr_leaves_the_sparse_optimizer_alone():
 
 def test_negative_final_lr_scale_is_rejected():
     with pytest.raises(ConfigError, match="dense_optimizer.final_lr_scale must be >= 0"):
-        load_config(None, ["output_dir=/tmp/x", "data.train=/tmp/y", "dense_optimizer.final_lr_scale=-1"])
+        load_config(
+            None, ["output_dir=/tmp/x", "data.train=/tmp/y", "dense_optimizer.final_lr_scale=-1"]
+        )

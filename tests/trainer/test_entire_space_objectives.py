@@ -33,7 +33,7 @@ def _logged_terms(run: Path) -> dict[str, float]:
 def _sample(test_dir: Path, out: Path, rows: int = 300) -> Path:
     """The first ``rows`` test impressions as one Parquet file (with the data set's schema)."""
     out.mkdir(parents=True)
-    table = pq.read_table(sorted(test_dir.glob("*.parquet"))[0]).slice(0, rows)
+    table = pq.read_table(min(test_dir.glob("*.parquet"))).slice(0, rows)
     pq.write_table(table, out / "part-00000.parquet")
     return out
 
@@ -50,11 +50,15 @@ def test_ddpo_trains_and_its_artifact_serves_the_trainers_predictions(sim_data, 
     assert manifest.model.cvr_transfer == ("ctr", "conversion_propensity")
     data = _sample(sim_data / "test", tmp_path / "sample")
     artifact = load_artifact(tmp_path / "model")
-    got = artifact.model.predict(artifact.featurizer(request_rows(data, load_schema(run / "schema.yaml"))))
+    got = artifact.model.predict(
+        artifact.featurizer(request_rows(data, load_schema(run / "schema.yaml")))
+    )
     np.testing.assert_allclose(got, trainer_predictions(run, data), atol=1e-5, rtol=0)
 
 
-def test_evi_trains_on_two_ranks_with_its_vie_layers_checkpointed_and_left_out_of_the_export(sim_data, tmp_path):
+def test_evi_trains_on_two_ranks_with_its_vie_layers_checkpointed_and_left_out_of_the_export(
+    sim_data, tmp_path
+):
     run = tmp_path / "run"
     check(run_train(sim_data, run, "objective.name=evi", *STEPS, "data.batch_size=128", nproc=2))
     terms = _logged_terms(run)
@@ -69,7 +73,9 @@ def test_evi_trains_on_two_ranks_with_its_vie_layers_checkpointed_and_left_out_o
     assert load_artifact(tmp_path / "model").version == manifest.version
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "trainer" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "trainer" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_config_loads_and_builds_its_objective(path):
     config = load_config(path)
     build_objective(config.objective.name, **config.objective.params)

@@ -11,7 +11,14 @@ import time
 import pytest
 import torch
 
-from tests.trainer.conftest import REPO, check, load_checkpoint_tensors, read_metrics, run_train, train_args
+from tests.trainer.conftest import (
+    REPO,
+    check,
+    load_checkpoint_tensors,
+    read_metrics,
+    run_train,
+    train_args,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,9 @@ def one_process_run(sim_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_process_run(sim_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("run2")
-    check(run_train(sim_data, run, "train.steps=90", "data.batch_size=512", nproc=2))  # same global batch
+    check(
+        run_train(sim_data, run, "train.steps=90", "data.batch_size=512", nproc=2)
+    )  # same global batch
     return run
 
 
@@ -37,7 +46,14 @@ def test_single_process_run_writes_its_outputs(one_process_run):
     assert (run / "checkpoints" / "latest").read_text() == "step_00000090"
     metrics = read_metrics(run)
     assert metrics["ctr_auc"] > 0.6  # the simulated clicks carry learnable signal
-    for key in ("cvr_auc", "ctcvr_auc", "ctr_gauc", "cvr_auc_whole_space", "cvr_bias", "ctr_logloss"):
+    for key in (
+        "cvr_auc",
+        "ctcvr_auc",
+        "ctr_gauc",
+        "cvr_auc_whole_space",
+        "cvr_bias",
+        "ctr_logloss",
+    ):
         assert key in metrics
     assert (run / "eval" / "metrics.md").read_text().count("|") > 10
 
@@ -52,7 +68,9 @@ def test_two_ranks_hold_disjoint_shards_that_cover_every_table(two_process_run):
         full = _table_size(run, table)
         held = [sum(s["sizes"][0] * s["sizes"][1] for s in rank[table]) for rank in ranks]
         assert sum(held) == full, table  # together the ranks hold the table exactly once
-    per_rank = [sum(s["sizes"][0] * s["sizes"][1] for t in rank.values() for s in t) for rank in ranks]
+    per_rank = [
+        sum(s["sizes"][0] * s["sizes"][1] for t in rank.values() for s in t) for rank in ranks
+    ]
     assert all(0 < held < sum(per_rank) for held in per_rank)  # neither rank holds everything
 
 
@@ -65,8 +83,19 @@ def test_two_process_ctr_auc_matches_one_process(one_process_run, two_process_ru
 def test_a_checkpoint_scores_the_same_on_one_rank_as_on_two(two_process_run, tmp_path):
     # Sharded collections pool features in placement order; the model must not depend on it.
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.evaluate", "--run", str(two_process_run), "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--run",
+            str(two_process_run),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     check(result)
     one_rank = json.loads((tmp_path / "metrics.json").read_text())
@@ -92,8 +121,17 @@ def test_resume_reproduces_an_uninterrupted_run(sim_data, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(sim_data, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainer.train", *train_args(sim_data, run, "train.steps=100000", "train.evaluate=false", "train.checkpoint_every=0")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        *train_args(
+            sim_data, run, "train.steps=100000", "train.evaluate=false", "train.checkpoint_every=0"
+        ),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -103,8 +141,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(sim_data, tmp_path):
     latest = (run / "checkpoints" / "latest").read_text()
     stopped_at = int(latest.removeprefix("step_"))
     assert stopped_at >= 5
-    done = check(run_train(sim_data, run, f"train.steps={stopped_at + 5}", "train.evaluate=false", resume=True))
-    assert f"resumed from" in done.stdout + done.stderr
+    done = check(
+        run_train(
+            sim_data, run, f"train.steps={stopped_at + 5}", "train.evaluate=false", resume=True
+        )
+    )
+    assert "resumed from" in done.stdout + done.stderr
     assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped_at + 5:08d}"
 
 
@@ -112,10 +154,17 @@ def test_a_crashed_worker_is_restarted_by_torchrun_and_resumes(sim_data, tmp_pat
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     common = ("train.steps=24", "train.evaluate=false", "train.checkpoint_every=8")
     check(run_train(sim_data, straight, *common, nproc=2))
-    result = check(run_train(
-        sim_data, crashed, *common, nproc=2, resume=True, torchrun_args=("--max-restarts=1",),
-        entry="tests.trainer.crash_once",
-    ))
+    result = check(
+        run_train(
+            sim_data,
+            crashed,
+            *common,
+            nproc=2,
+            resume=True,
+            torchrun_args=("--max-restarts=1",),
+            entry="tests.trainer.crash_once",
+        )
+    )
     assert "resumed from" in result.stdout + result.stderr
     a = load_checkpoint_tensors(straight / "checkpoints" / "step_00000024")
     b = load_checkpoint_tensors(crashed / "checkpoints" / "step_00000024")

@@ -174,6 +174,8 @@ def stats_command(
 
 
 _MNAR = MnarConfig()
+_ALICCP = AliCcpConfig()
+_ALIEXPRESS = AliExpressConfig()
 Overwrite = Annotated[bool, typer.Option(help="Replace part files already in OUT.")]
 Strict = Annotated[
     bool, typer.Option(help="Stop at the first malformed line instead of counting and skipping it.")
@@ -206,7 +208,11 @@ def convert_coat_command(
 ) -> None:
     """Coat: every user x item pair, click = rated, conversion = rating >= 3; random-exposure test."""
     cfg = MnarConfig(
-        threshold=threshold, dim=dim, validation_fraction=validation_fraction, seed=seed, name="coat"
+        threshold=threshold,
+        dim=dim,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        name="coat",
     )
     _report(out, lambda: convert_coat(out, src, cfg, attributes=attributes, overwrite=overwrite))
 
@@ -219,10 +225,16 @@ def convert_ratings_command(
     threshold: Threshold = _MNAR.threshold,
     delimiter: Annotated[
         str,
-        typer.Option(help="Field separator of the rating files: whitespace, tab, comma, or a string."),
+        typer.Option(
+            help="Field separator of the rating files: whitespace, tab, comma, or a string."
+        ),
     ] = "whitespace",
-    header: Annotated[bool, typer.Option(help="The rating files start with a header line.")] = False,
-    user_col: Annotated[str, typer.Option(help="User column: 0-based position or header name.")] = "0",
+    header: Annotated[
+        bool, typer.Option(help="The rating files start with a header line.")
+    ] = False,
+    user_col: Annotated[
+        str, typer.Option(help="User column: 0-based position or header name.")
+    ] = "0",
     item_col: Annotated[str, typer.Option(help="Item column: position or name.")] = "1",
     rating_col: Annotated[str, typer.Option(help="Rating column: position or name.")] = "2",
     user_attributes: Annotated[
@@ -283,7 +295,7 @@ def convert_aliccp_command(
         typer.Option(help="Directory of sample_skeleton_{train,test}.csv, common_features_*.csv."),
     ],
     out: Annotated[Path, typer.Option(help="Data set directory to write.")],
-    dim: Dim = AliCcpConfig().dim,
+    dim: Dim = _ALICCP.dim,
     fields: Annotated[
         str | None, typer.Option(help="Comma-separated field names to keep (default: all 23).")
     ] = None,
@@ -293,7 +305,7 @@ def convert_aliccp_command(
     ] = None,
     history_max_len: Annotated[
         int, typer.Option(help="Ids kept per behaviour history.")
-    ] = AliCcpConfig().history_max_len,
+    ] = _ALICCP.history_max_len,
     max_lines: Annotated[
         int | None, typer.Option(help="Convert only the first N skeleton lines of each split.")
     ] = None,
@@ -303,11 +315,13 @@ def convert_aliccp_command(
     """Ali-CCP: the skeleton joined with the common (user) features, streamed."""
 
     def run() -> ConversionResult:
-        kept = tuple(f.strip() for f in fields.split(",")) if fields else AliCcpConfig().fields
+        kept = tuple(f.strip() for f in fields.split(",")) if fields else _ALICCP.fields
         cfg = AliCcpConfig(
             fields=kept, dim=dim, history_max_len=history_max_len, buckets=_buckets(buckets or [])
         )
-        return convert_aliccp(src, out, cfg, strict=strict, overwrite=overwrite, max_lines=max_lines)
+        return convert_aliccp(
+            src, out, cfg, strict=strict, overwrite=overwrite, max_lines=max_lines
+        )
 
     _report(out, run)
 
@@ -318,7 +332,7 @@ def convert_aliexpress_command(
         Path, typer.Option(help="A country directory with train.csv and test.csv (AliExpress_NL).")
     ],
     out: Annotated[Path, typer.Option(help="Data set directory to write.")],
-    dim: Dim = AliExpressConfig().dim,
+    dim: Dim = _ALIEXPRESS.dim,
     strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.features import (
+    TRUTH_COLUMNS,
     DenseFeature,
     FeatureSchema,
-    TRUTH_COLUMNS,
     Normalization,
     OOVPolicy,
     SparseDType,
@@ -108,9 +108,11 @@ class ReaderStats:
     def format(self) -> str:
         """A short multi-line report; per-feature counters list only the non-zero ones."""
         lines = [
-            f"rows read {self.rows_read:,}, yielded {self.rows_yielded:,} in {self.batches:,} "
-            f"batches, dropped {self.rows_dropped:,} (drop_last), skipped {self.rows_skipped:,} "
-            "(resume)"
+            (
+                f"rows read {self.rows_read:,}, yielded {self.rows_yielded:,} in {self.batches:,} "
+                f"batches, dropped {self.rows_dropped:,} (drop_last), skipped {self.rows_skipped:,} "
+                "(resume)"
+            )
         ]
         for title, counts in (
             ("truncated lists (rows)", self.truncated_rows),

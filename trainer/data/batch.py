@@ -10,8 +10,7 @@ from torchrec.streamable import Pipelineable
 
 from schemas import TRUTH_COLUMNS
 
-__all__ = ["Batch", "GroundTruth", "TRUTH_COLUMNS"]
-
+__all__ = ["TRUTH_COLUMNS", "Batch", "GroundTruth"]
 
 
 @dataclass
@@ -31,7 +30,9 @@ class GroundTruth(Pipelineable):
     cf_conversion: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> GroundTruth:
-        return GroundTruth(*(t.to(device=device, non_blocking=non_blocking) for t in self._tensors()))
+        return GroundTruth(
+            *(t.to(device=device, non_blocking=non_blocking) for t in self._tensors())
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for tensor in self._tensors():
@@ -70,7 +71,7 @@ class Batch(Pipelineable):
         return int(self.click.shape[0])
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        move = lambda t: None if t is None else t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device=device, non_blocking=non_blocking)
         return Batch(
             sparse=self.sparse.to(device=device, non_blocking=non_blocking),
             dense=move(self.dense),
@@ -87,7 +88,7 @@ class Batch(Pipelineable):
                 tensor.record_stream(stream)
 
     def pin_memory(self) -> Batch:
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        pin = lambda t: None if t is None else t.pin_memory()
         return replace(
             self,
             sparse=self.sparse.pin_memory(),

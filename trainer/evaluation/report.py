@@ -173,7 +173,9 @@ def _format_cell(run: str, column: str, cell: CellValue) -> str:
     if _is_number(cell):
         return _format_value(column, float(cell))
     if isinstance(cell, (str, bytes)) or not isinstance(cell, (Sequence, np.ndarray)):
-        raise ValueError(f"{run}/{column} is {cell!r}; expected a number or a list of numbers")
+        raise ValueError(  # noqa: TRY004 (callers handle every bad cell as a ValueError)
+            f"{run}/{column} is {cell!r}; expected a number or a list of numbers"
+        )
     values = list(cell)
     if not values or not all(_is_number(v) for v in values):
         raise ValueError(f"{run}/{column} is {cell!r}; expected a number or a list of numbers")

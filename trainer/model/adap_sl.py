@@ -104,7 +104,9 @@ class MaskedLinear(nn.Module):
     def mask(self, tower: str) -> torch.Tensor:
         """``tower``'s mask, ``(out, in)``: 1 keeps a weight, 0 prunes it."""
         if tower not in self.towers:
-            raise KeyError(f"tower {tower!r} does not read this layer (read by {list(self.towers)})")
+            raise KeyError(
+                f"tower {tower!r} does not read this layer (read by {list(self.towers)})"
+            )
         return getattr(self, f"mask_{tower}")
 
     def masked_weight(self, tower: str) -> torch.Tensor:
@@ -132,16 +134,24 @@ class PartiallySharedLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, shared_fraction: float, towers: Sequence[str] = TOWERS
+        self,
+        in_features: int,
+        out_features: int,
+        shared_fraction: float,
+        towers: Sequence[str] = TOWERS,
     ) -> None:
         super().__init__()
         shared, private = split_width(out_features, shared_fraction)
         self.shared = MaskedLinear(in_features, shared, towers)
-        self.private = nn.ModuleDict({tower: MaskedLinear(in_features, private, (tower,)) for tower in towers})
+        self.private = nn.ModuleDict(
+            {tower: MaskedLinear(in_features, private, (tower,)) for tower in towers}
+        )
 
     def weight(self, tower: str) -> torch.Tensor:
         """``(k_out, k_in)``: the layer as one ``Linear`` of ``tower``, pruned weights zero."""
-        return torch.cat([self.shared.masked_weight(tower), self.private[tower].masked_weight(tower)])
+        return torch.cat(
+            [self.shared.masked_weight(tower), self.private[tower].masked_weight(tower)]
+        )
 
     def bias(self, tower: str) -> torch.Tensor:
         return torch.cat([self.shared.linear.bias, self.private[tower].linear.bias])
@@ -173,7 +183,11 @@ class PartiallySharedTowers(nn.Module):
     towers = TOWERS
 
     def __init__(
-        self, in_features: int, layer_sizes: Sequence[int], shared_fraction: float = 0.5, dropout: float = 0.0
+        self,
+        in_features: int,
+        layer_sizes: Sequence[int],
+        shared_fraction: float = 0.5,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not layer_sizes:
@@ -196,7 +210,9 @@ class PartiallySharedTowers(nn.Module):
         own = mixtures[IMPUTATION][:, self.shared_inputs :]
         return {PREDICTION: cvr, IMPUTATION: torch.cat([cvr[:, : self.shared_inputs], own], dim=1)}
 
-    def forward(self, mixtures: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+    def forward(
+        self, mixtures: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
         """Args: the MMoE mixtures ``(B, H)`` of the ``cvr`` and ``imputation`` gates.
 
         Returns:
@@ -221,7 +237,11 @@ class PartiallySharedTowers(nn.Module):
 
     def tower_tensors(self, tower: str) -> list[torch.Tensor]:
         """The weights (masked) and biases ``tower`` computes with, e.g. for an L2 penalty."""
-        return [t for module, _ in self.masked_linears(tower) for t in (module.masked_weight(tower), module.linear.bias)]
+        return [
+            t
+            for module, _ in self.masked_linears(tower)
+            for t in (module.masked_weight(tower), module.linear.bias)
+        ]
 
     def zero_pruned_(self) -> None:
         """Set every raw weight that no tower reads any more to zero (call after each optimizer step)."""

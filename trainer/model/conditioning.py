@@ -36,7 +36,11 @@ class PropensityConditionedTower(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, layer_sizes: Sequence[int], propensity_dim: int, dropout: float = 0.0
+        self,
+        in_features: int,
+        layer_sizes: Sequence[int],
+        propensity_dim: int,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.hidden = MLP(in_features, layer_sizes, dropout) if layer_sizes else None
@@ -44,7 +48,9 @@ class PropensityConditionedTower(nn.Module):
         self.projection = nn.Linear(1, propensity_dim)
         self.head = nn.Linear(width * propensity_dim, 1)
 
-    def forward(self, x: torch.Tensor, propensity: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, propensity: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Args: x ``(B, H)``; propensity ``(B,)``, the click propensity to condition on.
 
         Returns:

@@ -81,21 +81,31 @@ class CtcvrModel(nn.Module):
             raise ValueError(f"heads must start with {CORE_HEADS}, got {tuple(heads)}")
         structure = structure or ModelStructure()
         if not structure.extra_heads <= set(heads):
-            raise ValueError(f"structure needs heads {sorted(structure.extra_heads)}, the model has {tuple(heads)}")
+            raise ValueError(
+                f"structure needs heads {sorted(structure.extra_heads)}, the model has {tuple(heads)}"
+            )
         paired = () if partial_sharing is None else PARTIALLY_SHARED_HEADS
         if not set(paired) <= set(heads):
-            raise ValueError(f"partially shared towers need the heads {list(paired)}, got {list(heads)}")
+            raise ValueError(
+                f"partially shared towers need the heads {list(paired)}, got {list(heads)}"
+            )
         self.sparse_arch = sparse_arch
         self.num_dense = num_dense
         self._heads = tuple(heads)
         self.interaction = interaction
-        in_features = sparse_arch.out_features + num_dense + (interaction.out_features if interaction else 0)
+        in_features = (
+            sparse_arch.out_features + num_dense + (interaction.out_features if interaction else 0)
+        )
         self.mmoe = MMoE(in_features, heads, num_experts, expert_sizes, dropout, detached_heads)
         width = self.mmoe.out_features
-        self.tower_sizes = tuple(tower_sizes)  # every tower's hidden widths (EVI's VIE is sized by them)
+        self.tower_sizes = tuple(
+            tower_sizes
+        )  # every tower's hidden widths (EVI's VIE is sized by them)
         self.towers = nn.ModuleDict(
             {
-                head: PropensityConditionedTower(width, tower_sizes, structure.propensity_dim, dropout)
+                head: PropensityConditionedTower(
+                    width, tower_sizes, structure.propensity_dim, dropout
+                )
                 if head in structure.conditioned_heads
                 else Tower(width, tower_sizes, dropout)
                 for head in heads
@@ -130,7 +140,11 @@ class CtcvrModel(nn.Module):
             under ``"<head>.layers"``.
         """
         pooled = self.sparse_arch(sparse)
-        inputs = [pooled, dense] if self.interaction is None else [pooled, dense, self.interaction(pooled)]
+        inputs = (
+            [pooled, dense]
+            if self.interaction is None
+            else [pooled, dense, self.interaction(pooled)]
+        )
         x = torch.cat(inputs, dim=1)
         mixtures = self.mmoe(x)
         if self.cvr_transfer is not None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    KeyedTensor,
+    PoolingType,
+)
 
 from schemas import FeatureSchema
 
@@ -51,7 +57,9 @@ class SparseArch(nn.Module):
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
         self.feature_names = [name for config in configs for name in config.feature_names]
-        self.out_features = sum(config.embedding_dim * len(config.feature_names) for config in configs)
+        self.out_features = sum(
+            config.embedding_dim * len(config.feature_names) for config in configs
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features with one key per sparse feature.

@@ -29,7 +29,9 @@ class DotInteraction(nn.Module):
     def __init__(self, num_features: int, dim: int) -> None:
         super().__init__()
         if num_features < 2:
-            raise ValueError(f"a dot interaction needs at least 2 sparse features, got {num_features}")
+            raise ValueError(
+                f"a dot interaction needs at least 2 sparse features, got {num_features}"
+            )
         self.num_features = num_features
         self.dim = dim
         rows, cols = torch.triu_indices(num_features, num_features, offset=1)

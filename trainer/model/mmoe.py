@@ -43,7 +43,9 @@ class MMoE(nn.Module):
     ) -> None:
         super().__init__()
         if not set(detached_tasks) <= set(tasks):
-            raise ValueError(f"detached_tasks {sorted(detached_tasks)} must be among tasks {list(tasks)}")
+            raise ValueError(
+                f"detached_tasks {sorted(detached_tasks)} must be among tasks {list(tasks)}"
+            )
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if len(set(tasks)) != len(tasks) or not tasks:
@@ -60,10 +62,14 @@ class MMoE(nn.Module):
         experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
         attached = [task for task in self.gates if task not in self.detached_tasks]
         detached = [task for task in self.gates if task in self.detached_tasks]
-        mixtures = self._mix(x, experts, attached) | self._mix(x.detach(), experts.detach(), detached)
+        mixtures = self._mix(x, experts, attached) | self._mix(
+            x.detach(), experts.detach(), detached
+        )
         return {task: mixtures[task] for task in self.gates}
 
-    def _mix(self, x: torch.Tensor, experts: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _mix(
+        self, x: torch.Tensor, experts: torch.Tensor, tasks: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """Each task's softmax-gated mixture of ``experts`` ``(B, E, H)``, all in one ``bmm``:
         about a quarter faster than weighting and summing a ``(B, E, H)`` tensor per task, which
         the backward pass then has to keep."""

@@ -46,10 +46,14 @@ class ModelStructure:
     def __post_init__(self) -> None:
         heads = {"ctr", "cvr"} | set(self.extra_heads)
         if "cvr" in self.cvr_transfer or len(set(self.cvr_transfer)) != len(self.cvr_transfer):
-            raise ValueError(f"cvr_transfer must name distinct heads other than 'cvr', got {self.cvr_transfer}")
+            raise ValueError(
+                f"cvr_transfer must name distinct heads other than 'cvr', got {self.cvr_transfer}"
+            )
         unknown = sorted(set(self.cvr_transfer) - heads)
         if unknown:
-            raise ValueError(f"cvr_transfer reads heads {unknown} that are not among the model's heads {sorted(heads)}")
+            raise ValueError(
+                f"cvr_transfer reads heads {unknown} that are not among the model's heads {sorted(heads)}"
+            )
         wrong = sorted(set(self.conditioned_heads) - set(self.extra_heads))
         if wrong:
             raise ValueError(f"conditioned_heads must be extra heads (not ctr/cvr), got {wrong}")

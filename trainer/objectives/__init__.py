@@ -15,7 +15,14 @@ from trainer.objectives.multi_dr import MultiDrObjective
 from trainer.objectives.multi_ipw import MultiIpwObjective
 from trainer.objectives.naive import NaiveObjective
 
-__all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective", "detached_heads", "model_structure"]
+__all__ = [
+    "OBJECTIVES",
+    "LossOutput",
+    "Objective",
+    "build_objective",
+    "detached_heads",
+    "model_structure",
+]
 
 OBJECTIVES: dict[str, type] = {
     "naive": NaiveObjective,

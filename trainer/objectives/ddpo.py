@@ -68,7 +68,12 @@ from trainer.objectives.estimators import (
 )
 from trainer.objectives.functional import bce_with_logits
 
-__all__ = ["CONVERSION_PROPENSITY", "DdpoObjective", "conversion_propensity_loss", "dynamic_soft_label"]
+__all__ = [
+    "CONVERSION_PROPENSITY",
+    "DdpoObjective",
+    "conversion_propensity_loss",
+    "dynamic_soft_label",
+]
 
 CONVERSION_PROPENSITY = "conversion_propensity"  # the head of theta_c
 
@@ -80,10 +85,14 @@ def conversion_propensity_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tens
     return (batch.click * losses).mean()
 
 
-def dynamic_soft_label(conversion: torch.Tensor, conversion_propensity: torch.Tensor) -> torch.Tensor:
+def dynamic_soft_label(
+    conversion: torch.Tensor, conversion_propensity: torch.Tensor
+) -> torch.Tensor:
     """``r* = r`` where ``r = 1``, else ``r^c`` (Eq. 9): observed conversions stay hard labels,
     every other row (clicked or not) gets the conversion propensity."""
-    return torch.where(conversion > 0, torch.ones_like(conversion_propensity), conversion_propensity)
+    return torch.where(
+        conversion > 0, torch.ones_like(conversion_propensity), conversion_propensity
+    )
 
 
 class DdpoObjective:
@@ -143,7 +152,9 @@ class DdpoObjective:
         conversion = conversion_propensity_loss(outputs, batch)
         # Stop-gradient: r^c is the pseudo-label generator's output, a target for the CVR network;
         # the conversion propensity network is trained by L_c alone.
-        soft_label = dynamic_soft_label(batch.conversion, outputs.prob(CONVERSION_PROPENSITY).detach())
+        soft_label = dynamic_soft_label(
+            batch.conversion, outputs.prob(CONVERSION_PROPENSITY).detach()
+        )
         w_click = self_normalized_weights(o, propensity(outputs, self.tau))
         w_non_click = self_normalized_weights(1.0 - o, non_click_propensity(outputs, self.tau))
         cvr_losses = bce_with_logits(outputs.logits["cvr"], soft_label)

@@ -174,7 +174,9 @@ class EviObjective(nn.Module):
             ctcvr_weight=ctcvr_weight,
         )
         if transfer_layers is not None and transfer_layers < 1:
-            raise ValueError(f"evi: transfer_layers must be >= 1 (or null for all), got {transfer_layers}")
+            raise ValueError(
+                f"evi: transfer_layers must be >= 1 (or null for all), got {transfer_layers}"
+            )
         if min_variance <= 0:
             raise ValueError(f"evi: min_variance must be > 0, got {min_variance}")
         self.ctr_weight = ctr_weight
@@ -188,7 +190,9 @@ class EviObjective(nn.Module):
         self.initial_rho = initial_rho
         self.min_variance = min_variance
         self.model_structure = ModelStructure(
-            extra_heads=self.required_heads, conditioned_heads=self.required_heads, propensity_dim=propensity_dim
+            extra_heads=self.required_heads,
+            conditioned_heads=self.required_heads,
+            propensity_dim=propensity_dim,
         )
         self.vie = nn.ModuleList()  # one VariationalInformation per transfer layer, from attach
 

@@ -159,4 +159,3 @@ class MultiDrObjective:
         imputation = joint_learning_imputation_loss(e.detach(), e_hat, o, p_hat.detach())
         total = ctr + self.cvr_weight * cvr + self.imputation_weight * imputation
         return LossOutput(total=total, terms={"ctr": ctr, "cvr_dr": cvr, "imputation": imputation})
-

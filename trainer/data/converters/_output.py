@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,7 +69,9 @@ class MalformedLines:
 
     def add(self, reason: str, path: Path | str, line_number: int, line: str) -> None:
         """Count one malformed line (1-based ``line_number``) of ``path``."""
-        shown = line.rstrip("\r\n").replace("\x01", "^A").replace("\x02", "^B").replace("\x03", "^C")
+        shown = (
+            line.rstrip("\r\n").replace("\x01", "^A").replace("\x02", "^B").replace("\x03", "^C")
+        )
         if len(shown) > 120:
             shown = shown[:117] + "..."
         message = f"{path}, line {line_number}: {reason}: {shown!r}"
@@ -83,7 +86,11 @@ class MalformedLines:
         return sum(self.counts.values())
 
     def as_dict(self) -> dict[str, object]:
-        return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
+        return {
+            "total": self.total,
+            "by_reason": dict(self.counts),
+            "examples": list(self.examples),
+        }
 
     def format(self) -> str:
         if not self.total:
@@ -176,11 +183,14 @@ class SplitWriter:
             self._writer = None
         self._rows_in_file = 0
 
-    def __enter__(self) -> SplitWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 

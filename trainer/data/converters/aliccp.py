@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 import pyarrow as pa
 
@@ -81,7 +82,9 @@ ALICCP_FIELDS: tuple[AliCcpField, ...] = (
     AliCcpField("109_14", "user_category_history", 1 << 15, history=True),  # category ID and count
     AliCcpField("110_14", "user_shop_history", 1 << 20, history=True),  # shop ID and count
     AliCcpField("127_14", "user_brand_history", 1 << 20, history=True),  # brand ID and count
-    AliCcpField("150_14", "user_intention_history", 1 << 18, history=True),  # intention node ID and count
+    AliCcpField(
+        "150_14", "user_intention_history", 1 << 18, history=True
+    ),  # intention node ID and count
     AliCcpField("121", "user_profile_id", 1 << 12),  # categorical ID of the user profile
     AliCcpField("122", "user_group_id", 1 << 12),  # categorical group ID of the user profile
     AliCcpField("124", "user_gender", 1 << 12),
@@ -202,10 +205,15 @@ def convert_aliccp(
     """
     started = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
-    files = {split: (src / f"sample_skeleton_{split}.csv", src / f"common_features_{split}.csv") for split in _SPLITS}
+    files = {
+        split: (src / f"sample_skeleton_{split}.csv", src / f"common_features_{split}.csv")
+        for split in _SPLITS
+    }
     missing = [str(p) for pair in files.values() for p in pair if not p.is_file()]
     if missing:
-        raise ConversionError(f"Ali-CCP files not found: {missing} (expected in {src}, see the module docstring)")
+        raise ConversionError(
+            f"Ali-CCP files not found: {missing} (expected in {src}, see the module docstring)"
+        )
     prepare_dataset_dir(out_dir, _SPLITS, overwrite)
     malformed = MalformedLines(strict=strict)
     arrow_schema = _arrow_schema(cfg)
@@ -236,7 +244,9 @@ class _CommonFeatures:
     def __init__(self, path: Path, cfg: AliCcpConfig) -> None:
         path.unlink(missing_ok=True)
         self.connection = sqlite3.connect(path)
-        self.connection.execute("CREATE TABLE common (key TEXT PRIMARY KEY, features TEXT NOT NULL)")
+        self.connection.execute(
+            "CREATE TABLE common (key TEXT PRIMARY KEY, features TEXT NOT NULL)"
+        )
         self.wanted = {f.field_id for f in cfg.kept} | {_USER_FIELD}
         self.lookup = functools.lru_cache(maxsize=cfg.cache_users)(self._fetch)
 
@@ -246,7 +256,9 @@ class _CommonFeatures:
             for number, line in numbered_lines(path):
                 columns = line.rstrip("\r\n").split(",")
                 if len(columns) != _COMMON_COLUMNS:
-                    malformed.add(f"{len(columns)} columns, expected {_COMMON_COLUMNS}", path, number, line)
+                    malformed.add(
+                        f"{len(columns)} columns, expected {_COMMON_COLUMNS}", path, number, line
+                    )
                     continue
                 key, count, feature_list = columns
                 try:
@@ -256,16 +268,24 @@ class _CommonFeatures:
                     continue
                 kept = {k: v for k, v in features.items() if k in self.wanted}
                 cursor = self.connection.execute(
-                    "INSERT OR IGNORE INTO common VALUES (?, ?)", (key, json.dumps(kept, separators=(",", ":")))
+                    "INSERT OR IGNORE INTO common VALUES (?, ?)",
+                    (key, json.dumps(kept, separators=(",", ":"))),
                 )
                 if cursor.rowcount == 0:
-                    malformed.add("common_feature_index seen on an earlier line (the first is kept)", path, number, line)
+                    malformed.add(
+                        "common_feature_index seen on an earlier line (the first is kept)",
+                        path,
+                        number,
+                        line,
+                    )
 
     def _fetch(self, key: str) -> dict[str, list[int]] | None:
-        row = self.connection.execute("SELECT features FROM common WHERE key = ?", (key,)).fetchone()
+        row = self.connection.execute(
+            "SELECT features FROM common WHERE key = ?", (key,)
+        ).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def __enter__(self) -> _CommonFeatures:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -292,7 +312,9 @@ def _samples(
         sample_id, click, conversion, features = sample
         for f in kept:
             ids = features.get(f.field_id)
-            rows[f.name].append(None if ids is None else ids[: cfg.history_max_len] if f.history else ids[0])
+            rows[f.name].append(
+                None if ids is None else ids[: cfg.history_max_len] if f.history else ids[0]
+            )
         rows["click"].append(click)
         rows["conversion"].append(conversion)
         rows["group"].append(features[_USER_FIELD][0])
@@ -350,12 +372,20 @@ def _schema(cfg: AliCcpConfig) -> FeatureSchema:
     sparse = []
     for f in cfg.kept:
         feature: dict[str, object] = {
-            "name": f.name, "dtype": "int", "hash_buckets": cfg.buckets.get(f.name, f.hash_buckets), "dim": cfg.dim
+            "name": f.name,
+            "dtype": "int",
+            "hash_buckets": cfg.buckets.get(f.name, f.hash_buckets),
+            "dim": cfg.dim,
         }
         if f.history:
             feature.update(multi_valued=True, max_len=cfg.history_max_len)
         sparse.append(feature)
     return FeatureSchema.from_dict(
-        {"name": "aliccp", "sparse": sparse, "labels": {"click": "click", "conversion": "conversion"}, "group": "group"},
+        {
+            "name": "aliccp",
+            "sparse": sparse,
+            "labels": {"click": "click", "conversion": "conversion"},
+            "group": "group",
+        },
         source="Ali-CCP conversion",
     )

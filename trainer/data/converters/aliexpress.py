@@ -150,7 +150,9 @@ def convert_aliexpress(
     files = {split: src / f"{split}.csv" for split in _SPLITS}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise ConversionError(f"AliExpress files not found: {missing} (expected train.csv and test.csv in {src})")
+        raise ConversionError(
+            f"AliExpress files not found: {missing} (expected train.csv and test.csv in {src})"
+        )
     layouts = {split: _Layout.from_header(path, _header(path)) for split, path in files.items()}
     if layouts["train"] != layouts["test"]:
         raise ConversionError(f"{files['train']} and {files['test']} have different headers")
@@ -168,9 +170,15 @@ def convert_aliexpress(
                 writer.write(chunk.table(layout, arrow_schema))
         summaries[split] = writer.summary
     if summaries["train"].rows == 0:
-        raise ConversionError(f"{files['train']}: no line could be converted ({malformed.format()})")
+        raise ConversionError(
+            f"{files['train']}: no line could be converted ({malformed.format()})"
+        )
     schema = _schema(layout, statistics, cfg.dim)
-    record = {"converter": "aliexpress", "source": {s: str(p) for s, p in files.items()}, "config": asdict(cfg)}
+    record = {
+        "converter": "aliexpress",
+        "source": {s: str(p) for s, p in files.items()},
+        "config": asdict(cfg),
+    }
     return finish_dataset(out_dir, schema, summaries, malformed, record, started)
 
 
@@ -189,12 +197,20 @@ class _Chunk:
 
     def table(self, layout: _Layout, arrow_schema: pa.Schema) -> pa.Table:
         columns = [pa.array(self.categorical[:, k]) for k in range(len(layout.categorical))]
-        columns += [pa.array(self.numerical[:, d].astype(np.float32)) for d in range(len(layout.numerical))]
-        columns += [pa.array(self.labels[:, 0]), pa.array(self.labels[:, 1]), pa.array(self.search_id)]
+        columns += [
+            pa.array(self.numerical[:, d].astype(np.float32)) for d in range(len(layout.numerical))
+        ]
+        columns += [
+            pa.array(self.labels[:, 0]),
+            pa.array(self.labels[:, 1]),
+            pa.array(self.search_id),
+        ]
         return pa.Table.from_arrays(columns, schema=arrow_schema)
 
 
-def _chunks(path: Path, layout: _Layout, rows_per_chunk: int, malformed: MalformedLines) -> Iterator[_Chunk]:
+def _chunks(
+    path: Path, layout: _Layout, rows_per_chunk: int, malformed: MalformedLines
+) -> Iterator[_Chunk]:
     """Parsed lines, ``rows_per_chunk`` at a time; the header line is skipped."""
     search_ids: list[int] = []
     categorical: list[list[int]] = []
@@ -217,7 +233,9 @@ def _chunks(path: Path, layout: _Layout, rows_per_chunk: int, malformed: Malform
         yield _chunk(search_ids, categorical, numerical, labels, layout)
 
 
-def _chunk(search_ids: list, categorical: list, numerical: list, labels: list, layout: _Layout) -> _Chunk:
+def _chunk(
+    search_ids: list, categorical: list, numerical: list, labels: list, layout: _Layout
+) -> _Chunk:
     return _Chunk(
         search_id=np.asarray(search_ids, dtype=np.int64),
         categorical=np.asarray(categorical, dtype=np.int64).reshape(-1, len(layout.categorical)),
@@ -259,7 +277,11 @@ def _parse(
 def _arrow_schema(layout: _Layout) -> pa.Schema:
     fields = [pa.field(name, pa.int64()) for name, _ in layout.categorical]
     fields += [pa.field(name, pa.float32()) for name, _ in layout.numerical]
-    fields += [pa.field("click", pa.int8()), pa.field("conversion", pa.int8()), pa.field("group", pa.int64())]
+    fields += [
+        pa.field("click", pa.int8()),
+        pa.field("conversion", pa.int8()),
+        pa.field("group", pa.int64()),
+    ]
     return pa.schema(fields)
 
 
@@ -269,7 +291,9 @@ def _schema(layout: _Layout, statistics: dict[str, _Statistics], dim: int) -> Fe
     sparse = []
     for k, (name, _) in enumerate(layout.categorical):
         if low[k] >= 0 and high[k] < _MAX_VOCAB:
-            sparse.append({"name": name, "dtype": "int", "vocab_size": int(high[k]) + 1, "dim": dim})
+            sparse.append(
+                {"name": name, "dtype": "int", "vocab_size": int(high[k]) + 1, "dim": dim}
+            )
         else:
             sparse.append({"name": name, "dtype": "int", "hash_buckets": _HASH_BUCKETS, "dim": dim})
     mean = train.total / train.count
@@ -278,7 +302,11 @@ def _schema(layout: _Layout, statistics: dict[str, _Statistics], dim: int) -> Fe
         {
             "name": name,
             "default": float(mean[d]),
-            "normalization": {"kind": "standard", "mean": float(mean[d]), "std": float(std[d]) if std[d] > 0 else 1.0},
+            "normalization": {
+                "kind": "standard",
+                "mean": float(mean[d]),
+                "std": float(std[d]) if std[d] > 0 else 1.0,
+            },
         }
         for d, (name, _) in enumerate(layout.numerical)
     ]

@@ -105,7 +105,9 @@ def convert_coat(
         result.splits["train"].ctr  # 0.08: 6,960 ratings over 87,000 pairs
     """
     record = {"converter": "coat", "coat_dir": str(src), "attributes": attributes}
-    return write_mnar_dataset(read_coat(src, attributes=attributes), out_dir, cfg, overwrite=overwrite, record=record)
+    return write_mnar_dataset(
+        read_coat(src, attributes=attributes), out_dir, cfg, overwrite=overwrite, record=record
+    )
 
 
 def _matrix(path: Path, rows: int, columns: int, high: int) -> np.ndarray:
@@ -121,7 +123,9 @@ def _matrix(path: Path, rows: int, columns: int, high: int) -> np.ndarray:
     for number, line in enumerate(lines, 1):
         fields = line.split()
         if len(fields) != columns:
-            raise ConversionError(f"{path}, line {number}: {len(fields)} values, expected {columns}")
+            raise ConversionError(
+                f"{path}, line {number}: {len(fields)} values, expected {columns}"
+            )
         try:
             values = [int(f) for f in fields]
         except ValueError:
@@ -174,5 +178,8 @@ def _one_hot_table(src: Path, spec: _OneHotFile) -> AttributeTable:
         unset = block.sum(axis=1) == 0
         columns[group] = pa.array(block.argmax(axis=1), pa.int64(), mask=unset)
     return AttributeTable(
-        path=str(path), ids=np.arange(spec.rows, dtype=np.int64), columns=columns, vocabularies=labels
+        path=str(path),
+        ids=np.arange(spec.rows, dtype=np.int64),
+        columns=columns,
+        vocabularies=labels,
     )

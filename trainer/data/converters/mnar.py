@@ -53,8 +53,8 @@ from trainer.data.converters._output import (
     MalformedLines,
     SplitWriter,
     finish_dataset,
-    numbered_lines,
     hash_buckets_for,
+    numbered_lines,
     prepare_dataset_dir,
 )
 
@@ -225,7 +225,9 @@ def read_triples(
     items: list[str] = []
     ratings: list[float] = []
     numbers: list[int] = []
-    positions: tuple[int, int, int] | None = None if fmt.header else (fmt.user, fmt.item, fmt.rating)  # type: ignore[assignment]
+    positions: tuple[int, int, int] | None = (
+        None if fmt.header else (fmt.user, fmt.item, fmt.rating)
+    )  # type: ignore[assignment]
     for number, line in numbered_lines(path):
         fields = _split(line, fmt.delimiter)
         if positions is None:
@@ -291,10 +293,14 @@ def read_attribute_table(
             header = fields
             if id_column is not None:
                 if id_column not in header:
-                    raise ConversionError(f"{path}, line {number}: no column {id_column!r} in {header}")
+                    raise ConversionError(
+                        f"{path}, line {number}: no column {id_column!r} in {header}"
+                    )
                 id_at = header.index(id_column)
             if len(header) < 2:
-                raise ConversionError(f"{path}, line {number}: an id column and at least one attribute are needed")
+                raise ConversionError(
+                    f"{path}, line {number}: an id column and at least one attribute are needed"
+                )
             continue
         if len(fields) != len(header):
             malformed.add(f"{len(fields)} fields, the header has {len(header)}", path, number, line)
@@ -331,7 +337,9 @@ def _header_positions(path: Path, header: list[str], fmt: TripleFormat) -> tuple
         elif column in header:
             positions.append(header.index(column))
         else:
-            raise ConversionError(f"{path}, line 1: no {role} column {column!r} in the header {header}")
+            raise ConversionError(
+                f"{path}, line 1: no {role} column {column!r} in the header {header}"
+            )
     return positions[0], positions[1], positions[2]
 
 
@@ -436,7 +444,9 @@ def convert_ratings(
         item_attributes=tables[1],
         malformed=malformed,
     )
-    return write_mnar_dataset(source, out_dir, cfg, overwrite=overwrite, record={"format": asdict(fmt)})
+    return write_mnar_dataset(
+        source, out_dir, cfg, overwrite=overwrite, record={"format": asdict(fmt)}
+    )
 
 
 def write_mnar_dataset(
@@ -469,7 +479,10 @@ def write_mnar_dataset(
     splits = ("train", "valid", "test") if cfg.validation_fraction > 0 else ("train", "test")
     prepare_dataset_dir(out_dir, splits, overwrite)
     rows = _Rows(arrow_schema, space, user_columns, item_columns, cfg.threshold)
-    writers = {split: SplitWriter(out_dir / split, arrow_schema, file_rows=cfg.file_rows) for split in splits}
+    writers = {
+        split: SplitWriter(out_dir / split, arrow_schema, file_rows=cfg.file_rows)
+        for split in splits
+    }
     try:
         _write_splits(rows, space, cfg, writers)
     finally:
@@ -480,7 +493,9 @@ def write_mnar_dataset(
     return finish_dataset(out_dir, schema, summaries, source.malformed, details, started)
 
 
-def _write_splits(rows: _Rows, space: _Space, cfg: MnarConfig, writers: dict[str, SplitWriter]) -> None:
+def _write_splits(
+    rows: _Rows, space: _Space, cfg: MnarConfig, writers: dict[str, SplitWriter]
+) -> None:
     """Train (and valid): every pair, whole users at a time; test: the random-exposure ratings."""
     for lin, click, rating in _train_blocks(space, cfg.row_group_rows):
         table = rows(lin, click, rating)
@@ -528,13 +543,17 @@ def _impression_space(source: RatingsSource) -> _Space:
     items = _universe("item", source.items, item_ids, [train.path, test.path], as_strings)
     pairs = []
     for triples, u_raw, i_raw in zip((train, test), user_ids, item_ids, strict=True):
-        lin = np.searchsorted(users, u_raw).astype(np.int64) * len(items) + np.searchsorted(items, i_raw)
+        lin = np.searchsorted(users, u_raw).astype(np.int64) * len(items) + np.searchsorted(
+            items, i_raw
+        )
         pairs.append(_unique_pairs(triples, lin, source.malformed))
     return _Space(users, items, pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1])
 
 
 def _as_type(ids: np.ndarray, as_strings: bool) -> np.ndarray:
-    return np.array([str(v) for v in ids], dtype=object) if as_strings and ids.dtype != object else ids
+    return (
+        np.array([str(v) for v in ids], dtype=object) if as_strings and ids.dtype != object else ids
+    )
 
 
 def _universe(
@@ -591,7 +610,9 @@ def _aligned_attributes(
     for name, values in table.columns.items():
         feature = f"{prefix}_{_NAME_CHARS.sub('_', name)}"
         if feature in aligned or feature in ("user_id", "item_id"):
-            raise ConversionError(f"{table.path}: attribute {name!r} gives feature name {feature!r} twice")
+            raise ConversionError(
+                f"{table.path}: attribute {name!r} gives feature name {feature!r} twice"
+            )
         aligned[feature] = values.take(rows)
     return aligned
 
@@ -612,10 +633,18 @@ def _attribute_feature(name: str, values: pa.Array, dim: int) -> dict[str, objec
 
 
 def _schema(
-    cfg: MnarConfig, space: _Space, user_columns: dict[str, pa.Array], item_columns: dict[str, pa.Array]
+    cfg: MnarConfig,
+    space: _Space,
+    user_columns: dict[str, pa.Array],
+    item_columns: dict[str, pa.Array],
 ) -> FeatureSchema:
-    sparse = [_id_feature("user_id", space.users, cfg.dim), _id_feature("item_id", space.items, cfg.dim)]
-    sparse += [_attribute_feature(n, v, cfg.dim) for n, v in {**user_columns, **item_columns}.items()]
+    sparse = [
+        _id_feature("user_id", space.users, cfg.dim),
+        _id_feature("item_id", space.items, cfg.dim),
+    ]
+    sparse += [
+        _attribute_feature(n, v, cfg.dim) for n, v in {**user_columns, **item_columns}.items()
+    ]
     return FeatureSchema.from_dict(
         {
             "name": _NAME_CHARS.sub("_", cfg.name),
@@ -634,7 +663,9 @@ def _arrow_schema(
         return pa.string() if ids.dtype == object else pa.int64()
 
     fields = [pa.field("user_id", id_type(space.users)), pa.field("item_id", id_type(space.items))]
-    fields += [pa.field(name, values.type) for name, values in {**user_columns, **item_columns}.items()]
+    fields += [
+        pa.field(name, values.type) for name, values in {**user_columns, **item_columns}.items()
+    ]
     fields += [
         pa.field("click", pa.int8()),
         pa.field("conversion", pa.int8()),
@@ -644,7 +675,9 @@ def _arrow_schema(
     return pa.schema(fields)
 
 
-def _train_blocks(space: _Space, row_group_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _train_blocks(
+    space: _Space, row_group_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Whole users at a time: linear pair indices, clicks and ratings (NaN where not rated)."""
     users_per_block = max(1, row_group_rows // max(space.num_items, 1))
     for first_user in range(0, len(space.users), users_per_block):
@@ -692,7 +725,9 @@ class _Rows:
             "group": users,
             "rating": pa.array(rating.astype(np.float32), pa.float32(), mask=np.isnan(rating)),
         }
-        return pa.table([columns[name] for name in self.arrow_schema.names], schema=self.arrow_schema)
+        return pa.table(
+            [columns[name] for name in self.arrow_schema.names], schema=self.arrow_schema
+        )
 
 
 def _id_array(ids: np.ndarray) -> pa.Array:
