@@ -85,6 +85,9 @@ class BadrParams:
         imputation_weight: weight of ``L_BADR-e`` (Eq. 32/36) in that sum (1).
         ctcvr_weight: weight of ESMM's CTCVR task, the "additional task" Section 3.7 allows
             (0: not used).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     propensity: PropensityParams = field(default_factory=PropensityParams)

@@ -114,6 +114,9 @@ class DdpoParams:
             not clip, the code floors at 1e-6): 0.01 caps each at 100, as for the IPW objectives.
         causal_transfer: build the causal transfer modules (Eq. 12-14); ``False`` is the paper's
             ablation without them ("w/o CTM", Table 3).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     click_weight: float = param(1.0, NON_NEGATIVE)

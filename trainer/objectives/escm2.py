@@ -91,6 +91,9 @@ class Escm2IpwParams:
             ``|D|`` as in the equation (default), or ``clicks``, ``N_o`` as in the reference.
         propensity_grad: let the CVR risk train the CTR tower through ``1 / o_hat``; off by
             default, as the reference detaches its weights.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     propensity: PropensityParams = field(default_factory=PropensityParams)
@@ -151,6 +154,9 @@ class Escm2DrParams:
             default, as the reference detaches its weights.
         dr_trains_imputation: let ``R_DR``'s gradient reach the imputation tower through
             ``e_hat``, as in the reference; off by default (see the module docstring).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     propensity: PropensityParams = field(default_factory=PropensityParams)

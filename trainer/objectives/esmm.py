@@ -36,6 +36,9 @@ class EsmmParams:
     Attributes:
         ctcvr_weight: weight of the CTCVR term against the CTR term; Eq. 3 adds the two
             unweighted (1).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     ctcvr_weight: float = param(1.0, NON_NEGATIVE)

@@ -115,6 +115,9 @@ class PropensityParams:
             click probability (``truth.true_ctr``, still clipped at ``tau``) instead of pCTR, to
             show what an estimator does with the propensities its theory assumes
             (multi-ipw-multi-dr.txt Theorems 1-2). Needs ground truth in the training data.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     tau: float = param(0.01, PROPENSITY_BOUND)
@@ -135,6 +138,9 @@ class ImputationParams:
         imputation_trains_backbone: let the imputation loss train the shared embeddings and
             experts too, the papers' fully shared model (multi-ipw-multi-dr.txt Section 3.6,
             badr.txt Section 3.7); off (default), see ``imputation_detached_heads``.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     imputation_link: ImputationLink = param(ImputationLink.SOFTPLUS)

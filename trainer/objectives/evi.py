@@ -148,6 +148,9 @@ class EviParams:
         initial_rho: starting ``rho`` of Eq. 11's variances ``softplus(rho) + eps``: 5, the
             code's value.
         min_variance: ``eps``, the floor of those variances: 1e-3.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     ctr_weight: float = param(0.2, NON_NEGATIVE)

@@ -88,6 +88,9 @@ class MultiDrParams:
             2 descends Eq. 9 in every task's parameters); off by default, as for Multi-IPW.
         dr_trains_imputation: let Eq. 9's gradient reach the imputation tower through
             ``e_hat``; with ``imputation_weight=0`` this is Algorithm 2 read literally.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     propensity: PropensityParams = field(default_factory=PropensityParams)

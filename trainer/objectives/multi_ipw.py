@@ -62,6 +62,9 @@ class MultiIpwParams:
             they are, as Algorithm 1 descends their sum).
         propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat``, the
             paper's Algorithm 1; off by default (see the module docstring).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     propensity: PropensityParams = field(default_factory=PropensityParams)

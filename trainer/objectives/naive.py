@@ -31,6 +31,9 @@ class NaiveParams:
     Attributes:
         cvr_weight: weight of the click-space CVR term, Eq. (3)'s ``E_naive``, against the CTR
             loss (1: the two tasks' losses added as they are).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     cvr_weight: float = param(1.0, NON_NEGATIVE)

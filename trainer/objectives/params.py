@@ -277,7 +277,7 @@ def _check_type(hint: Any, value: Any) -> tuple[Any, str | None]:
     if isinstance(hint, type) and issubclass(hint, Enum):
         try:
             return hint(value), None
-        except ValueError:
+        except (ValueError, TypeError):
             return value, f"must be one of {[m.value for m in hint]}, got {value!r}"
     if _is_group(hint):
         ok = isinstance(value, hint)
