@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -89,7 +88,7 @@ if str(_ROOT) not in sys.path:  # run as a script from anywhere
 from trainer.data.converters import CONVERSION_FILE, MnarConfig, convert_coat
 from trainer.data.simulator import SIMULATION_FILE, SimulatorConfig, simulate
 from trainer.evaluation import compute_metrics, metrics_table
-from trainer.objectives import OBJECTIVES
+from trainer.objectives import OBJECTIVES, param_names
 from trainer.pruning import PRUNING_FILE
 
 __all__ = [
@@ -401,7 +400,7 @@ def with_oracle_propensity(settings: Settings) -> Settings:
 
     for name in settings.objectives:
         objective = OmegaConf.load(config_path(name)).objective.name
-        if "oracle_propensity" in inspect.signature(OBJECTIVES[objective]).parameters:
+        if "oracle_propensity" in param_names(OBJECTIVES[objective].params_type):
             settings.objective_params.setdefault(name, {})["oracle_propensity"] = "true"
     return settings
 

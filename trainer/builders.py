@@ -53,7 +53,8 @@ def build_model(
             builds them whole (tests, single-process tools).
 
     Raises:
-        ConfigError: ``model.tower_sharing: adap_sl`` for an objective without an imputation head.
+        ConfigError: ``model.tower_sharing: adap_sl`` without an imputation head (``load_config``
+            already refuses such a config, naming the objectives that have one).
         ValueError: layer widths that ``model.adap_sl.shared_fraction`` cannot split.
         ConfigError: ``model.interaction: dot`` over sparse features of different dimensions.
     """
@@ -63,8 +64,8 @@ def build_model(
     if adap_sl and IMPUTATION not in heads:
         raise ConfigError(
             "model.tower_sharing=adap_sl shares units between the CVR and the imputation tower, but the "
-            f"objective has no imputation head (heads: {', '.join(heads)}); use it with a DR-family "
-            f"objective ({', '.join(_imputation_objectives())}) or set model.tower_sharing=none"
+            f"model has no imputation head (heads: {', '.join(heads)}); use it with a DR-family "
+            "objective or set model.tower_sharing=none"
         )
     tables = embedding_bag_configs(schema)
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
@@ -101,12 +102,6 @@ def build_interaction(
             "dim or set model.interaction=none"
         )
     return DotInteraction(num_features=len(dims), dim=next(iter(dims.values())))
-
-
-def _imputation_objectives() -> list[str]:
-    from trainer.objectives import OBJECTIVES  # objectives import the model package; import late
-
-    return sorted(name for name, cls in OBJECTIVES.items() if IMPUTATION in cls.required_heads)
 
 
 def mmoe_tiny() -> ModelConfig:

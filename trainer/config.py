@@ -4,6 +4,11 @@ A config file is merged onto the dataclass defaults below with OmegaConf, so an 
 value of the wrong type fails at load time with the offending key named; ``key=value`` overrides
 (OmegaConf dot-list syntax, e.g. ``train.steps=200 objective.name=esmm``) are applied last.
 ``${...}`` interpolation works as in OmegaConf.
+
+``objective.params`` is checked against the typed hyper-parameters of ``objective.name``
+(``trainer.objectives.objective_params``), every problem reported at once and named by key,
+and replaced by the resolved values, defaults filled in, so a run's saved ``config.yaml`` says
+exactly what it used.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from trainer.model.adap_sl import IMPUTATION
+from trainer.objectives import OBJECTIVES, ParamsError, objective_params, params_to_dict
 
 __all__ = [
     "AdapSlConfig",
@@ -121,7 +129,9 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "esmm"  # see trainer.objectives.OBJECTIVES
-    params: dict[str, Any] = field(default_factory=dict)  # the objective's hyper-parameters
+    # The objective's hyper-parameters, flat (its params_type's fields, groups included); after
+    # load_config: every one of them, defaults filled in.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,7 +189,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """Merge defaults, a YAML file and ``key=value`` overrides into a validated ``TrainConfig``.
 
     Raises:
-        ConfigError: unreadable file, unknown key, wrong type, missing required value.
+        ConfigError: unreadable file, unknown key, wrong type, missing required value, an invalid
+            value; for ``objective`` every problem at once (unknown objective or parameter,
+            wrong type or value of a parameter, Adap-SL towers without an imputation head).
     """
     schema = OmegaConf.structured(TrainConfig)
     try:
@@ -202,6 +214,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         where = f" (key {key!r})" if key else ""
         raise ConfigError(f"config {path or '<defaults>'}{where}: {_first_line(err)}") from None
     _check(config)
+    _resolve_objective(config, path)
     return config  # type: ignore[return-value]
 
 
@@ -259,6 +272,37 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(
             f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}"
         )
+
+
+def _resolve_objective(config: TrainConfig, path: str | Path | None) -> None:
+    """Check ``config.objective`` and replace its params by the resolved ones (defaults filled).
+
+    Raises:
+        ConfigError: every problem of the objective section, each line naming its key.
+    """
+    name = config.objective.name
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: {name!r} is not one of {sorted(OBJECTIVES)}")
+    problems: list[str] = []
+    params = None
+    try:
+        params = objective_params(name, config.objective.params)
+    except ParamsError as err:
+        problems += [str(problem) for problem in err.problems]
+    if (
+        config.model.tower_sharing == TowerSharing.ADAP_SL.value
+        and IMPUTATION not in OBJECTIVES[name].required_heads
+    ):
+        dr_family = sorted(n for n, cls in OBJECTIVES.items() if IMPUTATION in cls.required_heads)
+        problems.append(
+            "model.tower_sharing: adap_sl shares units between the CVR and the imputation tower, "
+            f"but objective {name!r} has no imputation head; use a DR-family objective "
+            f"({', '.join(dr_family)}) or set model.tower_sharing=none"
+        )
+    if problems:
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        raise ConfigError(f"config {path or '<defaults>'}: objective {name!r}:{lines}")
+    config.objective.params = params_to_dict(params)
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

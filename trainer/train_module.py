@@ -16,8 +16,8 @@ class TrainModule(nn.Module):
     """``forward(batch) -> (loss, (loss terms, outputs))`` with everything but the loss detached.
 
     Keeping the objective outside ``CtcvrModel`` means the exported model carries no loss code
-    (TorchRec's ``DLRMTrain`` pattern). An objective with an ``attach(model)`` method builds its
-    own learned parameters there (see ``Objective``); as a submodule of this module they are
+    (TorchRec's ``DLRMTrain`` pattern). The objective's ``attach(model)`` builds its own learned
+    parameters, if it has any (see ``Objective``); as a submodule of this module they are
     sharded, optimised and checkpointed with the model.
     """
 
@@ -25,9 +25,7 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
-        attach = getattr(objective, "attach", None)
-        if attach is not None:
-            attach(model)
+        objective.attach(model)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[LossOutput, TaskOutputs]]:
         outputs = self.model(batch.sparse, batch.dense)
@@ -39,10 +37,10 @@ class TrainModule(nn.Module):
 
     def _with_head_l2(self, loss: LossOutput) -> LossOutput:
         """Add ``coefficient * sum of squares`` of a head's own parameters (its MMoE gate and
-        tower, ``CtcvrModel.head_parameters``) for each head in the objective's optional
-        ``head_l2`` mapping, e.g. Multi-DR's L2 on the imputation tower. Objectives see
-        outputs, not parameters, so it is added here."""
-        coefficients: dict[str, float] = getattr(self.objective, "head_l2", None) or {}
+        tower, ``CtcvrModel.head_parameters``) for each head in the objective's ``head_l2``
+        mapping, e.g. Multi-DR's L2 on the imputation tower. Objectives see outputs, not
+        parameters, so it is added here."""
+        coefficients = self.objective.head_l2
         if not coefficients:
             return loss
         total, terms = loss.total, dict(loss.terms)

@@ -288,7 +288,8 @@ def _prune_four_epochs(module) -> None:
     from trainer.config import load_config
     from trainer.pruning import AdaptivePruner
 
-    config = load_config(None, ["output_dir=x", "data.train=x", *ADAP_SL]).model.adap_sl
+    overrides = ["output_dir=x", "data.train=x", "objective.name=badr", *ADAP_SL]
+    config = load_config(None, overrides).model.adap_sl
     pruner = AdaptivePruner(module.model.partially_shared, config)
     for step in (1, 2, 3, 4):
         pruner.after_step(step)

@@ -17,6 +17,7 @@ from trainer.objectives import build_objective
 from trainer.pruning import AdaptivePruner, density_report, magnitude_prune_
 from trainer.train_module import TrainModule
 
+ADAP_SL = "model.tower_sharing=adap_sl"
 CLICK = [1, 0, 1, 0, 0, 1, 0, 1]
 CONVERSION = [1, 0, 0, 0, 0, 1, 0, 0]
 
@@ -172,12 +173,19 @@ def test_a_folded_tower_computes_the_same_logit():
 
 
 def test_objectives_without_an_imputation_head_are_refused():
-    config = adap_sl_config()
     with pytest.raises(
-        ConfigError, match=r"no imputation head \(heads: ctr, cvr\).*badr, escm2_dr, multi_dr"
+        ConfigError,
+        match=r"model\.tower_sharing: adap_sl .* objective 'esmm' has no imputation head; "
+        r"use a DR-family objective \(badr, escm2_dr, multi_dr\)",
     ):
+        load_config(None, ["output_dir=x", "data.train=x", ADAP_SL])
+    # The builder refuses such a model too, whoever calls it.
+    with pytest.raises(ConfigError, match=r"no imputation head \(heads: ctr, cvr\)"):
         build_model(
-            tiny_schema(), config, build_objective("esmm").required_heads, embedding_device="cpu"
+            tiny_schema(),
+            adap_sl_config(),
+            build_objective("esmm").required_heads,
+            embedding_device="cpu",
         )
 
 
@@ -194,7 +202,10 @@ def test_objectives_without_an_imputation_head_are_refused():
 )
 def test_bad_adap_sl_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["output_dir=x", "data.train=x", "model.tower_sharing=adap_sl", override])
+        load_config(
+            None,
+            ["output_dir=x", "data.train=x", "objective.name=multi_dr", ADAP_SL, override],
+        )
 
 
 def test_a_width_that_cannot_be_split_is_refused():

@@ -64,5 +64,7 @@ def test_badr_batch_without_clicks():
 
 def test_badr_heads_and_bad_parameters():
     assert build_objective("badr").required_heads == frozenset({"imputation"})
-    with pytest.raises(ValueError, match=r"badr: the propensity bound tau must be in \(0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"objective 'badr': objective\.params\.tau: must be in \(0, 1\]"
+    ):
         build_objective("badr", tau=-0.1)

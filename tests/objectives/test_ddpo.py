@@ -134,9 +134,11 @@ def test_a_batch_without_clicks_trains_on_the_non_click_space_only():
 
 
 def test_bad_parameters_are_named():
-    with pytest.raises(ValueError, match="ddpo: cvr_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"objective 'ddpo': objective\.params\.cvr_weight: must be >= 0"
+    ):
         build_objective("ddpo", cvr_weight=-1.0)
-    with pytest.raises(ValueError, match=r"ddpo: the propensity bound tau must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"objective\.params\.tau: must be in \(0, 1\]"):
         build_objective("ddpo", tau=0.0)
 
 

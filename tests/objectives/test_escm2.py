@@ -45,7 +45,9 @@ def test_escm2_dr_by_hand():
 def test_escm2_heads_and_bad_parameters():
     assert build_objective("escm2_ipw").required_heads == frozenset()
     assert build_objective("escm2_dr").required_heads == frozenset({"imputation"})
-    with pytest.raises(ValueError, match="escm2_ipw: ipw_normalization must be one of"):
+    with pytest.raises(ValueError, match=r"objective\.params\.ipw_normalization: must be one of"):
         build_objective("escm2_ipw", ipw_normalization="rows")
-    with pytest.raises(ValueError, match="escm2_dr: ctcvr_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"objective 'escm2_dr': objective\.params\.ctcvr_weight: must be >= 0"
+    ):
         build_objective("escm2_dr", ctcvr_weight=-0.5)

@@ -20,6 +20,8 @@ from trainer.data.batch import GroundTruth
 from trainer.objectives.estimators import (
     ImputationHead,
     ImputationLink,
+    ImputationParams,
+    PropensityParams,
     PropensityWeighting,
     badr_batch_influence,
     badr_estimate,
@@ -52,26 +54,30 @@ P = t([0.5, 0.1, 0.25, 0.8])
 def test_propensity_weighting_clips_detaches_and_takes_the_truth_when_asked():
     outputs = outputs_from_probs(ctr=[0.5, 0.004, 0.9])
     batch = tiny_batch([1, 0, 1], [0, 0, 1])
-    p_hat = PropensityWeighting("multi_ipw", tau=0.01)(outputs, batch)
+    p_hat = PropensityWeighting(PropensityParams(tau=0.01))(outputs, batch)
     assert p_hat.tolist() == pytest.approx([0.5, 0.01, 0.9])
     assert not p_hat.requires_grad
-    assert PropensityWeighting("multi_ipw", tau=0.01, grad=True)(outputs, batch).requires_grad
+    assert PropensityWeighting(PropensityParams(tau=0.01), grad=True)(outputs, batch).requires_grad
     batch.truth = GroundTruth(torch.tensor([0.2, 0.001, 0.3]), torch.zeros(3), torch.zeros(3))
-    oracle = PropensityWeighting("multi_ipw", tau=0.01, oracle=True)(outputs, batch)
+    oracle = PropensityWeighting(PropensityParams(tau=0.01, oracle_propensity=True))(outputs, batch)
     assert oracle.tolist() == pytest.approx([0.2, 0.01, 0.3])
-    with pytest.raises(ValueError, match="escm2_dr: the propensity bound tau must be in"):
-        PropensityWeighting("escm2_dr", tau=0.0)
+    with pytest.raises(
+        ValueError, match=r"PropensityParams: objective\.params\.tau: must be in \(0, 1\]"
+    ):
+        PropensityParams(tau=0.0)
 
 
 def test_imputation_head_maps_the_logit_and_says_which_heads_to_detach():
     outputs = outputs_from_probs(imputation=[0.5])  # logit 0
-    assert ImputationHead("badr").errors(outputs).item() == pytest.approx(math.log(2.0))
-    assert ImputationHead("badr", "sigmoid").errors(outputs).item() == pytest.approx(0.5)
-    assert ImputationHead("badr", "sigmoid").link is ImputationLink.SIGMOID
-    assert ImputationHead("badr").detached_heads == frozenset({"imputation"})
-    assert ImputationHead("badr", trains_backbone=True).detached_heads == frozenset()
-    with pytest.raises(ValueError, match="multi_dr: imputation_link must be one of"):
-        ImputationHead("multi_dr", "relu")
+    sigmoid = ImputationParams(imputation_link="sigmoid")  # the string is the enum's value
+    assert ImputationHead().errors(outputs).item() == pytest.approx(math.log(2.0))
+    assert ImputationHead(sigmoid).errors(outputs).item() == pytest.approx(0.5)
+    assert sigmoid.imputation_link is ImputationLink.SIGMOID
+    assert ImputationHead().detached_heads == frozenset({"imputation"})
+    shared = ImputationParams(imputation_trains_backbone=True)
+    assert ImputationHead(shared).detached_heads == frozenset()
+    with pytest.raises(ValueError, match=r"objective\.params\.imputation_link: must be one of"):
+        ImputationParams(imputation_link="relu")
 
 
 def test_naive_ipw_dr_by_hand():

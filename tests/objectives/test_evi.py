@@ -179,11 +179,15 @@ def test_transfer_layers_pair_the_last_k_hidden_layers():
         build_objective("evi", transfer_layers=4).attach(SimpleNamespace(tower_sizes=(8, 4, 2)))
     with pytest.raises(ValueError, match="needs that many hidden tower layers"):
         build_objective("evi").attach(SimpleNamespace(tower_sizes=()))
-    with pytest.raises(ValueError, match="evi: transfer_layers must be >= 1"):
+    with pytest.raises(
+        ValueError, match=r"objective\.params\.transfer_layers: must be >= 1 or null, got 0"
+    ):
         build_objective("evi", transfer_layers=0)
     with pytest.raises(RuntimeError, match="attach"):
         build_objective("evi")(outputs(), tiny_batch(CLICK, CONVERSION))
-    with pytest.raises(ValueError, match="evi: vie_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"objective 'evi': objective\.params\.vie_weight: must be >= 0"
+    ):
         build_objective("evi", vie_weight=-0.2)
 
 

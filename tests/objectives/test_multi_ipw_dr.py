@@ -124,19 +124,23 @@ def test_multi_dr_declares_the_imputation_head_and_its_l2():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
+        ("multi_ipw", {"tau": 0.0}, r"objective\.params\.tau: must be in \(0, 1\], got 0.0"),
+        ("multi_ipw", {"cvr_weight": -1}, r"objective\.params\.cvr_weight: must be >= 0, got -1"),
+        ("multi_dr", {"tau": 1.5}, r"objective\.params\.tau: must be in \(0, 1\]"),
         (
-            "multi_ipw",
-            {"tau": 0.0},
-            r"multi_ipw: the propensity bound tau must be in \(0, 1\], got 0.0",
+            "multi_dr",
+            {"undersample_rate": 0.5},
+            r"objective\.params\.undersample_rate: must be >= 1 or null, got 0.5",
         ),
-        ("multi_ipw", {"cvr_weight": -1}, "multi_ipw: cvr_weight must be >= 0, got -1"),
-        ("multi_dr", {"tau": 1.5}, r"multi_dr: the propensity bound tau must be in \(0, 1\]"),
-        ("multi_dr", {"undersample_rate": 0.5}, "multi_dr: undersample_rate must be >= 1"),
-        ("multi_dr", {"imputation_l2": -1e-4}, "multi_dr: imputation_l2 must be >= 0"),
-        ("multi_dr", {"imputation_link": "exp"}, "multi_dr: imputation_link must be one of"),
-        ("multi_dr", {"lambda_": 2}, "objective 'multi_dr': bad parameters"),
+        ("multi_dr", {"imputation_l2": -1e-4}, r"objective\.params\.imputation_l2: must be >= 0"),
+        (
+            "multi_dr",
+            {"imputation_link": "exp"},
+            r"objective\.params\.imputation_link: must be one of \['softplus', 'sigmoid'\]",
+        ),
+        ("multi_dr", {"lambda_": 2}, r"objective\.params\.lambda_: unknown parameter"),
     ],
 )
 def test_bad_hyper_parameters_are_named(name, params, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"objective '{name}': {message}"):
         build_objective(name, **params)

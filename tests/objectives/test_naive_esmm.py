@@ -57,7 +57,9 @@ def test_esmm_trains_cvr_on_unclicked_rows_through_ctcvr():
 def test_unknown_objective_and_bad_params_are_named():
     with pytest.raises(ValueError, match="unknown objective 'nope'; choose one of"):
         build_objective("nope")
-    with pytest.raises(ValueError, match="objective 'esmm': bad parameters"):
+    with pytest.raises(
+        ValueError, match=r"objective 'esmm': objective\.params\.weight: unknown parameter"
+    ):
         build_objective("esmm", weight=3)
     assert {"naive", "esmm"} <= set(OBJECTIVES)
 

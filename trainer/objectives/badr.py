@@ -46,70 +46,82 @@ Paper vs code:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
 from trainer.data.batch import Batch
+from trainer.model.ctcvr import CtcvrModel
 from trainer.model.outputs import TaskOutputs
+from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
     ImputationHead,
-    ImputationLink,
+    ImputationParams,
+    PropensityParams,
     PropensityWeighting,
     badr_estimate,
     badr_imputation_loss,
-    check_non_negative,
     ctcvr_loss,
     ctr_loss,
     prediction_error,
 )
+from trainer.objectives.params import NON_NEGATIVE, check_params, param
 
-__all__ = ["BadrObjective"]
+__all__ = ["BadrObjective", "BadrParams"]
+
+
+@dataclass(frozen=True)
+class BadrParams:
+    """BADR's hyper-parameters; ``propensity`` and ``imputation`` are the shared groups
+    (``PropensityParams``: ``tau``, the clip ``gamma``, and ``oracle_propensity``;
+    ``ImputationParams``: ``imputation_link``, ``imputation_trains_backbone``), flat in a config
+    like the others. There is no ``propensity_grad``: BADR always detaches the propensity
+    (Algorithm 1 fits the propensity model apart; see the module docstring).
+
+    Attributes:
+        cvr_weight: weight of ``L_BADR-c`` (Eq. 13) in Section 3.7's weighted sum (1).
+        imputation_weight: weight of ``L_BADR-e`` (Eq. 32/36) in that sum (1).
+        ctcvr_weight: weight of ESMM's CTCVR task, the "additional task" Section 3.7 allows
+            (0: not used).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    propensity: PropensityParams = field(default_factory=PropensityParams)
+    cvr_weight: float = param(1.0, NON_NEGATIVE)
+    imputation_weight: float = param(1.0, NON_NEGATIVE)
+    ctcvr_weight: float = param(0.0, NON_NEGATIVE)
+    imputation: ImputationParams = field(default_factory=ImputationParams)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 class BadrObjective:
     """BADR (Eq. 13) with the CTR task and the batch-adaptive imputation loss (Eq. 32).
 
     Args:
-        tau: propensity clipping bound ``gamma`` (weights at most ``1 / tau``).
-        cvr_weight: weight of ``L_BADR-c``.
-        imputation_weight: weight of ``L_BADR-e``.
-        ctcvr_weight: weight of ESMM's CTCVR loss (0: not used).
-        imputation_link: ``"softplus"`` or ``"sigmoid"``, see ``ImputationLink``.
-        imputation_trains_backbone: let the imputation loss train the shared embeddings and
-            experts too (the paper's fully shared model); off: see ``imputation_detached_heads``.
-        oracle_propensity: diagnostic: weight by the simulator's true click probability instead
-            of pCTR (``estimators.propensity``); needs ground truth in the training data.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]``, a negative weight or an unknown link.
+        params: the hyper-parameters (``BadrParams``).
     """
 
+    params_type: ClassVar[type[BadrParams]] = BadrParams
     required_heads: ClassVar[frozenset[str]] = frozenset({"imputation"})
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        tau: float = 0.01,
-        cvr_weight: float = 1.0,
-        imputation_weight: float = 1.0,
-        ctcvr_weight: float = 0.0,
-        imputation_link: str = ImputationLink.SOFTPLUS.value,
-        imputation_trains_backbone: bool = False,
-        oracle_propensity: bool = False,
-    ) -> None:
+    def __init__(self, params: BadrParams = BadrParams()) -> None:
+        self.params = params
         # The propensity is always detached: see __call__.
-        self.weighting = PropensityWeighting("badr", tau, oracle=oracle_propensity)
-        self.imputation = ImputationHead("badr", imputation_link, imputation_trains_backbone)
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+        self.weighting = PropensityWeighting(params.propensity)
+        self.imputation = ImputationHead(params.imputation)
+        self.model_structure = ModelStructure(extra_heads=self.required_heads)
+        # The imputation loss trains the imputation gate and tower only (unless configured).
         self.detached_heads = self.imputation.detached_heads
-        check_non_negative(
-            "badr",
-            cvr_weight=cvr_weight,
-            imputation_weight=imputation_weight,
-            ctcvr_weight=ctcvr_weight,
-        )
-        self.cvr_weight = cvr_weight
-        self.imputation_weight = imputation_weight
-        self.ctcvr_weight = ctcvr_weight
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the objective has no parameters of its own."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
@@ -125,9 +137,9 @@ class BadrObjective:
         # Stop-gradient: phi step, the CVR model's errors and the estimate the delta method
         # linearises around are data for the imputation model.
         imputation = badr_imputation_loss(e.detach(), e_hat, o, p_hat, cvr.detach())
-        total = ctr + self.cvr_weight * cvr + self.imputation_weight * imputation
+        total = ctr + self.params.cvr_weight * cvr + self.params.imputation_weight * imputation
         terms = {"ctr": ctr, "cvr_badr": cvr, "imputation": imputation}
-        if self.ctcvr_weight > 0:
+        if self.params.ctcvr_weight > 0:
             terms["ctcvr"] = ctcvr_loss(outputs, batch)
-            total = total + self.ctcvr_weight * terms["ctcvr"]
+            total = total + self.params.ctcvr_weight * terms["ctcvr"]
         return LossOutput(total=total, terms=terms)

@@ -48,17 +48,19 @@ Paper vs code (see ``shared/docs/objectives-reference-notes.md`` §1 for the aut
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
 
 from trainer.data.batch import Batch
+from trainer.model.ctcvr import CtcvrModel
 from trainer.model.outputs import TaskOutputs
 from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
-    check_non_negative,
-    check_propensity_bound,
     ctcvr_loss,
     ctr_loss,
     entire_space_estimate,
@@ -67,10 +69,12 @@ from trainer.objectives.estimators import (
     self_normalized_weights,
 )
 from trainer.objectives.functional import bce_with_logits
+from trainer.objectives.params import NON_NEGATIVE, PROPENSITY_BOUND, check_params, param
 
 __all__ = [
     "CONVERSION_PROPENSITY",
     "DdpoObjective",
+    "DdpoParams",
     "conversion_propensity_loss",
     "dynamic_soft_label",
 ]
@@ -95,56 +99,65 @@ def dynamic_soft_label(
     )
 
 
+@dataclass(frozen=True)
+class DdpoParams:
+    """DDPO's hyper-parameters. The paper picks each lambda of Eq. 18 from {1e-4 ... 5} by
+    cross-validation without reporting them; the defaults, 1, are the authors' code's.
+
+    Attributes:
+        click_weight: lambda_o, weight of the click propensity loss ``L_o`` (Eq. 16).
+        conversion_weight: lambda_c, weight of the conversion propensity loss ``L_c`` (Eq. 6).
+        cvr_weight: lambda_r, weight of the impression-space CVR loss ``L_r`` (Eq. 10 with
+            Eq. 15; ``lambda_r / batch_size`` gives the literal form, see the module docstring).
+        ctcvr_weight: lambda_t, weight of the CTCVR loss ``L_t`` (Eq. 17).
+        tau: floor of ``o_hat`` and ``1 - o_hat`` in the inverse propensities (the paper does
+            not clip, the code floors at 1e-6): 0.01 caps each at 100, as for the IPW objectives.
+        causal_transfer: build the causal transfer modules (Eq. 12-14); ``False`` is the paper's
+            ablation without them ("w/o CTM", Table 3).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    click_weight: float = param(1.0, NON_NEGATIVE)
+    conversion_weight: float = param(1.0, NON_NEGATIVE)
+    cvr_weight: float = param(1.0, NON_NEGATIVE)
+    ctcvr_weight: float = param(1.0, NON_NEGATIVE)
+    tau: float = param(0.01, PROPENSITY_BOUND)
+    causal_transfer: bool = param(True)
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+
 class DdpoObjective:
     """DDPO, Eq. 18: ``lambda_o L_o + lambda_c L_c + lambda_r L_r + lambda_t L_t``.
 
     Args:
-        click_weight: lambda_o, weight of the click propensity loss (Eq. 16).
-        conversion_weight: lambda_c, weight of the conversion propensity loss (Eq. 6).
-        cvr_weight: lambda_r, weight of the impression-space CVR loss (Eq. 10 with Eq. 15).
-        ctcvr_weight: lambda_t, weight of the CTCVR loss (Eq. 17).
-        tau: floor of ``o_hat`` and ``1 - o_hat`` in the inverse propensities.
-        causal_transfer: build the causal transfer modules (Eq. 12-14); ``False`` is the
-            paper's ablation without them.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]`` or a negative weight.
+        params: the hyper-parameters (``DdpoParams``).
 
     Example::
 
         objective = DdpoObjective()
-        model = build_model(schema, config, structure=model_structure(objective))
+        model = build_model(schema, config, structure=objective.model_structure)
         loss = objective(model(batch.sparse, batch.dense), batch)
         loss.terms  # {"ctr", "conversion_propensity", "cvr_ddpo", "ctcvr"}
     """
 
+    params_type: ClassVar[type[DdpoParams]] = DdpoParams
     required_heads: ClassVar[frozenset[str]] = frozenset({CONVERSION_PROPENSITY})
+    detached_heads: ClassVar[frozenset[str]] = frozenset()
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        click_weight: float = 1.0,
-        conversion_weight: float = 1.0,
-        cvr_weight: float = 1.0,
-        ctcvr_weight: float = 1.0,
-        tau: float = 0.01,
-        causal_transfer: bool = True,
-    ) -> None:
-        check_non_negative(
-            "ddpo",
-            click_weight=click_weight,
-            conversion_weight=conversion_weight,
-            cvr_weight=cvr_weight,
-            ctcvr_weight=ctcvr_weight,
-        )
-        self.click_weight = click_weight
-        self.conversion_weight = conversion_weight
-        self.cvr_weight = cvr_weight
-        self.ctcvr_weight = ctcvr_weight
-        self.tau = check_propensity_bound(tau, "ddpo")
+    def __init__(self, params: DdpoParams = DdpoParams()) -> None:
+        self.params = params
         self.model_structure = ModelStructure(
             extra_heads=self.required_heads,
-            cvr_transfer=("ctr", CONVERSION_PROPENSITY) if causal_transfer else (),
+            cvr_transfer=("ctr", CONVERSION_PROPENSITY) if params.causal_transfer else (),
         )
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the transfer modules are part of the model (``model_structure``)."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
@@ -155,16 +168,18 @@ class DdpoObjective:
         soft_label = dynamic_soft_label(
             batch.conversion, outputs.prob(CONVERSION_PROPENSITY).detach()
         )
-        w_click = self_normalized_weights(o, propensity(outputs, self.tau))
-        w_non_click = self_normalized_weights(1.0 - o, non_click_propensity(outputs, self.tau))
+        tau = self.params.tau
+        w_click = self_normalized_weights(o, propensity(outputs, tau))
+        w_non_click = self_normalized_weights(1.0 - o, non_click_propensity(outputs, tau))
         cvr_losses = bce_with_logits(outputs.logits["cvr"], soft_label)
         cvr = entire_space_estimate(cvr_losses, o, w_click, w_non_click)
         ctcvr = ctcvr_loss(outputs, batch)
+        weights = self.params
         total = (
-            self.click_weight * click
-            + self.conversion_weight * conversion
-            + self.cvr_weight * cvr
-            + self.ctcvr_weight * ctcvr
+            weights.click_weight * click
+            + weights.conversion_weight * conversion
+            + weights.cvr_weight * cvr
+            + weights.ctcvr_weight * ctcvr
         )
         terms = {"ctr": click, "conversion_propensity": conversion, "cvr_ddpo": cvr, "ctcvr": ctcvr}
         return LossOutput(total=total, terms=terms)

@@ -36,17 +36,22 @@ Paper vs code (the PaddleRec reference, see ``shared/docs/objectives-reference-n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum, unique
+from types import MappingProxyType
 from typing import ClassVar
 
 from trainer.data.batch import Batch
+from trainer.model.ctcvr import CtcvrModel
 from trainer.model.outputs import TaskOutputs
+from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
     ImputationHead,
-    ImputationLink,
+    ImputationParams,
+    PropensityParams,
     PropensityWeighting,
-    check_non_negative,
     ctcvr_loss,
     ctr_loss,
     dr_estimate,
@@ -54,8 +59,15 @@ from trainer.objectives.estimators import (
     joint_learning_imputation_loss,
     prediction_error,
 )
+from trainer.objectives.params import NON_NEGATIVE, check_params, param
 
-__all__ = ["Escm2DrObjective", "Escm2IpwObjective", "IpwNormalization"]
+__all__ = [
+    "Escm2DrObjective",
+    "Escm2DrParams",
+    "Escm2IpwObjective",
+    "Escm2IpwParams",
+    "IpwNormalization",
+]
 
 
 @unique
@@ -66,109 +78,120 @@ class IpwNormalization(str, Enum):
     CLICKS = "clicks"  # N_o, the batch's clicks (the PaddleRec reference; ddpo.txt's description)
 
 
+@dataclass(frozen=True)
+class Escm2IpwParams:
+    """ESCM2-IPW's hyper-parameters; ``propensity`` is the shared group (``tau``,
+    ``oracle_propensity``: see ``PropensityParams``), flat in a config like the others.
+
+    Attributes:
+        cvr_weight: lambda_c, weight of the counterfactual CVR risk ``R_IPW`` (evi.txt Eq. 6):
+            0.5, the reference's Ali-CCP config (objectives-reference-notes.md §3).
+        ctcvr_weight: lambda_g, weight of ESMM's CTCVR loss (evi.txt Eq. 5): 0.5, likewise.
+        ipw_normalization: what ``R_IPW`` is divided by (``IpwNormalization``): ``impressions``,
+            ``|D|`` as in the equation (default), or ``clicks``, ``N_o`` as in the reference.
+        propensity_grad: let the CVR risk train the CTR tower through ``1 / o_hat``; off by
+            default, as the reference detaches its weights.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    propensity: PropensityParams = field(default_factory=PropensityParams)
+    cvr_weight: float = param(0.5, NON_NEGATIVE)
+    ctcvr_weight: float = param(0.5, NON_NEGATIVE)
+    ipw_normalization: IpwNormalization = param(IpwNormalization.IMPRESSIONS)
+    propensity_grad: bool = param(False)
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+
 class Escm2IpwObjective:
     """ESCM2-IPW: ``L_CTR + cvr_weight * R_IPW + ctcvr_weight * L_CTCVR``.
 
     Args:
-        tau: propensity clipping bound (weights at most ``1 / tau``).
-        cvr_weight: lambda_c, weight of the counterfactual CVR risk.
-        ctcvr_weight: lambda_g, weight of ESMM's CTCVR loss.
-        ipw_normalization: ``"impressions"`` (Eq. 6) or ``"clicks"`` (the reference code).
-        propensity_grad: let the CVR risk train the CTR tower through ``1 / o_hat``.
-        oracle_propensity: diagnostic: weight by the simulator's true click probability instead
-            of pCTR (``estimators.propensity``); needs ground truth in the training data.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]``, a negative weight or an unknown normalisation.
+        params: the hyper-parameters (``Escm2IpwParams``).
     """
 
+    params_type: ClassVar[type[Escm2IpwParams]] = Escm2IpwParams
     required_heads: ClassVar[frozenset[str]] = frozenset()
+    model_structure: ClassVar[ModelStructure] = ModelStructure()
+    detached_heads: ClassVar[frozenset[str]] = frozenset()
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        tau: float = 0.01,
-        cvr_weight: float = 0.5,
-        ctcvr_weight: float = 0.5,
-        ipw_normalization: str = IpwNormalization.IMPRESSIONS.value,
-        propensity_grad: bool = False,
-        oracle_propensity: bool = False,
-    ) -> None:
-        self.weighting = PropensityWeighting(
-            "escm2_ipw", tau, grad=propensity_grad, oracle=oracle_propensity
-        )
-        check_non_negative("escm2_ipw", cvr_weight=cvr_weight, ctcvr_weight=ctcvr_weight)
-        try:
-            self.ipw_normalization = IpwNormalization(ipw_normalization)
-        except ValueError:
-            allowed = [m.value for m in IpwNormalization]
-            raise ValueError(
-                f"escm2_ipw: ipw_normalization must be one of {allowed}, got {ipw_normalization!r}"
-            ) from None
-        self.cvr_weight = cvr_weight
-        self.ctcvr_weight = ctcvr_weight
+    def __init__(self, params: Escm2IpwParams = Escm2IpwParams()) -> None:
+        self.params = params
+        self.weighting = PropensityWeighting(params.propensity, grad=params.propensity_grad)
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the objective has no parameters of its own."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         ctr = ctr_loss(outputs, batch)
         ctcvr = ctcvr_loss(outputs, batch)
         o_hat = self.weighting(outputs, batch)
         cvr = ipw_estimate(prediction_error(outputs, batch), batch.click, o_hat)
-        if self.ipw_normalization is IpwNormalization.CLICKS:
+        if self.params.ipw_normalization is IpwNormalization.CLICKS:
             # (1/|D|) sum -> (1/N_o) sum; a batch without clicks has a zero risk either way.
             cvr = cvr * batch.size / batch.click.sum().clamp(min=1.0)
-        total = ctr + self.cvr_weight * cvr + self.ctcvr_weight * ctcvr
+        total = ctr + self.params.cvr_weight * cvr + self.params.ctcvr_weight * ctcvr
         return LossOutput(total=total, terms={"ctr": ctr, "cvr_ipw": cvr, "ctcvr": ctcvr})
+
+
+@dataclass(frozen=True)
+class Escm2DrParams:
+    """ESCM2-DR's hyper-parameters; ``propensity`` and ``imputation`` are the shared groups
+    (``PropensityParams``: ``tau``, ``oracle_propensity``; ``ImputationParams``:
+    ``imputation_link``, ``imputation_trains_backbone``), flat in a config like the others.
+
+    Attributes:
+        cvr_weight: lambda_c, weight of the DR counterfactual CVR risk ``R_DR`` (evi.txt Eq. 7):
+            0.5, the reference's Ali-CCP config (objectives-reference-notes.md §3).
+        ctcvr_weight: lambda_g, weight of ESMM's CTCVR loss (evi.txt Eq. 5): 0.5, likewise.
+        imputation_weight: weight of ``L_IMP = (1/|D|) sum o (e_hat - e)^2 / o_hat``: 0.5, as
+            the reference adds it to ``R_DR`` inside the lambda_c term.
+        propensity_grad: let the CVR risk train the CTR tower through ``1 / o_hat``; off by
+            default, as the reference detaches its weights.
+        dr_trains_imputation: let ``R_DR``'s gradient reach the imputation tower through
+            ``e_hat``, as in the reference; off by default (see the module docstring).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    propensity: PropensityParams = field(default_factory=PropensityParams)
+    cvr_weight: float = param(0.5, NON_NEGATIVE)
+    ctcvr_weight: float = param(0.5, NON_NEGATIVE)
+    imputation_weight: float = param(0.5, NON_NEGATIVE)
+    propensity_grad: bool = param(False)
+    dr_trains_imputation: bool = param(False)
+    imputation: ImputationParams = field(default_factory=ImputationParams)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 class Escm2DrObjective:
     """ESCM2-DR: ``L_CTR + cvr_weight * R_DR + ctcvr_weight * L_CTCVR + imputation_weight * L_IMP``.
 
     Args:
-        tau: propensity clipping bound (weights at most ``1 / tau``).
-        cvr_weight: lambda_c, weight of the DR counterfactual CVR risk.
-        ctcvr_weight: lambda_g, weight of ESMM's CTCVR loss.
-        imputation_weight: weight of the imputation loss ``(1/|D|) sum o (e_hat - e)^2 / o_hat``.
-        propensity_grad: let the CVR risk train the CTR tower through ``1 / o_hat``.
-        dr_trains_imputation: let the DR risk's gradient reach the imputation tower.
-        imputation_link: ``"softplus"`` or ``"sigmoid"``, see ``ImputationLink``.
-        imputation_trains_backbone: let the imputation loss train the shared embeddings and
-            experts too (the paper's fully shared model); off: see ``imputation_detached_heads``.
-        oracle_propensity: diagnostic: weight by the simulator's true click probability instead
-            of pCTR (``estimators.propensity``); needs ground truth in the training data.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]``, a negative weight or an unknown link.
+        params: the hyper-parameters (``Escm2DrParams``).
     """
 
+    params_type: ClassVar[type[Escm2DrParams]] = Escm2DrParams
     required_heads: ClassVar[frozenset[str]] = frozenset({"imputation"})
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        tau: float = 0.01,
-        cvr_weight: float = 0.5,
-        ctcvr_weight: float = 0.5,
-        imputation_weight: float = 0.5,
-        propensity_grad: bool = False,
-        dr_trains_imputation: bool = False,
-        imputation_link: str = ImputationLink.SOFTPLUS.value,
-        imputation_trains_backbone: bool = False,
-        oracle_propensity: bool = False,
-    ) -> None:
-        self.weighting = PropensityWeighting(
-            "escm2_dr", tau, grad=propensity_grad, oracle=oracle_propensity
-        )
-        self.imputation = ImputationHead("escm2_dr", imputation_link, imputation_trains_backbone)
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+    def __init__(self, params: Escm2DrParams = Escm2DrParams()) -> None:
+        self.params = params
+        self.weighting = PropensityWeighting(params.propensity, grad=params.propensity_grad)
+        self.imputation = ImputationHead(params.imputation)
+        self.model_structure = ModelStructure(extra_heads=self.required_heads)
+        # The imputation loss trains the imputation gate and tower only (unless configured).
         self.detached_heads = self.imputation.detached_heads
-        check_non_negative(
-            "escm2_dr",
-            cvr_weight=cvr_weight,
-            ctcvr_weight=ctcvr_weight,
-            imputation_weight=imputation_weight,
-        )
-        self.cvr_weight = cvr_weight
-        self.ctcvr_weight = ctcvr_weight
-        self.imputation_weight = imputation_weight
-        self.dr_trains_imputation = dr_trains_imputation
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the objective has no parameters of its own."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
@@ -179,12 +202,13 @@ class Escm2DrObjective:
         e_hat = self.imputation.errors(outputs)
         # Stop-gradient (default): the DR risk treats e_hat as the imputation model's fixed guess
         # (DR joint learning's prediction step); the imputation tower learns from L_IMP.
-        cvr = dr_estimate(e, e_hat if self.dr_trains_imputation else e_hat.detach(), o, o_hat)
+        e_hat_in_risk = e_hat if self.params.dr_trains_imputation else e_hat.detach()
+        cvr = dr_estimate(e, e_hat_in_risk, o, o_hat)
         # Stop-gradient: e is L_IMP's regression target, not something L_IMP should change; and
         # o_hat only weights its rows.
         imputation = joint_learning_imputation_loss(e.detach(), e_hat, o, o_hat.detach())
-        total = ctr + self.cvr_weight * cvr + self.ctcvr_weight * ctcvr
-        total = total + self.imputation_weight * imputation
+        total = ctr + self.params.cvr_weight * cvr + self.params.ctcvr_weight * ctcvr
+        total = total + self.params.imputation_weight * imputation
         return LossOutput(
             total=total, terms={"ctr": ctr, "cvr_dr": cvr, "ctcvr": ctcvr, "imputation": imputation}
         )

@@ -6,13 +6,14 @@ same few parts, written once here and imported by ``multi_ipw.py``, ``multi_dr.p
 
 - **Propensity** ``p_hat``: the model's pCTR, clipped from below at ``tau`` (``clip_propensity``)
   and, by default, detached (``propensity``); the non-click propensity ``1 - p_hat`` likewise
-  (``non_click_propensity``). An objective keeps its choices (``tau``, stop-gradient, the
-  oracle diagnostic) in one ``PropensityWeighting``.
+  (``non_click_propensity``). Where ``p_hat`` comes from (``tau``, the oracle diagnostic) is the
+  ``PropensityParams`` group the IPW / DR objectives' hyper-parameters share; an objective keeps
+  it and its stop-gradient choice in one ``PropensityWeighting``.
 - **Error** ``e = BCE(r, r_hat)``: the CVR tower's cross entropy against the conversion label
   (``prediction_error``); only its values on clicked rows ever enter a loss.
 - **Imputed error** ``e_hat``: the imputation head's output mapped to ``[0, inf)``
-  (``imputed_error``); a DR objective keeps its link and whether the head trains the backbone
-  in one ``ImputationHead``.
+  (``imputed_error``); its link and whether the head trains the backbone are the
+  ``ImputationParams`` group of the DR objectives, held by one ``ImputationHead``.
 - **Risks** over one batch, written after their equations: the naive click-space risk, IPW
   (multi-ipw-multi-dr.txt Eq. 4-5), DR (Eq. 8-9; badr.txt Eq. 7), BADR (badr.txt Eq. 13), the
   joint-learning imputation loss (badr.txt Eq. 6 with a squared loss) and BADR's delta-method
@@ -31,7 +32,7 @@ Stop-gradients are chosen where the pieces are assembled (in the objectives and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, unique
 
 import torch
@@ -40,17 +41,17 @@ import torch.nn.functional as F
 from trainer.data.batch import Batch
 from trainer.model.outputs import TaskOutputs
 from trainer.objectives.functional import bce, bce_with_logits
+from trainer.objectives.params import PROPENSITY_BOUND, check_params, param
 
 __all__ = [
     "ImputationHead",
     "ImputationLink",
+    "ImputationParams",
+    "PropensityParams",
     "PropensityWeighting",
     "badr_batch_influence",
     "badr_estimate",
     "badr_imputation_loss",
-    "check_imputation_link",
-    "check_non_negative",
-    "check_propensity_bound",
     "clip_propensity",
     "ctcvr_loss",
     "ctr_loss",
@@ -96,33 +97,57 @@ def ctcvr_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
     return bce(outputs.pctcvr, batch.conversion).mean()
 
 
-# Hyper-parameter checks -----------------------------------------------------------------------
+# Parameter groups -------------------------------------------------------------------------------
 
 
-def check_non_negative(owner: str, **values: float) -> None:
-    """Raise ``ValueError`` naming the first negative value (weights, L2 coefficients).
+@dataclass(frozen=True)
+class PropensityParams:
+    """Where an IPW / DR objective takes its propensity ``p_hat`` from: the parameter group of
+    Multi-IPW, Multi-DR, ESCM2-IPW, ESCM2-DR and BADR (flat in a config: ``objective.params.tau``).
+
+    Attributes:
+        tau: the IPW bound, ``p_hat = max(pCTR, tau)``, so each weight ``1 / p_hat`` is at most
+            ``1 / tau`` (multi-ipw-multi-dr.txt Section 5.3, "IPW bound"; the BADR code's clip
+            to ``[gamma, 1]``; the ESCM2 reference caps weights at 15, ``tau = 1/15``).
+            Absolute, and set per data set: the default 0.01 caps weights at 100, four times
+            the mean weight of a clicked row at a 4 % CTR.
+        oracle_propensity: a diagnostic none of the papers has: weight by the simulator's true
+            click probability (``truth.true_ctr``, still clipped at ``tau``) instead of pCTR, to
+            show what an estimator does with the propensities its theory assumes
+            (multi-ipw-multi-dr.txt Theorems 1-2). Needs ground truth in the training data.
 
     Raises:
-        ValueError: a value below 0.
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
-    for name, value in values.items():
-        if value < 0:
-            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+    tau: float = param(0.01, PROPENSITY_BOUND)
+    oracle_propensity: bool = param(False)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
-def check_imputation_link(value: str, owner: str) -> ImputationLink:
-    """The ``ImputationLink`` named ``value``.
+@dataclass(frozen=True)
+class ImputationParams:
+    """The imputation head of a DR objective: the parameter group of Multi-DR, ESCM2-DR and BADR.
+
+    Attributes:
+        imputation_link: how the head's logit becomes ``e_hat >= 0`` (``ImputationLink``). None
+            of the papers says how ``e_hat`` is bounded; ``softplus`` (default) reaches every
+            cross-entropy value, ``sigmoid`` is the ESCM2 reference code's.
+        imputation_trains_backbone: let the imputation loss train the shared embeddings and
+            experts too, the papers' fully shared model (multi-ipw-multi-dr.txt Section 3.6,
+            badr.txt Section 3.7); off (default), see ``imputation_detached_heads``.
 
     Raises:
-        ValueError: an unknown link.
+        ParamsError: (on construction) every field of the wrong type or out of its range.
     """
-    try:
-        return ImputationLink(value)
-    except ValueError:
-        allowed = [member.value for member in ImputationLink]
-        raise ValueError(
-            f"{owner}: imputation_link must be one of {allowed}, got {value!r}"
-        ) from None
+
+    imputation_link: ImputationLink = param(ImputationLink.SOFTPLUS)
+    imputation_trains_backbone: bool = param(False)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 def imputation_detached_heads(trains_backbone: bool) -> frozenset[str]:
@@ -140,17 +165,6 @@ def imputation_detached_heads(trains_backbone: bool) -> frozenset[str]:
 
 
 # Propensity, error, imputed error ---------------------------------------------------------------
-
-
-def check_propensity_bound(tau: float, owner: str) -> float:
-    """Validate a propensity clipping bound; ``owner`` names where it came from.
-
-    Raises:
-        ValueError: ``tau`` not in ``(0, 1]``.
-    """
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"{owner}: the propensity bound tau must be in (0, 1], got {tau}")
-    return float(tau)
 
 
 def clip_propensity(p: torch.Tensor, tau: float) -> torch.Tensor:
@@ -198,50 +212,40 @@ def propensity(
 
 @dataclass(frozen=True)
 class PropensityWeighting:
-    """Where an IPW / DR objective takes its propensity ``p_hat`` from: pCTR clipped at ``tau``
-    and detached unless ``grad``, or with ``oracle`` the true click probability (``propensity``).
+    """An IPW / DR objective's propensity ``p_hat``: pCTR clipped at ``params.tau`` (or with
+    ``params.oracle_propensity`` the true click probability), detached unless ``grad``
+    (``propensity``).
 
-    Raises:
-        ValueError: (on construction) ``tau`` outside ``(0, 1]``, naming ``owner``.
+    Example::
+
+        weighting = PropensityWeighting(PropensityParams(tau=0.02))
+        p_hat = weighting(outputs, batch)  # (B,), detached
     """
 
-    owner: str  # the objective's name, for error messages
-    tau: float = 0.01
+    params: PropensityParams = field(default_factory=PropensityParams)
+    # Let the CVR risk's gradient reach the CTR tower through 1 / p_hat: the objective's choice.
     grad: bool = False
-    oracle: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tau", check_propensity_bound(self.tau, self.owner))
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
-        oracle_batch = batch if self.oracle else None
-        return propensity(outputs, self.tau, grad=self.grad, oracle_batch=oracle_batch)
+        oracle_batch = batch if self.params.oracle_propensity else None
+        return propensity(outputs, self.params.tau, grad=self.grad, oracle_batch=oracle_batch)
 
 
 @dataclass(frozen=True)
 class ImputationHead:
-    """A DR objective's imputation head: how its logit becomes ``e_hat`` (``link``) and whether
-    its loss reshapes the shared backbone (``trains_backbone``, see ``imputation_detached_heads``).
+    """A DR objective's imputation head: how its logit becomes ``e_hat`` and whether its loss
+    reshapes the shared backbone (``ImputationParams``)."""
 
-    Raises:
-        ValueError: (on construction) an unknown link, naming ``owner``.
-    """
-
-    owner: str  # the objective's name, for error messages
-    link: ImputationLink | str = ImputationLink.SOFTPLUS
-    trains_backbone: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "link", check_imputation_link(self.link, self.owner))
+    params: ImputationParams = field(default_factory=ImputationParams)
 
     @property
     def detached_heads(self) -> frozenset[str]:
         """The objective's ``detached_heads``, read by the model builder."""
-        return imputation_detached_heads(self.trains_backbone)
+        return imputation_detached_heads(self.params.imputation_trains_backbone)
 
     def errors(self, outputs: TaskOutputs) -> torch.Tensor:
         """``e_hat`` per row (``imputed_error``)."""
-        return imputed_error(outputs, self.link)
+        return imputed_error(outputs, self.params.imputation_link)
 
 
 def non_click_propensity(outputs: TaskOutputs, tau: float) -> torch.Tensor:

@@ -52,7 +52,9 @@ Paper vs code (see ``shared/docs/objectives-reference-notes.md`` §2 for the aut
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -65,8 +67,6 @@ from trainer.model.outputs import TaskOutputs
 from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
-    check_non_negative,
-    check_propensity_bound,
     ctcvr_loss,
     ctr_loss,
     entire_space_estimate,
@@ -74,8 +74,16 @@ from trainer.objectives.estimators import (
     propensity,
 )
 from trainer.objectives.functional import bce_with_logits
+from trainer.objectives.params import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROPENSITY_BOUND,
+    at_least,
+    check_params,
+    param,
+)
 
-__all__ = ["TEACHER", "EviObjective", "VariationalInformation", "teacher_loss"]
+__all__ = ["TEACHER", "EviObjective", "EviParams", "VariationalInformation", "teacher_loss"]
 
 TEACHER = "cvr_teacher"  # the conditional entire-space CVR teacher's head
 
@@ -118,6 +126,49 @@ def teacher_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
     return bce_with_logits(outputs.logits[TEACHER], batch.conversion).mean()
 
 
+@dataclass(frozen=True)
+class EviParams:
+    """EVI's hyper-parameters. The weights are Appendix A.3's for every data set but Ali-CCP
+    (which uses ``ctr_weight=1``, ``ctcvr_weight=0.1``).
+
+    Attributes:
+        ctr_weight: lambda_c, weight of ``L_CTR`` (Eq. 12): 0.2.
+        teacher_weight: lambda_t, weight of the teacher's ``L_CVR-T`` (Eq. 14): 0.2.
+        cvr_weight: lambda_r, weight of the student's ``L_CVR`` (Eq. 15): 2.
+        vie_weight: lambda_i, weight of ``L_VIE`` (Eq. 11): 0.2.
+        ctcvr_weight: lambda_g, weight of ``L_CTCVR`` (Eq. 13): 0.2.
+        tau: floor of ``o_hat`` and ``1 - o_hat`` in Eq. 15's inverse propensities (the paper
+            does not clip, the code clamps ``o_hat`` to ``[0.001, 0.999]``).
+        transfer_layers: ``K``, how many of the towers' last hidden layers are paired in
+            ``L_VIE`` (Section 4.3; the paper pairs all 3 of its ``[128, 64, 32]``); null: all.
+        propensity_dim: width of the teacher's click propensity projection
+            ``Linear(sg(o_hat))`` (Section 4.2, Figure 1): 5.
+        vie_trains_teacher: let ``L_VIE`` reach the teacher's activations, as the authors' code
+            does; off by default (variational information distillation's teacher is fixed).
+        initial_rho: starting ``rho`` of Eq. 11's variances ``softplus(rho) + eps``: 5, the
+            code's value.
+        min_variance: ``eps``, the floor of those variances: 1e-3.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    ctr_weight: float = param(0.2, NON_NEGATIVE)
+    teacher_weight: float = param(0.2, NON_NEGATIVE)
+    cvr_weight: float = param(2.0, NON_NEGATIVE)
+    vie_weight: float = param(0.2, NON_NEGATIVE)
+    ctcvr_weight: float = param(0.2, NON_NEGATIVE)
+    tau: float = param(0.01, PROPENSITY_BOUND)
+    transfer_layers: int | None = param(None, at_least(1))
+    propensity_dim: int = param(5, at_least(1))
+    vie_trains_teacher: bool = param(False)
+    initial_rho: float = param(5.0)
+    min_variance: float = param(1e-3, POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+
 class EviObjective(nn.Module):
     """EVI, Eq. 16: ``l_c L_CTR + l_t L_CVR-T + l_r L_CVR + l_i L_VIE + l_g L_CTCVR``.
 
@@ -125,74 +176,30 @@ class EviObjective(nn.Module):
     built for the model's tower widths by :meth:`attach` (``TrainModule`` calls it).
 
     Args:
-        ctr_weight: lambda_c (Eq. 12).
-        teacher_weight: lambda_t (Eq. 14).
-        cvr_weight: lambda_r (Eq. 15).
-        vie_weight: lambda_i (Eq. 11).
-        ctcvr_weight: lambda_g (Eq. 13).
-        tau: floor of ``o_hat`` and ``1 - o_hat`` in the inverse propensities.
-        transfer_layers: ``K``, the number of last hidden layers paired; None: all of them.
-        propensity_dim: width of the teacher's click propensity projection.
-        vie_trains_teacher: let ``L_VIE`` reach the teacher's activations (the authors' code).
-        initial_rho: starting ``rho`` of the VIE variances.
-        min_variance: floor ``eps`` of the VIE variances.
+        params: the hyper-parameters (``EviParams``).
 
     Raises:
-        ValueError: a negative weight, ``tau`` outside ``(0, 1]``, ``transfer_layers < 1``, or
-            (in ``attach``) more transfer layers than the towers have.
+        ValueError: (in ``attach``) more transfer layers than the towers have.
 
     Example::
 
         objective = EviObjective()
-        module = TrainModule(build_model(schema, config, structure=model_structure(objective)), objective)
+        module = TrainModule(build_model(schema, config, structure=objective.model_structure), objective)
         loss, (terms, outputs) = module(batch)
     """
 
+    params_type: ClassVar[type[EviParams]] = EviParams
     required_heads: ClassVar[frozenset[str]] = frozenset({TEACHER})
+    detached_heads: ClassVar[frozenset[str]] = frozenset()
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        ctr_weight: float = 0.2,
-        teacher_weight: float = 0.2,
-        cvr_weight: float = 2.0,
-        vie_weight: float = 0.2,
-        ctcvr_weight: float = 0.2,
-        tau: float = 0.01,
-        transfer_layers: int | None = None,
-        propensity_dim: int = 5,
-        vie_trains_teacher: bool = False,
-        initial_rho: float = 5.0,
-        min_variance: float = 1e-3,
-    ) -> None:
+    def __init__(self, params: EviParams = EviParams()) -> None:
         super().__init__()
-        check_non_negative(
-            "evi",
-            ctr_weight=ctr_weight,
-            teacher_weight=teacher_weight,
-            cvr_weight=cvr_weight,
-            vie_weight=vie_weight,
-            ctcvr_weight=ctcvr_weight,
-        )
-        if transfer_layers is not None and transfer_layers < 1:
-            raise ValueError(
-                f"evi: transfer_layers must be >= 1 (or null for all), got {transfer_layers}"
-            )
-        if min_variance <= 0:
-            raise ValueError(f"evi: min_variance must be > 0, got {min_variance}")
-        self.ctr_weight = ctr_weight
-        self.teacher_weight = teacher_weight
-        self.cvr_weight = cvr_weight
-        self.vie_weight = vie_weight
-        self.ctcvr_weight = ctcvr_weight
-        self.tau = check_propensity_bound(tau, "evi")
-        self.transfer_layers = transfer_layers
-        self.vie_trains_teacher = vie_trains_teacher
-        self.initial_rho = initial_rho
-        self.min_variance = min_variance
+        self.params = params
         self.model_structure = ModelStructure(
             extra_heads=self.required_heads,
             conditioned_heads=self.required_heads,
-            propensity_dim=propensity_dim,
+            propensity_dim=params.propensity_dim,
         )
         self.vie = nn.ModuleList()  # one VariationalInformation per transfer layer, from attach
 
@@ -204,14 +211,16 @@ class EviObjective(nn.Module):
         """
         widths = self._paired_widths(model.tower_sizes)
         self.vie = nn.ModuleList(
-            VariationalInformation(width, self.initial_rho, self.min_variance) for width in widths
+            VariationalInformation(width, self.params.initial_rho, self.params.min_variance)
+            for width in widths
         )
 
     def _paired_widths(self, tower_sizes: Sequence[int]) -> tuple[int, ...]:
-        k = len(tower_sizes) if self.transfer_layers is None else self.transfer_layers
+        wanted = self.params.transfer_layers
+        k = len(tower_sizes) if wanted is None else wanted
         if not tower_sizes or k > len(tower_sizes):
             raise ValueError(
-                f"evi: transfer_layers={self.transfer_layers} needs that many hidden tower layers; "
+                f"evi: transfer_layers={wanted} needs that many hidden tower layers; "
                 f"model.tower_sizes is {list(tower_sizes)}"
             )
         return tuple(tower_sizes[-k:])
@@ -224,12 +233,13 @@ class EviObjective(nn.Module):
         teacher = teacher_loss(outputs, batch)
         cvr = self._cvr_loss(outputs, batch)
         vie = self._vie_loss(outputs)
+        weights = self.params
         total = (
-            self.ctr_weight * ctr
-            + self.teacher_weight * teacher
-            + self.cvr_weight * cvr
-            + self.vie_weight * vie
-            + self.ctcvr_weight * ctcvr
+            weights.ctr_weight * ctr
+            + weights.teacher_weight * teacher
+            + weights.cvr_weight * cvr
+            + weights.vie_weight * vie
+            + weights.ctcvr_weight * ctcvr
         )
         terms = {"ctr": ctr, "cvr_teacher": teacher, "cvr_evi": cvr, "vie": vie, "ctcvr": ctcvr}
         return LossOutput(total=total, terms=terms)
@@ -242,8 +252,8 @@ class EviObjective(nn.Module):
         labels = o * batch.conversion + (1.0 - o) * pseudo
         losses = bce_with_logits(outputs.logits["cvr"], labels)
         half_mean = 2.0 * batch.size  # the 1 / (2 |D|) of both sums
-        w_click = 1.0 / (half_mean * propensity(outputs, self.tau))
-        w_non_click = 1.0 / (half_mean * non_click_propensity(outputs, self.tau))
+        w_click = 1.0 / (half_mean * propensity(outputs, self.params.tau))
+        w_non_click = 1.0 / (half_mean * non_click_propensity(outputs, self.params.tau))
         return entire_space_estimate(losses, o, w_click, w_non_click)
 
     def _vie_loss(self, outputs: TaskOutputs) -> torch.Tensor:
@@ -254,4 +264,5 @@ class EviObjective(nn.Module):
         # Stop-gradient (default): the teacher's representation is the target the student's is
         # fitted to; the teacher is trained by its own loss (Eq. 14).
         pairs = zip(self.vie, teacher_layers, student_layers, strict=True)
-        return sum(vie(t if self.vie_trains_teacher else t.detach(), s) for vie, t, s in pairs)
+        trains_teacher = self.params.vie_trains_teacher
+        return sum(vie(t if trains_teacher else t.detach(), s) for vie, t, s in pairs)

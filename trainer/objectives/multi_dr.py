@@ -41,26 +41,69 @@ Paper vs code:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
 
 from trainer.data.batch import Batch
+from trainer.model.ctcvr import CtcvrModel
 from trainer.model.outputs import TaskOutputs
+from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
     ImputationHead,
-    ImputationLink,
+    ImputationParams,
+    PropensityParams,
     PropensityWeighting,
-    check_non_negative,
     ctr_loss,
     dr_terms,
     joint_learning_imputation_loss,
     prediction_error,
 )
 from trainer.objectives.functional import masked_mean
+from trainer.objectives.params import NON_NEGATIVE, at_least, check_params, param
 
-__all__ = ["MultiDrObjective", "undersample_unclicked"]
+__all__ = ["MultiDrObjective", "MultiDrParams", "undersample_unclicked"]
+
+
+@dataclass(frozen=True)
+class MultiDrParams:
+    """Multi-DR's hyper-parameters; ``propensity`` and ``imputation`` are the shared groups
+    (``PropensityParams``: ``tau``, ``oracle_propensity``; ``ImputationParams``:
+    ``imputation_link``, ``imputation_trains_backbone``), flat in a config like the others.
+
+    Attributes:
+        undersample_rate: ``lambda`` of Section 5.3 (>= 1): Eq. 9 runs over the clicked rows
+            plus random unclicked ones, ``lambda x N_clicked`` rows in all (1.5, the paper's
+            best, Fig. 6); null: the whole batch.
+        cvr_weight: weight of the DR CVR risk, Eq. 9 (1: added to the CTR loss as it is).
+        imputation_weight: weight of the imputation loss ``(1/|D|) sum o (e_hat - e)^2 /
+            p_hat`` (DR joint learning's, after [15]; see the module docstring).
+        imputation_l2: L2 coefficient ``v`` on the imputation head's own parameters (Section
+            4.5.2: 1e-4).
+        propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat`` (Algorithm
+            2 descends Eq. 9 in every task's parameters); off by default, as for Multi-IPW.
+        dr_trains_imputation: let Eq. 9's gradient reach the imputation tower through
+            ``e_hat``; with ``imputation_weight=0`` this is Algorithm 2 read literally.
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    propensity: PropensityParams = field(default_factory=PropensityParams)
+    undersample_rate: float | None = param(1.5, at_least(1))
+    cvr_weight: float = param(1.0, NON_NEGATIVE)
+    imputation_weight: float = param(1.0, NON_NEGATIVE)
+    imputation_l2: float = param(1e-4, NON_NEGATIVE)
+    propensity_grad: bool = param(False)
+    dr_trains_imputation: bool = param(False)
+    imputation: ImputationParams = field(default_factory=ImputationParams)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 def undersample_unclicked(click: torch.Tensor, rate: float) -> torch.Tensor:
@@ -81,62 +124,25 @@ class MultiDrObjective:
     """Multi-DR (Eq. 9) with the CTR task, the imputation task's loss and its L2 penalty.
 
     Args:
-        tau: IPW bound: propensities below it are raised to it (weights at most ``1 / tau``).
-        undersample_rate: ``lambda`` of Section 5.3 (>= 1): Eq. 9 uses the clicked rows and
-            random unclicked ones, ``lambda x N_clicked`` rows in all; ``None``: the whole batch.
-        cvr_weight: weight of the DR CVR risk.
-        imputation_weight: weight of the imputation loss ``(1/|D|) sum o (e_hat - e)^2 / p_hat``.
-        imputation_l2: L2 coefficient on the imputation head's parameters (paper: 1e-4).
-        propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat``.
-        dr_trains_imputation: let Eq. 9's gradient reach the imputation tower through ``e_hat``.
-        imputation_link: ``"softplus"`` or ``"sigmoid"``, see ``ImputationLink``.
-        imputation_trains_backbone: let the imputation loss train the shared embeddings and
-            experts too (the paper's fully shared model); off: see ``imputation_detached_heads``.
-        oracle_propensity: diagnostic: weight by the simulator's true click probability instead
-            of pCTR (``estimators.propensity``); needs ground truth in the training data.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]``, ``undersample_rate < 1``, a negative weight or an
-            unknown link.
+        params: the hyper-parameters (``MultiDrParams``).
     """
 
+    params_type: ClassVar[type[MultiDrParams]] = MultiDrParams
     required_heads: ClassVar[frozenset[str]] = frozenset({"imputation"})
 
-    def __init__(
-        self,
-        tau: float = 0.01,
-        undersample_rate: float | None = 1.5,
-        cvr_weight: float = 1.0,
-        imputation_weight: float = 1.0,
-        imputation_l2: float = 1e-4,
-        propensity_grad: bool = False,
-        dr_trains_imputation: bool = False,
-        imputation_link: str = ImputationLink.SOFTPLUS.value,
-        imputation_trains_backbone: bool = False,
-        oracle_propensity: bool = False,
-    ) -> None:
-        self.weighting = PropensityWeighting(
-            "multi_dr", tau, grad=propensity_grad, oracle=oracle_propensity
-        )
-        self.imputation = ImputationHead("multi_dr", imputation_link, imputation_trains_backbone)
-        # Read by the model builder: the imputation loss trains the imputation gate and tower only.
+    def __init__(self, params: MultiDrParams = MultiDrParams()) -> None:
+        self.params = params
+        self.weighting = PropensityWeighting(params.propensity, grad=params.propensity_grad)
+        self.imputation = ImputationHead(params.imputation)
+        self.model_structure = ModelStructure(extra_heads=self.required_heads)
+        # The imputation loss trains the imputation gate and tower only (unless configured).
         self.detached_heads = self.imputation.detached_heads
-        if undersample_rate is not None and undersample_rate < 1.0:
-            raise ValueError(
-                f"multi_dr: undersample_rate must be >= 1 (or null), got {undersample_rate}"
-            )
-        check_non_negative(
-            "multi_dr",
-            cvr_weight=cvr_weight,
-            imputation_weight=imputation_weight,
-            imputation_l2=imputation_l2,
+        self.head_l2: Mapping[str, float] = MappingProxyType(
+            {"imputation": params.imputation_l2} if params.imputation_l2 > 0 else {}
         )
-        self.undersample_rate = undersample_rate
-        self.cvr_weight = cvr_weight
-        self.imputation_weight = imputation_weight
-        self.dr_trains_imputation = dr_trains_imputation
-        # Read by TrainModule: L2 coefficient per head on that head's own gate and tower.
-        self.head_l2 = {"imputation": float(imputation_l2)} if imputation_l2 > 0 else {}
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the objective has no parameters of its own."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         o = batch.click
@@ -147,15 +153,13 @@ class MultiDrObjective:
         # Stop-gradient (default): in the CVR risk e_hat is the imputation model's current guess,
         # held fixed as in DR joint learning's prediction step; the imputation tower learns from
         # its own loss below instead of from Eq. 9's zero-mean (1 - o / p_hat) gradient.
-        e_hat_in_risk = e_hat if self.dr_trains_imputation else e_hat.detach()
+        e_hat_in_risk = e_hat if self.params.dr_trains_imputation else e_hat.detach()
         terms = dr_terms(e, e_hat_in_risk, o, p_hat)
-        if self.undersample_rate is None:
-            cvr = terms.mean()
-        else:
-            cvr = masked_mean(terms, undersample_unclicked(o, self.undersample_rate))
+        rate = self.params.undersample_rate
+        cvr = terms.mean() if rate is None else masked_mean(terms, undersample_unclicked(o, rate))
         # Stop-gradient: e is the imputation model's regression target; the CVR tower is trained
         # by the DR risk alone, not by making its own errors easier to predict.
         # (p_hat is detached here even with propensity_grad: the imputation loss only weights rows.)
         imputation = joint_learning_imputation_loss(e.detach(), e_hat, o, p_hat.detach())
-        total = ctr + self.cvr_weight * cvr + self.imputation_weight * imputation
+        total = ctr + self.params.cvr_weight * cvr + self.params.imputation_weight * imputation
         return LossOutput(total=total, terms={"ctr": ctr, "cvr_dr": cvr, "imputation": imputation})

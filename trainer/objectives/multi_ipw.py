@@ -30,60 +30,80 @@ Paper vs code:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
 from trainer.data.batch import Batch
+from trainer.model.ctcvr import CtcvrModel
 from trainer.model.outputs import TaskOutputs
+from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    PropensityParams,
     PropensityWeighting,
-    check_non_negative,
     ctr_loss,
     ipw_estimate,
     prediction_error,
 )
+from trainer.objectives.params import NON_NEGATIVE, check_params, param
 
-__all__ = ["MultiIpwObjective"]
+__all__ = ["MultiIpwObjective", "MultiIpwParams"]
+
+
+@dataclass(frozen=True)
+class MultiIpwParams:
+    """Multi-IPW's hyper-parameters; ``propensity`` is the shared group (``tau``,
+    ``oracle_propensity``: see ``PropensityParams``), flat in a config like the others.
+
+    Attributes:
+        cvr_weight: weight of the IPW CVR risk (Eq. 5) against the CTR task's loss (1: added as
+            they are, as Algorithm 1 descends their sum).
+        propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat``, the
+            paper's Algorithm 1; off by default (see the module docstring).
+
+    Raises:
+        ParamsError: (on construction) every field of the wrong type or out of its range.
+    """
+
+    propensity: PropensityParams = field(default_factory=PropensityParams)
+    cvr_weight: float = param(1.0, NON_NEGATIVE)
+    propensity_grad: bool = param(False)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 class MultiIpwObjective:
     """``L = mean_D BCE(pCTR, o) + cvr_weight * (1/|D|) sum_D o BCE(r, pCVR) / max(pCTR, tau)``.
 
     Args:
-        tau: IPW bound: propensities below it are raised to it (weights at most ``1 / tau``).
-        cvr_weight: weight of the IPW CVR risk (1: Eq. 5 added to the CTR loss as is).
-        propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat`` (the paper's
-            Algorithm 1); off by default, see the module docstring.
-        oracle_propensity: diagnostic: weight by the simulator's true click probability instead
-            of pCTR (``estimators.propensity``); needs ground truth in the training data.
-
-    Raises:
-        ValueError: ``tau`` outside ``(0, 1]`` or a negative weight.
+        params: the hyper-parameters (``MultiIpwParams``).
 
     Example::
 
-        objective = MultiIpwObjective(tau=0.01)
+        objective = MultiIpwObjective(MultiIpwParams(PropensityParams(tau=0.01)))
         loss = objective(model(batch.sparse, batch.dense), batch)
         loss.terms  # {"ctr": ..., "cvr_ipw": ...}
     """
 
+    params_type: ClassVar[type[MultiIpwParams]] = MultiIpwParams
     required_heads: ClassVar[frozenset[str]] = frozenset()
+    model_structure: ClassVar[ModelStructure] = ModelStructure()
+    detached_heads: ClassVar[frozenset[str]] = frozenset()
+    head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
-    def __init__(
-        self,
-        tau: float = 0.01,
-        cvr_weight: float = 1.0,
-        propensity_grad: bool = False,
-        oracle_propensity: bool = False,
-    ) -> None:
-        self.weighting = PropensityWeighting(
-            "multi_ipw", tau, grad=propensity_grad, oracle=oracle_propensity
-        )
-        check_non_negative("multi_ipw", cvr_weight=cvr_weight)
-        self.cvr_weight = cvr_weight
+    def __init__(self, params: MultiIpwParams = MultiIpwParams()) -> None:
+        self.params = params
+        self.weighting = PropensityWeighting(params.propensity, grad=params.propensity_grad)
+
+    def attach(self, model: CtcvrModel) -> None:
+        """Nothing to build: the objective has no parameters of its own."""
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         ctr = ctr_loss(outputs, batch)
         p_hat = self.weighting(outputs, batch)
         cvr = ipw_estimate(prediction_error(outputs, batch), batch.click, p_hat)
-        return LossOutput(total=ctr + self.cvr_weight * cvr, terms={"ctr": ctr, "cvr_ipw": cvr})
+        total = ctr + self.params.cvr_weight * cvr
+        return LossOutput(total=total, terms={"ctr": ctr, "cvr_ipw": cvr})
