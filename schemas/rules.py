@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas.features import DenseFeature, OOVPolicy, SparseDType, SparseFeature, TableSpec
-from schemas.hashing import HashingError, hash_ints, hash_strings, vocab_rows
+from schemas.hashing import HashingError, hash_ints, hash_strings
 
 __all__ = [
     "DenseValues",
@@ -127,19 +127,18 @@ def int_rows(
         HashingError: ``values`` is not an integer array.
     """
     values = np.asarray(values)
-    if values.size and not np.issubdtype(values.dtype, np.integer):
+    if values.dtype.kind not in "iu" and values.size:
         raise HashingError(f"expected integer values, got dtype {values.dtype}")
     ints = values.astype(np.int64, copy=False)
-    buckets = np.asarray(buckets, dtype=np.int64)
     if hashed:
-        rows = hash_ints(np.ascontiguousarray(ints), buckets)
-        oov = np.zeros(ints.shape, dtype=bool) if present is None else ~present
-    else:
-        rows, found = vocab_rows(ints, buckets)
-        oov = ~found if present is None else ~(found & present)
+        rows = hash_ints(ints, buckets)
+        if present is None:
+            return SparseRows(rows, np.zeros(ints.shape, dtype=bool))
+        return SparseRows(np.where(present, rows, buckets), ~present)
+    found = (ints >= 0) & (ints < buckets)  # vocab_rows, with the missing values folded in
     if present is not None:
-        rows = np.where(present, rows, buckets)
-    return SparseRows(rows, oov)
+        found &= present
+    return SparseRows(np.where(found, ints, buckets), ~found)
 
 
 def string_rows(values: Sequence[str | None], buckets: int) -> SparseRows:
@@ -223,9 +222,9 @@ def truncate_lists(lengths: np.ndarray, max_len: int) -> Truncation:
         max_len: the feature's ``max_len``.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    over = lengths > max_len
-    if not over.any():
+    if lengths.max(initial=0) <= max_len:
         return Truncation(None, lengths, 0, 0)
+    over = lengths > max_len
     starts = np.cumsum(lengths) - lengths
     position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
     return Truncation(
@@ -260,11 +259,13 @@ class DenseValues:
         values: float32 normalised values; 0 where refused (a placeholder).
         not_finite: True where a present value is NaN or infinite.
         overflow: True where a value's normalisation does not fit a float32.
+        any_refused: whether any position is refused (a cheap test for the usual case).
     """
 
     values: np.ndarray
     not_finite: np.ndarray
     overflow: np.ndarray
+    any_refused: bool
 
     @property
     def refused(self) -> np.ndarray:
@@ -284,14 +285,19 @@ def dense_values(
     raw = np.asarray(raw, dtype=np.float64)
     if present is not None:
         raw = np.where(present, raw, feature.default)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = feature.normalization.apply(raw).astype(np.float32)
+    finite = np.isfinite(values)
+    if finite.all():  # the usual case: nothing to refuse
+        none = np.zeros(values.shape, dtype=bool)
+        none.flags.writeable = False  # shared by both masks
+        return DenseValues(values, none, none, any_refused=False)
     not_finite = ~np.isfinite(raw)
     if present is not None:
         not_finite &= present
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = feature.normalization.apply(raw).astype(np.float32)
-    overflow = ~np.isfinite(values) & ~not_finite
-    values[not_finite | overflow] = 0.0
-    return DenseValues(values, not_finite, overflow)
+    overflow = ~finite & ~not_finite
+    values[~finite] = 0.0
+    return DenseValues(values, not_finite, overflow, any_refused=True)
 
 
 def oov_reason(value: object) -> str:

@@ -376,7 +376,7 @@ class Featurizer:
         ``error`` policy (``where`` names a flat position's row and list position, ``value`` the
         raw value there, None if missing)."""
         feature, table = sparse.feature, sparse.table
-        if ids.invalid is not None:
+        if ids.invalid is not None and ids.invalid.any():
             for k in np.flatnonzero(ids.invalid):
                 row, position = where(int(k))
                 errors.append(
@@ -384,8 +384,8 @@ class Featurizer:
                         row, feature.name, position, "string is not valid UTF-8", "string_unicode"
                     )
                 )
-        if sparse.strict:
-            for k in np.flatnonzero(ids.refused(True)):
+        if sparse.strict and ids.oov.any():
+            for k in np.flatnonzero(ids.oov):
                 row, position = where(int(k))
                 errors.append(
                     _oov_error(
@@ -403,6 +403,8 @@ class Featurizer:
         else:
             raw, present = column.values, column.present  # type: ignore[assignment]
         dense = dense_values(raw, feature, present=present)
+        if not dense.any_refused:
+            return dense.values
         for i in np.flatnonzero(dense.not_finite):
             errors.append(
                 RowError(
