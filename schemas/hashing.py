@@ -67,14 +67,19 @@ def hash_ints(values: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
     )
 
 
-def vocab_rows(values: np.ndarray, buckets: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def vocab_rows(
+    values: np.ndarray, buckets: int | np.ndarray, present: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of integer values in ``vocab_size`` tables: the value itself within ``[0, buckets)``,
-    else the OOV row ``buckets`` (broadcast as in :func:`hash_ints`).
+    else the OOV row ``buckets`` (broadcast as in :func:`hash_ints`); a value under
+    ``present == False`` (missing) reads the OOV row too.
 
     Returns:
-        int64 row ids, and the mask of values within the vocabulary.
+        int64 row ids, and the mask of values present and within the vocabulary.
     """
     found = (values >= 0) & (values < buckets)
+    if present is not None:
+        found &= present
     return np.where(found, values, buckets), found
 
 

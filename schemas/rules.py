@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas.features import DenseFeature, OOVPolicy, SparseDType, SparseFeature, TableSpec
-from schemas.hashing import HashingError, hash_ints, hash_strings
+from schemas.hashing import HashingError, hash_ints, hash_strings, vocab_rows
 
 __all__ = [
     "DenseValues",
@@ -135,10 +135,8 @@ def int_rows(
         if present is None:
             return SparseRows(rows, np.zeros(ints.shape, dtype=bool))
         return SparseRows(np.where(present, rows, buckets), ~present)
-    found = (ints >= 0) & (ints < buckets)  # vocab_rows, with the missing values folded in
-    if present is not None:
-        found &= present
-    return SparseRows(np.where(found, ints, buckets), ~found)
+    rows, found = vocab_rows(ints, buckets, present)
+    return SparseRows(rows, ~found)
 
 
 def string_rows(values: Sequence[str | None], buckets: int) -> SparseRows:
