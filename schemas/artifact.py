@@ -8,15 +8,21 @@ A model directory is self-contained; nothing in it is executable (no pickle)::
       weights/dense.safetensors                 MMoE experts and gates, ctr and cvr towers
       weights/embeddings/<table>.safetensors    one embedding table each, tensor "weight"
 
-Tensor names in ``weights/dense.safetensors`` (the contract between export and service; both
-sides take them from :meth:`ModelSpec.dense_shapes`)::
+Tensor names in ``weights/dense.safetensors``. Every tensor belongs to a linear layer, named by
+one of the functions below, whose ``<name>.weight`` is ``(out, in)`` and ``<name>.bias``
+``(out,)``::
 
-    mmoe.experts.{e}.layers.{l}.weight / .bias    expert e, layer l (Linear, then ReLU)
-    mmoe.gates.{head}.weight / .bias              softmax gate of a head over the experts
-    towers.{head}.layers.{l}.weight / .bias       tower hidden layer l (Linear, then ReLU)
-    towers.{head}.head.weight / .bias             the tower's logit
-    cvr_transfer.{source}.{query,key,value}.weight / .bias   causal transfer module (DDPO only)
-    cvr_transfer.fuse.weight / .bias              their fusion into the CVR tower's input
+    mmoe.experts.{e}.layers.{l}      expert_layer(e, l)   expert e, layer l (Linear, then ReLU)
+    mmoe.gates.{head}                gate(head)           softmax gate of a head over the experts
+    towers.{head}.layers.{l}         tower_layer(head, l) tower hidden layer l (Linear, then ReLU)
+    towers.{head}.head               tower_logit(head)    the tower's logit
+    cvr_transfer.{source}.{query,key,value}   transfer_projection(source, p)   DDPO only
+    cvr_transfer.fuse                TRANSFER_FUSE        their fusion into the CVR tower's input
+
+:meth:`ModelSpec.dense_shapes` is the contract: the tensors a spec's model has, names and shapes.
+The trainer's modules declare the tensors they export under these names
+(``CtcvrModel.serving_tensors``), the export checks the declaration against the contract, and the
+service (``serving/model.py``) reads the tensors by these names after checking them against it.
 
 The model: ``x = concat(pooled embeddings in table order, then each table's features in order;
 normalised dense features; with ``interaction: dot``, then <e_i, e_j> for every pair i < j of the
@@ -51,13 +57,21 @@ __all__ = [
     "SCHEMA_FILE",
     "SERVED_HEADS",
     "TABLE_TENSOR",
+    "TRANSFER_FUSE",
+    "TRANSFER_PROJECTIONS",
     "FileEntry",
     "Manifest",
     "ModelSpec",
     "Pooling",
     "Source",
     "TableEntry",
+    "expert_layer",
+    "gate",
+    "linear_shapes",
     "table_file",
+    "tower_layer",
+    "tower_logit",
+    "transfer_projection",
 ]
 
 FORMAT = "ctcvr-model"
@@ -76,6 +90,42 @@ _REL_PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.\-/]{1,255}$
 def table_file(table: str) -> str:
     """Path of a table's weights inside the model directory."""
     return f"weights/embeddings/{table}.safetensors"
+
+
+# Names of the linear layers in weights/dense.safetensors ----------------------------------------
+
+TRANSFER_PROJECTIONS = ("query", "key", "value")  # of each causal transfer module, in this order
+TRANSFER_FUSE = "cvr_transfer.fuse"  # the causal transfer modules' fusion (DDPO)
+
+
+def expert_layer(expert: int, layer: int) -> str:
+    """Layer ``layer`` of MMoE expert ``expert``."""
+    return f"mmoe.experts.{expert}.layers.{layer}"
+
+
+def gate(head: str) -> str:
+    """The MMoE gate of ``head``."""
+    return f"mmoe.gates.{head}"
+
+
+def tower_layer(head: str, layer: int) -> str:
+    """Hidden layer ``layer`` of ``head``'s tower."""
+    return f"towers.{head}.layers.{layer}"
+
+
+def tower_logit(head: str) -> str:
+    """The last layer of ``head``'s tower, to one logit."""
+    return f"towers.{head}.head"
+
+
+def transfer_projection(source: str, projection: str) -> str:
+    """The ``query``, ``key`` or ``value`` projection of the causal transfer module of ``source``."""
+    return f"cvr_transfer.{source}.{projection}"
+
+
+def linear_shapes(name: str, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of the linear layer ``name``: ``{name}.weight`` and ``{name}.bias``."""
+    return {f"{name}.weight": (out_features, in_features), f"{name}.bias": (out_features,)}
 
 
 class _Frozen(BaseModel):
@@ -173,28 +223,22 @@ class ModelSpec(_Frozen):
         for e in range(self.num_experts):
             width = width_in
             for layer, size in enumerate(self.expert_sizes):
-                shapes[f"mmoe.experts.{e}.layers.{layer}.weight"] = (size, width)
-                shapes[f"mmoe.experts.{e}.layers.{layer}.bias"] = (size,)
+                shapes |= linear_shapes(expert_layer(e, layer), size, width)
                 width = size
         for head in self.gate_heads:
-            shapes[f"mmoe.gates.{head}.weight"] = (self.num_experts, width_in)
-            shapes[f"mmoe.gates.{head}.bias"] = (self.num_experts,)
+            shapes |= linear_shapes(gate(head), self.num_experts, width_in)
         for head in self.heads:
             width = self.expert_sizes[-1]
             for layer, size in enumerate(self.tower_sizes):
-                shapes[f"towers.{head}.layers.{layer}.weight"] = (size, width)
-                shapes[f"towers.{head}.layers.{layer}.bias"] = (size,)
+                shapes |= linear_shapes(tower_layer(head, layer), size, width)
                 width = size
-            shapes[f"towers.{head}.head.weight"] = (1, width)
-            shapes[f"towers.{head}.head.bias"] = (1,)
+            shapes |= linear_shapes(tower_logit(head), 1, width)
         mixture = self.expert_sizes[-1]
         for source in self.cvr_transfer:
-            for layer in ("query", "key", "value"):
-                shapes[f"cvr_transfer.{source}.{layer}.weight"] = (mixture, mixture)
-                shapes[f"cvr_transfer.{source}.{layer}.bias"] = (mixture,)
+            for projection in TRANSFER_PROJECTIONS:
+                shapes |= linear_shapes(transfer_projection(source, projection), mixture, mixture)
         if self.cvr_transfer:
-            shapes["cvr_transfer.fuse.weight"] = (mixture, len(self.cvr_transfer) * mixture)
-            shapes["cvr_transfer.fuse.bias"] = (mixture,)
+            shapes |= linear_shapes(TRANSFER_FUSE, mixture, len(self.cvr_transfer) * mixture)
         return shapes
 
 

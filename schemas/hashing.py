@@ -1,4 +1,4 @@
-"""Raw feature values to embedding row ids: one function, used by trainer and service alike.
+"""Raw feature values to embedding row ids: the hash functions under the feature rules.
 
 The mapping is deterministic and independent of the process, the platform and
 ``PYTHONHASHSEED`` (Python's ``hash()`` is never used):
@@ -8,9 +8,8 @@ The mapping is deterministic and independent of the process, the platform and
   ``splitmix64``;
 
 and a hashed table takes that 64-bit number modulo ``hash_buckets``. A ``vocab_size`` table uses
-integer values as row ids directly. Values that do not fit (outside ``[0, vocab_size)``, or of the
-wrong type) and missing values go to the table's reserved OOV row ``buckets`` under
-``OOVPolicy.OOV_ROW``, and raise :class:`HashingError` under ``OOVPolicy.ERROR``.
+integer values as row ids directly (:func:`vocab_rows`). What happens to missing and
+out-of-vocabulary values, lists and dense values is ``schemas.rules``, built on these functions.
 """
 
 from __future__ import annotations
@@ -20,9 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from schemas.features import OOVPolicy, SparseDType, SparseFeature, TableSpec
-
-__all__ = ["HashingError", "hash_ints", "hash_string", "map_values", "splitmix64", "vocab_rows"]
+__all__ = [
+    "HashingError",
+    "hash_ints",
+    "hash_string",
+    "hash_strings",
+    "splitmix64",
+    "vocab_rows",
+]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -30,7 +34,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 class HashingError(ValueError):
-    """A raw value cannot be mapped to a row under the feature's ``OOVPolicy.ERROR``."""
+    """Raw values cannot be mapped to rows: values of the wrong type, or a value the feature's
+    ``OOVPolicy.ERROR`` refuses (``schemas.rules.map_values``)."""
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -43,8 +48,7 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 def hash_string(value: str) -> int:
     """The 64-bit pre-hash of one string (before splitmix64)."""
-    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return int.from_bytes(_digest(value), "little")
 
 
 def hash_ints(values: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
@@ -63,99 +67,57 @@ def hash_ints(values: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
     )
 
 
-def vocab_rows(values: np.ndarray, buckets: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def vocab_rows(
+    values: np.ndarray, buckets: int | np.ndarray, present: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of integer values in ``vocab_size`` tables: the value itself within ``[0, buckets)``,
-    else the OOV row ``buckets`` (broadcast as in :func:`hash_ints`).
+    else the OOV row ``buckets`` (broadcast as in :func:`hash_ints`); a value under
+    ``present == False`` (missing) reads the OOV row too.
 
     Returns:
-        int64 row ids, and the mask of values within the vocabulary.
+        int64 row ids, and the mask of values present and within the vocabulary.
     """
     found = (values >= 0) & (values < buckets)
+    if present is not None:
+        found &= present
     return np.where(found, values, buckets), found
 
 
-def map_values(
-    values: np.ndarray | Sequence[object],
-    feature: SparseFeature,
-    table: TableSpec,
-    *,
-    valid: np.ndarray | None = None,
-    where: str = "",
-) -> np.ndarray:
-    """Map raw values of one sparse feature to row ids of its table.
+def hash_strings(values: Sequence[str], buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of strings in a hashed table: ``splitmix64(hash_string(value)) % buckets``.
+
+    Hashing costs one blake2b call per value, so callers pass distinct values (see
+    ``schemas.rules.string_rows``).
 
     Args:
-        values: raw values: an integer array for ``int`` features (any integer dtype), an
-            array or sequence of ``str`` for ``string`` features.
-        feature: the feature the values belong to.
-        table: the table it reads (``schema.table_of(feature.name)``).
-        valid: optional boolean mask, False where a value is missing (null); missing values
-            follow the OOV policy. Entries of ``values`` under False are ignored.
-        where: context for error messages (file, row group, request row...).
+        values: strings (no ``None``).
+        buckets: the table's ``hash_buckets``.
 
     Returns:
-        int64 array of row ids in ``[0, table.num_rows)``, same length as ``values``.
-
-    Raises:
-        HashingError: under ``OOVPolicy.ERROR``, for the first value that has no row.
+        int64 row ids, and a mask of the strings that could be hashed: False for a string that
+        cannot be encoded as UTF-8 (a lone surrogate), whose row is then 0.
     """
-    n = len(values)
-    present = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    rows = np.full(n, table.buckets, dtype=np.int64)  # the OOV row
-    if feature.dtype is SparseDType.STRING:
-        found = _hash_strings(values, present, table.buckets, rows)
-    else:
-        found = _map_ints(np.asarray(values), present, table, rows)
-    if feature.oov is OOVPolicy.ERROR and not found.all():
-        bad = int(np.flatnonzero(~found)[0])
-        reason = (
-            "missing value"
-            if not present[bad]
-            else f"value {_plain(values[bad])!r} is out of vocabulary"
+    try:
+        digests = b"".join([_digest(value) for value in values])
+        encodable = np.ones(len(values), dtype=bool)
+    except UnicodeEncodeError:
+        encodable = np.fromiter(map(_is_utf8, values), dtype=bool, count=len(values))
+        digests = b"".join(
+            _digest(value) if ok else bytes(8) for value, ok in zip(values, encodable)
         )
-        raise HashingError(
-            f"{where + ': ' if where else ''}feature {feature.name!r} at position {bad}: "
-            f"{reason} (oov policy is 'error'; table {table.name!r} has {table.buckets} rows)"
-        )
-    return rows
+    pre = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    rows = (splitmix64(pre) % np.uint64(buckets)).astype(np.int64)
+    rows[~encodable] = 0
+    return rows, encodable
 
 
-def _map_ints(
-    values: np.ndarray, present: np.ndarray, table: TableSpec, rows: np.ndarray
-) -> np.ndarray:
-    if values.size and not np.issubdtype(values.dtype, np.integer):
-        raise HashingError(f"expected integer values, got dtype {values.dtype}")
-    ints = values.astype(np.int64, copy=False).reshape(-1)
-    if table.is_hashed:
-        rows[present] = hash_ints(ints, table.buckets)[present]
-        return present
-    _, in_range = vocab_rows(ints, table.buckets)
-    in_range &= present
-    rows[in_range] = ints[in_range]
-    return in_range
+def _digest(value: str) -> bytes:
+    return hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
 
 
-def _hash_strings(
-    values: np.ndarray | Sequence[object], present: np.ndarray, buckets: int, rows: np.ndarray
-) -> np.ndarray:
-    # Logs repeat values heavily (Zipf-like ids), so each distinct value is hashed once.
-    cache: dict[str, int] = {}
-    found = present.copy()
-    for i in np.flatnonzero(present):
-        value = values[i]
-        if not isinstance(value, str):
-            raise HashingError(
-                f"expected a string at position {i}, got {type(value).__name__} {value!r}"
-            )
-        row = cache.get(value)
-        if row is None:
-            pre = np.array([hash_string(value)], dtype=np.uint64)
-            row = int(splitmix64(pre)[0] % np.uint64(buckets))
-            cache[value] = row
-        rows[i] = row
-    return found
-
-
-def _plain(value: object) -> object:
-    """A numpy scalar as the Python value a user wrote (``7``, not ``np.int64(7)``)."""
-    return value.item() if isinstance(value, np.generic) else value
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,32 +1,33 @@
-"""Request columns (raw values) to model inputs, exactly as the trainer's Parquet reader does.
+"""Request columns (raw values) to model inputs, by the trainer's own feature rules.
 
-The reader (``trainer/data/_decode.py``) and this module follow the same rules, and the parity
-tests hold them to it:
+The rules are ``schemas.rules``, the functions the trainer's Parquet reader
+(``trainer/data/_decode.py``) calls too, so a value becomes the same model input in both by
+construction (the parity tests check it):
 
-* sparse values are mapped by ``schemas.hashing`` (:func:`~schemas.hashing.hash_ints`,
-  :func:`~schemas.hashing.vocab_rows` and :func:`~schemas.hashing.map_values`, the functions
-  the reader uses);
-* a missing single value (``null`` or absent) reads the OOV row; a missing list is an empty bag;
-  a ``null`` inside a list reads the OOV row; lists are cut to ``max_len``;
-* under ``oov: error`` a missing or out-of-vocabulary value is refused, naming row and feature;
-* a missing dense value takes the feature's ``default``, then ``Normalization.apply`` (the
-  reader's own function: ``none``: x, ``log1p``: sign(x) log(1 + |x|), ``standard``:
-  (x - mean) / std) runs in float64, and the result is stored as float32.
+* sparse values are hashed or looked up in their vocabulary; a missing single value (``null``
+  or absent) reads the OOV row, a missing list is an empty bag, a ``null`` inside a list reads
+  the OOV row, lists are cut to ``max_len`` (:func:`~schemas.rules.int_rows`,
+  :func:`~schemas.rules.string_rows`, :func:`~schemas.rules.truncate_lists`);
+* under ``oov: error`` a missing or out-of-vocabulary value is refused;
+* a missing dense value takes the feature's ``default``, then the normalisation runs in float64
+  and the result is stored as float32 (:func:`~schemas.rules.dense_values`).
 
-The work is arranged by feature group, not by value: all single-valued hashed ids of a request
-are one ``(B, k)`` matrix hashed in one call, the vocabulary ids another, so a request costs a
-few numpy calls whatever its number of features. String ids are hashed (blake2b) once per
-distinct value and remembered across requests (:class:`StringRows`).
+This module arranges the calls and turns the positions the rules refuse into
+:class:`RowError` errors naming row, feature and list position. The work is arranged by feature
+group, not by value: all single-valued hashed ids of a request are one ``(B, k)`` matrix mapped
+in one call, the vocabulary ids another, so a request costs a few numpy calls whatever its
+number of features. String ids are hashed (blake2b) once per distinct value and remembered
+across requests (:class:`StringRows`).
 
-Types and ranges were already checked (``serving.columns``); what is left here are the rules
-that need the tables, checked again for in-process callers: the OOV policy, strings that cannot
-be encoded as UTF-8, and dense values whose normalisation overflows float32.
+Types and ranges were already checked (``serving.columns``); the rules that need the tables are
+applied here, for in-process callers too: the OOV policy, strings that cannot be encoded as
+UTF-8, non-finite dense values, and dense values whose normalisation overflows float32.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -42,7 +43,16 @@ from schemas.features import (
     SparseFeature,
     TableSpec,
 )
-from schemas.hashing import hash_ints, map_values, vocab_rows
+from schemas.rules import (
+    SparseRows,
+    dense_values,
+    int_rows,
+    list_positions,
+    oov_reason,
+    sparse_rows,
+    string_rows,
+    truncate_lists,
+)
 from serving.columns import Column, ColumnReader, Columns
 from serving.model import Features
 
@@ -93,7 +103,7 @@ class StringRows:
     are held. Safe to share between threads (a lost update only means hashing a string twice).
 
     Args:
-        feature: the feature, under ``oov: oov_row`` (missing values read the OOV row).
+        feature: the feature.
         table: its table.
         limit: strings per generation.
     """
@@ -118,6 +128,13 @@ class StringRows:
             self._fill(values, found)
         return np.array(found, dtype=np.int64)
 
+    def lookup(self, values: Sequence[str | None]) -> SparseRows:
+        """:func:`schemas.rules.string_rows` of ``values``, from the cache."""
+        rows = self.rows(values)
+        invalid = rows == self.UNENCODABLE
+        rows[invalid] = self.missing_row
+        return SparseRows(rows, (rows == self.missing_row) & ~invalid, invalid)
+
     def _fill(self, values: Sequence[str | None], found: list[int | None]) -> None:
         young, old = self._young, self._old
         new: dict[str, list[int]] = {}
@@ -128,10 +145,13 @@ class StringRows:
                 new.setdefault(value, []).append(i)  # type: ignore[arg-type]
             else:
                 young[value] = found[i] = row
-        encodable = [v for v in new if _utf8(v)]
-        if encodable:
-            rows = map_values(np.array(encodable, dtype=object), self.feature, self.table).tolist()
-            young.update(zip(encodable, rows))
+        if new:
+            ids = string_rows(list(new), self.table.buckets)
+            young.update(
+                (value, row)
+                for value, row, bad in zip(new, ids.rows.tolist(), ids.invalid.tolist())  # type: ignore[union-attr]
+                if not bad
+            )
         for value, positions in new.items():
             row = young.get(value, self.UNENCODABLE)
             for i in positions:
@@ -154,12 +174,13 @@ class _IdGroup:
 @dataclass(frozen=True)
 class _Sparse:
     feature: SparseFeature
-    mapping: (
-        SparseFeature  # the same feature under oov_row: mapping never raises, errors name the row
-    )
     table: TableSpec
     slot: int  # column of Features.single, or index into Features.multi_*
     strings: StringRows | None  # string features only
+
+    @property
+    def strict(self) -> bool:
+        return self.feature.oov is OOVPolicy.ERROR
 
 
 class Featurizer:
@@ -199,15 +220,14 @@ class Featurizer:
                         f"feature {name!r}: the schema's table is {table.name!r} ({table.num_rows} x "
                         f"{table.dim}), the model spec's {entry.name!r} ({entry.num_rows} x {entry.dim})"
                     )
-                mapping = feature.model_copy(update={"oov": OOVPolicy.OOV_ROW})
                 strings = (
-                    StringRows(mapping, table) if feature.dtype is SparseDType.STRING else None
+                    StringRows(feature, table) if feature.dtype is SparseDType.STRING else None
                 )
                 if feature.multi_valued:
-                    self.multi.append(_Sparse(feature, mapping, table, len(self.multi), strings))
+                    self.multi.append(_Sparse(feature, table, len(self.multi), strings))
                     continue
                 if strings is not None:
-                    self.strings.append(_Sparse(feature, mapping, table, singles, strings))
+                    self.strings.append(_Sparse(feature, table, singles, strings))
                 else:
                     strict = feature.oov is OOVPolicy.ERROR
                     (hashed if table.is_hashed else vocab).append((name, singles, table, strict))
@@ -238,7 +258,8 @@ class Featurizer:
         Raises:
             Unreadable: rows holding a value of the wrong type or out of range.
             RowErrors: values refused by an ``oov: error`` policy, strings that are not valid
-                UTF-8, dense values whose normalised value overflows float32.
+                UTF-8, dense values that are not finite or whose normalised value overflows
+                float32.
         """
         columns = (
             values
@@ -292,30 +313,24 @@ class Featurizer:
             ints[:, j] = column.values
             if column.present is not None:
                 present[:, j] = column.present
-        if hashed:
-            rows, found = hash_ints(ints, group.buckets), present
-        else:
-            rows, found = vocab_rows(ints, group.buckets)
-            found &= present
-        rows = np.where(present, rows, group.buckets)
+        ids = int_rows(ints, group.buckets, hashed=hashed, present=present)
         if group.strict.any():
-            for i, j in zip(*np.nonzero(~found & group.strict)):
+            for i, j in zip(*np.nonzero(ids.refused(group.strict))):
                 value = int(ints[i, j]) if present[i, j] else None
                 errors.append(
                     _oov_error(
                         int(i), group.names[j], None, value, group.tables[j], int(group.buckets[j])
                     )
                 )
-        return rows
+        return ids.rows
 
     def _strings(
         self, column: Column | None, n: int, sparse: _Sparse, errors: list[RowError]
     ) -> np.ndarray:
-        if column is None:
-            return np.full(n, sparse.table.buckets, dtype=np.int64)
-        rows = sparse.strings.rows(column.values)  # type: ignore[union-attr]
-        self._unencodable(rows, sparse, errors, lambda k: (k, None))
-        return rows
+        values = [None] * n if column is None else column.values
+        ids = sparse.strings.lookup(values)  # type: ignore[union-attr]
+        self._refuse(ids, sparse, errors, lambda k: (k, None), lambda k: None)
+        return ids.rows
 
     def _list(
         self, column: Column | None, n: int, sparse: _Sparse, errors: list[RowError]
@@ -323,52 +338,60 @@ class Featurizer:
         """Flat rows of a list feature, each list cut to ``max_len``, and the cut lengths."""
         if column is None:
             return np.empty(0, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        feature, max_len = sparse.feature, sparse.feature.max_len
-        values, present, lengths = column.values, column.present, column.lengths
-        if lengths.max(initial=0) > max_len:  # type: ignore[union-attr]
-            starts = np.cumsum(lengths) - lengths
-            keep = np.arange(len(values)) - np.repeat(starts, lengths) < max_len
+        values, present = column.values, column.present
+        cut = truncate_lists(column.lengths, sparse.feature.max_len)  # type: ignore[arg-type]
+        if cut.keep is not None:
             values = (
-                values[keep] if isinstance(values, np.ndarray) else list(compress(values, keep))
+                values[cut.keep]
+                if isinstance(values, np.ndarray)
+                else list(compress(values, cut.keep))
             )
-            present = None if present is None else present[keep]
-            lengths = np.minimum(lengths, max_len)
-        ends = np.cumsum(lengths)
+            present = None if present is None else present[cut.keep]
 
         def where(k: int) -> tuple[int, int]:  # flat position -> (row, position in its list)
-            row = int(np.searchsorted(ends, k, side="right"))
-            return row, int(k - (ends[row] - lengths[row]))
+            rows, positions = list_positions(cut.lengths, np.array([k]))
+            return int(rows[0]), int(positions[0])
 
         if sparse.strings is not None:
-            rows = sparse.strings.rows(values)  # type: ignore[arg-type]
-            self._unencodable(rows, sparse, errors, where)
-            return rows, lengths
-        table = sparse.table
-        rows = map_values(values, sparse.mapping, table, valid=present)  # type: ignore[arg-type]
-        if feature.oov is OOVPolicy.ERROR:
-            for k in np.flatnonzero(rows == table.buckets):
-                row, position = where(int(k))
-                value = None if present is not None and not present[k] else int(values[k])  # type: ignore[index]
-                errors.append(
-                    _oov_error(row, feature.name, position, value, table.name, table.buckets)
-                )
-        return rows, lengths
+            ids = sparse.strings.lookup(values)  # type: ignore[arg-type]
+            self._refuse(ids, sparse, errors, where, lambda k: None)  # a string is only missing
+            return ids.rows, cut.lengths
+
+        def value(k: int) -> int | None:
+            return None if present is not None and not present[k] else int(values[k])  # type: ignore[index]
+
+        ids = sparse_rows(values, sparse.feature, sparse.table, present=present)
+        self._refuse(ids, sparse, errors, where, value)
+        return ids.rows, cut.lengths
 
     @staticmethod
-    def _unencodable(rows: np.ndarray, sparse: _Sparse, errors: list[RowError], where) -> None:
-        bad = np.flatnonzero(rows == StringRows.UNENCODABLE)
-        for k in bad:
-            row, position = where(int(k))
-            errors.append(
-                RowError(
-                    row,
-                    sparse.feature.name,
-                    position,
-                    "string is not valid UTF-8",
-                    "string_unicode",
+    def _refuse(
+        ids: SparseRows,
+        sparse: _Sparse,
+        errors: list[RowError],
+        where: Callable[[int], tuple[int, int | None]],
+        value: Callable[[int], int | None],
+    ) -> None:
+        """Errors for the positions the rules refuse: invalid strings, and OOV values under the
+        ``error`` policy (``where`` names a flat position's row and list position, ``value`` the
+        raw value there, None if missing)."""
+        feature, table = sparse.feature, sparse.table
+        if ids.invalid is not None and ids.invalid.any():
+            for k in np.flatnonzero(ids.invalid):
+                row, position = where(int(k))
+                errors.append(
+                    RowError(
+                        row, feature.name, position, "string is not valid UTF-8", "string_unicode"
+                    )
                 )
-            )
-        rows[bad] = sparse.table.buckets  # a valid placeholder; the row is refused
+        if sparse.strict and ids.oov.any():
+            for k in np.flatnonzero(ids.oov):
+                row, position = where(int(k))
+                errors.append(
+                    _oov_error(
+                        row, feature.name, position, value(int(k)), table.name, table.buckets
+                    )
+                )
 
     # Dense -------------------------------------------------------------------------------------
 
@@ -376,27 +399,31 @@ class Featurizer:
         self, column: Column | None, n: int, feature: DenseFeature, errors: list[RowError]
     ) -> np.ndarray:
         if column is None:
-            raw = np.full(n, feature.default, dtype=np.float64)
-        elif column.present is None:
-            raw = column.values  # type: ignore[assignment]
+            raw, present = np.full(n, feature.default, dtype=np.float64), None
         else:
-            raw = np.where(column.present, column.values, feature.default)
-        with np.errstate(over="ignore", invalid="ignore"):
-            values = feature.normalization.apply(raw).astype(np.float32)
-        bad = np.flatnonzero(~np.isfinite(values))
-        for i in bad:
+            raw, present = column.values, column.present  # type: ignore[assignment]
+        dense = dense_values(raw, feature, present=present)
+        if not dense.any_refused:
+            return dense.values
+        for i in np.flatnonzero(dense.not_finite):
+            errors.append(
+                RowError(
+                    int(i), feature.name, None, "Input should be a finite number", "finite_number"
+                )
+            )
+        for i in np.flatnonzero(dense.overflow):
+            given = present is None or present[i]
             errors.append(
                 RowError(
                     int(i),
                     feature.name,
                     None,
-                    f"value {float(raw[i])!r} is out of range: its {feature.normalization.kind.value} "
+                    f"value {float(raw[i] if given else feature.default)!r} is out of range: its {feature.normalization.kind.value} "
                     "normalisation does not fit a float32",
                     "value_out_of_range",
                 )
             )
-        values[bad] = 0.0  # a valid placeholder; the row is refused
-        return values
+        return dense.values
 
 
 def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
@@ -412,19 +439,10 @@ def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
 def _oov_error(
     row: int, name: str, position: int | None, value: int | None, table: str, buckets: int
 ) -> RowError:
-    reason = "missing value" if value is None else f"value {value!r} is out of vocabulary"
     return RowError(
         row,
         name,
         position,
-        f"{reason}; the feature's oov policy is 'error' (table {table!r} has {buckets} rows)",
+        f"{oov_reason(value)}; the feature's oov policy is 'error' (table {table!r} has {buckets} rows)",
         "out_of_vocabulary",
     )
-
-
-def _utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

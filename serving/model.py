@@ -1,8 +1,10 @@
 """The inference module, rebuilt from an artifact's ``ModelSpec`` with plain torch (no trainer).
 
 It computes what ``trainer.model.CtcvrModel`` computes in evaluation mode, for the ctr and cvr
-heads only (``schemas/artifact.py`` states the maths and the tensor names), arranged for few,
-large operations, because a request of a few rows costs what its number of operations costs:
+heads only (``schemas/artifact.py`` states the maths; its name functions, ``expert_layer``,
+``gate``, ``tower_layer``..., name the tensors read here and declared by the trainer's modules),
+arranged for few, large operations, because a request of a few rows costs what its number of
+operations costs:
 
 * the embedding tables are stored in one matrix per embedding dim, so all single-valued features
   of a dim are one lookup (``(B, S)`` ids plus each table's row offset); list features pool
@@ -31,7 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schemas.artifact import ModelSpec, Pooling
+from schemas.artifact import (
+    TRANSFER_FUSE,
+    TRANSFER_PROJECTIONS,
+    ModelSpec,
+    Pooling,
+    expert_layer,
+    gate,
+    tower_layer,
+    tower_logit,
+    transfer_projection,
+)
 
 __all__ = ["Features", "ScoringModel"]
 
@@ -216,42 +228,41 @@ class ScoringModel(nn.Module):
                 raise ValueError(
                     f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; the spec needs float32 {expected[key]}"
                 )
-        spec, t = self.spec, tensors
+        spec = self.spec
+
+        def weight(name: str) -> torch.Tensor:
+            return tensors[f"{name}.weight"]
+
+        def bias(name: str) -> torch.Tensor:
+            return tensors[f"{name}.bias"]
+
         experts, heads, gates = range(spec.num_experts), spec.heads, spec.gate_heads
         # Layer 0 of every expert, then every gate: one (E*H1 + gates*E, in) matrix.
-        first = torch.cat(
-            [t[f"mmoe.experts.{e}.layers.0.weight"] for e in experts]
-            + [t[f"mmoe.gates.{h}.weight"] for h in gates]
-        )
+        first_layers = [expert_layer(e, 0) for e in experts] + [gate(h) for h in gates]
+        first = torch.cat([weight(name) for name in first_layers])
         self.first_weight = torch.empty_like(first)
         self.first_weight[:, self._columns] = (
             first  # spec column c is read from position _columns[c]
         )
-        self.first_bias = torch.cat(
-            [t[f"mmoe.experts.{e}.layers.0.bias"] for e in experts]
-            + [t[f"mmoe.gates.{h}.bias"] for h in gates]
-        )
+        self.first_bias = torch.cat([bias(name) for name in first_layers])
         self.cvr_transfer = (
-            _CausalTransfer(t, spec.cvr_transfer, gates) if spec.cvr_transfer else None
+            _CausalTransfer(tensors, spec.cvr_transfer, gates) if spec.cvr_transfer else None
         )
-        # Deeper expert layers as (E, in, out) for bmm; tower layers and heads as (heads, in, out).
+
+        def stacked(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            """Linear layers as one ``(n, in, out)`` weight and ``(n, 1, out)`` bias for bmm."""
+            return (
+                torch.stack([weight(name).T for name in names]).contiguous(),
+                torch.stack([bias(name) for name in names]).unsqueeze(1),
+            )
+
+        # Deeper expert layers over the experts; tower layers and logits over the heads.
         self.expert_layers = [
-            (
-                torch.stack(
-                    [t[f"mmoe.experts.{e}.layers.{k}.weight"].T for e in experts]
-                ).contiguous(),
-                torch.stack([t[f"mmoe.experts.{e}.layers.{k}.bias"] for e in experts]).unsqueeze(1),
-            )
-            for k in range(1, len(spec.expert_sizes))
+            stacked([expert_layer(e, k) for e in experts]) for k in range(1, len(spec.expert_sizes))
         ]
-        names = [f"layers.{k}" for k in range(len(spec.tower_sizes))] + ["head"]
         self.tower_layers = [
-            (
-                torch.stack([t[f"towers.{h}.{n}.weight"].T for h in heads]).contiguous(),
-                torch.stack([t[f"towers.{h}.{n}.bias"] for h in heads]).unsqueeze(1),
-            )
-            for n in names
-        ]
+            stacked([tower_layer(h, k) for h in heads]) for k in range(len(spec.tower_sizes))
+        ] + [stacked([tower_logit(h) for h in heads])]
         self._dense_loaded = True
 
     def check_loaded(self) -> None:
@@ -356,20 +367,11 @@ class _CausalTransfer:
         self.cvr = gate_heads.index("cvr")
         self.sources = [gate_heads.index(source) for source in sources]
         # query, key and value of every source as one (3*H, H) matrix per source
-        self.weights = [
-            torch.cat(
-                [tensors[f"cvr_transfer.{s}.{layer}.weight"] for layer in ("query", "key", "value")]
-            )
-            for s in sources
-        ]
-        self.biases = [
-            torch.cat(
-                [tensors[f"cvr_transfer.{s}.{layer}.bias"] for layer in ("query", "key", "value")]
-            )
-            for s in sources
-        ]
-        self.fuse_weight = tensors["cvr_transfer.fuse.weight"]
-        self.fuse_bias = tensors["cvr_transfer.fuse.bias"]
+        projections = [[transfer_projection(s, p) for p in TRANSFER_PROJECTIONS] for s in sources]
+        self.weights = [torch.cat([tensors[f"{n}.weight"] for n in names]) for names in projections]
+        self.biases = [torch.cat([tensors[f"{n}.bias"] for n in names]) for names in projections]
+        self.fuse_weight = tensors[f"{TRANSFER_FUSE}.weight"]
+        self.fuse_bias = tensors[f"{TRANSFER_FUSE}.bias"]
         self.scale = 1.0 / math.sqrt(self.fuse_bias.shape[0])
 
     def __call__(self, mixtures: torch.Tensor) -> torch.Tensor:

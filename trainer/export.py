@@ -5,19 +5,23 @@
     python -m trainer.export --run runs/demo/run --out runs/demo/model
     python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
 
-The (sharded) DCP checkpoint is read in one process without a process group: the dense
-parameters first, then the embedding tables one at a time, each gathered whole from however many
-ranks' shards wrote it, written to its own safetensors file and released, so that the whole model
-is never in memory at once. Only what the service needs crosses the boundary: the tables, the
-MMoE, the ctr and cvr towers, and what the CVR tower's input depends on (DDPO's causal
-transfer modules and their source heads' gates); heads that exist only for training (an
-objective's ``required_heads``, e.g. an imputation tower or a teacher), an objective's own
-parameters and the optimizer state are left out. A CVR tower trained partially shared
-with the imputation tower (Adap-SL, ``trainer.model.adap_sl``) is folded into an ordinary tower:
-each layer's shared and private units become one dense layer, its pruned weights zeros. The
-manifest records the version id, the source run and step, the schema fingerprint, the model
-spec, the run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and renamed into place when
-complete, so a service watching or reloading ``--out`` never sees half an artifact.
+The (sharded) DCP checkpoint is read in one process without a process group. The run's model is
+built with its embedding tables on ``meta`` (no table memory) and every tensor of it is checked
+against the checkpoint. The dense part is loaded into that model, which then declares what the
+service needs (``CtcvrModel.serving_tensors``: the MMoE, the ctr and cvr towers, and what the CVR
+tower's input depends on, DDPO's causal transfer modules and their source heads' gates); the
+declaration must match ``ModelSpec.dense_shapes()``, the contract the service reads. Heads that
+exist only for training (an imputation tower, DDPO's conversion propensity tower, EVI's teacher)
+are not declared, so they are left out, as are an objective's own parameters and the optimizer
+state. A CVR tower trained partially shared with the imputation tower (Adap-SL,
+``trainer.model.adap_sl``) declares itself folded into an ordinary tower: each layer's shared
+and private units one dense layer, its pruned weights zeros. The embedding tables are then read
+one at a time, each gathered whole from however many ranks' shards wrote it, written to its own
+safetensors file and released, so that no two tables are ever in memory at once. The manifest
+records the version id, the source run and step, the schema fingerprint, the model spec, the
+run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
+renamed into place when complete, so a service watching or reloading ``--out`` never sees half
+an artifact.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ from schemas.artifact import (
     DENSE_FILE,
     MANIFEST_FILE,
     SCHEMA_FILE,
-    SERVED_HEADS,
     TABLE_TENSOR,
     FileEntry,
     Manifest,
@@ -60,23 +63,13 @@ from schemas.artifact import (
 from trainer.builders import build_model
 from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import ConfigError, ModelConfig, load_config, model_config_from_dict, to_dict
-from trainer.model import CtcvrModel, embedding_bag_configs
+from trainer.model import CtcvrModel, ModelStructure, embedding_bag_configs
 from trainer.objectives import build_objective, model_structure
 
-__all__ = ["ExportError", "export_run", "main"]
+__all__ = ["ExportError", "export_run", "main", "model_spec"]
 
 # DCP keys: the checkpoint saves {"model": TrainModule.state_dict()}, whose model is "model".
 _PREFIX = "model.model."
-_TABLE = re.compile(r"^sparse_arch\.embedding_bag_collection\.embedding_bags\.(\w+)\.weight$")
-_EXPERT = re.compile(r"^mmoe\.experts\.(\d+)\.layers\.(\d+)\.0\.(weight|bias)$")
-_GATE = re.compile(r"^mmoe\.gates\.(\w+)\.(weight|bias)$")
-_TOWER_LAYER = re.compile(r"^towers\.(\w+)\.hidden\.layers\.(\d+)\.0\.(weight|bias)$")
-_TOWER_HEAD = re.compile(r"^towers\.(\w+)\.head\.(weight|bias)$")
-_TRANSFER = re.compile(r"^cvr_transfer\.transfers\.(\w+)\.(query|key|value)\.(weight|bias)$")
-_FUSE = re.compile(r"^cvr_transfer\.fuse\.(weight|bias)$")
-# Parameters of training-only heads that no artifact tensor holds (EVI's teacher projection).
-_HEAD_ONLY = re.compile(r"^towers\.(\w+)\.\w+\.(weight|bias)$")
-_PARTIALLY_SHARED = "partially_shared."  # Adap-SL's towers, folded before they are written
 
 
 class ExportError(RuntimeError):
@@ -86,7 +79,7 @@ class ExportError(RuntimeError):
 @dataclass(frozen=True)
 class _Param:
     checkpoint_key: str  # key in the DCP checkpoint
-    name: str  # artifact name: a dense tensor name, or the table name for tables
+    name: str  # the table name for tables, else the model's state_dict key
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -139,14 +132,15 @@ def export_run(
     objective_name = config["objective"]["name"]
     objective_params = dict(config["objective"].get("params") or {})
     objective = build_objective(objective_name, **objective_params)
-    spec = _model_spec(schema, model_config, objective)
+    structure = model_structure(objective)
+    spec = model_spec(schema, model_config, structure)
     # The model as the run built it, tables on "meta": names and shapes, no table memory.
-    model = build_model(
-        schema, model_config, structure=model_structure(objective), embedding_device="meta"
-    )
-    tables, dense, folded, left_out = _plan(model, ckpt, spec)
-    if left_out:
-        say(f"[export] training-only heads left out: {', '.join(sorted(left_out))}")
+    model = build_model(schema, model_config, structure=structure, embedding_device="meta")
+    tables, dense = _plan(model, ckpt, spec)
+    if model.training_only_heads:
+        say(
+            f"[export] training-only heads left out: {', '.join(sorted(model.training_only_heads))}"
+        )
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -155,12 +149,8 @@ def export_run(
         files: dict[str, FileEntry] = {}
         (tmp / SCHEMA_FILE).write_text(schema.to_yaml())
         files[SCHEMA_FILE] = _file_entry(tmp / SCHEMA_FILE)
-        state = _load(ckpt, dense + folded)
-        tensors = {p.name: state[p.checkpoint_key].contiguous() for p in dense}
-        tensors |= _folded_towers(model, {p.name: state[p.checkpoint_key] for p in folded})
-        save_file(tensors, tmp / DENSE_FILE)
+        save_file(_serving_tensors(model, _load(ckpt, dense), dense), tmp / DENSE_FILE)
         files[DENSE_FILE] = _file_entry(tmp / DENSE_FILE)
-        del state
         for param in tables:  # one table in memory at a time
             weight = _load(ckpt, [param])[param.checkpoint_key]
             save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
@@ -237,7 +227,12 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
         raise ExportError(f"cannot read {ckpt / 'meta.json'}: {err}") from None
 
 
-def _model_spec(schema: FeatureSchema, config: ModelConfig, objective: Any) -> ModelSpec:
+def model_spec(schema: FeatureSchema, config: ModelConfig, structure: ModelStructure) -> ModelSpec:
+    """The spec of the model ``build_model(schema, config, structure=structure)`` builds.
+
+    Its ``dense_shapes()`` are the tensors that model must declare for the service
+    (``CtcvrModel.serving_tensors``).
+    """
     tables = [
         TableEntry(
             name=table.name,
@@ -254,27 +249,27 @@ def _model_spec(schema: FeatureSchema, config: ModelConfig, objective: Any) -> M
         tower_sizes=tuple(config.tower_sizes),
         tables=tuple(tables),
         dense_features=tuple(schema.dense_names),
-        cvr_transfer=model_structure(objective).cvr_transfer,
+        cvr_transfer=structure.cvr_transfer,
         interaction=config.interaction,
     )
 
 
-def _plan(
-    model: CtcvrModel, ckpt: Path, spec: ModelSpec
-) -> tuple[list[_Param], list[_Param], list[_Param], set[str]]:
-    """Map every model tensor to its artifact name and check it against the checkpoint.
+def _plan(model: CtcvrModel, ckpt: Path, spec: ModelSpec) -> tuple[list[_Param], list[_Param]]:
+    """Check every model tensor against the checkpoint, and the model's serving declaration
+    against the artifact layout.
 
     Returns:
-        The tables, the dense tensors written as they are, the partially shared towers' tensors
-        (named within that module; they are folded, see :func:`_folded_towers`), and the
-        training-only heads left out.
+        The tables, in the spec's order, and every other tensor of the model (the dense part,
+        training-only heads included: the model computes its serving tensors from them).
+
+    Raises:
+        ExportError: a tensor missing from the checkpoint or of another shape there; a model
+            whose serving tensors are not those of ``spec.dense_shapes()``.
     """
     stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    table_of = {key: table for table, key in model.table_keys().items()}
     tables: list[_Param] = []
     dense: list[_Param] = []
-    folded: list[_Param] = []
-    left_out: set[str] = set()
-    expected = spec.dense_shapes()
     for key, tensor in model.state_dict().items():
         ckpt_key = _PREFIX + key
         found = stored.get(ckpt_key)
@@ -287,25 +282,16 @@ def _plan(
                 f"{ckpt}: {ckpt_key!r} has shape {tuple(found.size)} but the run's config gives "
                 f"{tuple(tensor.shape)}; was the config changed after training?"
             )
-        dtype = found.properties.dtype
-        if m := _TABLE.match(key):
-            tables.append(_Param(ckpt_key, m[1], tuple(found.size), dtype))
-            continue
-        if key.startswith(_PARTIALLY_SHARED):
-            folded.append(
-                _Param(ckpt_key, key.removeprefix(_PARTIALLY_SHARED), tuple(found.size), dtype)
-            )
-            continue
-        name, head = _dense_name(key)
-        if head is not None and head not in SERVED_HEADS and name not in expected:
-            left_out.add(head)  # a training-only head (a transfer source keeps its gate)
-            continue
-        dense.append(_Param(ckpt_key, name, tuple(found.size), dtype))
-    if model.partially_shared is not None:
-        left_out |= set(model.partially_shared.towers) - set(SERVED_HEADS)
-    got = {p.name: p.shape for p in dense} | {
-        name: tuple(t.shape) for name, t in _folded_towers(model).items()
-    }
+        param = _Param(ckpt_key, table_of.get(key, key), tuple(found.size), found.properties.dtype)
+        (tables if key in table_of else dense).append(param)
+    _check_layout(model.serving_tensors(), spec)
+    order = {t.name: i for i, t in enumerate(spec.tables)}
+    return sorted(tables, key=lambda p: order[p.name]), dense
+
+
+def _check_layout(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    expected = spec.dense_shapes()
     if got != expected:
         raise ExportError(
             "the trainer's model no longer matches the serving artifact layout "
@@ -313,50 +299,15 @@ def _plan(
             f"unexpected {sorted(set(got) - set(expected))}, "
             f"shape mismatches {sorted(k for k in set(got) & set(expected) if got[k] != expected[k])}"
         )
-    order = {t.name: i for i, t in enumerate(spec.tables)}
-    return sorted(tables, key=lambda p: order[p.name]), dense, folded, left_out
 
 
-def _folded_towers(
-    model: CtcvrModel, state: dict[str, torch.Tensor] | None = None
+def _serving_tensors(
+    model: CtcvrModel, state: dict[str, torch.Tensor], dense: list[_Param]
 ) -> dict[str, torch.Tensor]:
-    """The served heads among the model's partially shared towers, each as the artifact tensors
-    of an ordinary tower (``PartiallySharedTowers.folded_tower``), after loading ``state`` (the
-    module's own keys) into them; empty for a model without them."""
-    towers = model.partially_shared
-    if towers is None:
-        return {}
-    if state is not None:
-        towers.load_state_dict(state)
-    tensors = {}
-    for head in towers.towers:
-        if head in SERVED_HEADS:
-            for key, value in towers.folded_tower(head).state_dict().items():
-                tensors[_dense_name(f"towers.{head}.{key}")[0]] = value
-    return tensors
-
-
-def _dense_name(key: str) -> tuple[str, str | None]:
-    """Artifact name of a dense parameter and the head it belongs to (None: shared)."""
-    if m := _EXPERT.match(key):
-        return f"mmoe.experts.{m[1]}.layers.{m[2]}.{m[3]}", None
-    if m := _GATE.match(key):
-        return f"mmoe.gates.{m[1]}.{m[2]}", m[1]
-    if m := _TOWER_LAYER.match(key):
-        return f"towers.{m[1]}.layers.{m[2]}.{m[3]}", m[1]
-    if m := _TOWER_HEAD.match(key):
-        return f"towers.{m[1]}.head.{m[2]}", m[1]
-    if m := _TRANSFER.match(key):
-        return f"cvr_transfer.{m[1]}.{m[2]}.{m[3]}", None
-    if m := _FUSE.match(key):
-        return f"cvr_transfer.fuse.{m[1]}", None
-    if (m := _HEAD_ONLY.match(key)) and m[1] not in SERVED_HEADS:
-        return key, m[1]
-    raise ExportError(
-        f"model parameter {key!r} has no place in the serving artifact, which holds the MMoE and "
-        "the ctr/cvr towers (schemas/artifact.py); extend the artifact format and serving/model.py "
-        "before exporting this architecture"
-    )
+    """The tensors of ``weights/dense.safetensors``: the checkpoint's dense part loaded into the
+    model (its tables stay on ``meta``), then the model's own serving declaration."""
+    model.load_state_dict({p.name: state[p.checkpoint_key] for p in dense}, strict=False)
+    return {name: t.contiguous() for name, t in model.serving_tensors().items()}
 
 
 def _load(ckpt: Path, params: list[_Param]) -> dict[str, torch.Tensor]:

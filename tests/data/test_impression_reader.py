@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.hashing import map_values
+from schemas.rules import map_values
 from trainer.data import DataError, ImpressionReader, infinite
 from trainer.data.batch import TRUTH_COLUMNS
 

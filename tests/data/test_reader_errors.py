@@ -53,6 +53,12 @@ def good(tiny_columns):
         ("conversion", [0, 0, 0, 0, 1, 0], None, "conversion is 1 but 'click' is 0"),
         ("price", [1.0, 1.0, 1.0, 1.0, float("nan"), 1.0], None, "not finite"),
         ("activity", [1.0, 1.0, 1.0, 1.0, float("-inf"), 1.0], None, "not finite"),
+        (
+            "activity",
+            [1.0, 1.0, 1.0, 1.0, 1e40, 1.0],
+            pa.float64(),
+            "value 1e+40 is out of range: its standard normalisation does not fit a float32",
+        ),
         ("rid", [0, 1, 2, 3, None, 5], None, "null group id"),
     ],
 )

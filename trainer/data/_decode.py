@@ -1,13 +1,16 @@
-"""From Arrow columns to model-ready numpy rows: column checks, id mapping, normalisation.
+"""From Arrow columns to model-ready numpy rows: column checks, then the feature rules.
 
 Two steps, at two times:
 
 * :func:`plan_columns`, when the reader opens the files: every file's column types are checked
   against the schema, so a wrong file fails before training starts, not hours in.
-* :func:`decode_rows`, per row group piece: values are checked (null or non-binary labels, a
-  conversion without a click, NaN / inf dense values, out-of-vocabulary ids under the ``error``
-  policy), sparse values are mapped with :func:`schemas.hashing.map_values`, dense values are
-  defaulted and normalised. Everything is vectorised over the piece.
+* :func:`decode_rows`, per row group piece: labels and ground truth are checked here (null or
+  non-binary labels, a conversion without a click); sparse and dense values go through the
+  feature rules of ``schemas.rules`` (OOV policy, list truncation, default then normalisation,
+  NaN / inf refused), the functions the service's featurizer calls too. This module only turns
+  Arrow arrays into the numpy columns the rules take, and the positions they refuse into a
+  :class:`DataError`. Everything is vectorised over the piece; string columns are dictionary
+  encoded, so each distinct value is hashed once.
 
 Every error names the file, the row group, the column and, for a value, the row (counted from
 the start of the row group).
@@ -33,7 +36,15 @@ from schemas.features import (
     SparseFeature,
     TableSpec,
 )
-from schemas.hashing import hash_string, map_values
+from schemas.hashing import hash_string
+from schemas.rules import (
+    SparseRows,
+    dense_values,
+    list_positions,
+    oov_reason,
+    sparse_rows,
+    truncate_lists,
+)
 from trainer.data._parquet import DataError, ParquetPart, locate
 from trainer.data._rows import Rows
 
@@ -132,16 +143,18 @@ class SparseColumn:
 
     Attributes:
         feature: the feature as the schema declares it.
-        mapping: the same feature with the ``oov_row`` policy. Mapping never raises, so the
-            reader itself enforces the ``error`` policy and can name the offending row.
         table: the table whose rows the feature reads.
         slot: its index in ``Rows.single`` or ``Rows.multi_*``.
     """
 
     feature: SparseFeature
-    mapping: SparseFeature
     table: TableSpec
     slot: int
+
+    @property
+    def strict(self) -> bool:
+        """The ``error`` OOV policy: missing and out-of-vocabulary values are refused."""
+        return self.feature.oov is OOVPolicy.ERROR
 
 
 @dataclass(frozen=True)
@@ -271,14 +284,7 @@ def plan_columns(
     sparse: list[SparseColumn] = []
     for feature in schema.sparse:
         slot = multi if feature.multi_valued else single
-        sparse.append(
-            SparseColumn(
-                feature=feature,
-                mapping=feature.model_copy(update={"oov": OOVPolicy.OOV_ROW}),
-                table=schema.table_of(feature.name),
-                slot=slot,
-            )
-        )
+        sparse.append(SparseColumn(feature=feature, table=schema.table_of(feature.name), slot=slot))
         multi, single = (multi + 1, single) if feature.multi_valued else (multi, single + 1)
     return ColumnPlan(
         sparse=tuple(sparse),
@@ -467,12 +473,11 @@ def _map_sparse(
 ) -> np.ndarray:
     """``(n,)`` int64 row ids of a single-valued column."""
     name = column.feature.name
-    rows = _map(array, column, site.at(name))
-    missing = array.null_count
-    _enforce_policy(rows, column, site, lambda i: (i, array[i].as_py()))
-    stats.missing_values[name] += missing
-    stats.oov_values[name] += int(np.count_nonzero(rows == column.table.buckets))
-    return rows
+    ids = _rows(array, column)
+    _enforce_policy(ids, column, site, lambda i: (i, array[i].as_py()))
+    stats.missing_values[name] += array.null_count
+    stats.oov_values[name] += int(np.count_nonzero(ids.oov))
+    return ids.rows
 
 
 def _map_lists(
@@ -482,70 +487,62 @@ def _map_lists(
     feature = column.feature
     lengths = pc.list_value_length(array).fill_null(0).to_numpy().astype(np.int64)
     flat = array.flatten()  # honours the slice offset and skips null lists
-    over = lengths > feature.max_len
-    if over.any():
-        starts = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lengths)
-        flat = flat.filter(pa.array(position < feature.max_len))
-        stats.truncated_rows[feature.name] += int(np.count_nonzero(over))
-        stats.truncated_values[feature.name] += int((lengths[over] - feature.max_len).sum())
-        lengths = np.minimum(lengths, feature.max_len)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    rows = _map(flat, column, site.at(feature.name))
+    cut = truncate_lists(lengths, feature.max_len)
+    if cut.keep is not None:
+        flat = flat.filter(pa.array(cut.keep))
+        stats.truncated_rows[feature.name] += cut.rows
+        stats.truncated_values[feature.name] += cut.values
+    offsets = np.zeros(len(cut.lengths) + 1, dtype=np.int64)
+    np.cumsum(cut.lengths, out=offsets[1:])
+    ids = _rows(flat, column)
 
     def row_of(element: int) -> tuple[int, object]:
-        row = int(np.searchsorted(offsets, element, side="right") - 1)
-        return row, flat[element].as_py()
+        rows, _ = list_positions(cut.lengths, np.array([element]))
+        return int(rows[0]), flat[element].as_py()
 
-    _enforce_policy(rows, column, site, row_of)
+    _enforce_policy(ids, column, site, row_of)
     stats.missing_values[feature.name] += flat.null_count
-    stats.oov_values[feature.name] += int(np.count_nonzero(rows == column.table.buckets))
-    return rows, offsets
+    stats.oov_values[feature.name] += int(np.count_nonzero(ids.oov))
+    return ids.rows, offsets
 
 
-def _map(array: pa.Array, column: SparseColumn, where: str) -> np.ndarray:
+def _rows(array: pa.Array, column: SparseColumn) -> SparseRows:
+    """The feature rules (``schemas.rules.sparse_rows``) on an Arrow array of values."""
     if column.feature.dtype is SparseDType.STRING:
-        return _map_strings(array, column, where)
+        # Each distinct string is mapped once; logs repeat values heavily. A missing value is one
+        # extra dictionary entry, None, so that the rules apply the OOV policy to it.
+        encoded = array if pa.types.is_dictionary(array.type) else pc.dictionary_encode(array)
+        distinct = encoded.dictionary.to_pylist() + [None]
+        by_entry = sparse_rows(distinct, column.feature, column.table)
+        return by_entry.take(encoded.indices.fill_null(len(distinct) - 1).to_numpy())
     array = _decoded(array)
     if array.null_count:
-        valid = _valid(array)
-        values = array.fill_null(0).to_numpy()
-    else:
-        valid, values = None, array.to_numpy()
-    return map_values(values, column.mapping, column.table, valid=valid, where=where)
-
-
-def _map_strings(array: pa.Array, column: SparseColumn, where: str) -> np.ndarray:
-    # Each distinct string is mapped once; logs repeat values heavily. A missing value is mapped
-    # as one extra, invalid dictionary entry so that map_values applies the policy to it.
-    encoded = array if pa.types.is_dictionary(array.type) else pc.dictionary_encode(array)
-    dictionary = encoded.dictionary
-    distinct = np.empty(len(dictionary) + 1, dtype=object)
-    distinct[:-1] = dictionary.to_numpy(zero_copy_only=False)
-    valid = np.append(_valid(dictionary), False)
-    by_entry = map_values(distinct, column.mapping, column.table, valid=valid, where=where)
-    index = encoded.indices.fill_null(len(dictionary)).to_numpy().astype(np.intp)
-    return by_entry[index]
+        return sparse_rows(
+            array.fill_null(0).to_numpy(), column.feature, column.table, present=_valid(array)
+        )
+    return sparse_rows(array.to_numpy(), column.feature, column.table)
 
 
 def _enforce_policy(
-    rows: np.ndarray,
+    ids: SparseRows,
     column: SparseColumn,
     site: Site,
     row_and_value: Callable[[int], tuple[int, object]],
 ) -> None:
-    if column.feature.oov is not OOVPolicy.ERROR:
+    invalid = np.flatnonzero(ids.invalid) if ids.invalid is not None else ()
+    if len(invalid):  # cannot come from Arrow, which holds valid UTF-8; checked all the same
+        row, value = row_and_value(int(invalid[0]))
+        raise DataError(f"{site.at(column.feature.name, row)}: string {value!r} is not valid UTF-8")
+    if not column.strict:
         return
-    oov = np.flatnonzero(rows == column.table.buckets)
-    if not oov.size:
+    refused = np.flatnonzero(ids.refused(True))
+    if not refused.size:
         return
-    row, value = row_and_value(int(oov[0]))
-    reason = "missing value" if value is None else f"value {value!r} is out of vocabulary"
+    row, value = row_and_value(int(refused[0]))
     raise DataError(
-        f"{site.at(column.feature.name, row)}: {reason} ({oov.size} in this piece); the oov "
-        f"policy is 'error' and table {column.table.name!r} has {column.table.buckets} rows"
+        f"{site.at(column.feature.name, row)}: {oov_reason(value)} ({refused.size} in this "
+        f"piece); the oov policy is 'error' and table {column.table.name!r} has "
+        f"{column.table.buckets} rows"
     )
 
 
@@ -555,25 +552,33 @@ def normalize_dense(values: np.ndarray, normalization: Normalization) -> np.ndar
 
 
 def _dense(array: pa.Array, feature: DenseFeature, site: Site, stats: ReaderStats) -> np.ndarray:
-    """``(n,)`` float64 normalised values, nulls replaced by the default first."""
+    """``(n,)`` float32 model inputs (``schemas.rules.dense_values``: default, then normalise)."""
     array = _decoded(array)
     if not pa.types.is_float64(array.type):
         # safe=False: int64 ids beyond 2**53 lose precision rather than abort the read.
         array = array.cast(pa.float64(), safe=False)
-    values = array.fill_null(0.0).to_numpy() if array.null_count else array.to_numpy()
-    bad = ~np.isfinite(values)
     if array.null_count:
-        valid = _valid(array)
-        bad &= valid
-        values = np.where(valid, values, feature.default)
+        raw = array.fill_null(0.0).to_numpy()
+        dense = dense_values(raw, feature, present=_valid(array))
         stats.missing_values[feature.name] += array.null_count
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+    else:
+        raw = array.to_numpy()
+        dense = dense_values(raw, feature)
+    if dense.not_finite.any():
+        row = int(np.flatnonzero(dense.not_finite)[0])
         raise DataError(
-            f"{site.at(feature.name, row)}: value {values[row]} is not finite "
-            f"({int(bad.sum())} NaN/inf value(s) in this piece); write null for a missing value"
+            f"{site.at(feature.name, row)}: value {raw[row]} is not finite "
+            f"({int(dense.not_finite.sum())} NaN/inf value(s) in this piece); write null for a "
+            "missing value"
         )
-    return normalize_dense(values, feature.normalization)
+    if dense.overflow.any():
+        row = int(np.flatnonzero(dense.overflow)[0])
+        raise DataError(
+            f"{site.at(feature.name, row)}: value {raw[row]} is out of range: its "
+            f"{feature.normalization.kind.value} normalisation does not fit a float32 "
+            f"({int(dense.overflow.sum())} such value(s) in this piece)"
+        )
+    return dense.values
 
 
 def _group(array: pa.Array, site: Site, name: str) -> np.ndarray:

@@ -1,5 +1,8 @@
-"""Model components: embeddings from the schema, feature interactions, MMoE, towers (Adap-SL's partially shared ones
-too), and the CTR/CVR model."""
+"""Model components: embeddings from the schema, feature interactions, MMoE, towers (Adap-SL's
+partially shared ones too), and the CTR/CVR model.
+
+The modules the service computes with declare the tensors they export (``serving_tensors``,
+see ``trainer.model.exported``); ``CtcvrModel.serving_tensors`` composes them."""
 
 from trainer.model.adap_sl import PartiallySharedTowers
 from trainer.model.conditioning import PropensityConditionedTower

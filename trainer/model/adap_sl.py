@@ -252,6 +252,11 @@ class PartiallySharedTowers(nn.Module):
         for head in self.heads.values():
             head.zero_pruned_()
 
+    def serving_tensors(self, tower: str) -> dict[str, torch.Tensor]:
+        """``tower`` folded into an ordinary tower (:meth:`folded_tower`), under the artifact
+        names of the head it serves: the service never sees the sharing or the masks."""
+        return self.folded_tower(tower).serving_tensors(tower)
+
     @torch.no_grad()
     def folded_tower(self, tower: str) -> Tower:
         """``tower`` as an ordinary ``Tower`` with the same outputs on the same input: each layer's

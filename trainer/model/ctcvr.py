@@ -1,4 +1,9 @@
-"""The CTR/CVR model: sparse embeddings and dense features -> MMoE -> one tower per task head."""
+"""The CTR/CVR model: sparse embeddings and dense features -> MMoE -> one tower per task head.
+
+The model also says what of it the service needs (:meth:`CtcvrModel.serving_tensors`, composed
+from its modules' declarations, see ``trainer.model.exported``) and where its embedding tables
+are (:meth:`CtcvrModel.table_keys`), so the export reads both from the model itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from schemas.artifact import SERVED_HEADS
 from trainer.model.adap_sl import TOWERS as PARTIALLY_SHARED_HEADS
 from trainer.model.adap_sl import PartiallySharedTowers
 from trainer.model.conditioning import PropensityConditionedTower
@@ -131,6 +137,44 @@ class CtcvrModel(nn.Module):
         if self.partially_shared is not None and head in self.partially_shared.towers:
             return gate + self.partially_shared.tower_tensors(head)
         return gate + list(self.towers[head].parameters())
+
+    @property
+    def training_only_heads(self) -> tuple[str, ...]:
+        """Heads the service does not compute (their gates may still be exported, see
+        :meth:`serving_tensors`)."""
+        return tuple(head for head in self.heads if head not in SERVED_HEADS)
+
+    def serving_tensors(self) -> dict[str, torch.Tensor]:
+        """The dense tensors the service computes pCTR and pCVR with, under their artifact names.
+
+        The experts; the gates of the served heads and of DDPO's transfer sources (their
+        mixtures feed the CVR tower's input); the served heads' towers, an Adap-SL tower folded
+        into an ordinary one; the causal transfer modules. Nothing of a training-only head
+        besides a transfer source's gate. ``ModelSpec.dense_shapes()`` of the matching spec
+        lists the same names and shapes (the export checks it).
+
+        Returns:
+            Artifact tensor name to tensor (detached; folded towers are new tensors).
+        """
+        sources = self.cvr_transfer.sources if self.cvr_transfer is not None else ()
+        gates = SERVED_HEADS + tuple(s for s in sources if s not in SERVED_HEADS)
+        tensors = self.mmoe.serving_tensors(gates)
+        for head in SERVED_HEADS:
+            if self.partially_shared is not None and head in self.partially_shared.towers:
+                tensors |= self.partially_shared.serving_tensors(head)
+            else:
+                tensors |= self.towers[head].serving_tensors(head)
+        if self.cvr_transfer is not None:
+            tensors |= self.cvr_transfer.serving_tensors()
+        return tensors
+
+    def table_keys(self) -> dict[str, str]:
+        """The ``state_dict`` key of every embedding table's weight, by table name, in the
+        order of the tables' configs."""
+        ebc = self.sparse_arch.embedding_bag_collection
+        tables = {id(bag.weight): name for name, bag in ebc.embedding_bags.items()}
+        keys = {tables[id(p)]: key for key, p in self.named_parameters() if id(p) in tables}
+        return {config.name: keys[config.name] for config in ebc.embedding_bag_configs()}
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> TaskOutputs:
         """Args: sparse with one key per sparse feature; dense ``(B, N)``.

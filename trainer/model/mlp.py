@@ -45,6 +45,11 @@ class MLP(nn.Module):
         """Args: x ``(B, D)``. Returns ``(B, layer_sizes[-1])``."""
         return self.layers(x)
 
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """The linear layer of every block, first to last."""
+        return [block[0] for block in self.layers]
+
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of every layer, for objectives that read intermediate features."""
         outputs = []

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from schemas.artifact import expert_layer, gate
+from trainer.model.exported import linear_tensors
 from trainer.model.mlp import MLP
 
 __all__ = ["MMoE"]
@@ -66,6 +68,21 @@ class MMoE(nn.Module):
             x.detach(), experts.detach(), detached
         )
         return {task: mixtures[task] for task in self.gates}
+
+    def serving_tensors(self, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every expert, and the gates of ``tasks``, under their artifact names
+        (``mmoe.experts.{e}.layers.{l}``, ``mmoe.gates.{task}``).
+
+        Raises:
+            KeyError: a task without a gate.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        for e, expert in enumerate(self.experts):
+            for layer, linear in enumerate(expert.linears):
+                tensors |= linear_tensors(expert_layer(e, layer), linear)
+        for task in tasks:
+            tensors |= linear_tensors(gate(task), self.gates[task])
+        return tensors
 
     def _mix(
         self, x: torch.Tensor, experts: torch.Tensor, tasks: Sequence[str]

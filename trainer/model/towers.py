@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from schemas.artifact import tower_layer, tower_logit
+from trainer.model.exported import linear_tensors
 from trainer.model.mlp import MLP
 
 __all__ = ["Tower"]
@@ -32,3 +34,12 @@ class Tower(nn.Module):
         activations = self.hidden.activations(x) if self.hidden is not None else []
         last = activations[-1] if activations else x
         return self.head(last).squeeze(-1), activations
+
+    def serving_tensors(self, head: str) -> dict[str, torch.Tensor]:
+        """The tower as ``head``'s in the artifact: ``towers.{head}.layers.{l}`` and
+        ``towers.{head}.head`` (``schemas.artifact.tower_layer`` / ``tower_logit``)."""
+        linears = self.hidden.linears if self.hidden is not None else []
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, linear in enumerate(linears):
+            tensors |= linear_tensors(tower_layer(head, layer), linear)
+        return tensors | linear_tensors(tower_logit(head), self.head)

@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from schemas.artifact import TRANSFER_FUSE, TRANSFER_PROJECTIONS, transfer_projection
+from trainer.model.exported import linear_tensors
+
 __all__ = ["CausalTransfer", "CausalTransferFusion"]
 
 
@@ -83,6 +86,16 @@ class CausalTransferFusion(nn.Module):
     @property
     def sources(self) -> tuple[str, ...]:
         return tuple(self.transfers.keys())
+
+    def serving_tensors(self) -> dict[str, torch.Tensor]:
+        """Every transfer module's projections (``cvr_transfer.{source}.{query,key,value}``) and
+        the fusion (``cvr_transfer.fuse``), under their artifact names."""
+        tensors: dict[str, torch.Tensor] = {}
+        for source, transfer in self.transfers.items():
+            for projection in TRANSFER_PROJECTIONS:
+                name = transfer_projection(source, projection)
+                tensors |= linear_tensors(name, getattr(transfer, projection))
+        return tensors | linear_tensors(TRANSFER_FUSE, self.fuse)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Args: features ``(B, d)`` by head, with ``"cvr"`` and every source.
