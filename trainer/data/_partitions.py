@@ -111,7 +111,7 @@ def _check(node: ast.expr, text: str, columns: list[str]) -> None:
         _check(node.operand, text, columns)
     elif isinstance(node, ast.Compare):
         operands = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, operands, operands[1:], strict=True):
+        for op, left, right in zip(node.ops, operands[:-1], operands[1:], strict=True):
             column = _column_side(left, right, op, text)
             columns.append(column)
     else:
@@ -171,7 +171,7 @@ def _build(node: ast.expr, text: str, types: Mapping[str, pa.DataType]) -> ds.Ex
     operands = [node.left, *node.comparators]
     terms = [
         _comparison(op, left, right, text, types)
-        for op, left, right in zip(node.ops, operands, operands[1:], strict=True)
+        for op, left, right in zip(node.ops, operands[:-1], operands[1:], strict=True)
     ]
     combined = terms[0]
     for term in terms[1:]:  # a < day < b is a < day and day < b
