@@ -3,7 +3,9 @@
 Every rank (and every ``DataLoader`` worker) reads a contiguous, balanced slice of the rows of all
 files together, so each row is read exactly once per epoch across ranks. Only the row groups that
 overlap the slice are read, one at a time, with only the columns the schema needs; memory holds
-one row group plus the shuffle buffer, never a whole file.
+one row group plus the shuffle buffer, never a whole file. Files are local paths or storage URIs
+(``s3://bucket/logs``, read with ranged requests; see :mod:`schemas.storage`), and a directory of
+hive partitions (``day=2026-12-01/``) is one log that a filter narrows.
 
 Example::
 
@@ -13,6 +15,10 @@ Example::
         reader.set_epoch(epoch)
         for batch in reader:            # Batch(sparse=KJT, dense=(B, D), click=(B,), ...)
             ...
+
+    # the last week of a day-partitioned log in object storage
+    week = ImpressionReader("s3://logs/impressions", schema, batch_size=4096,
+                            filter="day >= '2026-11-25'")
 
     # step-based training: epochs loop forever and the position can be checkpointed
     batches = infinite(reader)
