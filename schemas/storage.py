@@ -328,6 +328,8 @@ def _filesystem(location: Location) -> pafs.FileSystem:
         key = ("hdfs", urlsplit(location.uri).netloc)
     else:
         key = (scheme,)
+    # A forked child (a DataLoader worker) builds its own client: SDK clients are not fork-safe.
+    key = (os.getpid(), *key)
     with _FILESYSTEMS_LOCK:
         cached = _FILESYSTEMS.get(key)
         if cached is None:
