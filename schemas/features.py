@@ -34,6 +34,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from schemas import storage
+
 __all__ = [
     "TRUTH_COLUMNS",
     "DenseFeature",
@@ -301,22 +303,24 @@ class FeatureSchema(_Frozen):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+    def save(self, path: str | Path | storage.Location) -> None:
+        """Write the schema YAML to a local path or a storage URI (whole, never half a file)."""
+        storage.write_text(path, self.to_yaml())
 
 
-def load_schema(path: str | Path) -> FeatureSchema:
-    """Read and validate a schema YAML file.
+def load_schema(path: str | Path | storage.Location) -> FeatureSchema:
+    """Read and validate a schema YAML file, from a local path or a storage URI.
 
     Raises:
-        SchemaError: the file is missing, is not YAML, or does not describe a valid schema.
+        SchemaError: the file is missing or unreadable (naming why), is not YAML, or does not
+            describe a valid schema.
     """
-    path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise SchemaError(f"cannot read schema file {path}: {err.strerror}") from None
-    return FeatureSchema.from_yaml(text, source=str(path))
+        location = storage.resolve(path)
+        text = storage.read_text(location)
+    except storage.StorageError as err:
+        raise SchemaError(f"cannot read schema file {err}") from None
+    return FeatureSchema.from_yaml(text, source=location.uri)
 
 
 def _reject_duplicates(kind: str, names: list[str]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.data._partitions import FilterError, PartitionFilter
 from trainer.model.adap_sl import IMPUTATION
 from trainer.objectives import OBJECTIVES, ParamsError, objective_params, params_to_dict
 
@@ -80,8 +81,11 @@ class FeatureInteraction(str, Enum):
 
 @dataclass
 class DataConfig:
-    train: str = MISSING  # Parquet file or directory of training impressions
+    train: str = MISSING  # Parquet file or directory (or URI: s3://bucket/logs) of training rows
     test: str | None = None  # evaluated at the end of training when set
+    # Hive partitions of data.train to read, e.g. "day >= '2026-11-25'": comparisons of partition
+    # columns with constants, in, and, or, not (see trainer.data._partitions). None: all files.
+    filter: str | None = None
     schema: str | None = None  # schema YAML; default: schema.yaml in the train path's parent
     batch_size: int = 2048  # per rank
     shuffle_buffer: int = 65_536  # rows held for shuffling (bounds memory)
@@ -240,6 +244,11 @@ def _check(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.data.filter is not None:
+        try:
+            PartitionFilter.parse(config.data.filter)
+        except FilterError as err:
+            raise ConfigError(f"data.filter: {err}") from None
     if config.data.ranking_k < 0:
         raise ConfigError(
             f"data.ranking_k must be >= 0 (0: no ranking metrics), got {config.data.ranking_k}"

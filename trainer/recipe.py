@@ -112,7 +112,7 @@ class TrainRecipe:
         self.model = shard_model(module, self.ctx, cfg.sharding)
         self.optimizer = build_optimizer(self.model, cfg.dense_optimizer)
         self.train_reader = self._reader(
-            cfg.data.train, shuffle=True, batch_size=cfg.data.batch_size
+            cfg.data.train, shuffle=True, batch_size=cfg.data.batch_size, filter=cfg.data.filter
         )
         self.batches = infinite(self.train_reader)
         if not self.read_only:
@@ -141,7 +141,9 @@ class TrainRecipe:
                 path = (train if train.is_dir() else train.parent) / "schema.yaml"
         return load_schema(path)
 
-    def _reader(self, source: str, *, shuffle: bool, batch_size: int) -> ImpressionReader:
+    def _reader(
+        self, source: str, *, shuffle: bool, batch_size: int, filter: str | None = None
+    ) -> ImpressionReader:
         return ImpressionReader(
             source,
             self.schema,
@@ -151,6 +153,7 @@ class TrainRecipe:
             seed=self.config.seed,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
+            filter=filter,
         )
 
     def _restore(self) -> None:

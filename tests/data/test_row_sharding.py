@@ -100,7 +100,7 @@ def test_a_rank_reads_only_the_row_groups_its_slice_overlaps(log_dir, tiny_schem
     original = reader_module.read_row_group
 
     def spy(handle, part, row_group, columns):
-        calls.append((part.path.name, row_group))
+        calls.append((part.source.location.name, row_group))
         return original(handle, part, row_group, columns)
 
     monkeypatch.setattr(reader_module, "read_row_group", spy)

@@ -34,7 +34,7 @@ def test_serving_never_imports_trainer():
 
 def test_schemas_never_import_torch():
     code = (
-        "import sys, schemas, schemas.api, schemas.artifact\n"
+        "import sys, schemas, schemas.api, schemas.artifact, schemas.storage\n"
         "assert 'torch' not in sys.modules and 'numpy' in sys.modules\n"
     )
     result = subprocess.run(

@@ -4,9 +4,12 @@ Example::
 
     from trainer.data import ImpressionReader, SimulatorConfig, infinite, simulate
 
-    simulate(SimulatorConfig(rows=100_000, seed=0), "data/sim")
+    simulate(SimulatorConfig(rows=100_000, seed=0), "data/sim")   # or "s3://bucket/sim"
     reader = ImpressionReader.from_dataset("data/sim", "train", batch_size=4096)
     batch = next(infinite(reader))
+
+Paths may be storage URIs (:mod:`schemas.storage`); a directory of hive partitions
+(``day=2026-12-01/``) is one log, narrowed by ``ImpressionReader(..., filter="day >= '...'")``.
 
 Public data sets and rating logs are converted to the same layout by
 :mod:`trainer.data.converters` (Coat, any MNAR rating log, Ali-CCP, AliExpress).
@@ -30,8 +33,10 @@ __all__ = [
     "ReaderStats",
     "SimulationResult",
     "SimulatorConfig",
+    "find_schema",
     "format_summaries",
     "infinite",
+    "load_dataset_schema",
     "normalize_dense",
     "simulate",
     "simulated_schema",
@@ -45,6 +50,8 @@ _SOURCES = {
     "Batch": "trainer.data.batch",
     "GroundTruth": "trainer.data.batch",
     "DataError": "trainer.data._parquet",
+    "find_schema": "trainer.data._dataset",
+    "load_dataset_schema": "trainer.data._dataset",
     "ReaderStats": "trainer.data._decode",
     "normalize_dense": "trainer.data._decode",
     "EpochLoop": "trainer.data.reader",
@@ -60,6 +67,7 @@ _SOURCES = {
 }
 
 if TYPE_CHECKING:
+    from trainer.data._dataset import find_schema, load_dataset_schema
     from trainer.data._decode import ReaderStats, normalize_dense
     from trainer.data._parquet import DataError
     from trainer.data.batch import TRUTH_COLUMNS, Batch, GroundTruth

@@ -1,8 +1,10 @@
 """Command line of ``trainer.data``.
 
 python -m trainer.data simulate --rows 1000000 --out data/sim --seed 0
+python -m trainer.data simulate --rows 1000000 --out s3://bucket/sim   # AWS_* from the environment
 python -m trainer.data stats data/sim                 # label rates per split
 python -m trainer.data stats data/sim/train --scan    # also validate every row with the reader
+python -m trainer.data stats s3://bucket/logs --filter "day >= '2026-11-25'"   # hive partitions
 python -m trainer.data convert coat --out data/coat   # Coat (shipped) -> impression logs
 python -m trainer.data convert ratings --train R3/train.txt --test R3/test.txt --out data/r3
 python -m trainer.data convert aliccp --src ALICCP_DIR --out data/aliccp
@@ -17,7 +19,10 @@ from typing import Annotated
 
 import typer
 
+from schemas import storage
 from schemas.features import FeatureSchema, SchemaError, load_schema
+from schemas.storage import Kind, StorageError
+from trainer.data._dataset import find_schema
 from trainer.data._parquet import DataError
 from trainer.data.converters import (
     COAT_DIR,
@@ -32,7 +37,7 @@ from trainer.data.converters import (
     convert_coat,
     convert_ratings,
 )
-from trainer.data.simulator import SCHEMA_FILE, SPLITS, SimulatorConfig, simulate
+from trainer.data.simulator import SPLITS, SimulatorConfig, simulate
 from trainer.data.summary import LogSummary, format_summaries, summarize
 
 __all__ = ["app"]
@@ -52,11 +57,12 @@ convert_app = typer.Typer(
 app.add_typer(convert_app, name="convert")
 
 _DEFAULTS = SimulatorConfig()
+_OUT_HELP = "Data set directory to write: a path or a URI (s3://bucket/prefix)."
 
 
 @app.command("simulate")
 def simulate_command(
-    out: Annotated[Path, typer.Option(help="Data set directory to write.")],
+    out: Annotated[str, typer.Option(help=_OUT_HELP)],
     rows: Annotated[
         int, typer.Option(help="Impressions, train and test together.")
     ] = _DEFAULTS.rows,
@@ -115,6 +121,9 @@ def simulate_command(
             file_rows=file_rows,
         )
         result = simulate(cfg, out, overwrite=overwrite, progress=progress)
+    except StorageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
     except (ValueError, FileExistsError) as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"wrote {out} in {result.seconds:.1f} s")
@@ -128,15 +137,21 @@ def simulate_command(
 @app.command("stats")
 def stats_command(
     paths: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="A data set directory (with train/ and test/), a directory of part files, "
-            "or files."
+            help="A data set directory (with train/ and test/), a directory of part files or of "
+            "hive partitions, or files; paths or URIs (s3://bucket/prefix)."
         ),
     ],
     schema: Annotated[
-        Path | None,
+        str | None,
         typer.Option(help="Schema YAML; default: schema.yaml beside or above the data."),
+    ] = None,
+    filter: Annotated[
+        str | None,
+        typer.Option(
+            "--filter", help="Keep the hive partitions it selects, e.g. \"day >= '2026-11-25'\"."
+        ),
     ] = None,
     scan: Annotated[
         bool,
@@ -147,12 +162,12 @@ def stats_command(
     ] = False,
 ) -> None:
     """Print label rates (and ground-truth bias, if present) of an impression log."""
-    groups = _split_groups(paths)
     try:
+        groups = _split_groups(paths)
         feature_schema = _find_schema(paths, schema)
         click, conversion = _label_names(feature_schema)
         summaries: dict[str, LogSummary] = {
-            name: summarize(files, click=click, conversion=conversion)
+            name: summarize(files, click=click, conversion=conversion, filter=filter)
             for name, files in groups.items()
         }
         if len(summaries) > 1:
@@ -167,8 +182,8 @@ def stats_command(
                     "--scan needs a schema: pass --schema or put schema.yaml beside the data"
                 )
             for name, files in groups.items():
-                typer.echo(f"\n{name}: " + _scan(files, feature_schema))
-    except (DataError, SchemaError) as err:
+                typer.echo(f"\n{name}: " + _scan(files, feature_schema, filter))
+    except (DataError, SchemaError, StorageError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=1) from None
 
@@ -177,6 +192,7 @@ _MNAR = MnarConfig()
 _ALICCP = AliCcpConfig()
 _ALIEXPRESS = AliExpressConfig()
 Overwrite = Annotated[bool, typer.Option(help="Replace part files already in OUT.")]
+Out = Annotated[str, typer.Option(help=_OUT_HELP)]
 Strict = Annotated[
     bool, typer.Option(help="Stop at the first malformed line instead of counting and skipping it.")
 ]
@@ -193,7 +209,7 @@ Seed = Annotated[int, typer.Option(help="Seed of the validation split.")]
 
 @convert_app.command("coat")
 def convert_coat_command(
-    out: Annotated[Path, typer.Option(help="Data set directory to write.")],
+    out: Out,
     src: Annotated[
         Path, typer.Option(help="Directory of the raw Coat files (default: the shipped copy).")
     ] = COAT_DIR,
@@ -221,7 +237,7 @@ def convert_coat_command(
 def convert_ratings_command(
     train: Annotated[Path, typer.Option(help="Self-selected (user, item, rating) ratings.")],
     test: Annotated[Path, typer.Option(help="Random-exposure ratings, same format.")],
-    out: Annotated[Path, typer.Option(help="Data set directory to write.")],
+    out: Out,
     threshold: Threshold = _MNAR.threshold,
     delimiter: Annotated[
         str,
@@ -294,7 +310,7 @@ def convert_aliccp_command(
         Path,
         typer.Option(help="Directory of sample_skeleton_{train,test}.csv, common_features_*.csv."),
     ],
-    out: Annotated[Path, typer.Option(help="Data set directory to write.")],
+    out: Out,
     dim: Dim = _ALICCP.dim,
     fields: Annotated[
         str | None, typer.Option(help="Comma-separated field names to keep (default: all 23).")
@@ -331,7 +347,7 @@ def convert_aliexpress_command(
     src: Annotated[
         Path, typer.Option(help="A country directory with train.csv and test.csv (AliExpress_NL).")
     ],
-    out: Annotated[Path, typer.Option(help="Data set directory to write.")],
+    out: Out,
     dim: Dim = _ALIEXPRESS.dim,
     strict: Strict = False,
     overwrite: Overwrite = False,
@@ -341,11 +357,11 @@ def convert_aliexpress_command(
     _report(out, lambda: convert_aliexpress(src, out, cfg, strict=strict, overwrite=overwrite))
 
 
-def _report(out: Path, convert: Callable[[], ConversionResult]) -> None:
+def _report(out: str, convert: Callable[[], ConversionResult]) -> None:
     """Run a conversion; print label rates and malformed lines, or the error (exit code 1)."""
     try:
         result = convert()
-    except (ConversionError, FileExistsError, ValueError) as err:
+    except (ConversionError, FileExistsError, ValueError) as err:  # StorageError included
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"wrote {out} in {result.seconds:.1f} s")
@@ -370,22 +386,20 @@ def _buckets(items: list[str]) -> dict[str, int]:
     return parsed
 
 
-def _split_groups(paths: list[Path]) -> dict[str, list[Path]]:
+def _split_groups(paths: list[str]) -> dict[str, list[str]]:
     """A data set directory is summarised per split; anything else as one log."""
-    if len(paths) == 1 and all((paths[0] / split).is_dir() for split in SPLITS):
-        return {split: [paths[0] / split] for split in SPLITS}
+    if len(paths) == 1:
+        root = storage.resolve(paths[0])
+        if all(storage.kind(root.join(split)) is Kind.DIRECTORY for split in SPLITS):
+            return {split: [root.join(split).uri] for split in SPLITS}
     return {"log": list(paths)}
 
 
-def _find_schema(paths: list[Path], given: Path | None) -> FeatureSchema | None:
+def _find_schema(paths: list[str], given: str | None) -> FeatureSchema | None:
     if given is not None:
         return load_schema(given)
-    first = paths[0].resolve()
-    start = first if first.is_dir() else first.parent
-    for directory in (start, start.parent):
-        if (directory / SCHEMA_FILE).is_file():
-            return load_schema(directory / SCHEMA_FILE)
-    return None
+    found = find_schema(paths[0])
+    return None if found is None else load_schema(found)
 
 
 def _label_names(schema: FeatureSchema | None) -> tuple[str, str]:
@@ -394,10 +408,10 @@ def _label_names(schema: FeatureSchema | None) -> tuple[str, str]:
     return schema.labels.click, schema.labels.conversion
 
 
-def _scan(files: list[Path], schema: FeatureSchema) -> str:
+def _scan(files: list[str], schema: FeatureSchema, filter: str | None) -> str:
     from trainer.data.reader import ImpressionReader  # torch is imported only when scanning
 
-    reader = ImpressionReader(files, schema, batch_size=65_536, shuffle=False)
+    reader = ImpressionReader(files, schema, batch_size=65_536, shuffle=False, filter=filter)
     for _ in reader:
         pass
     return reader.stats.format()

@@ -3,7 +3,9 @@
 Every rank (and every ``DataLoader`` worker) reads a contiguous, balanced slice of the rows of all
 files together, so each row is read exactly once per epoch across ranks. Only the row groups that
 overlap the slice are read, one at a time, with only the columns the schema needs; memory holds
-one row group plus the shuffle buffer, never a whole file.
+one row group plus the shuffle buffer, never a whole file. Files are local paths or storage URIs
+(``s3://bucket/logs``, read with ranged requests; see :mod:`schemas.storage`), and a directory of
+hive partitions (``day=2026-12-01/``) is one log that a filter narrows.
 
 Example::
 
@@ -13,6 +15,10 @@ Example::
         reader.set_epoch(epoch)
         for batch in reader:            # Batch(sparse=KJT, dense=(B, D), click=(B,), ...)
             ...
+
+    # the last week of a day-partitioned log in object storage
+    week = ImpressionReader("s3://logs/impressions", schema, batch_size=4096,
+                            filter="day >= '2026-11-25'")
 
     # step-based training: epochs loop forever and the position can be checkpointed
     batches = infinite(reader)
@@ -40,7 +46,9 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from schemas.features import FeatureSchema, load_schema
+from schemas import storage
+from schemas.features import FeatureSchema
+from trainer.data._dataset import load_dataset_schema
 from trainer.data._decode import ColumnPlan, ReaderStats, decode_rows, plan_columns
 from trainer.data._parquet import (
     DataError,
@@ -56,8 +64,6 @@ from trainer.data._sharding import Piece, plan_pieces, shard_bounds
 from trainer.data.batch import Batch, GroundTruth
 
 __all__ = ["DataError", "EpochLoop", "ImpressionReader", "ReaderStats", "infinite"]
-
-SCHEMA_FILE = "schema.yaml"
 
 
 class ImpressionReader(IterableDataset[Batch]):
@@ -75,7 +81,10 @@ class ImpressionReader(IterableDataset[Batch]):
     shuffle_buffer // 2)`` rows plus one row group.
 
     Args:
-        paths: a directory of ``*.parquet`` files, a file, or a list of either.
+        paths: a directory of ``*.parquet`` files, a file, or a list of either, as local paths
+            or storage URIs (``s3://bucket/logs``, see :mod:`schemas.storage`). A directory of
+            hive partitions (``day=2026-12-01/part-0.parquet``) is read as one log; its partition
+            columns are read only if the schema names them.
         schema: the feature schema the files follow.
         batch_size: rows per batch ``B``.
         shuffle: shuffle rows (training); False keeps file order (evaluation). Default True.
@@ -89,10 +98,15 @@ class ImpressionReader(IterableDataset[Batch]):
         rank: this process's rank; default ``torch.distributed.get_rank()`` if initialised, else 0.
         world_size: number of ranks; default ``torch.distributed.get_world_size()`` if
             initialised, else 1.
+        filter: keeps the hive partitions it selects, e.g. ``"day >= '2026-11-25'"``: Python
+            comparisons of partition columns with constants, ``in``, ``and``, ``or``, ``not``.
+            Default None (every file).
 
     Raises:
         DataError: no files, unreadable files, a column missing or of the wrong type, ground
-            truth in only some files.
+            truth in only some files, an invalid filter or one that selects no file.
+        StorageError: a missing bucket, denied access, an unreachable store (also while
+            iterating, after the store's retries).
         ValueError: a non-positive ``batch_size``, a negative ``shuffle_buffer``, an invalid
             ``rank`` / ``world_size``.
     """
@@ -110,6 +124,7 @@ class ImpressionReader(IterableDataset[Batch]):
         with_truth: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        filter: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -123,27 +138,34 @@ class ImpressionReader(IterableDataset[Batch]):
         self.seed = seed
         self.drop_last = drop_last
         self.rank, self.world_size = _resolve_rank(rank, world_size)
-        self.files: list[Path] = resolve_files(paths)
-        self.parts: list[ParquetPart] = inspect_files(self.files)
+        self.filter = filter
+        self.parts: list[ParquetPart] = inspect_files(resolve_files(paths, filter=filter))
+        self.files: list[str] = [part.path for part in self.parts]
         self.plan: ColumnPlan = plan_columns(schema, self.parts, with_truth)
         self.stats = ReaderStats.for_schema(schema)
         self.epoch = 0
 
     @classmethod
-    def from_dataset(cls, root: str | Path, split: str, **kwargs: Any) -> ImpressionReader:
+    def from_dataset(
+        cls, root: str | Path | storage.Location, split: str, **kwargs: Any
+    ) -> ImpressionReader:
         """A reader of ``root/<split>/*.parquet`` with the schema in ``root/schema.yaml``.
 
-        ``shuffle`` defaults to ``split == "train"``; other keyword arguments go to the
-        constructor.
+        ``root`` is a local path or a URI. ``shuffle`` defaults to ``split == "train"``; other
+        keyword arguments go to the constructor.
+
+        Raises:
+            DataError: ``root`` holds no ``schema.yaml``: not a data set, or one whose writer is
+                still running or failed (writers publish the schema after every part file).
 
         Example::
 
             train = ImpressionReader.from_dataset("data/sim", "train", batch_size=4096)
-            test = ImpressionReader.from_dataset("data/sim", "test", batch_size=8192)
+            test = ImpressionReader.from_dataset("s3://bucket/sim", "test", batch_size=8192)
         """
-        root = Path(root)
+        root = storage.resolve(root)
         kwargs.setdefault("shuffle", split == "train")
-        return cls(root / split, load_schema(root / SCHEMA_FILE), **kwargs)
+        return cls(root.join(split), load_dataset_schema(root), **kwargs)
 
     # Sizes -------------------------------------------------------------------------------------
 
@@ -217,7 +239,7 @@ class ImpressionReader(IterableDataset[Batch]):
                 part = self.parts[piece.file]
                 if piece.file != handle_file:
                     if handle is not None:
-                        handle.close()
+                        handle.close(force=True)
                     handle, handle_file = open_file(part), piece.file
                 table = read_row_group(handle, part, piece.row_group, columns)
                 if piece.num_rows != table.num_rows:
@@ -225,7 +247,7 @@ class ImpressionReader(IterableDataset[Batch]):
                 yield decode_rows(table, self.plan, part, piece.row_group, piece.start, self.stats)
         finally:
             if handle is not None:
-                handle.close()
+                handle.close(force=True)
 
     def _cut(self, chunks: Iterator[Rows], rng: np.random.Generator | None) -> Iterator[Rows]:
         """Rows of ``batch_size`` (the last one possibly smaller), through the shuffle buffer.
@@ -298,7 +320,7 @@ class ImpressionReader(IterableDataset[Batch]):
             f"{type(self).__name__}(files={len(self.files)}, rows={self.num_rows:,}, "
             f"rank={self.rank}/{self.world_size}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, shuffle_buffer={self.shuffle_buffer}, seed={self.seed}, "
-            f"truth={self.with_truth})"
+            f"truth={self.with_truth}" + (f", filter={self.filter!r})" if self.filter else ")")
         )
 
 

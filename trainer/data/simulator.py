@@ -53,7 +53,6 @@ drawn once from the seed. The same seed writes the same files, bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -63,15 +62,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from schemas.features import FeatureSchema
+from schemas.storage import UriLike
+from trainer.data._dataset import (
+    SplitWriter,
+    prepare_dataset,
+    publish_dataset,
+    result_dir,
+)
 from trainer.data.summary import LogSummary
 
 __all__ = ["SimulationResult", "SimulatorConfig", "simulate", "simulated_schema"]
 
-SCHEMA_FILE = "schema.yaml"
 SIMULATION_FILE = "simulation.json"
 SPLITS = ("train", "test")
 
@@ -171,7 +175,7 @@ class SimulationResult:
     """What :func:`simulate` wrote.
 
     Attributes:
-        out_dir: the data set directory.
+        out_dir: the data set directory (a ``Path``, or the URI it was written to).
         schema: its feature schema (also in ``out_dir/schema.yaml``).
         splits: label summary per split.
         click_intercept: calibrated ``a0``.
@@ -179,7 +183,7 @@ class SimulationResult:
         seconds: wall time.
     """
 
-    out_dir: Path
+    out_dir: Path | str
     schema: FeatureSchema
     splits: dict[str, LogSummary]
     click_intercept: float
@@ -756,69 +760,39 @@ def _chunk(
     return pa.table(arrays, schema=schema)
 
 
-def _prepare(out_dir: Path, overwrite: bool) -> None:
-    stale = sorted(p for split in SPLITS for p in (out_dir / split).glob("*.parquet"))
-    if stale and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already holds {len(stale)} part file(s) (e.g. {stale[0]}); "
-            "pass overwrite=True (--overwrite) to replace them"
-        )
-    for path in stale:
-        path.unlink()
-    for split in SPLITS:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-
-
 def _write_split(
-    out_dir: Path,
-    split: str,
+    writer: SplitWriter,
     stream: int,
     pop: _Population,
     cfg: SimulatorConfig,
     intercepts: tuple[float, float],
     bar: tqdm,
 ) -> LogSummary:
-    summary = LogSummary()
-    total = cfg.split_rows[split]
-    writer: pq.ParquetWriter | None = None
-    file_index = rows_in_file = 0
-    try:
+    """Draw the ``cfg.split_rows`` impressions of one split in chunks of one row group each.
+
+    ``stream`` separates the splits' random numbers; a partition (a day) would be one more
+    stream and one more writer.
+    """
+    total = cfg.split_rows[writer.directory.name]
+    with writer:
         for chunk_index, start in enumerate(range(0, total, cfg.row_group_rows)):
             n = min(cfg.row_group_rows, total - start)
-            table = _chunk(
-                pop, cfg, intercepts, n, np.random.default_rng([cfg.seed, stream, chunk_index])
-            )
-            if writer is None or rows_in_file + n > cfg.file_rows:
-                if writer is not None:
-                    writer.close()
-                    file_index += 1
-                path = out_dir / split / f"part-{file_index:05d}.parquet"
-                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
-                rows_in_file = 0
-            writer.write_table(table, row_group_size=n)
-            rows_in_file += n
-            truth = np.stack(
-                [table.column(c).to_numpy() for c in ("true_ctr", "true_cvr", "cf_conversion")],
-                axis=1,
-            )
-            summary.add(
-                table.column("click").to_numpy(), table.column("conversion").to_numpy(), truth
-            )
+            rng = np.random.default_rng([cfg.seed, stream, chunk_index])
+            writer.write(_chunk(pop, cfg, intercepts, n, rng))
             bar.update(n)
-    finally:
-        if writer is not None:
-            writer.close()
-    return summary
+    return writer.summary
 
 
 def simulate(
-    cfg: SimulatorConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True
+    cfg: SimulatorConfig, out_dir: UriLike, *, overwrite: bool = False, progress: bool = True
 ) -> SimulationResult:
     """Write a simulated data set: ``schema.yaml``, ``train/``, ``test/``, ``simulation.json``.
 
     Args:
         cfg: the simulation; with it the files are fully determined.
-        out_dir: the data set directory (created if needed).
+        out_dir: the data set directory (created if needed), a local path or a storage URI
+            (``s3://bucket/sim``). The schema and ``simulation.json`` are published after every
+            part file (see :mod:`trainer.data._dataset`).
         overwrite: replace part files already in ``out_dir/train`` and ``out_dir/test``.
         progress: show a tqdm progress bar.
 
@@ -827,6 +801,7 @@ def simulate(
 
     Raises:
         FileExistsError: ``out_dir`` already holds part files and ``overwrite`` is False.
+        StorageError: the store cannot be reached or refuses a write.
 
     Example::
 
@@ -834,8 +809,7 @@ def simulate(
         result.splits["train"].ctr  # about 0.04
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    _prepare(out_dir, overwrite)
+    out = prepare_dataset(out_dir, SPLITS, overwrite=overwrite)
     schema = simulated_schema(cfg.dim, cfg.user_buckets, cfg.item_buckets)
     pop = _build_population(cfg)
     intercepts = _calibrate(pop, cfg)
@@ -844,17 +818,17 @@ def simulate(
         total=cfg.rows, unit="rows", unit_scale=True, desc="simulate", disable=not progress
     ) as bar:
         for split, stream in zip(SPLITS, (_STREAM_TRAIN, _STREAM_TEST), strict=True):
-            splits[split] = _write_split(out_dir, split, stream, pop, cfg, intercepts, bar)
-    schema.save(out_dir / SCHEMA_FILE)
+            writer = SplitWriter(out.join(split), _arrow_schema(), file_rows=cfg.file_rows)
+            splits[split] = _write_split(writer, stream, pop, cfg, intercepts, bar)
     record = {
         "config": asdict(cfg),
         "click_intercept": intercepts[0],
         "conversion_intercept": intercepts[1],
         "splits": {name: s.as_dict() for name, s in splits.items()},
     }
-    (out_dir / SIMULATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    publish_dataset(out, schema, SIMULATION_FILE, record)
     return SimulationResult(
-        out_dir=out_dir,
+        out_dir=result_dir(out),
         schema=schema,
         splits=splits,
         click_intercept=intercepts[0],

@@ -127,21 +127,28 @@ class LogSummary:
 
 
 def summarize(
-    paths: PathsLike, *, click: str = "click", conversion: str = "conversion"
+    paths: PathsLike,
+    *,
+    click: str = "click",
+    conversion: str = "conversion",
+    filter: str | None = None,
 ) -> LogSummary:
     """Summarise the labels (and ground truth, if every file has it) of Parquet impression logs.
 
     Reads only the label and truth columns, one row group at a time.
 
     Args:
-        paths: a directory of ``*.parquet`` files, a file, or a list of either.
+        paths: a directory of ``*.parquet`` files (or of hive partitions), a file, or a list of
+            either; local paths or storage URIs.
         click: name of the click column.
         conversion: name of the conversion column.
+        filter: a partition filter, as for :class:`~trainer.data.ImpressionReader`.
 
     Raises:
         DataError: unreadable files, missing label columns, null or non-binary labels.
+        StorageError: a missing bucket, denied access, an unreachable store.
     """
-    parts = inspect_files(resolve_files(paths))
+    parts = inspect_files(resolve_files(paths, filter=filter))
     with_truth = all(set(TRUTH_COLUMNS) <= set(p.arrow_schema.names) for p in parts)
     columns = [click, conversion] + (list(TRUTH_COLUMNS) if with_truth else [])
     summary = LogSummary()
@@ -161,7 +168,7 @@ def summarize(
                     truth_columns(table, site) if with_truth else None,
                 )
         finally:
-            handle.close()
+            handle.close(force=True)
     return summary
 
 

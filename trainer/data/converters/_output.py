@@ -11,18 +11,21 @@ A converted data set has the layout the simulator writes and the trainer reads u
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from schemas import storage
 from schemas.features import FeatureSchema
+from schemas.storage import Location, UriLike
+from trainer.data._dataset import (
+    SCHEMA_FILE,
+    SplitWriter,
+    prepare_dataset,
+    publish_dataset,
+    result_dir,
+)
 from trainer.data.summary import LogSummary, format_summaries
 
 __all__ = [
@@ -38,10 +41,7 @@ __all__ = [
     "prepare_dataset_dir",
 ]
 
-SCHEMA_FILE = "schema.yaml"
 CONVERSION_FILE = "conversion.json"
-# Every split name a converter may write; stale part files under any of them are refused or removed.
-KNOWN_SPLITS = ("train", "valid", "test")
 
 
 class ConversionError(ValueError):
@@ -117,97 +117,19 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise ConversionError(f"{path}: cannot read: {err}") from None
 
 
-class SplitWriter:
-    """Writes one split as ``part-NNNNN.parquet`` files; every table written is one row group.
-
-    A new part file starts when the next table would take the current one past ``file_rows``.
-    Label sums are kept as the tables go by.
-
-    Args:
-        directory: the split directory (created by :func:`prepare_dataset_dir`).
-        arrow_schema: the columns of every table written.
-        click: name of the click column.
-        conversion: name of the conversion column.
-        file_rows: rows per part file at most (a larger single table still gets a file alone).
-
-    Example::
-
-        with SplitWriter(out / "train", table.schema) as writer:
-            writer.write(table)
-        writer.summary.ctr
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        arrow_schema: pa.Schema,
-        *,
-        click: str = "click",
-        conversion: str = "conversion",
-        file_rows: int = 1_000_000,
-    ) -> None:
-        if file_rows < 1:
-            raise ValueError(f"file_rows must be >= 1, got {file_rows}")
-        self.directory = directory
-        self.arrow_schema = arrow_schema
-        self.click = click
-        self.conversion = conversion
-        self.file_rows = file_rows
-        self.summary = LogSummary()
-        self._writer: pq.ParquetWriter | None = None
-        self._files = 0
-        self._rows_in_file = 0
-
-    def write(self, table: pa.Table) -> None:
-        """Append ``table`` (columns as ``arrow_schema``) as one row group; empty tables are skipped."""
-        if table.num_rows == 0:
-            return
-        table = table.select(self.arrow_schema.names).cast(self.arrow_schema)
-        if self._writer is None or self._rows_in_file + table.num_rows > self.file_rows:
-            self._close_file()
-            path = self.directory / f"part-{self._files:05d}.parquet"
-            self._writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd")
-            self._files += 1
-        self._writer.write_table(table, row_group_size=table.num_rows)
-        self._rows_in_file += table.num_rows
-        self.summary.add(
-            table.column(self.click).to_numpy(), table.column(self.conversion).to_numpy()
-        )
-
-    def close(self) -> None:
-        self._close_file()
-
-    def _close_file(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._rows_in_file = 0
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 @dataclass(frozen=True)
 class ConversionResult:
     """What a converter wrote.
 
     Attributes:
-        out_dir: the data set directory.
+        out_dir: the data set directory (a ``Path``, or the URI it was written to).
         schema: its feature schema (also in ``out_dir/schema.yaml``).
         splits: label summary per split.
         malformed: the malformed source lines, counted and sampled.
         seconds: wall time.
     """
 
-    out_dir: Path
+    out_dir: Path | str
     schema: FeatureSchema
     splits: dict[str, LogSummary]
     malformed: MalformedLines
@@ -218,49 +140,40 @@ class ConversionResult:
         return format_summaries(self.splits) + "\n" + self.malformed.format()
 
 
-def prepare_dataset_dir(out_dir: Path, splits: Iterable[str], overwrite: bool) -> None:
+def prepare_dataset_dir(out_dir: UriLike, splits: Iterable[str], overwrite: bool) -> Location:
     """Create ``out_dir/<split>/`` for ``splits``; refuse (or, with ``overwrite``, remove) old parts.
 
-    Part files of any known split are considered, so that a conversion without a validation
-    split never leaves an older ``valid/`` behind.
+    The data set is unpublished first (see :mod:`trainer.data._dataset`); ``out_dir`` is a local
+    path or a storage URI.
+
+    Returns:
+        The location of ``out_dir``.
 
     Raises:
         FileExistsError: ``out_dir`` holds part files and ``overwrite`` is False.
     """
-    stale = sorted(p for split in KNOWN_SPLITS for p in (out_dir / split).glob("*.parquet"))
-    if stale and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already holds {len(stale)} part file(s) (e.g. {stale[0]}); "
-            "pass overwrite=True (--overwrite) to replace them"
-        )
-    for path in stale:
-        path.unlink()
-    for split in KNOWN_SPLITS:
-        directory = out_dir / split
-        if directory.is_dir() and split not in splits and not any(directory.iterdir()):
-            directory.rmdir()
-    for split in splits:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    return prepare_dataset(out_dir, splits, overwrite=overwrite)
 
 
 def finish_dataset(
-    out_dir: Path,
+    out_dir: UriLike,
     schema: FeatureSchema,
     splits: Mapping[str, LogSummary],
     malformed: MalformedLines,
     record: Mapping[str, object],
     started: float,
 ) -> ConversionResult:
-    """Write ``schema.yaml`` and ``conversion.json`` (``record`` plus splits and malformed lines)."""
-    schema.save(out_dir / SCHEMA_FILE)
+    """Publish ``schema.yaml`` and then ``conversion.json`` (``record`` plus splits and malformed
+    lines): the data set is complete after this."""
+    out = storage.resolve(out_dir)
     full = {
         **record,
         "splits": {name: summary.as_dict() for name, summary in splits.items()},
         "malformed_lines": malformed.as_dict(),
     }
-    (out_dir / CONVERSION_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
+    publish_dataset(out, schema, CONVERSION_FILE, full)
     return ConversionResult(
-        out_dir=out_dir,
+        out_dir=result_dir(out),
         schema=schema,
         splits=dict(splits),
         malformed=malformed,

@@ -40,7 +40,9 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,7 +195,7 @@ def convert_aliccp(
 
     Args:
         src: directory with the four files named in the module docstring.
-        out_dir: the data set directory.
+        out_dir: the data set directory, a local path or a storage URI.
         cfg: fields, embedding dimension, table sizes.
         strict: stop at the first malformed line instead of counting and skipping it.
         overwrite: replace part files already in ``out_dir``.
@@ -204,7 +206,7 @@ def convert_aliccp(
         FileExistsError: ``out_dir`` holds part files and ``overwrite`` is False.
     """
     started = time.perf_counter()
-    src, out_dir = Path(src), Path(out_dir)
+    src = Path(src)
     files = {
         split: (src / f"sample_skeleton_{split}.csv", src / f"common_features_{split}.csv")
         for split in _SPLITS
@@ -214,16 +216,19 @@ def convert_aliccp(
         raise ConversionError(
             f"Ali-CCP files not found: {missing} (expected in {src}, see the module docstring)"
         )
-    prepare_dataset_dir(out_dir, _SPLITS, overwrite)
+    out = prepare_dataset_dir(out_dir, _SPLITS, overwrite)
     malformed = MalformedLines(strict=strict)
     arrow_schema = _arrow_schema(cfg)
     summaries: dict[str, LogSummary] = {}
+    # The user table is a local SQLite file: beside a local output (it can be large), else in
+    # the temporary directory.
+    scratch = Path(out.path) if out.is_local else Path(tempfile.gettempdir())
     for split, (skeleton, common) in files.items():
-        store = out_dir / f".common_features_{split}.sqlite"
+        store = scratch / f".common_features_{split}.{uuid.uuid4().hex[:8]}.sqlite"
         try:
             with _CommonFeatures(store, cfg) as users:
                 users.load(common, malformed)
-                with SplitWriter(out_dir / split, arrow_schema, file_rows=cfg.file_rows) as writer:
+                with SplitWriter(out.join(split), arrow_schema, file_rows=cfg.file_rows) as writer:
                     for table in _samples(skeleton, users, cfg, arrow_schema, malformed, max_lines):
                         writer.write(table)
                 summaries[split] = writer.summary
@@ -235,7 +240,7 @@ def convert_aliccp(
         "config": {**asdict(cfg), "buckets": dict(cfg.buckets)},
         "max_lines": max_lines,
     }
-    return finish_dataset(out_dir, _schema(cfg), summaries, malformed, record, started)
+    return finish_dataset(out, _schema(cfg), summaries, malformed, record, started)
 
 
 class _CommonFeatures:

@@ -146,7 +146,7 @@ def convert_aliexpress(
         FileExistsError: ``out_dir`` holds part files and ``overwrite`` is False.
     """
     started = time.perf_counter()
-    src, out_dir = Path(src), Path(out_dir)
+    src = Path(src)
     files = {split: src / f"{split}.csv" for split in _SPLITS}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
@@ -157,13 +157,13 @@ def convert_aliexpress(
     if layouts["train"] != layouts["test"]:
         raise ConversionError(f"{files['train']} and {files['test']} have different headers")
     layout = layouts["train"]
-    prepare_dataset_dir(out_dir, _SPLITS, overwrite)
+    out = prepare_dataset_dir(out_dir, _SPLITS, overwrite)
     malformed = MalformedLines(strict=strict)
     arrow_schema = _arrow_schema(layout)
     statistics = {split: _Statistics.empty(layout) for split in _SPLITS}
     summaries: dict[str, LogSummary] = {}
     for split, path in files.items():
-        with SplitWriter(out_dir / split, arrow_schema, file_rows=cfg.file_rows) as writer:
+        with SplitWriter(out.join(split), arrow_schema, file_rows=cfg.file_rows) as writer:
             for chunk in _chunks(path, layout, cfg.row_group_rows, malformed):
                 statistics[split].add_categorical(chunk.categorical)
                 statistics[split].add_numerical(chunk.numerical)
@@ -179,7 +179,7 @@ def convert_aliexpress(
         "source": {s: str(p) for s, p in files.items()},
         "config": asdict(cfg),
     }
-    return finish_dataset(out_dir, schema, summaries, malformed, record, started)
+    return finish_dataset(out, schema, summaries, malformed, record, started)
 
 
 def _header(path: Path) -> list[str]:

@@ -92,7 +92,7 @@ def convert_coat(
     """Convert Coat into ``out_dir`` (``train/``, ``test/``, optional ``valid/``).
 
     Args:
-        out_dir: the data set directory.
+        out_dir: the data set directory, a local path or a storage URI.
         src: the directory of the raw files (default: the copy in this repository).
         cfg: threshold (3 in the papers), embedding dimension, validation split.
         attributes: add the user and item attribute fields (False: ``user_id`` and ``item_id``

@@ -409,7 +409,7 @@ def convert_ratings(
     Args:
         train: the self-selected ratings.
         test: the random-exposure ratings (same format).
-        out_dir: the data set directory.
+        out_dir: the data set directory, a local path or a storage URI.
         cfg: threshold, embedding dimension, validation split.
         fmt: the layout of both rating files.
         user_attributes: optional table of user attributes (header line, id column first).
@@ -467,7 +467,6 @@ def write_mnar_dataset(
         FileExistsError: ``out_dir`` holds part files and ``overwrite`` is False.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
     for triples in (source.train, source.test):
         if len(triples) == 0:
             raise ConversionError(f"{triples.path}: no rating could be read")
@@ -477,10 +476,10 @@ def write_mnar_dataset(
     schema = _schema(cfg, space, user_columns, item_columns)
     arrow_schema = _arrow_schema(space, user_columns, item_columns)
     splits = ("train", "valid", "test") if cfg.validation_fraction > 0 else ("train", "test")
-    prepare_dataset_dir(out_dir, splits, overwrite)
+    out = prepare_dataset_dir(out_dir, splits, overwrite)
     rows = _Rows(arrow_schema, space, user_columns, item_columns, cfg.threshold)
     writers = {
-        split: SplitWriter(out_dir / split, arrow_schema, file_rows=cfg.file_rows)
+        split: SplitWriter(out.join(split), arrow_schema, file_rows=cfg.file_rows)
         for split in splits
     }
     try:
@@ -490,7 +489,7 @@ def write_mnar_dataset(
             writer.close()
     summaries = {split: writer.summary for split, writer in writers.items()}
     details = {**_record(source, cfg, space), **(record or {})}
-    return finish_dataset(out_dir, schema, summaries, source.malformed, details, started)
+    return finish_dataset(out, schema, summaries, source.malformed, details, started)
 
 
 def _write_splits(
