@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.features import FeatureSchema
-from schemas.hashing import map_values
+from schemas.rules import map_values
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError, ImpressionReader, summarize
 from trainer.data._partitions import (
