@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from schemas.features import FeatureSchema, SchemaError, load_schema
+from schemas.layout import SCHEMA_FILE
 from trainer.data._parquet import DataError
 from trainer.data.converters import (
     COAT_DIR,
@@ -32,7 +33,7 @@ from trainer.data.converters import (
     convert_coat,
     convert_ratings,
 )
-from trainer.data.simulator import SCHEMA_FILE, SPLITS, SimulatorConfig, simulate
+from trainer.data.simulator import SPLITS, SimulatorConfig, simulate
 from trainer.data.summary import LogSummary, format_summaries, summarize
 
 __all__ = ["app"]

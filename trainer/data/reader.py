@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from schemas.features import FeatureSchema, load_schema
+from schemas.layout import SCHEMA_FILE, TRAIN_SPLIT
 from trainer.data._decode import ColumnPlan, ReaderStats, decode_rows, plan_columns
 from trainer.data._parquet import (
     DataError,
@@ -56,8 +57,6 @@ from trainer.data._sharding import Piece, plan_pieces, shard_bounds
 from trainer.data.batch import Batch, GroundTruth
 
 __all__ = ["DataError", "EpochLoop", "ImpressionReader", "ReaderStats", "infinite"]
-
-SCHEMA_FILE = "schema.yaml"
 
 
 class ImpressionReader(IterableDataset[Batch]):
@@ -142,7 +141,7 @@ class ImpressionReader(IterableDataset[Batch]):
             test = ImpressionReader.from_dataset("data/sim", "test", batch_size=8192)
         """
         root = Path(root)
-        kwargs.setdefault("shuffle", split == "train")
+        kwargs.setdefault("shuffle", split == TRAIN_SPLIT)
         return cls(root / split, load_schema(root / SCHEMA_FILE), **kwargs)
 
     # Sizes -------------------------------------------------------------------------------------

@@ -67,13 +67,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from schemas.features import FeatureSchema
+from schemas.layout import SCHEMA_FILE, TEST_SPLIT, TRAIN_SPLIT
 from trainer.data.summary import LogSummary
 
 __all__ = ["SimulationResult", "SimulatorConfig", "simulate", "simulated_schema"]
 
-SCHEMA_FILE = "schema.yaml"
 SIMULATION_FILE = "simulation.json"
-SPLITS = ("train", "test")
+SPLITS = (TRAIN_SPLIT, TEST_SPLIT)  # the splits the simulator writes
 
 _K = 8  # latent dimension of the structural model (not the embedding dimension)
 _NUM_CITIES = 300

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.features import FeatureSchema
+from schemas.layout import SCHEMA_FILE, SPLITS
 from trainer.data.summary import LogSummary, format_summaries
 
 __all__ = [
     "CONVERSION_FILE",
-    "SCHEMA_FILE",
     "ConversionError",
     "ConversionResult",
     "MalformedLines",
@@ -38,10 +38,7 @@ __all__ = [
     "prepare_dataset_dir",
 ]
 
-SCHEMA_FILE = "schema.yaml"
 CONVERSION_FILE = "conversion.json"
-# Every split name a converter may write; stale part files under any of them are refused or removed.
-KNOWN_SPLITS = ("train", "valid", "test")
 
 
 class ConversionError(ValueError):
@@ -227,7 +224,7 @@ def prepare_dataset_dir(out_dir: Path, splits: Iterable[str], overwrite: bool) -
     Raises:
         FileExistsError: ``out_dir`` holds part files and ``overwrite`` is False.
     """
-    stale = sorted(p for split in KNOWN_SPLITS for p in (out_dir / split).glob("*.parquet"))
+    stale = sorted(p for split in SPLITS for p in (out_dir / split).glob("*.parquet"))
     if stale and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {len(stale)} part file(s) (e.g. {stale[0]}); "
@@ -235,7 +232,7 @@ def prepare_dataset_dir(out_dir: Path, splits: Iterable[str], overwrite: bool) -
         )
     for path in stale:
         path.unlink()
-    for split in KNOWN_SPLITS:
+    for split in SPLITS:
         directory = out_dir / split
         if directory.is_dir() and split not in splits and not any(directory.iterdir()):
             directory.rmdir()
