@@ -53,7 +53,7 @@ if str(_ROOT) not in sys.path:  # run as a script from anywhere
 
 from schemas.layout import TEST_SPLIT
 from trainer.data import simulator as sim
-from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
 from trainer.evaluation.predict import evaluation_reader
 from trainer.run_dir import RunDir
 from trainer.run_model import restore_model
@@ -67,6 +67,7 @@ BOUNDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # IPW bounds tau of the last ta
 def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
     """``pctr``, ``pcvr``, ``true_ctr`` and ``true_cvr`` of every test impression, in file order,
     scored by the run's latest checkpoint in this process."""
+    quiet_library_warnings()
     ctx = init_distributed("gloo", "cpu")
     restored = None
     try:

@@ -111,12 +111,15 @@ def quiet_library_warnings() -> None:
     """Silence TorchRec/torch notices that speak to TorchRec's developers, not to our users.
 
     They concern how TorchRec builds its own objects (topology construction, DDP's deprecated
-    ``broadcast_buffers`` argument, fx tracing flags) and appear on every start of every rank.
+    ``broadcast_buffers`` argument, fx tracing flags, ShardedTensor) and appear on every start
+    of every rank.
     """
     logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+    # TorchRec's sharded state dicts still hold ShardedTensors, which DCP warns about.
+    warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
 
 
 def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
