@@ -51,8 +51,12 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(_ROOT))
 
+from schemas.layout import TEST_SPLIT
 from trainer.data import simulator as sim
-from trainer.recipe import TrainRecipe
+from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
+from trainer.evaluation.predict import evaluation_reader
+from trainer.run_dir import RunDir
+from trainer.run_model import restore_model
 
 __all__ = ["attribute_only_propensity", "component_logits", "ipw_bias", "main", "score_test_split"]
 
@@ -61,23 +65,18 @@ BOUNDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # IPW bounds tau of the last ta
 
 
 def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
-    """``pctr``, ``pcvr``, ``true_ctr`` and ``true_cvr`` of every test impression, in file order."""
-    recipe = TrainRecipe.from_files(
-        run_dir / "config.yaml",
-        [f"output_dir={run_dir}"],
-        resume=True,
-        require_checkpoint=True,
-        read_only=True,
-    )
+    """``pctr``, ``pcvr``, ``true_ctr`` and ``true_cvr`` of every test impression, in file order,
+    scored by the run's latest checkpoint in this process."""
+    quiet_library_warnings()
+    ctx = init_distributed("gloo", "cpu")
+    restored = None
     try:
-        reader = recipe._reader(
-            recipe.config.data.test, shuffle=False, batch_size=recipe.config.data.eval_batch_size
-        )
-        recipe.model.eval()
+        restored = restore_model(RunDir(run_dir), ctx)
+        reader = evaluation_reader(restored.config, restored.schema, ctx)
         parts: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             for batch in reader:
-                _, (_, out) = recipe.model(batch.to(recipe.ctx.device))
+                out = restored.model(batch.sparse, batch.dense)
                 columns = {
                     "pctr": out.pctr,
                     "pcvr": out.pcvr,
@@ -88,7 +87,8 @@ def score_test_split(run_dir: Path) -> dict[str, np.ndarray]:
                     parts.setdefault(name, []).append(values.double().cpu().numpy())
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
     finally:
-        recipe.cleanup()
+        del restored  # the sharded model before the process group
+        shutdown_distributed()
 
 
 def component_logits(data_dir: Path) -> dict[str, np.ndarray]:
@@ -97,7 +97,8 @@ def component_logits(data_dir: Path) -> dict[str, np.ndarray]:
     population = sim._build_population(sim.SimulatorConfig(**record["config"]))
     users, items, context = population.users, population.items, population.context
     test = pq.read_table(
-        sorted((data_dir / "test").glob("*.parquet")), columns=["user_id", "item_id", "position"]
+        sorted((data_dir / TEST_SPLIT).glob("*.parquet")),
+        columns=["user_id", "item_id", "position"],
     )
     user = _positions(users.ids, test.column("user_id").to_numpy())
     item = _positions(items.ids, test.column("item_id").to_numpy())
@@ -123,7 +124,7 @@ def attribute_only_propensity(
     with _without_id_noise():
         attributes = component_logits(data_dir)
     truth = pq.read_table(
-        sorted((data_dir / "test").glob("*.parquet")), columns=["true_ctr", "true_cvr"]
+        sorted((data_dir / TEST_SPLIT).glob("*.parquet")), columns=["true_ctr", "true_cvr"]
     )
     true_ctr, true_cvr = (
         truth.column(name).to_numpy().astype(np.float64) for name in ("true_ctr", "true_cvr")
@@ -267,16 +268,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulated_data_dir(run_dir: Path, parser: argparse.ArgumentParser) -> Path:
     """The simulated data set a run was evaluated on; a clear parser error if there is none."""
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.run_dir import RunDirError
 
-    if not (run_dir / "config.yaml").is_file():
-        parser.error(f"{run_dir}: no config.yaml; pass run directories written by trainer.train")
     try:
-        data_dir = Path(
-            load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"]).data.test
-        ).parent
+        test = RunDir(run_dir).load_config().data.test
+    except RunDirError as err:
+        parser.error(f"{err}; pass run directories written by trainer.train")
     except ConfigError as err:
         parser.error(f"{run_dir}: {err}")
+    if not test:
+        parser.error(f"{run_dir}: its config has no data.test to score")
+    data_dir = Path(test).parent
     if not (data_dir / sim.SIMULATION_FILE).is_file():
         parser.error(
             f"{run_dir}: its test data {data_dir} has no {sim.SIMULATION_FILE}; "

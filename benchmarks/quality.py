@@ -85,11 +85,12 @@ _CONFIGS = _ROOT / "trainer" / "configs"
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(_ROOT))
 
+from schemas.layout import TEST_SPLIT, TRAIN_SPLIT, VALID_SPLIT
 from trainer.data.converters import CONVERSION_FILE, MnarConfig, convert_coat
 from trainer.data.simulator import SIMULATION_FILE, SimulatorConfig, simulate
 from trainer.evaluation import compute_metrics, metrics_table
 from trainer.objectives import OBJECTIVES, param_names
-from trainer.pruning import PRUNING_FILE
+from trainer.run_dir import RunDir
 
 __all__ = [
     "COAT_COLUMNS",
@@ -119,6 +120,8 @@ COLUMNS: dict[str, str] = {
 # the same seed share the initial weights and the data order, and the last step's calibration of
 # the CVR head moves all of them alike, so the paired difference is far less noisy.
 PAIRED_BIAS = "cvr_bias_vs_naive"
+
+_SECONDS_FILE = "benchmark_seconds.txt"  # in each run directory: its training and evaluation time
 
 # Coat, on the random-exposure test set: every test row is "clicked" (rated), so cvr_auc is the
 # papers' AUC of pCVR; the ranking keys come from data.ranking_k = RANKING_K.
@@ -257,9 +260,9 @@ class Settings:
 
     def overrides(self, data_dir: Path, objective: str, seed: int) -> list[str]:
         """The ``key=value`` config overrides of one run (everything but the objective's config)."""
-        evaluated = "valid" if self.validation else "test"
+        evaluated = VALID_SPLIT if self.validation else TEST_SPLIT
         overrides = [
-            f"data.train={data_dir / 'train'}",
+            f"data.train={data_dir / TRAIN_SPLIT}",
             f"data.test={data_dir / evaluated}",
             f"data.batch_size={self.batch_size}",
             f"model.num_experts={self.num_experts}",
@@ -374,10 +377,10 @@ def pruning_section(settings: Settings, runs: list[Run]) -> str:
     and the pruning epoch each run used; empty without such runs."""
     table: dict[str, dict[str, list[float]]] = {}
     for run in runs:
-        path = run.run_dir / PRUNING_FILE
-        if not path.is_file():
+        pruning = RunDir(run.run_dir).read_pruning()
+        if pruning is None:
             continue
-        for tower, report in json.loads(path.read_text())["towers"].items():
+        for tower, report in pruning["towers"].items():
             row = table.setdefault(f"{run.objective} / {tower}", {})
             for part in ("total", "shared", "private"):
                 row.setdefault(part, []).append(float(report[part]))
@@ -489,7 +492,7 @@ def truth_reference(data_dir: Path) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     columns = ["click", "conversion", "true_ctr", "true_cvr", "cf_conversion"]
-    test = pq.read_table(sorted((data_dir / "test").glob("*.parquet")), columns=columns)
+    test = pq.read_table(sorted((data_dir / TEST_SPLIT).glob("*.parquet")), columns=columns)
     c = {name: test.column(name).to_numpy() for name in columns}
     return compute_metrics(
         c["true_ctr"],
@@ -512,12 +515,8 @@ class Run:
     run_dir: Path
 
     @property
-    def metrics_path(self) -> Path:
-        return self.run_dir / "eval" / "metrics.json"
-
-    @property
-    def seconds_path(self) -> Path:
-        return self.run_dir / "benchmark_seconds.txt"
+    def files(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def command(self) -> list[str]:
         return [
@@ -557,29 +556,33 @@ def execute(run: Run, threads: int) -> tuple[dict[str, float], float, bool]:
     Returns:
         The run's metrics, the seconds its training and evaluation took, whether it was reused.
     """
-    if run.metrics_path.is_file():
-        log.info("%s seed %d: reusing %s", run.objective, run.seed, run.metrics_path)
+    files = run.files
+    metrics = files.read_evaluation()
+    if metrics is not None:
+        log.info("%s seed %d: reusing %s", run.objective, run.seed, files.evaluation_dir)
         seconds = (
-            float(run.seconds_path.read_text()) if run.seconds_path.is_file() else float("nan")
+            float(files.read_text(_SECONDS_FILE)) if files.exists(_SECONDS_FILE) else float("nan")
         )
-        return json.loads(run.metrics_path.read_text()), seconds, True
+        return metrics, seconds, True
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
+    # The trainer's output goes straight to a local file, to be followed while it runs.
     with open(run.run_dir / "train.log", "w") as out:
         done = subprocess.run(
             run.command(), cwd=_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
         )
-    if done.returncode != 0 or not run.metrics_path.is_file():
+    metrics = files.read_evaluation()
+    if done.returncode != 0 or metrics is None:
         tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-15:]
         raise RuntimeError(
             f"{run.objective} seed {run.seed} failed (exit {done.returncode}); "
             f"log {run.run_dir / 'train.log'}:\n" + "\n".join(tail)
         )
     seconds = time.perf_counter() - started
-    run.seconds_path.write_text(f"{seconds:.1f}\n")
+    files.write_text(_SECONDS_FILE, f"{seconds:.1f}\n")
     log.info("%s seed %d: done in %.0f s", run.objective, run.seed, seconds)
-    return json.loads(run.metrics_path.read_text()), seconds, False
+    return metrics, seconds, False
 
 
 # Reports -----------------------------------------------------------------------------------------
@@ -662,7 +665,7 @@ def _config_name(objective: str, data: str) -> str:
 def _simulated_lines(
     settings: Settings, simulation: dict, floor: dict | None, text: str, truth: dict[str, float]
 ) -> list[str]:
-    gap = simulation["splits"]["test"]
+    gap = simulation["splits"][TEST_SPLIT]
     lines = [
         (
             f"Data: `trainer.data.simulator`, {settings.rows:,} impressions (seed {settings.data_seed}, "
@@ -733,8 +736,8 @@ def coat_table(table: dict, settings: Settings) -> str:
 
 def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
     train, evaluated = (
-        conversion["splits"]["train"],
-        conversion["splits"]["valid" if settings.validation else "test"],
+        conversion["splits"][TRAIN_SPLIT],
+        conversion["splits"][VALID_SPLIT if settings.validation else TEST_SPLIT],
     )
     where = (
         f"the validation split ({settings.validation:.0%} of the training pairs held out, "

@@ -59,7 +59,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,14 +194,15 @@ def load_worker(args: argparse.Namespace) -> None:
 def _demo_model(work: Path, schema_path: Path) -> Path:
     """The demo architecture over the simulator schema, random weights, through the real export."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from omegaconf import OmegaConf
 
     from schemas import load_schema
     from trainer.builders import build_model
-    from trainer.config import load_config, save_config, to_dict
+    from trainer.checkpoint import CheckpointMeta, save_model_checkpoint
+    from trainer.config import load_config, to_dict
     from trainer.export import export_run
     from trainer.objectives import build_objective, model_structure
+    from trainer.run_dir import RunDir
     from trainer.train_module import TrainModule
 
     demo = OmegaConf.load(REPO / "trainer/configs/demo.yaml")
@@ -211,9 +211,9 @@ def _demo_model(work: Path, schema_path: Path) -> Path:
         REPO / "trainer/configs/demo.yaml", [f"output_dir={run}", f"data.train={work}"]
     )
     schema = load_schema(schema_path)
-    run.mkdir(parents=True)
-    save_config(config, run / "config.yaml")
-    schema.save(run / "schema.yaml")
+    run_dir = RunDir(run)
+    run_dir.save_config(config)
+    run_dir.save_schema(schema)
     torch.manual_seed(0)
     objective = build_objective(config.objective.name, **config.objective.params)
     module = TrainModule(
@@ -222,16 +222,7 @@ def _demo_model(work: Path, schema_path: Path) -> Path:
         ),
         objective,
     )
-    ckpt = run / "checkpoints" / "step_00000000"
-    with warnings.catch_warnings():  # "assuming ... a single process": it is one
-        warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
-        dcp.save({"model": module.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
-    (ckpt / "meta.json").write_text(
-        json.dumps(
-            {"step": 0, "schema_fingerprint": schema.fingerprint(), "config": to_dict(config)}
-        )
-    )
-    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    save_model_checkpoint(run_dir, module, CheckpointMeta(0, schema.fingerprint(), to_dict(config)))
     print(f"[bench] demo model: {OmegaConf.to_container(demo.model)}", flush=True)
     export_run(run, work / "model", version="bench-demo-random", log=None)
     return work / "model"
@@ -241,6 +232,7 @@ def _request_rows(work: Path, sim_rows: int, schema_path: Path | None) -> tuple[
     import pyarrow.parquet as pq
 
     from schemas import load_schema
+    from schemas.layout import SCHEMA_FILE, TRAIN_SPLIT
 
     data = work / "sim"
     subprocess.run(
@@ -260,14 +252,14 @@ def _request_rows(work: Path, sim_rows: int, schema_path: Path | None) -> tuple[
         cwd=REPO,
         capture_output=True,
     )
-    schema = load_schema(schema_path or data / "schema.yaml")
+    schema = load_schema(schema_path or data / SCHEMA_FILE)
     columns = schema.sparse_names + schema.dense_names
     rows = [
         row
-        for f in sorted((data / "train").glob("*.parquet"))
+        for f in sorted((data / TRAIN_SPLIT).glob("*.parquet"))
         for row in pq.read_table(f, columns=columns).to_pylist()
     ]
-    return rows, data / "schema.yaml"
+    return rows, data / SCHEMA_FILE
 
 
 def _bodies(rows: list[dict], size: int, count: int, form: str) -> list[bytes]:
@@ -373,13 +365,14 @@ def run(settings: Settings) -> dict:
     out_dir = REPO / settings.out if not Path(settings.out).is_absolute() else Path(settings.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[bench] settings: {json.dumps(asdict(settings))}", flush=True)
+    from schemas.artifact import SCHEMA_FILE
     from tests.serving.artifacts import live_server
 
     with tempfile.TemporaryDirectory(prefix="ctcvr-bench-") as tmp:
         work = Path(tmp)
         model_dir = Path(settings.model_dir) if settings.model_dir else None
         rows, schema_path = _request_rows(
-            work, settings.sim_rows, model_dir / "schema.yaml" if model_dir else None
+            work, settings.sim_rows, model_dir / SCHEMA_FILE if model_dir else None
         )
         if model_dir is None:
             model_dir = _demo_model(work, schema_path)

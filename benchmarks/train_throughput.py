@@ -72,7 +72,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
@@ -82,10 +81,13 @@ from trainer.config import DenseOptimizerConfig, ModelConfig, ShardingConfig, Sp
 from trainer.data.batch import Batch
 from trainer.distributed import (
     DistContext,
+    barrier,
     build_optimizer,
     fuse_sparse_optimizer,
+    gather_objects,
     init_distributed,
     shard_model,
+    shutdown_distributed,
 )
 from trainer.model import embedding_bag_configs
 from trainer.objectives import build_objective
@@ -385,9 +387,8 @@ def run_worker(worker: Worker, settings: Settings) -> None:
     del model, optimizer
     gc.collect()
 
-    ranks: list[dict | None] = [None] * ctx.world_size
-    dist.all_gather_object(ranks, mine)
-    if ctx.is_main:
+    ranks = gather_objects(mine, ctx)
+    if ranks is not None:
         result = {
             "worker": worker.value,
             "world_size": ctx.world_size,
@@ -396,8 +397,8 @@ def run_worker(worker: Worker, settings: Settings) -> None:
             **extra,
         }
         print(_RESULT_PREFIX + json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    barrier(ctx)
+    shutdown_distributed()
 
 
 def _timed_steps(

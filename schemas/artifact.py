@@ -49,6 +49,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.layout import SCHEMA_FILE
+
 __all__ = [
     "DENSE_FILE",
     "FORMAT",
@@ -77,7 +79,6 @@ __all__ = [
 FORMAT = "ctcvr-model"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-SCHEMA_FILE = "schema.yaml"
 DENSE_FILE = "weights/dense.safetensors"
 TABLE_TENSOR = "weight"  # the one tensor of each table file, shape (num_rows, dim)
 SERVED_HEADS = ("ctr", "cvr")

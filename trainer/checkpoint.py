@@ -1,106 +1,137 @@
-"""Sharded checkpoints with ``torch.distributed.checkpoint``: each rank writes only its shards.
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP): each rank writes only its shards.
 
-Layout of a run directory::
+A checkpoint (a :class:`~trainer.run_dir.CheckpointDir` of the run) holds DCP's files of::
 
-    checkpoints/step_00000500/   DCP files (model + optimizer state, sharded) and
-                                 meta.json (step, schema fingerprint, resolved config),
-                                 rank<R>.pt (each rank's RNG and data-stream position)
-    checkpoints/latest           name of the newest complete checkpoint
+    {"model": TrainModule.state_dict(), "optimizer": CombinedOptimizer.state_dict()}
 
-``latest`` is replaced atomically after every rank has finished writing, so a run killed while
-saving resumes from the previous complete checkpoint.
+then ``meta.json`` (:class:`~trainer.run_dir.CheckpointMeta`: step, schema fingerprint, resolved
+config) and each rank's RNG and data-stream position; the run's ``latest`` pointer moves to it
+atomically once every rank has finished, so a run killed while saving resumes from the previous
+complete checkpoint.
+
+A CTR/CVR model's tensor ``mmoe.gates.ctr.weight`` is ``model.model.mmoe.gates.ctr.weight`` in
+the checkpoint (the checkpoint's ``model`` entry, then ``TrainModule.model``);
+:func:`checkpoint_key` and :func:`model_key` map between the two, and no other module spells the
+prefix. Readers that need only the model (evaluation, export, the benchmarks) use
+:func:`load_model_weights`, :func:`model_tensor_specs` and :func:`read_model_tensors`, which load
+no optimizer state.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import io
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 
-from trainer.distributed import DistContext
+from trainer.distributed import DistContext, barrier, is_distributed
+from trainer.run_dir import CheckpointDir, CheckpointError, CheckpointMeta, RunDir
 
 __all__ = [
     "CheckpointError",
     "CheckpointMeta",
-    "latest_checkpoint",
+    "TensorSpec",
+    "check_schema",
+    "checkpoint_key",
+    "find_checkpoint",
     "load_checkpoint",
+    "load_model_weights",
+    "model_key",
+    "model_tensor_specs",
+    "read_model_tensors",
     "save_checkpoint",
+    "save_model_checkpoint",
 ]
 
-_LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or belongs to another schema."""
+_MODEL = "model"  # the checkpoint's entry holding the TrainModule's state dict
+_OPTIMIZER = "optimizer"
+# TrainModule keeps the CTR/CVR model as its ``model`` attribute.
+_MODEL_PREFIX = f"{_MODEL}.model."
+_DCP_METADATA = ".metadata"  # the file DCP writes last, naming every tensor and its shards
 
 
 @dataclass(frozen=True)
-class CheckpointMeta:
-    step: int
-    schema_fingerprint: str
-    config: dict[str, Any]
+class TensorSpec:
+    """Shape and dtype of a tensor stored in a checkpoint."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoint_key(model_key: str) -> str:
+    """The checkpoint key of a CTR/CVR model's state-dict key (``model.model.<key>``)."""
+    return _MODEL_PREFIX + model_key
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    pointer = checkpoint_root(run_dir) / _LATEST
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
-    return path
+def model_key(checkpoint_key: str) -> str | None:
+    """The model's state-dict key of a checkpoint key; None for what is not the model's (an
+    objective's parameters, the optimizer state)."""
+    return (
+        checkpoint_key.removeprefix(_MODEL_PREFIX)
+        if checkpoint_key.startswith(_MODEL_PREFIX)
+        else None
+    )
+
+
+# Training: the whole state, every rank ---------------------------------------------------------
 
 
 def save_checkpoint(
-    run_dir: str | Path,
+    run: RunDir,
     ctx: DistContext,
     model: nn.Module,
     optimizer: Any,
     meta: CheckpointMeta,
     rank_state: dict[str, Any] | None = None,
     keep: int = 2,
-) -> Path:
+) -> CheckpointDir:
     """Write a checkpoint collectively (every rank must call it) and point ``latest`` at it.
 
-    ``rank_state`` is this rank's own small state (e.g. its data-stream position); it is saved
-    with the rank's RNG states and handed back by :func:`load_checkpoint`.
+    Args:
+        run: the run directory.
+        ctx: this process's distributed context.
+        model: the sharded ``TrainModule`` (DMP).
+        optimizer: its optimizer (``build_optimizer``).
+        meta: the checkpoint's metadata; its step names the checkpoint.
+        rank_state: this rank's own small state (e.g. its data-stream position), saved with
+            the rank's RNG states and handed back by :func:`load_checkpoint`.
+        keep: checkpoints kept; older ones are deleted.
+
+    Returns:
+        The checkpoint written.
     """
-    root = checkpoint_root(run_dir)
-    path = root / f"step_{meta.step:08d}"
-    if ctx.is_main:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-    dist.barrier()
+    checkpoint = run.new_checkpoint(meta.step) if ctx.is_main else run.checkpoint(meta.step)
+    barrier(ctx)
     dcp.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(path)
+        {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()},
+        checkpoint_id=checkpoint.location,
     )
-    torch.save({"rng": _rng_state(), "state": rank_state or {}}, path / f"rank{ctx.rank}.pt")
-    dist.barrier()
+    checkpoint.write_rank_state(
+        ctx.rank, _to_bytes({"rng": _rng_state(), "state": rank_state or {}})
+    )
+    barrier(ctx)
     if ctx.is_main:
-        (path / "meta.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
-        tmp = root / f".{_LATEST}.tmp"
-        tmp.write_text(path.name)
-        os.replace(tmp, root / _LATEST)
-        _prune(root, keep)
-    dist.barrier()
-    return path
+        checkpoint.write_meta(meta)
+        run.set_latest(checkpoint)
+        run.delete_old_checkpoints(keep)
+    barrier(ctx)
+    return checkpoint
 
 
 def load_checkpoint(
-    path: Path, ctx: DistContext, model: nn.Module, optimizer: Any, schema_fingerprint: str
+    checkpoint: CheckpointDir,
+    ctx: DistContext,
+    model: nn.Module,
+    optimizer: Any,
+    schema_fingerprint: str,
 ) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Load a checkpoint in place into the (sharded) model and optimizer; restore RNG states.
 
@@ -109,29 +140,111 @@ def load_checkpoint(
         written by fewer ranks than there are now).
 
     Raises:
-        CheckpointError: the checkpoint was written for another feature schema.
+        CheckpointError: malformed metadata, or a checkpoint of another feature schema.
     """
-    meta = CheckpointMeta(**json.loads((path / "meta.json").read_text()))
-    if meta.schema_fingerprint != schema_fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on another feature schema "
-            f"({meta.schema_fingerprint[:12]} != {schema_fingerprint[:12]}); refusing to resume"
-        )
+    meta = checkpoint.read_meta()
+    check_schema(checkpoint, meta, schema_fingerprint, "refusing to resume")
     # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
     # keys the target already has: a zero-gradient step creates them. The parameters it touches
     # are overwritten by the checkpoint right after.
     optimizer.init_state()
     optimizer.zero_grad(set_to_none=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    rank_file = path / f"rank{ctx.rank}.pt"
-    if not rank_file.is_file():  # resuming with more ranks than were saved
+    state = {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint.location)
+    model.load_state_dict(state[_MODEL])
+    optimizer.load_state_dict(state[_OPTIMIZER])
+    data = checkpoint.read_rank_state(ctx.rank)
+    if data is None:  # resuming with more ranks than were saved
         return meta, {}
-    saved = torch.load(rank_file, weights_only=True)
+    saved = torch.load(io.BytesIO(data), weights_only=True)
     _set_rng_state(saved["rng"])
     return meta, saved["state"]
+
+
+def check_schema(
+    checkpoint: CheckpointDir, meta: CheckpointMeta, schema_fingerprint: str, consequence: str
+) -> None:
+    """Raises: CheckpointError: ``checkpoint`` was trained on another feature schema."""
+    if meta.schema_fingerprint != schema_fingerprint:
+        raise CheckpointError(
+            f"{checkpoint} was trained on another feature schema "
+            f"({meta.schema_fingerprint[:12]} != {schema_fingerprint[:12]}); {consequence}"
+        )
+
+
+# The model alone: evaluation, export, tools -----------------------------------------------------
+
+
+def find_checkpoint(run: RunDir, checkpoint: str | Path | None = None) -> CheckpointDir:
+    """A complete checkpoint of ``run`` whose DCP files are all there.
+
+    Args:
+        run: the run directory.
+        checkpoint: None for the latest, a checkpoint's name, or a checkpoint directory.
+
+    Raises:
+        CheckpointError: none yet, or the one named is missing or incomplete.
+    """
+    found = run.find_checkpoint(checkpoint)
+    if not found.has_file(_DCP_METADATA):
+        raise CheckpointError(f"{found} is not a complete checkpoint ({_DCP_METADATA} missing)")
+    return found
+
+
+def load_model_weights(checkpoint: CheckpointDir, model: nn.Module) -> None:
+    """Load the CTR/CVR model's weights of ``checkpoint`` into ``model`` in place: nothing else
+    (no objective parameters, no optimizer state).
+
+    ``model`` is a ``CtcvrModel``, whole or sharded (inside ``DistributedModelParallel``, when
+    every rank must call this); the checkpoint may have been written by any number of ranks.
+    """
+    own = model.state_dict()
+    state = {checkpoint_key(key): value for key, value in own.items()}
+    with _single_process_notice_silenced():
+        dcp.load(state, checkpoint_id=checkpoint.location, no_dist=not is_distributed())
+    model.load_state_dict({key: state[checkpoint_key(key)] for key in own})
+
+
+def model_tensor_specs(checkpoint: CheckpointDir) -> dict[str, TensorSpec]:
+    """The CTR/CVR model's tensors stored in ``checkpoint``: model key -> shape and dtype."""
+    stored = FileSystemReader(checkpoint.location).read_metadata().state_dict_metadata
+    specs = {}
+    for key, found in stored.items():
+        name = model_key(key)
+        if name is not None and hasattr(found, "size"):  # tensors, not pickled objects
+            specs[name] = TensorSpec(tuple(found.size), found.properties.dtype)
+    return specs
+
+
+def read_model_tensors(
+    checkpoint: CheckpointDir, specs: Mapping[str, TensorSpec]
+) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) tensors of the model keys in ``specs``, in this process without a
+    process group; DCP gathers each from every rank's shards."""
+    state = {checkpoint_key(k): torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
+    with _single_process_notice_silenced():
+        dcp.load(state, checkpoint_id=checkpoint.location, no_dist=True)
+    return {key: state[checkpoint_key(key)] for key in specs}
+
+
+def save_model_checkpoint(run: RunDir, module: nn.Module, meta: CheckpointMeta) -> CheckpointDir:
+    """Write an unsharded ``TrainModule``'s weights as the run's latest checkpoint, in this
+    process (no process group, no optimizer state): a model made by a tool rather than trained,
+    such as the serving benchmark's random one, in the layout every reader expects."""
+    checkpoint = run.new_checkpoint(meta.step)
+    with _single_process_notice_silenced():
+        dcp.save({_MODEL: module.state_dict()}, checkpoint_id=checkpoint.location, no_dist=True)
+    checkpoint.write_meta(meta)
+    run.set_latest(checkpoint)
+    return checkpoint
+
+
+@contextmanager
+def _single_process_notice_silenced() -> Iterator[None]:
+    # DCP warns "assuming the intent is to ... in a single process" without a group: it is.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
+        yield
 
 
 # Only torch's generators drive training randomness (dropout); the reader seeds its own
@@ -149,7 +262,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _to_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()

@@ -1,9 +1,20 @@
-"""Everything about ranks and sharding, kept apart from the model.
+"""Everything about ranks, sharding and collectives, kept apart from the model.
 
 The model is built unsharded (its embedding tables on the ``meta`` device); this module starts
 the process group, plans how the tables are split between ranks, fuses the sparse optimizer
 into the backward pass, and wraps the finished model in ``DistributedModelParallel``. Dense
 parameters are replicated and synchronised by DMP's data-parallel wrapper.
+
+It is also the only module that talks to the process group: the trainer's own collectives (loss
+means, the stop signal, evaluation's end-of-data agreement and gathering predictions, barriers
+around checkpoints, Adap-SL's mask broadcast) are the named helpers at the end of this file.
+(TorchRec's sharded modules and ``torch.distributed.checkpoint`` run their own collectives.)
+
+On GPUs the process group has two backends, ``"cpu:gloo,cuda:nccl"``: nccl carries the
+sharded model's CUDA tensors and gloo the CPU tensors of those helpers, which are host values
+(a flag, a few loss means, pickled predictions). An nccl-only group would fail on the first of
+them. :attr:`DistContext.collective_device` says where the helpers put their tensors. The GPU
+path is written for but has not been run here (no GPU on the machines this was built on).
 """
 
 from __future__ import annotations
@@ -11,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,14 +51,22 @@ from trainer.config import (
 __all__ = [
     "DistContext",
     "all_reduce_mean",
+    "any_rank",
+    "barrier",
+    "broadcast_from_main_",
     "build_optimizer",
     "dense_lr_at",
     "fuse_sparse_optimizer",
+    "gather_objects",
     "init_distributed",
+    "is_distributed",
     "local_shards",
+    "max_over_ranks",
+    "process_group_backend",
     "quiet_library_warnings",
     "set_dense_lr",
     "shard_model",
+    "shutdown_distributed",
 ]
 
 _TIMEOUT = timedelta(minutes=10)
@@ -59,13 +80,26 @@ _SUPPORTED = {
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process runs: its rank, the world size, device and backend."""
+    """Where this process runs: its rank, the world size, devices and backends.
+
+    Attributes:
+        rank: this process's global rank.
+        world_size: number of processes.
+        local_rank: rank on this machine (the CUDA device index on GPUs).
+        device: where the model and its batches live (``cuda:<local_rank>`` or ``cpu``).
+        backend: the backend of ``device``'s collectives, which the sharded model uses
+            (``"nccl"`` or ``"gloo"``); it decides which sharding types can run.
+        collective_device: where this module's helpers put their tensors: ``cpu`` when the
+            group has gloo for CPU tensors (always, for a group :func:`init_distributed`
+            creates), else ``device``.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     backend: str
+    collective_device: torch.device
 
     @property
     def is_main(self) -> bool:
@@ -77,19 +111,32 @@ def quiet_library_warnings() -> None:
     """Silence TorchRec/torch notices that speak to TorchRec's developers, not to our users.
 
     They concern how TorchRec builds its own objects (topology construction, DDP's deprecated
-    ``broadcast_buffers`` argument, fx tracing flags) and appear on every start of every rank.
+    ``broadcast_buffers`` argument, fx tracing flags, ShardedTensor) and appear on every start
+    of every rank.
     """
     logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+    # TorchRec's sharded state dicts still hold ShardedTensors, which DCP warns about.
+    warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
 
 
 def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
     """Start (or join) the process group. Without ``torchrun`` it makes a 1-rank group.
 
-    ``backend="auto"`` picks nccl when CUDA is available and gloo otherwise; ``device="auto"``
-    picks ``cuda:<LOCAL_RANK>`` or cpu accordingly.
+    Args:
+        backend: the sharded model's backend: ``"auto"`` (nccl when the device is CUDA, else
+            gloo), ``"nccl"`` or ``"gloo"``. An nccl group is created as
+            ``"cpu:gloo,cuda:nccl"`` (:func:`process_group_backend`).
+        device: ``"auto"`` (``cuda:<LOCAL_RANK>`` when CUDA is available, else cpu), or a
+            device string.
+
+    Returns:
+        This process's :class:`DistContext`.
+
+    Raises:
+        RuntimeError: ``backend="nccl"`` without CUDA.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
@@ -102,18 +149,44 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     else:
         torch_device = torch.device("cpu")
     if not dist.is_initialized():
+        group_backend = process_group_backend(backend)
         if "RANK" in os.environ:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             dist.init_process_group(
-                backend=backend,
+                backend=group_backend,
                 store=_attempt_store(rank, world_size),
                 rank=rank,
                 world_size=world_size,
                 timeout=_TIMEOUT,
             )
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend)
+            dist.init_process_group(
+                backend=group_backend, store=dist.HashStore(), rank=0, world_size=1
+            )
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=torch_device,
+        backend=backend,
+        collective_device=_collective_device(str(dist.get_backend()), torch_device),
+    )
+
+
+def process_group_backend(backend: str) -> str:
+    """The ``init_process_group`` backend for a sharded model on ``backend``.
+
+    nccl has no CPU collectives, and the trainer's own (:func:`all_reduce_mean`,
+    :func:`any_rank`, ...) work on host values, so an nccl group also gets gloo for CPU
+    tensors: ``"cpu:gloo,cuda:nccl"``. Each collective then runs on the backend of its
+    tensor's device.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def _collective_device(group_backend: str, device: torch.device) -> torch.device:
+    """``cpu`` when the group has gloo (for CPU tensors), else the model's device."""
+    return torch.device("cpu") if "gloo" in group_backend else device
 
 
 def _attempt_store(rank: int, world_size: int) -> dist.Store:
@@ -222,15 +295,6 @@ def set_dense_lr(optimizer: CombinedOptimizer, lr: float) -> None:
                 group["lr"] = lr
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a no-op copy with one rank)."""
-    value = value.detach().clone()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
 def local_shards(model: nn.Module) -> dict[str, list[dict[str, list[int]]]]:
     """The embedding shards this rank holds: table weight name -> [{offsets, sizes}, ...].
 
@@ -245,3 +309,74 @@ def local_shards(model: nn.Module) -> dict[str, list[dict[str, list[int]]]]:
                 for s in value.local_shards()
             ]
     return summary
+
+
+# Collectives -------------------------------------------------------------------------------------
+# Every helper is called by every rank at the same point (a collective); with one rank they do
+# no communication. Their tensors go to ``ctx.collective_device``; moving a CUDA value there is
+# a host synchronisation, which is why the loop calls them only every ``train.log_every`` steps.
+
+
+def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise mean of ``values`` over ranks, on ``ctx.collective_device``.
+
+    Example::
+
+        means = all_reduce_mean(torch.stack([loss_sum, *term_sums]) / steps, ctx).tolist()
+    """
+    values = values.detach().to(ctx.collective_device, copy=True)
+    if ctx.world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+def max_over_ranks(value: int, ctx: DistContext) -> int:
+    """The largest ``value`` of any rank."""
+    if ctx.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=ctx.collective_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """Whether ``flag`` is true on at least one rank."""
+    return bool(max_over_ranks(int(flag), ctx))
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks."""
+    if ctx.world_size == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    # Object collectives pickle into a tensor on the group's object device: cpu with gloo.
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here."""
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_from_main_(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's, in place, each on its own device (a
+    multi-backend group carries CUDA tensors on nccl, CPU tensors on gloo). Without a process
+    group, or with one rank, nothing happens."""
+    if is_distributed() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up (tools that read checkpoints run without one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one is up. No barrier: after a failure on one rank the others
+    may never reach it."""
+    if is_distributed():
+        dist.destroy_process_group()

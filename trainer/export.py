@@ -28,25 +28,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import re
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
 from torchrec import PoolingType
 
-from schemas import FeatureSchema, SchemaError, load_schema
+from schemas import FeatureSchema, SchemaError
 from schemas.artifact import (
     DENSE_FILE,
     MANIFEST_FILE,
@@ -61,15 +57,21 @@ from schemas.artifact import (
     table_file,
 )
 from trainer.builders import build_model
-from trainer.checkpoint import CheckpointError, latest_checkpoint
-from trainer.config import ConfigError, ModelConfig, load_config, model_config_from_dict, to_dict
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    TensorSpec,
+    check_schema,
+    find_checkpoint,
+    model_tensor_specs,
+    read_model_tensors,
+)
+from trainer.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from trainer.model import CtcvrModel, ModelStructure, embedding_bag_configs
 from trainer.objectives import build_objective, model_structure
+from trainer.run_dir import CheckpointDir, RunDir, RunDirError
 
 __all__ = ["ExportError", "export_run", "main", "model_spec"]
-
-# DCP keys: the checkpoint saves {"model": TrainModule.state_dict()}, whose model is "model".
-_PREFIX = "model.model."
 
 
 class ExportError(RuntimeError):
@@ -78,7 +80,7 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Param:
-    checkpoint_key: str  # key in the DCP checkpoint
+    model_key: str  # key in the model's state dict (trainer.checkpoint maps it to the checkpoint)
     name: str  # the table name for tables, else the model's state_dict key
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -116,19 +118,18 @@ def export_run(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    schema = _load_run_schema(run_dir)
-    ckpt = _find_checkpoint(run_dir, checkpoint)
-    meta = _read_meta(ckpt)
-    if meta.get("schema_fingerprint") != schema.fingerprint():
-        raise ExportError(
-            f"{ckpt} was trained on another feature schema than {run_dir / SCHEMA_FILE} "
-            f"({str(meta.get('schema_fingerprint'))[:12]} != {schema.fingerprint()[:12]})"
-        )
-    config = meta.get("config") or to_dict(load_config(run_dir / "config.yaml"))
+    run = RunDir(run_dir)
+    schema = _load_run_schema(run)
+    ckpt, meta = _find_checkpoint(run, checkpoint)
+    try:
+        check_schema(ckpt, meta, schema.fingerprint(), f"the run's {SCHEMA_FILE} differs")
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    config = meta.config or to_dict(run.load_config())
     try:
         model_config = model_config_from_dict(config["model"])
     except ConfigError as err:
-        raise ExportError(f"{ckpt / 'meta.json'}: {err}") from None
+        raise ExportError(f"{ckpt}: the model config it was trained with: {err}") from None
     objective_name = config["objective"]["name"]
     objective_params = dict(config["objective"].get("params") or {})
     objective = build_objective(objective_name, **objective_params)
@@ -152,7 +153,7 @@ def export_run(
         save_file(_serving_tensors(model, _load(ckpt, dense), dense), tmp / DENSE_FILE)
         files[DENSE_FILE] = _file_entry(tmp / DENSE_FILE)
         for param in tables:  # one table in memory at a time
-            weight = _load(ckpt, [param])[param.checkpoint_key]
+            weight = _load(ckpt, [param])[param.model_key]
             save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
             files[table_file(param.name)] = _file_entry(tmp / table_file(param.name))
             del weight
@@ -160,19 +161,18 @@ def export_run(
             "".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode()
         )
         manifest = Manifest(
-            version=version
-            or f"{_slug(run_dir.resolve().name)}-step{meta['step']:08d}-{digest.hexdigest()[:10]}",
+            version=version or f"{_slug(run.name)}-step{meta.step:08d}-{digest.hexdigest()[:10]}",
             created_at=datetime.now(UTC),
             source=Source(
-                run_dir=str(run_dir.resolve()),
+                run_dir=run.location,
                 checkpoint=ckpt.name,
-                step=int(meta["step"]),
+                step=meta.step,
                 objective=objective_name,
                 objective_params=objective_params,
             ),
             schema_fingerprint=schema.fingerprint(),
             model=spec,
-            metrics=_metrics(run_dir),
+            metrics=_metrics(run),
             training_config=config,
             files=files,
         )
@@ -192,39 +192,22 @@ def export_run(
 # Reading the run -------------------------------------------------------------------------------
 
 
-def _load_run_schema(run_dir: Path) -> FeatureSchema:
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir} is not a run directory of trainer.train (no config.yaml)")
+def _load_run_schema(run: RunDir) -> FeatureSchema:
     try:
-        return load_schema(run_dir / SCHEMA_FILE)
-    except SchemaError as err:
+        run.check_is_run()
+        return run.load_schema()
+    except (RunDirError, SchemaError) as err:
         raise ExportError(str(err)) from None
 
 
-def _find_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
-    if checkpoint is None:
-        try:
-            path = latest_checkpoint(run_dir)
-        except CheckpointError as err:
-            raise ExportError(str(err)) from None
-        if path is None:
-            raise ExportError(
-                f"{run_dir} has no checkpoint yet; train first (checkpoints/latest is missing)"
-            )
-        return path
-    path = Path(checkpoint)
-    if not path.is_dir():
-        path = run_dir / "checkpoints" / str(checkpoint)
-    if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
-        raise ExportError(f"{path} is not a complete checkpoint (meta.json or .metadata missing)")
-    return path
-
-
-def _read_meta(ckpt: Path) -> dict[str, Any]:
+def _find_checkpoint(
+    run: RunDir, checkpoint: str | Path | None
+) -> tuple[CheckpointDir, CheckpointMeta]:
     try:
-        return json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot read {ckpt / 'meta.json'}: {err}") from None
+        found = find_checkpoint(run, checkpoint)
+        return found, found.read_meta()
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def model_spec(schema: FeatureSchema, config: ModelConfig, structure: ModelStructure) -> ModelSpec:
@@ -266,23 +249,22 @@ def _plan(model: CtcvrModel, ckpt: Path, spec: ModelSpec) -> tuple[list[_Param],
         ExportError: a tensor missing from the checkpoint or of another shape there; a model
             whose serving tensors are not those of ``spec.dense_shapes()``.
     """
-    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    stored = model_tensor_specs(ckpt)
     table_of = {key: table for table, key in model.table_keys().items()}
     tables: list[_Param] = []
     dense: list[_Param] = []
     for key, tensor in model.state_dict().items():
-        ckpt_key = _PREFIX + key
-        found = stored.get(ckpt_key)
-        if found is None or not hasattr(found, "size"):
+        found = stored.get(key)
+        if found is None:
             raise ExportError(
-                f"{ckpt} has no tensor {ckpt_key!r}: it was not written by this run's model"
+                f"{ckpt} has no model tensor {key!r}: it was not written by this run's model"
             )
-        if tuple(found.size) != tuple(tensor.shape):
+        if found.shape != tuple(tensor.shape):
             raise ExportError(
-                f"{ckpt}: {ckpt_key!r} has shape {tuple(found.size)} but the run's config gives "
+                f"{ckpt}: {key!r} has shape {found.shape} but the run's config gives "
                 f"{tuple(tensor.shape)}; was the config changed after training?"
             )
-        param = _Param(ckpt_key, table_of.get(key, key), tuple(found.size), found.properties.dtype)
+        param = _Param(key, table_of.get(key, key), found.shape, found.dtype)
         (tables if key in table_of else dense).append(param)
     _check_layout(model.serving_tensors(), spec)
     order = {t.name: i for i, t in enumerate(spec.tables)}
@@ -306,33 +288,35 @@ def _serving_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``weights/dense.safetensors``: the checkpoint's dense part loaded into the
     model (its tables stay on ``meta``), then the model's own serving declaration."""
-    model.load_state_dict({p.name: state[p.checkpoint_key] for p in dense}, strict=False)
+    model.load_state_dict({p.name: state[p.model_key] for p in dense}, strict=False)
     return {name: t.contiguous() for name, t in model.serving_tensors().items()}
 
 
-def _load(ckpt: Path, params: list[_Param]) -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors of ``params``; DCP gathers them from every rank's shards."""
-    state = {p.checkpoint_key: torch.empty(p.shape, dtype=p.dtype) for p in params}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings(
-            "ignore", message=".*load in a single process", category=UserWarning
-        )
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+def _load(ckpt: CheckpointDir, params: list[_Param]) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of ``params`` by model key; DCP gathers them from every rank's
+    shards."""
+    state = read_model_tensors(ckpt, {p.model_key: TensorSpec(p.shape, p.dtype) for p in params})
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ExportError(f"{ckpt}: {key!r} holds NaN or inf values; the training diverged")
     return state
 
 
-def _metrics(run_dir: Path) -> dict[str, float | None]:
-    path = run_dir / "eval" / "metrics.json"
-    if not path.is_file():
-        return {}
-    raw = json.loads(path.read_text())
+def _metrics(run: RunDir) -> dict[str, float | None]:
+    try:
+        raw = run.read_evaluation() or {}
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
     out: dict[str, float | None] = {}
     for key, value in raw.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is None:  # an undefined metric (NaN), written as null
+            out[key] = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = float(value) if math.isfinite(value) else None
+        else:
+            raise ExportError(
+                f"{run.evaluation_dir}: metric {key!r} is {value!r}, not a number or null"
+            )
     return out
 
 

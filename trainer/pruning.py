@@ -29,14 +29,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
 from trainer.config import AdapSlConfig, PruningConfig
+from trainer.distributed import broadcast_from_main_
 from trainer.model.adap_sl import TOWERS, MaskedLinear, PartiallySharedTowers
 
-__all__ = ["PRUNING_FILE", "AdaptivePruner", "density_report", "format_density", "magnitude_prune_"]
-
-PRUNING_FILE = "pruning.json"  # in an Adap-SL run's directory: {"step", "towers": density_report}
+__all__ = ["AdaptivePruner", "density_report", "format_density", "magnitude_prune_"]
 
 _EPS = 1e-9  # keeps float rounding of rate x kept and S x total from moving a count by one
 
@@ -169,8 +167,9 @@ class AdaptivePruner:
         # Data parallelism keeps the dense weights identical on every rank, so every rank picks
         # the same weights; rank 0's masks are broadcast anyway, so the ranks can never train
         # different structures.
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for module in self.towers.modules():
-                if isinstance(module, MaskedLinear):
-                    for tower in module.towers:
-                        dist.broadcast(module.mask(tower), src=0)
+        broadcast_from_main_(
+            module.mask(tower)
+            for module in self.towers.modules()
+            if isinstance(module, MaskedLinear)
+            for tower in module.towers
+        )

@@ -1,49 +1,54 @@
 """The training recipe: config -> process group -> sharded model -> loop -> checkpoints -> eval.
 
 Read top to bottom, ``setup`` is the order things must happen in; ``train`` is the loop. The
-entry point with its command line is ``trainer.train``.
+entry point with its command line is ``trainer.train``. The pieces live elsewhere: the sharded
+model in ``trainer.run_model``, the run directory's files in ``trainer.run_dir``, checkpoints in
+``trainer.checkpoint``, collectives in ``trainer.distributed``, evaluation in
+``trainer.evaluation``.
+
+**Host synchronisation.** A step queues its work on the device and moves on: loss terms are
+summed on the device and read (one transfer, one collective) every ``train.log_every`` steps.
+The collective that agrees on a stop signal runs at those steps and at checkpoint steps, the
+same steps on every rank, so a SIGTERM or Ctrl-C takes effect at the next such step: up to
+``train.log_every`` steps after it arrives, plus the checkpoint's writing time. (TorchRec's
+sharded lookup still reads each batch's split sizes on the host every step.)
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import signal
 import time
 from pathlib import Path
 from types import FrameType
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from schemas import FeatureSchema, load_schema
-from trainer.builders import build_model
-from trainer.checkpoint import (
-    CheckpointError,
-    CheckpointMeta,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from trainer.config import TrainConfig, load_config, save_config, to_dict
-from trainer.data import ImpressionReader, infinite
+from schemas.layout import SCHEMA_FILE
+from trainer.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, load_config, to_dict
+from trainer.data import DataError, ImpressionReader, find_schema, infinite
+from trainer.data.batch import Batch
 from trainer.distributed import (
     all_reduce_mean,
+    barrier,
     build_optimizer,
     dense_lr_at,
-    fuse_sparse_optimizer,
     init_distributed,
     local_shards,
+    max_over_ranks,
     quiet_library_warnings,
     set_dense_lr,
-    shard_model,
+    shutdown_distributed,
 )
-from trainer.evaluate import evaluate
 from trainer.evaluation import format_table
-from trainer.objectives import build_objective, detached_heads, model_structure
-from trainer.pruning import PRUNING_FILE, AdaptivePruner, density_report, format_density
-from trainer.train_module import TrainModule
+from trainer.evaluation.predict import evaluate, evaluation_reader
+from trainer.objectives import LossOutput
+from trainer.pruning import density_report, format_density
+from trainer.run_dir import CheckpointDir, RunDir
+from trainer.run_model import build_training_model
 
 __all__ = ["TrainRecipe"]
 
@@ -56,32 +61,21 @@ class TrainRecipe:
         resume: continue from the run's latest checkpoint when there is one (a fresh start
             otherwise, so the same command works for the first launch and every restart under
             ``torchrun --max-restarts``).
-        require_checkpoint: with ``resume``, fail if the run has no checkpoint.
-        read_only: write nothing into the run directory (evaluating a finished run).
     """
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        *,
-        resume: bool = False,
-        require_checkpoint: bool = False,
-        read_only: bool = False,
-    ) -> None:
+    def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
         self.config = config
         self.resume = resume
-        self.require_checkpoint = require_checkpoint
-        self.read_only = read_only
-        self.run_dir = Path(config.output_dir)
+        self.run = RunDir(config.output_dir)
         self.step = 0
         self._stop_signal: int | None = None
         self.setup()
 
     @classmethod
     def from_files(
-        cls, config_file: str | Path | None, overrides: list[str], **kwargs: bool
+        cls, config_file: str | Path | None, overrides: list[str], *, resume: bool = False
     ) -> TrainRecipe:
-        return cls(load_config(config_file, overrides), **kwargs)
+        return cls(load_config(config_file, overrides), resume=resume)
 
     # Setup ------------------------------------------------------------------------------------
 
@@ -92,85 +86,60 @@ class TrainRecipe:
         # The same seed on every rank: dense parameters start identical (DMP also broadcasts).
         torch.manual_seed(cfg.seed)
         self.schema = self._load_schema()
-        self.objective = build_objective(cfg.objective.name, **cfg.objective.params)
         # Tables are built on "meta": DMP allocates only this rank's shards.
-        model = build_model(
-            self.schema,
-            cfg.model,
-            structure=model_structure(self.objective),
-            detached_heads=detached_heads(self.objective),
-        )
-        # Adap-SL: the pruner holds the towers themselves; sharding wraps them without copying.
-        self.pruner = (
-            AdaptivePruner(model.partially_shared, cfg.model.adap_sl)
-            if model.partially_shared is not None
-            else None
-        )
-        module = TrainModule(model, self.objective)
-        # The sparse optimizer must be attached before sharding, which fuses it into the kernels.
-        fuse_sparse_optimizer(module, cfg.sparse_optimizer)
-        self.model = shard_model(module, self.ctx, cfg.sharding)
+        self.sharded = build_training_model(cfg, self.schema, self.ctx)
+        self.model, self.pruner = self.sharded.module, self.sharded.pruner
         self.optimizer = build_optimizer(self.model, cfg.dense_optimizer)
-        self.train_reader = self._reader(
-            cfg.data.train, shuffle=True, batch_size=cfg.data.batch_size, filter=cfg.data.filter
+        self.train_reader = ImpressionReader(
+            cfg.data.train,
+            self.schema,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            filter=cfg.data.filter,
         )
         self.batches = infinite(self.train_reader)
-        if not self.read_only:
-            self._write_run_files()
+        self._write_run_files()
         if self.resume:
             self._restore()
+
+    def _load_schema(self) -> FeatureSchema:
+        """``data.schema``, else the data set's: beside the training split, or in it."""
+        path = self.config.data.schema or find_schema(self.config.data.train)
+        if path is None:
+            raise DataError(
+                f"no {SCHEMA_FILE} beside or above data.train={self.config.data.train}; "
+                "pass data.schema=<path or URI of the schema>"
+            )
+        return load_schema(path)
 
     def _write_run_files(self) -> None:
         """The resolved config, the schema, the sharding plan and each rank's shards."""
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
-            self.schema.save(self.run_dir / "schema.yaml")
-            (self.run_dir / "sharding_plan.txt").write_text(str(self.model.plan))
-        dist.barrier()
-        shards = self.run_dir / "shards" / f"rank{self.ctx.rank}.json"
-        shards.parent.mkdir(exist_ok=True)
-        shards.write_text(json.dumps(local_shards(self.model), indent=1))
-
-    def _load_schema(self) -> FeatureSchema:
-        path = self.config.data.schema
-        if path is None:
-            train = Path(self.config.data.train)
-            path = (train.parent if train.is_dir() else train.parent.parent) / "schema.yaml"
-            if not path.is_file():
-                path = (train if train.is_dir() else train.parent) / "schema.yaml"
-        return load_schema(path)
-
-    def _reader(
-        self, source: str, *, shuffle: bool, batch_size: int, filter: str | None = None
-    ) -> ImpressionReader:
-        return ImpressionReader(
-            source,
-            self.schema,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            shuffle_buffer=self.config.data.shuffle_buffer,
-            seed=self.config.seed,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            filter=filter,
-        )
+            self.run.save_config(self.config)
+            self.run.save_schema(self.schema)
+            self.run.write_sharding_plan(str(self.model.plan))
+        barrier(self.ctx)
+        self.run.write_rank_shards(self.ctx.rank, local_shards(self.model))
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            if self.require_checkpoint:
-                raise CheckpointError(f"{self.run_dir} has no checkpoint to load")
+        checkpoint = self.run.latest_checkpoint()
+        if checkpoint is None:
             return
         meta, rank_state = load_checkpoint(
-            path, self.ctx, self.model, self.optimizer, self.schema.fingerprint()
+            checkpoint, self.ctx, self.model, self.optimizer, self.schema.fingerprint()
         )
         self.step = meta.step
         if "data" in rank_state:
             self.batches.load_state_dict(rank_state["data"])
         else:  # saved by another number of ranks: replay the data stream from the start
-            self._log(f"rank {self.ctx.rank}: no data position in {path}; the data order restarts")
-        self._log(f"resumed from {path} at step {self.step}")
+            self._log(
+                f"rank {self.ctx.rank}: no data position in {checkpoint}; the data order restarts"
+            )
+        self._log(f"resumed from {checkpoint} at step {self.step}")
 
     # Training ---------------------------------------------------------------------------------
 
@@ -189,53 +158,25 @@ class TrainRecipe:
             unit="step",
             dynamic_ncols=True,
         )
-        window_loss, window_terms, window_rows, window_start = 0.0, {}, 0, time.perf_counter()
+        window = _LossWindow()
         self.model.train()
         while self.step < cfg.steps:
-            batch = next(self.batches).to(self.ctx.device)
-            loss, (loss_out, _) = self.model(batch)
-            self.optimizer.zero_grad()
-            loss.backward()
-            set_dense_lr(
-                self.optimizer, dense_lr_at(self.config.dense_optimizer, self.step, cfg.steps)
-            )
-            self.optimizer.step()
-            self.step += 1
-            if self.pruner is not None:
-                self._prune()
+            window.add(*self._train_step())
             bar.update(1)
-            window_loss += loss_out.total.item()
-            for name, value in loss_out.terms.items():
-                window_terms[name] = window_terms.get(name, 0.0) + value.item()
-            window_rows += batch.size
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                steps = (
-                    cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                )
-                record = self._log_metrics(
-                    steps, window_loss, window_terms, window_rows, window_start
-                )
+            if self._is_log_step():
+                record = self._log_metrics(window)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:,.0f}"
                 )
-                window_loss, window_terms, window_rows, window_start = (
-                    0.0,
-                    {},
-                    0,
-                    time.perf_counter(),
-                )
-            if self._should_stop():
+                window = _LossWindow()
+            if (self._is_log_step() or self._is_checkpoint_step()) and self._stop_requested():
                 bar.close()
                 self.save_checkpoint()
                 self._log(
                     f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved"
                 )
                 raise SystemExit(128 + (self._stop_signal or signal.SIGTERM))
-            if (
-                cfg.checkpoint_every
-                and self.step % cfg.checkpoint_every == 0
-                and self.step < cfg.steps
-            ):
+            if self._is_checkpoint_step():
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
@@ -245,10 +186,41 @@ class TrainRecipe:
                 + format_density(density_report(self.pruner.towers))
             )
         if cfg.evaluate and self.config.data.test:
-            return self.evaluate(out_dir=self.run_dir / "eval")
+            return self.evaluate()
         return None
 
-    def save_checkpoint(self) -> Path:
+    def _train_step(self) -> tuple[LossOutput, int]:
+        """One optimizer step. Returns its (detached) loss terms and the rows it trained on."""
+        batch = self._next_batch()
+        loss, (loss_out, _) = self.model(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        set_dense_lr(
+            self.optimizer,
+            dense_lr_at(self.config.dense_optimizer, self.step, self.config.train.steps),
+        )
+        self.optimizer.step()
+        self.step += 1
+        if self.pruner is not None:
+            self._prune()
+        return loss_out, batch.size
+
+    def _next_batch(self) -> Batch:
+        batch = next(self.batches)
+        if self.ctx.device.type == "cuda":
+            # From pageable memory a copy blocks the host until the device has caught up; from
+            # pinned memory it is queued like a kernel.
+            return batch.pin_memory().to(self.ctx.device, non_blocking=True)
+        return batch.to(self.ctx.device)
+
+    def _is_log_step(self) -> bool:
+        return self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
+
+    def _is_checkpoint_step(self) -> bool:
+        every = self.config.train.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.config.train.steps
+
+    def save_checkpoint(self) -> CheckpointDir:
         meta = CheckpointMeta(
             step=self.step,
             schema_fingerprint=self.schema.fingerprint(),
@@ -256,8 +228,8 @@ class TrainRecipe:
         )
         # The reader's order depends only on (seed, epoch, rank): its position restores the stream.
         rank_state = {"data": self.batches.state_dict()}
-        path = save_checkpoint(
-            self.run_dir,
+        checkpoint = save_checkpoint(
+            self.run,
             self.ctx,
             self.model,
             self.optimizer,
@@ -266,22 +238,25 @@ class TrainRecipe:
             self.config.train.keep_checkpoints,
         )
         if self.pruner is not None and self.ctx.is_main:
-            report = {"step": self.step, "towers": density_report(self.pruner.towers)}
-            (self.run_dir / PRUNING_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        return path
+            self.run.write_pruning(
+                {"step": self.step, "towers": density_report(self.pruner.towers)}
+            )
+        return checkpoint
 
-    def evaluate(self, out_dir: Path | None = None) -> dict[str, float] | None:
-        """Metrics of the model on ``data.test`` (computed and returned on rank 0)."""
-        if not self.config.data.test:
-            raise ValueError("data.test is not set: nothing to evaluate")
-        reader = self._reader(
-            self.config.data.test, shuffle=False, batch_size=self.config.data.eval_batch_size
-        )
+    def evaluate(self) -> dict[str, float] | None:
+        """Metrics of the model on ``data.test``, written to the run's ``eval/`` and returned
+        on rank 0 (None elsewhere).
+
+        Raises:
+            ValueError: ``data.test`` is not set.
+        """
+        reader = evaluation_reader(self.config, self.schema, self.ctx)
         metrics = evaluate(
-            self.model, reader, self.ctx, out_dir, ranking_k=self.config.data.ranking_k
+            self.sharded.model, reader, self.ctx, ranking_k=self.config.data.ranking_k
         )
-        if metrics is not None and out_dir is not None:
-            self._log(f"evaluation written to {out_dir}\n{format_table(metrics)}")
+        if metrics is not None:
+            self.run.write_evaluation(metrics)
+            self._log(f"evaluation written to {self.run.evaluation_dir}\n{format_table(metrics)}")
         return metrics
 
     def cleanup(self) -> None:
@@ -291,12 +266,10 @@ class TrainRecipe:
         modules are still alive now and then abort at exit ("terminate called without an
         active exception").
         """
-        for name in ("optimizer", "model", "batches", "train_reader"):
+        for name in ("optimizer", "model", "sharded", "pruner", "batches", "train_reader"):
             self.__dict__.pop(name, None)
         gc.collect()
-        # No barrier here: after a failure on one rank the others may never reach it.
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
     # Helpers ----------------------------------------------------------------------------------
 
@@ -309,25 +282,23 @@ class TrainRecipe:
                 + format_density(density_report(self.pruner.towers))
             )
 
-    def _log_metrics(
-        self, steps: int, loss: float, terms: dict[str, float], rows: int, start: float
-    ) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        local = torch.tensor([loss / steps, *(v / steps for v in terms.values())])
-        mean = all_reduce_mean(local).tolist()
+    def _log_metrics(self, window: _LossWindow) -> dict[str, float]:
+        """Average the window's losses over steps and ranks (the host waits for the device
+        here) and append them to ``metrics.jsonl`` on rank 0."""
+        mean = all_reduce_mean(window.local_means(), self.ctx).tolist()
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
         record = {
             "step": self.step,
             "loss": mean[0],
-            **{f"loss/{name}": value for name, value in zip(terms, mean[1:])},
-            "samples_per_s": rows * self.ctx.world_size / elapsed,
+            **{f"loss/{name}": value for name, value in zip(window.terms, mean[1:])},
+            "samples_per_s": window.rows * self.ctx.world_size / elapsed,
             "time": time.time(),
         }
         if self.pruner is not None:
             for tower, report in density_report(self.pruner.towers).items():
                 record[f"density/{tower}"] = report["total"]
         if self.ctx.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run.append_metrics(record)
         return record
 
     def _install_signal_handlers(self) -> None:
@@ -337,17 +308,42 @@ class TrainRecipe:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, request_stop)
 
-    def _should_stop(self) -> bool:
-        # Ranks agree, so they all reach the (collective) checkpoint save together.
-        flag = torch.tensor(
-            [0 if self._stop_signal is None else self._stop_signal], dtype=torch.int64
-        )
-        if self.ctx.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self._stop_signal is None:
-            self._stop_signal = int(flag.item())
-        return bool(flag.item())
+    def _stop_requested(self) -> bool:
+        """Whether any rank has been asked to stop. A collective: the ranks agree, so they all
+        reach the (collective) checkpoint save together."""
+        signum = max_over_ranks(self._stop_signal or 0, self.ctx)
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+        return bool(signum)
 
     def _log(self, message: str) -> None:
         if self.ctx.is_main:
             tqdm.write(message)
+
+
+class _LossWindow:
+    """The loss terms of the steps since the last log line, summed where they were computed.
+
+    Sums are float64, as the Python floats they replace were, so the logged means are the
+    same to the bit; reading them is the window's one host synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.rows = 0
+        self.total: torch.Tensor | None = None
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: LossOutput, rows: int) -> None:
+        total = loss.total.detach().double()
+        self.total = total if self.total is None else self.total + total
+        for name, value in loss.terms.items():
+            value = value.detach().double()
+            self.terms[name] = value if name not in self.terms else self.terms[name] + value
+        self.steps += 1
+        self.rows += rows
+
+    def local_means(self) -> torch.Tensor:
+        """``[mean loss, mean of each term]`` of this rank's steps, float32, on the device."""
+        return (torch.stack([self.total, *self.terms.values()]) / self.steps).float()

@@ -19,7 +19,8 @@ Override any config key on the command line (OmegaConf dot-list)::
 
 ``--resume`` continues from the run's latest checkpoint if it has one (and starts fresh
 otherwise), so it is also what to pass under ``torchrun --max-restarts``. SIGTERM or Ctrl-C
-writes a checkpoint before exiting.
+writes a checkpoint before exiting, at the next log or checkpoint step (up to
+``train.log_every`` steps later). The recipe is ``trainer.recipe.TrainRecipe``.
 """
 
 from __future__ import annotations

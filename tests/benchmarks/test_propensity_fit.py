@@ -101,7 +101,10 @@ def test_the_attribute_only_propensity_has_the_true_mean_and_leaves_part_of_the_
 def test_runs_that_are_not_simulated_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         propensity_fit.main([str(tmp_path)])
-    assert f"{tmp_path}: no config.yaml" in capsys.readouterr().err
+    assert (
+        f"{tmp_path} is not a run directory of trainer.train (no config.yaml)"
+        in capsys.readouterr().err
+    )
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(f"data:\n  test: {tmp_path / 'coat' / 'test'}\n")

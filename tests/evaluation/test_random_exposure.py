@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.evaluate import Predictions
+from trainer.evaluation import Predictions
 
 
 def _predictions(group: np.ndarray | None) -> Predictions:

@@ -4,7 +4,6 @@ predictions from the trainer, request rows from Parquet, and a real uvicorn proc
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import FeatureSchema, load_schema
+from schemas import FeatureSchema
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,11 +146,12 @@ def make_edge_run(
     ``prepare`` may change the ``TrainModule`` before it is saved (e.g. prune it).
     """
     import torch
-    import torch.distributed.checkpoint as dcp
 
     from trainer.builders import build_model
-    from trainer.config import load_config, save_config, to_dict
+    from trainer.checkpoint import CheckpointMeta, save_model_checkpoint
+    from trainer.config import load_config, to_dict
     from trainer.objectives import build_objective, model_structure
+    from trainer.run_dir import RunDir
     from trainer.train_module import TrainModule
 
     schema = edge_schema(dim)
@@ -174,9 +174,9 @@ def make_edge_run(
             *overrides,
         ],
     )
-    run.mkdir(parents=True)
-    save_config(config, run / "config.yaml")
-    schema.save(run / "schema.yaml")
+    run_dir = RunDir(run)
+    run_dir.save_config(config)
+    run_dir.save_schema(schema)
     torch.manual_seed(seed)
     objective_ = build_objective(config.objective.name, **config.objective.params)
     module = TrainModule(
@@ -191,16 +191,10 @@ def make_edge_run(
                 param.uniform_(-0.5, 0.5)
     if prepare is not None:
         prepare(module)
-    ckpt = run / "checkpoints" / f"step_{step:08d}"
-    with single_process_dcp():
-        dcp.save({"model": module.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
-    meta = {"step": step, "schema_fingerprint": schema.fingerprint(), "config": to_dict(config)}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    (run / "checkpoints" / "latest").write_text(ckpt.name)
-    (run / "eval").mkdir()
-    (run / "eval" / "metrics.json").write_text(
-        json.dumps({"ctr_auc": 0.61, "cvr_gauc": float("nan"), "impressions": rows})
+    save_model_checkpoint(
+        run_dir, module, CheckpointMeta(step, schema.fingerprint(), to_dict(config))
     )
+    run_dir.write_evaluation({"ctr_auc": 0.61, "cvr_gauc": float("nan"), "impressions": rows})
     return run
 
 
@@ -228,35 +222,27 @@ def trainer_predictions(run_dir: Path, data: Path) -> np.ndarray:
     """``(N, 3)`` pctr, pcvr, pctcvr of the run's latest checkpoint on ``data``, computed by the
     trainer's own model and reader in this process (the reference for parity)."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
     from trainer.builders import build_model
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.config import load_config
+    from trainer.checkpoint import find_checkpoint, load_model_weights
     from trainer.data import ImpressionReader
     from trainer.objectives import build_objective, model_structure
-    from trainer.train_module import TrainModule
+    from trainer.run_dir import RunDir
 
-    config = load_config(run_dir / "config.yaml")
-    schema = load_schema(run_dir / "schema.yaml")
+    run = RunDir(run_dir)
+    config, schema = run.load_config(), run.load_schema()
     objective = build_objective(config.objective.name, **config.objective.params)
-    module = TrainModule(
-        build_model(
-            schema, config.model, structure=model_structure(objective), embedding_device="cpu"
-        ),
-        objective,
+    model = build_model(
+        schema, config.model, structure=model_structure(objective), embedding_device="cpu"
     )
-    state = module.state_dict()
-    with single_process_dcp():
-        dcp.load({"model": state}, checkpoint_id=str(latest_checkpoint(run_dir)), no_dist=True)
-    module.load_state_dict(state)
-    module.eval()
+    load_model_weights(find_checkpoint(run), model)
+    model.eval()
     out = []
     with torch.no_grad():
         for batch in ImpressionReader(
             data, schema, batch_size=512, shuffle=False, with_truth=False
         ):
-            _, (_, outputs) = module(batch)
+            outputs = model(batch.sparse, batch.dense)
             out.append(torch.stack([outputs.pctr, outputs.pcvr, outputs.pctcvr], dim=1).numpy())
     return np.concatenate(out)
 

@@ -15,14 +15,15 @@ CRASH_AT_STEP = 13
 
 
 def _install_crash() -> None:
-    should_stop = recipe.TrainRecipe._should_stop
+    train_step = recipe.TrainRecipe._train_step
 
-    def crash_or_continue(self: recipe.TrainRecipe) -> bool:
+    def step_then_maybe_crash(self: recipe.TrainRecipe):
+        done = train_step(self)
         if self.step == CRASH_AT_STEP:
             os._exit(17)  # no cleanup, no checkpoint: a hard failure
-        return should_stop(self)
+        return done
 
-    recipe.TrainRecipe._should_stop = crash_or_continue
+    recipe.TrainRecipe._train_step = step_then_maybe_crash
 
 
 if __name__ == "__main__":

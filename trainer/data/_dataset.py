@@ -30,13 +30,12 @@ import pyarrow.parquet as pq
 
 from schemas import storage
 from schemas.features import TRUTH_COLUMNS, FeatureSchema, load_schema
+from schemas.layout import SCHEMA_FILE, SPLITS
 from schemas.storage import Kind, Location, UriLike
 from trainer.data._parquet import DataError
 from trainer.data.summary import LogSummary
 
 __all__ = [
-    "KNOWN_SPLITS",
-    "SCHEMA_FILE",
     "SplitWriter",
     "find_schema",
     "load_dataset_schema",
@@ -45,9 +44,7 @@ __all__ = [
     "result_dir",
 ]
 
-SCHEMA_FILE = "schema.yaml"
 # Every split name a writer may write; stale part files under any of them are refused or removed.
-KNOWN_SPLITS = ("train", "valid", "test")
 # Records of how a data set was made, written last (see the module docstring).
 RECORD_FILES = ("simulation.json", "conversion.json")
 
@@ -173,7 +170,7 @@ def prepare_dataset(out: UriLike, splits: Iterable[str], *, overwrite: bool) -> 
     out = storage.resolve(out)
     stale = [
         entry.location
-        for split in KNOWN_SPLITS
+        for split in SPLITS
         if storage.kind(out.join(split)) is Kind.DIRECTORY
         for entry in storage.list_dir(out.join(split), recursive=True)
         if entry.kind is Kind.FILE and entry.name.endswith(".parquet")
@@ -189,7 +186,7 @@ def prepare_dataset(out: UriLike, splits: Iterable[str], *, overwrite: bool) -> 
     for location in stale:
         storage.delete_file(location)
     if out.is_local:
-        for split in KNOWN_SPLITS:
+        for split in SPLITS:
             directory = Path(out.join(split).path)
             if directory.is_dir() and split not in splits and not any(directory.iterdir()):
                 directory.rmdir()

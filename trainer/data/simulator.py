@@ -65,6 +65,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from schemas.features import FeatureSchema
+from schemas.layout import TEST_SPLIT, TRAIN_SPLIT
 from schemas.storage import UriLike
 from trainer.data._dataset import (
     SplitWriter,
@@ -77,7 +78,7 @@ from trainer.data.summary import LogSummary
 __all__ = ["SimulationResult", "SimulatorConfig", "simulate", "simulated_schema"]
 
 SIMULATION_FILE = "simulation.json"
-SPLITS = ("train", "test")
+SPLITS = (TRAIN_SPLIT, TEST_SPLIT)  # the splits the simulator writes
 
 _K = 8  # latent dimension of the structural model (not the embedding dimension)
 _NUM_CITIES = 300

@@ -1,6 +1,7 @@
 """Metrics dicts as files and markdown tables.
 
-``write_report`` writes one run's metrics as ``<name>.json`` and ``<name>.md``;
+``write_report`` writes one run's metrics as ``<name>.json`` and ``<name>.md`` (the texts of
+``report_files``, which a run directory writes through ``trainer.run_dir``);
 ``format_table`` is that markdown (the trainer prints it); ``metrics_table`` compares several
 runs, one row each, and shows ``mean ± std`` where a cell holds one value per seed.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from trainer.evaluation.metrics import METRIC_SECTIONS
 
-__all__ = ["format_table", "metrics_table", "write_report"]
+__all__ = ["format_table", "metrics_table", "report_files", "write_report"]
 
 # Keys printed as integers rather than with 4 decimals.
 _COUNT_KEYS = frozenset({"impressions", "clicks", "conversions", "users", "users_evaluated"})
@@ -46,10 +47,8 @@ CellValue = float | Sequence[float] | np.ndarray
 def write_report(
     metrics: Mapping[str, float], out_dir: str | Path, name: str = "metrics"
 ) -> tuple[Path, Path]:
-    """Write ``metrics`` to ``out_dir/<name>.json`` and ``out_dir/<name>.md``.
-
-    The JSON has sorted keys and ``null`` for NaN or infinite values, so any JSON reader
-    parses it. The markdown is ``format_table(metrics)``. ``out_dir`` is created if needed.
+    """Write ``metrics`` to ``out_dir/<name>.json`` and ``out_dir/<name>.md``
+    (:func:`report_files`). ``out_dir`` is created if needed.
 
     Args:
         metrics: metric name -> number, e.g. the output of ``compute_metrics``.
@@ -62,14 +61,29 @@ def write_report(
     Raises:
         ValueError: a value is not a real number (the message names its key).
     """
-    values = _check_numbers(metrics)
     out = Path(out_dir)
+    files = report_files(metrics, name)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    for file, text in files.items():
+        (out / file).write_text(text)
+    return out / f"{name}.json", out / f"{name}.md"
+
+
+def report_files(metrics: Mapping[str, float], name: str = "metrics") -> dict[str, str]:
+    """The two report files of ``metrics``: ``<name>.json`` and ``<name>.md`` -> their text.
+
+    The JSON has sorted keys and ``null`` for NaN or infinite values, so any JSON reader
+    parses it. The markdown is ``format_table(metrics)``.
+
+    Raises:
+        ValueError: a value is not a real number (the message names its key).
+    """
+    values = _check_numbers(metrics)
     as_json = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-    json_path.write_text(json.dumps(as_json, sort_keys=True, indent=2, allow_nan=False) + "\n")
-    md_path.write_text(format_table(values) + "\n")
-    return json_path, md_path
+    return {
+        f"{name}.json": json.dumps(as_json, sort_keys=True, indent=2, allow_nan=False) + "\n",
+        f"{name}.md": format_table(values) + "\n",
+    }
 
 
 def format_table(metrics: Mapping[str, float]) -> str:

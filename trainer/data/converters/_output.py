@@ -20,7 +20,6 @@ from schemas import storage
 from schemas.features import FeatureSchema
 from schemas.storage import Location, UriLike
 from trainer.data._dataset import (
-    SCHEMA_FILE,
     SplitWriter,
     prepare_dataset,
     publish_dataset,
@@ -30,7 +29,6 @@ from trainer.data.summary import LogSummary, format_summaries
 
 __all__ = [
     "CONVERSION_FILE",
-    "SCHEMA_FILE",
     "ConversionError",
     "ConversionResult",
     "MalformedLines",

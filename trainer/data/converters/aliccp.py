@@ -51,6 +51,7 @@ from typing import Self
 import pyarrow as pa
 
 from schemas.features import FeatureSchema
+from schemas.layout import TEST_SPLIT, TRAIN_SPLIT
 from trainer.data.converters._output import (
     ConversionError,
     ConversionResult,
@@ -107,7 +108,7 @@ ALICCP_FIELDS: tuple[AliCcpField, ...] = (
     AliCcpField("301", "position", 1 << 12),  # a categorical expression of position
 )
 _USER_FIELD = "101"
-_SPLITS = ("train", "test")
+_SPLITS = (TRAIN_SPLIT, TEST_SPLIT)
 _SKELETON_COLUMNS, _COMMON_COLUMNS = 6, 3
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.features import FeatureSchema
+from schemas.layout import TEST_SPLIT, TRAIN_SPLIT
 from trainer.data.converters._output import (
     ConversionError,
     ConversionResult,
@@ -49,7 +50,7 @@ from trainer.data.summary import LogSummary
 
 __all__ = ["AliExpressConfig", "convert_aliexpress"]
 
-_SPLITS = ("train", "test")
+_SPLITS = (TRAIN_SPLIT, TEST_SPLIT)
 _MAX_VOCAB = 1 << 22
 _HASH_BUCKETS = 1 << 20
 _LABELS = ("click", "conversion")

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 
 from schemas.features import FeatureSchema
 from schemas.hashing import splitmix64
+from schemas.layout import TEST_SPLIT, TRAIN_SPLIT, VALID_SPLIT
 from trainer.data.converters._output import (
     ConversionError,
     ConversionResult,
@@ -475,7 +476,11 @@ def write_mnar_dataset(
     item_columns = _aligned_attributes("item", source.item_attributes, space.items)
     schema = _schema(cfg, space, user_columns, item_columns)
     arrow_schema = _arrow_schema(space, user_columns, item_columns)
-    splits = ("train", "valid", "test") if cfg.validation_fraction > 0 else ("train", "test")
+    splits = (
+        (TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT)
+        if cfg.validation_fraction > 0
+        else (TRAIN_SPLIT, TEST_SPLIT)
+    )
     out = prepare_dataset_dir(out_dir, splits, overwrite)
     rows = _Rows(arrow_schema, space, user_columns, item_columns, cfg.threshold)
     writers = {
