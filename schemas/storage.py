@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -88,11 +89,13 @@ __all__ = [
     "list_dir",
     "make_dirs",
     "open_input_file",
+    "open_input_stream",
     "read_bytes",
     "read_text",
     "redact",
     "resolve",
     "storage_errors",
+    "upload_file",
     "write_bytes",
     "write_text",
 ]
@@ -691,6 +694,44 @@ def write_bytes(uri: UriLike, data: bytes) -> None:
 def write_text(uri: UriLike, text: str) -> None:
     """:func:`write_bytes` of UTF-8 text."""
     write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(source: str | os.PathLike[str], uri: UriLike) -> None:
+    """Copy a local file to ``uri`` in chunks (never whole in memory), published like
+    :func:`write_bytes`: a reader sees the old content or the new one, never a part.
+
+    Raises:
+        StorageError: ``source`` cannot be read, or a storage fault writing ``uri``.
+    """
+    location = resolve(uri)
+    if not os.path.isfile(source):
+        raise StorageError(f"{source}: no such file to copy to {location}")
+    with storage_errors(location, "write"):
+        if not location.is_local:
+            # An object appears when its (multipart) upload completes, whole.
+            with (
+                open(source, "rb") as handle,
+                location.filesystem.open_output_stream(location.path) as stream,
+            ):
+                stream.upload(handle)
+            return
+        directory = os.path.dirname(location.path)
+        os.makedirs(directory, exist_ok=True)
+        staging = os.path.join(directory, f".{location.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            shutil.copyfile(source, staging)
+            os.replace(staging, location.path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
+
+
+def open_input_stream(uri: UriLike) -> pa.NativeFile:
+    """A sequential stream of a file's bytes (one GET on S3, read as it arrives); wrap reads in
+    :func:`storage_errors` to name a fault mid-stream."""
+    location = resolve(uri)
+    with storage_errors(location, "read"):
+        return location.filesystem.open_input_stream(location.path)
 
 
 def open_input_file(uri: UriLike) -> pa.NativeFile:
