@@ -403,10 +403,28 @@ def fsspec_options(uri: UriLike) -> dict[str, Any]:
         "endpoint_url": settings.endpoint,
         "client_kwargs": {"region_name": region} if region else {},
         "config_kwargs": {"retries": {"max_attempts": settings.max_attempts, "mode": "standard"}},
-        # A cached instance would keep the credentials it was made with.
-        "skip_instance_cache": True,
+        # fsspec caches a filesystem per set of options, and with it its S3 client, whose
+        # creation costs most of a small read. One session per settings (credentials included)
+        # makes new settings a new filesystem, which never uses the credentials of the old one.
+        "session": _aio_session(settings),
         "use_listings_cache": False,
     }
+
+
+_SESSIONS: dict[tuple[object, ...], Any] = {}
+
+
+def _aio_session(settings: S3Settings) -> Any:
+    """The aiobotocore session of ``settings`` in this process (s3fs creates its clients in it;
+    credentials are read from the environment when a client is created)."""
+    from aiobotocore.session import AioSession
+
+    key = (os.getpid(), settings)
+    with _FILESYSTEMS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            session = _SESSIONS[key] = AioSession()
+        return session
 
 
 def fsspec_filesystem(
