@@ -1,7 +1,8 @@
 """Storage URIs: the one place that turns a path or URI into a filesystem.
 
-Everything ctcvr reads or writes (impression logs, data sets, and later run directories and
-models) is named by a local path or a URI, and reaches its bytes through this module:
+Everything ctcvr reads or writes (impression logs, data sets, run directories and their
+checkpoints, exported models, the models a service fetches) is named by a local path or a URI,
+and reaches its bytes through this module:
 
 ============================  ====================================================================
 ``data/sim``, ``/abs/path``   the local disk
@@ -15,7 +16,7 @@ models) is named by a local path or a URI, and reaches its bytes through this mo
 
 Parquet is read through :mod:`pyarrow.fs` with ranged reads (never a whole object); fsspec is
 offered where pyarrow does not reach (:func:`fsspec_options` for ``torch.distributed.checkpoint``'s
-``FsspecWriter`` / ``FsspecReader``).
+``FsspecWriter`` / ``FsspecReader``, which ``trainer.checkpoint`` uses for checkpoints on URIs).
 
 **Credentials and endpoint** come only from the standard AWS environment variables, never from
 configs: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` (and the SDKs'

@@ -383,10 +383,14 @@ def _translate(
     if isinstance(first, KeyboardInterrupt):
         return first
     reason = str(first).strip().splitlines()[0] if str(first).strip() else ""
+    hint = (
+        "a truncated or corrupt file of the checkpoint, or a model that does not match it"
+        if action == "read"
+        else "another rank failed, or the storage refused a file"
+    )
     return CheckpointError(
         f"cannot {action} checkpoint {checkpoint}: {type(first).__name__}"
-        f"{': ' + storage.redact(reason) if reason else ''} (a truncated or corrupt file of "
-        "the checkpoint, or a model that does not match it)"
+        f"{': ' + storage.redact(reason) if reason else ''} ({hint})"
     )
 
 
