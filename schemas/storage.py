@@ -1,7 +1,8 @@
 """Storage URIs: the one place that turns a path or URI into a filesystem.
 
-Everything ctcvr reads or writes (impression logs, data sets, and later run directories and
-models) is named by a local path or a URI, and reaches its bytes through this module:
+Everything ctcvr reads or writes (impression logs, data sets, run directories and their
+checkpoints, exported models, the models a service fetches) is named by a local path or a URI,
+and reaches its bytes through this module:
 
 ============================  ====================================================================
 ``data/sim``, ``/abs/path``   the local disk
@@ -15,7 +16,7 @@ models) is named by a local path or a URI, and reaches its bytes through this mo
 
 Parquet is read through :mod:`pyarrow.fs` with ranged reads (never a whole object); fsspec is
 offered where pyarrow does not reach (:func:`fsspec_options` for ``torch.distributed.checkpoint``'s
-``FsspecWriter`` / ``FsspecReader``).
+``FsspecWriter`` / ``FsspecReader``, which ``trainer.checkpoint`` uses for checkpoints on URIs).
 
 **Credentials and endpoint** come only from the standard AWS environment variables, never from
 configs: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` (and the SDKs'
@@ -51,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -88,11 +90,13 @@ __all__ = [
     "list_dir",
     "make_dirs",
     "open_input_file",
+    "open_input_stream",
     "read_bytes",
     "read_text",
     "redact",
     "resolve",
     "storage_errors",
+    "upload_file",
     "write_bytes",
     "write_text",
 ]
@@ -400,10 +404,28 @@ def fsspec_options(uri: UriLike) -> dict[str, Any]:
         "endpoint_url": settings.endpoint,
         "client_kwargs": {"region_name": region} if region else {},
         "config_kwargs": {"retries": {"max_attempts": settings.max_attempts, "mode": "standard"}},
-        # A cached instance would keep the credentials it was made with.
-        "skip_instance_cache": True,
+        # fsspec caches a filesystem per set of options, and with it its S3 client, whose
+        # creation costs most of a small read. One session per settings (credentials included)
+        # makes new settings a new filesystem, which never uses the credentials of the old one.
+        "session": _aio_session(settings),
         "use_listings_cache": False,
     }
+
+
+_SESSIONS: dict[tuple[object, ...], Any] = {}
+
+
+def _aio_session(settings: S3Settings) -> Any:
+    """The aiobotocore session of ``settings`` in this process (s3fs creates its clients in it;
+    credentials are read from the environment when a client is created)."""
+    from aiobotocore.session import AioSession
+
+    key = (os.getpid(), settings)
+    with _FILESYSTEMS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            session = _SESSIONS[key] = AioSession()
+        return session
 
 
 def fsspec_filesystem(
@@ -691,6 +713,44 @@ def write_bytes(uri: UriLike, data: bytes) -> None:
 def write_text(uri: UriLike, text: str) -> None:
     """:func:`write_bytes` of UTF-8 text."""
     write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(source: str | os.PathLike[str], uri: UriLike) -> None:
+    """Copy a local file to ``uri`` in chunks (never whole in memory), published like
+    :func:`write_bytes`: a reader sees the old content or the new one, never a part.
+
+    Raises:
+        StorageError: ``source`` cannot be read, or a storage fault writing ``uri``.
+    """
+    location = resolve(uri)
+    if not os.path.isfile(source):
+        raise StorageError(f"{source}: no such file to copy to {location}")
+    with storage_errors(location, "write"):
+        if not location.is_local:
+            # An object appears when its (multipart) upload completes, whole.
+            with (
+                open(source, "rb") as handle,
+                location.filesystem.open_output_stream(location.path) as stream,
+            ):
+                stream.upload(handle)
+            return
+        directory = os.path.dirname(location.path)
+        os.makedirs(directory, exist_ok=True)
+        staging = os.path.join(directory, f".{location.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            shutil.copyfile(source, staging)
+            os.replace(staging, location.path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
+
+
+def open_input_stream(uri: UriLike) -> pa.NativeFile:
+    """A sequential stream of a file's bytes (one GET on S3, read as it arrives); wrap reads in
+    :func:`storage_errors` to name a fault mid-stream."""
+    location = resolve(uri)
+    with storage_errors(location, "read"):
+        return location.filesystem.open_input_stream(location.path)
 
 
 def open_input_file(uri: UriLike) -> pa.NativeFile:

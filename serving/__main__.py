@@ -2,7 +2,9 @@
 
 Every option can also be given as an environment variable (``CTCVR_MODEL_DIR``, ``CTCVR_HOST``,
 ``CTCVR_PORT``; the others are listed in ``serving/config.py``); an option wins over its variable.
-``--check`` loads and verifies the model directory, prints what it holds, and exits.
+``DIR`` may be a URI (``s3://bucket/models/x``): it is fetched into ``CTCVR_MODEL_CACHE`` and
+verified first (``serving.fetch``). ``--check`` loads and verifies the model directory, prints
+what it holds, and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from serving.registry import ModelRegistry
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, help="model directory written by trainer.export")
+    parser.add_argument(
+        "--model-dir", help="model directory written by trainer.export: a path or a URI (s3://...)"
+    )
+    parser.add_argument(
+        "--model-cache", type=Path, help="where a model named by a URI is fetched to"
+    )
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--log-level", help="critical, error, warning, info, debug")
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         key: value
         for key, value in {
             "model_dir": args.model_dir,
+            "model_cache": args.model_cache,
             "host": args.host,
             "port": args.port,
             "log_level": args.log_level,
@@ -51,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper().replace("TRACE", "DEBUG"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    registry = ModelRegistry(settings.model_dir, settings.max_rows, ServiceMetrics())
+    registry = ModelRegistry(
+        settings.model_dir, settings.max_rows, ServiceMetrics(), settings.model_cache
+    )
     try:
         scorer = registry.load()  # before the server starts: a bad artifact is a plain error
     except ArtifactError as err:
@@ -59,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     manifest = scorer.artifact.manifest
     print(
-        f"model {manifest.version}: step {manifest.source.step} of {manifest.source.run_dir} "
+        f"model {manifest.version} from {scorer.model_dir}: step {manifest.source.step} of "
+        f"{manifest.source.run_dir} "
         f"({manifest.source.objective}), {len(scorer.artifact.schema.sparse)} sparse and "
         f"{len(scorer.artifact.schema.dense)} dense features",
         flush=True,

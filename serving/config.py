@@ -3,7 +3,10 @@
 ==============================  ===============  =================================================
 variable                        default          meaning
 ==============================  ===============  =================================================
-``CTCVR_MODEL_DIR``             (required)       model directory written by ``trainer.export``
+``CTCVR_MODEL_DIR``             (required)       model directory written by ``trainer.export``: a
+                                                 path or a URI (``s3://bucket/models/x``)
+``CTCVR_MODEL_CACHE``           ``$TMPDIR/...``  where models named by a URI are fetched to
+                                                 (``<system temp dir>/ctcvr-models``)
 ``CTCVR_HOST``                  ``127.0.0.1``    address ``python -m serving`` listens on
 ``CTCVR_PORT``                  ``8000``         port
 ``CTCVR_API_TOKEN``             unset            bearer token required on ``/v1/*``; unset: open
@@ -23,16 +26,22 @@ variable                        default          meaning
 
 from __future__ import annotations
 
+import os
+import tempfile
 from enum import Enum, unique
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas import storage
 from schemas.api import MAX_ROWS_LIMIT
 
-__all__ = ["Environment", "ServingSettings", "get_settings"]
+__all__ = ["DEFAULT_MODEL_CACHE", "Environment", "ServingSettings", "get_settings"]
+
+DEFAULT_MODEL_CACHE = Path(tempfile.gettempdir()) / "ctcvr-models"
 
 _MIN_TOKEN_CHARS = 16
 
@@ -48,8 +57,13 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CTCVR_", extra="ignore", protected_namespaces=())
 
-    model_dir: Path | None = Field(
-        default=None, description="model directory written by trainer.export"
+    model_dir: str | None = Field(
+        default=None,
+        description="model directory written by trainer.export: a path or a URI (s3://...)",
+    )
+    model_cache: Path = Field(
+        default=DEFAULT_MODEL_CACHE,
+        description="directory that models named by a URI are fetched to (serving.fetch)",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
@@ -65,6 +79,19 @@ class ServingSettings(BaseSettings):
     torch_threads: int = Field(default=1, ge=1, le=256)
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     environment: Environment = Environment.DEVELOPMENT
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _path_or_uri(cls, value: Any) -> Any:
+        """A ``Path`` is accepted as its text; a URI with credentials in it is refused."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str) and value:
+            try:
+                storage.resolve(value)
+            except storage.StorageError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @model_validator(mode="after")
     def _safe(self) -> ServingSettings:

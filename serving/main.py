@@ -107,7 +107,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.registry = registry or ModelRegistry(settings.model_dir, settings.max_rows, metrics)
+    app.state.registry = registry or ModelRegistry(
+        settings.model_dir, settings.max_rows, metrics, settings.model_cache
+    )
     app.state.batcher = MicroBatcher(
         max_rows=settings.batch_max_rows,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,

@@ -60,11 +60,14 @@ class Scorer:
     Args:
         artifact: the verified model directory.
         max_rows: the most rows per request.
+        model_dir: where the model was loaded from when that is not ``artifact.path`` (the URI
+            of a model fetched into the local cache).
     """
 
-    def __init__(self, artifact: Artifact, max_rows: int) -> None:
+    def __init__(self, artifact: Artifact, max_rows: int, model_dir: str | None = None) -> None:
         self.artifact = artifact
         self.max_rows = max_rows
+        self.model_dir = model_dir if model_dir is not None else str(artifact.path)
         self.request_model: type[BaseModel] = score_request_model(artifact.schema, max_rows)
         self.columns_model: type[BaseModel] = score_columns_model(artifact.schema, max_rows)
         self.reader = ColumnReader(artifact.schema, max_rows)

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 _REGION = "us-east-1"
 # The moto API's requests that run before authentication is enforced: creating the IAM user, its
@@ -131,3 +132,24 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def upload_tree(local: Path, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (``s3://bucket/prefix``), file by file."""
+    from schemas import storage
+
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload_file(path, storage.join(uri, path.relative_to(local).as_posix()))
+
+
+def download_tree(uri: str, local: Path) -> Path:
+    """Copy every object under ``uri`` into the local directory ``local``; returns ``local``."""
+    from schemas import storage
+
+    root = storage.resolve(uri)
+    for entry in storage.list_dir(root, recursive=True):
+        if entry.kind is storage.Kind.FILE:
+            target = local / entry.location.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(entry.location))
+    return local

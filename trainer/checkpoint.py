@@ -9,6 +9,16 @@ config) and each rank's RNG and data-stream position; the run's ``latest`` point
 atomically once every rank has finished, so a run killed while saving resumes from the previous
 complete checkpoint.
 
+**Storage.** A checkpoint on the local disk is written and read with DCP's
+``FileSystemWriter`` / ``FileSystemReader``; one named by a URI (``s3://...``, any
+``schemas.storage`` scheme) with its fsspec twins ``FsspecWriter`` / ``FsspecReader``
+configured by ``schemas.storage.fsspec_options`` (endpoint, region, ``AWS_MAX_ATTEMPTS``
+retries; credentials from the environment). Either way each rank writes only its own files.
+A storage fault (the store unreachable after its retries, denied access, a missing bucket) is a
+``schemas.storage.StorageError`` naming the checkpoint and what to check; a checkpoint whose
+files are truncated or corrupt is a :class:`CheckpointError` naming the file, found before
+anything is loaded where the sizes tell (DCP's ``.metadata`` records where every tensor ends).
+
 A CTR/CVR model's tensor ``mmoe.gates.ctr.weight`` is ``model.model.mmoe.gates.ctr.weight`` in
 the checkpoint (the checkpoint's ``model`` entry, then ``TrainModule.model``);
 :func:`checkpoint_key` and :func:`model_key` map between the two, and no other module spells the
@@ -20,18 +30,29 @@ no optimizer state.
 from __future__ import annotations
 
 import io
+import os
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import (
+    FileSystemReader,
+    FileSystemWriter,
+    StorageReader,
+    StorageWriter,
+)
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
+from schemas import storage
+from schemas.storage import StorageError
 from trainer.distributed import DistContext, barrier, is_distributed
 from trainer.run_dir import CheckpointDir, CheckpointError, CheckpointMeta, RunDir
 
@@ -39,6 +60,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMeta",
     "TensorSpec",
+    "check_files",
     "check_schema",
     "checkpoint_key",
     "find_checkpoint",
@@ -110,10 +132,11 @@ def save_checkpoint(
     """
     checkpoint = run.new_checkpoint(meta.step) if ctx.is_main else run.checkpoint(meta.step)
     barrier(ctx)
-    dcp.save(
-        {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()},
-        checkpoint_id=checkpoint.location,
-    )
+    with _dcp_errors(checkpoint, "write"):
+        dcp.save(
+            {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()},
+            storage_writer=_writer(checkpoint),
+        )
     checkpoint.write_rank_state(
         ctx.rank, _to_bytes({"rng": _rng_state(), "state": rank_state or {}})
     )
@@ -140,17 +163,21 @@ def load_checkpoint(
         written by fewer ranks than there are now).
 
     Raises:
-        CheckpointError: malformed metadata, or a checkpoint of another feature schema.
+        CheckpointError: malformed metadata, a checkpoint of another feature schema, a
+            truncated or corrupt file (named).
+        StorageError: a storage fault reading it.
     """
     meta = checkpoint.read_meta()
     check_schema(checkpoint, meta, schema_fingerprint, "refusing to resume")
+    check_files(checkpoint)
     # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
     # keys the target already has: a zero-gradient step creates them. The parameters it touches
     # are overwritten by the checkpoint right after.
     optimizer.init_state()
     optimizer.zero_grad(set_to_none=True)
     state = {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint.location)
+    with _dcp_errors(checkpoint, "read"):
+        dcp.load(state, storage_reader=_reader(checkpoint))
     model.load_state_dict(state[_MODEL])
     optimizer.load_state_dict(state[_OPTIMIZER])
     data = checkpoint.read_rank_state(ctx.rank)
@@ -175,20 +202,54 @@ def check_schema(
 # The model alone: evaluation, export, tools -----------------------------------------------------
 
 
-def find_checkpoint(run: RunDir, checkpoint: str | Path | None = None) -> CheckpointDir:
-    """A complete checkpoint of ``run`` whose DCP files are all there.
+def find_checkpoint(run: RunDir, checkpoint: str | os.PathLike[str] | None = None) -> CheckpointDir:
+    """A complete checkpoint of ``run`` whose DCP files are all there, none truncated.
 
     Args:
         run: the run directory.
-        checkpoint: None for the latest, a checkpoint's name, or a checkpoint directory.
+        checkpoint: None for the latest, a checkpoint's name, or a checkpoint directory (a
+            path or a URI).
 
     Raises:
-        CheckpointError: none yet, or the one named is missing or incomplete.
+        CheckpointError: none yet, the one named is missing or incomplete, or one of its DCP
+            files is truncated or unreadable (named).
+        StorageError: a storage fault reading it.
     """
     found = run.find_checkpoint(checkpoint)
-    if not found.has_file(_DCP_METADATA):
-        raise CheckpointError(f"{found} is not a complete checkpoint ({_DCP_METADATA} missing)")
+    check_files(found)
     return found
+
+
+def check_files(checkpoint: CheckpointDir) -> None:
+    """Check that DCP's ``.metadata`` is there and readable and that every data file it names
+    is there and long enough for the tensors it locates in it.
+
+    Raises:
+        CheckpointError: ``.metadata`` missing or unreadable, a data file missing or truncated;
+            the message names the file.
+        StorageError: a storage fault listing or reading the checkpoint.
+    """
+    if not checkpoint.has_file(_DCP_METADATA):
+        raise CheckpointError(
+            f"{checkpoint} is not a complete checkpoint ({_DCP_METADATA} missing)"
+        )
+    needed: dict[str, int] = {}
+    for info in (_read_metadata(checkpoint).storage_data or {}).values():
+        name = os.fspath(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    sizes = checkpoint.file_sizes()
+    for name, size in sorted(needed.items()):
+        if name not in sizes:
+            raise CheckpointError(
+                f"{checkpoint.file(name)} is missing: the checkpoint is incomplete or was "
+                "changed after it was written; resume or export from another checkpoint"
+            )
+        if sizes[name] < size:
+            raise CheckpointError(
+                f"{checkpoint.file(name)} is truncated: {sizes[name]} bytes, its checkpoint's "
+                f"{_DCP_METADATA} locates data up to byte {size}; resume or export from "
+                "another checkpoint"
+            )
 
 
 def load_model_weights(checkpoint: CheckpointDir, model: nn.Module) -> None:
@@ -200,14 +261,14 @@ def load_model_weights(checkpoint: CheckpointDir, model: nn.Module) -> None:
     """
     own = model.state_dict()
     state = {checkpoint_key(key): value for key, value in own.items()}
-    with _single_process_notice_silenced():
-        dcp.load(state, checkpoint_id=checkpoint.location, no_dist=not is_distributed())
+    with _single_process_notice_silenced(), _dcp_errors(checkpoint, "read"):
+        dcp.load(state, storage_reader=_reader(checkpoint), no_dist=not is_distributed())
     model.load_state_dict({key: state[checkpoint_key(key)] for key in own})
 
 
 def model_tensor_specs(checkpoint: CheckpointDir) -> dict[str, TensorSpec]:
     """The CTR/CVR model's tensors stored in ``checkpoint``: model key -> shape and dtype."""
-    stored = FileSystemReader(checkpoint.location).read_metadata().state_dict_metadata
+    stored = _read_metadata(checkpoint).state_dict_metadata
     specs = {}
     for key, found in stored.items():
         name = model_key(key)
@@ -222,8 +283,8 @@ def read_model_tensors(
     """Whole (unsharded) tensors of the model keys in ``specs``, in this process without a
     process group; DCP gathers each from every rank's shards."""
     state = {checkpoint_key(k): torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
-    with _single_process_notice_silenced():
-        dcp.load(state, checkpoint_id=checkpoint.location, no_dist=True)
+    with _single_process_notice_silenced(), _dcp_errors(checkpoint, "read"):
+        dcp.load(state, storage_reader=_reader(checkpoint), no_dist=True)
     return {key: state[checkpoint_key(key)] for key in specs}
 
 
@@ -232,11 +293,105 @@ def save_model_checkpoint(run: RunDir, module: nn.Module, meta: CheckpointMeta) 
     process (no process group, no optimizer state): a model made by a tool rather than trained,
     such as the serving benchmark's random one, in the layout every reader expects."""
     checkpoint = run.new_checkpoint(meta.step)
-    with _single_process_notice_silenced():
-        dcp.save({_MODEL: module.state_dict()}, checkpoint_id=checkpoint.location, no_dist=True)
+    with _single_process_notice_silenced(), _dcp_errors(checkpoint, "write"):
+        dcp.save({_MODEL: module.state_dict()}, storage_writer=_writer(checkpoint), no_dist=True)
     checkpoint.write_meta(meta)
     run.set_latest(checkpoint)
     return checkpoint
+
+
+# Storage ----------------------------------------------------------------------------------------
+
+
+def _writer(checkpoint: CheckpointDir) -> StorageWriter:
+    """DCP's writer of ``checkpoint``: one file per rank, on the local disk or through fsspec."""
+    if checkpoint.is_local:
+        return FileSystemWriter(checkpoint.location)
+    # An object is durable once its upload completes: there is nothing to fsync (and DCP would
+    # fall back to os.sync(), flushing every disk of the machine).
+    return FsspecWriter(
+        checkpoint.location, sync_files=False, **storage.fsspec_options(checkpoint.location)
+    )
+
+
+def _reader(checkpoint: CheckpointDir) -> StorageReader:
+    """DCP's reader of ``checkpoint`` (ranged reads of each rank's file on an object store).
+
+    Handed to DCP without a ``checkpoint_id``, which would make DCP re-create the reader's
+    filesystem without :func:`schemas.storage.fsspec_options`."""
+    if checkpoint.is_local:
+        return FileSystemReader(checkpoint.location)
+    return FsspecReader(checkpoint.location, **storage.fsspec_options(checkpoint.location))
+
+
+def _read_metadata(checkpoint: CheckpointDir) -> Metadata:
+    """DCP's ``.metadata`` of ``checkpoint``: every tensor's shape and where its bytes are.
+
+    Raises:
+        CheckpointError: missing, truncated or not DCP metadata (named).
+        StorageError: a storage fault.
+    """
+    location = checkpoint.file(_DCP_METADATA)
+    try:
+        with _dcp_errors(checkpoint, "read"):
+            return _reader(checkpoint).read_metadata()
+    except (EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+        if isinstance(err, StorageError):
+            raise
+        raise CheckpointError(
+            f"{location} is not readable DCP metadata (truncated or corrupt: "
+            f"{type(err).__name__}: {err}); resume or export from another checkpoint"
+        ) from None
+
+
+@contextmanager
+def _dcp_errors(checkpoint: CheckpointDir, action: str) -> Iterator[None]:
+    """Turn what DCP raises into an error naming ``checkpoint`` and what to check.
+
+    DCP gathers every rank's exception into one ``CheckpointException`` (a ``BaseException``)
+    raised on all ranks, with each rank's traceback in its text; the first storage fault among
+    them becomes a ``StorageError`` (unreachable store after its retries, denied access, missing
+    bucket), anything else about the files a :class:`CheckpointError`.
+    """
+    try:
+        yield
+    except CheckpointException as err:
+        _raise_translated(checkpoint, action, [cause for cause, _ in err.failures.values()], err)
+    except (OSError, RuntimeError) as err:  # raised outside DCP's gathered steps
+        _raise_translated(checkpoint, action, [err], err)
+
+
+def _raise_translated(
+    checkpoint: CheckpointDir, action: str, causes: list[BaseException], err: BaseException
+) -> None:
+    translated = _translate(checkpoint, action, causes)
+    if isinstance(translated, StorageError):
+        raise translated from None  # the message says it all; DCP's text repeats every rank's
+    raise translated from err
+
+
+def _translate(
+    checkpoint: CheckpointDir, action: str, causes: list[BaseException]
+) -> BaseException:
+    for cause in causes:
+        if isinstance(cause, (StorageError, CheckpointError)):
+            return cause
+        fault = storage.fault(cause, checkpoint.location, action)
+        if fault is not None:
+            return fault
+    first = causes[0] if causes else RuntimeError("unknown failure")
+    if isinstance(first, KeyboardInterrupt):
+        return first
+    reason = str(first).strip().splitlines()[0] if str(first).strip() else ""
+    hint = (
+        "a truncated or corrupt file of the checkpoint, or a model that does not match it"
+        if action == "read"
+        else "another rank failed, or the storage refused a file"
+    )
+    return CheckpointError(
+        f"cannot {action} checkpoint {checkpoint}: {type(first).__name__}"
+        f"{': ' + storage.redact(reason) if reason else ''} ({hint})"
+    )
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from schemas import storage
 from trainer.data._partitions import FilterError, PartitionFilter
 from trainer.model.adap_sl import IMPUTATION
 from trainer.objectives import OBJECTIVES, ParamsError, objective_params, params_to_dict
@@ -177,7 +178,8 @@ class TrainLoopConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = MISSING  # run directory: config, metrics, checkpoints, evaluation
+    # Run directory (or URI: s3://bucket/runs/x): config, metrics, checkpoints, evaluation.
+    output_dir: str = MISSING
     seed: int = 0
     device: str = "auto"  # auto: cuda:<local rank> if available, else cpu
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,7 +203,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     try:
         layers = [schema]
         if path is not None:
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.create(_read_config_file(path)))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -211,8 +213,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             )
         OmegaConf.resolve(merged)
         config = OmegaConf.to_object(merged)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f" (key {key!r})" if key else ""
@@ -223,8 +223,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config (what a run really used) as YAML."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    """Write the resolved config (what a run really used) as YAML, to a local path or a URI.
+
+    It holds paths and URIs as given, never a credential: those come from the environment
+    (``schemas.storage``), and a URI with one in it is refused before anything is written.
+    """
+    storage.write_text(path, OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def _read_config_file(path: str | Path) -> str:
+    """A config file's text, from a local path or a URI.
+
+    Raises:
+        ConfigError: no such file, or it cannot be read (the storage fault named).
+    """
+    try:
+        if not storage.is_file(path):
+            raise ConfigError(f"config file not found: {path}")
+        return storage.read_text(path)
+    except storage.StorageError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -244,6 +262,11 @@ def _check(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"output_dir": config.output_dir, "data.train": config.data.train}.items():
+        try:
+            storage.resolve(value)
+        except storage.StorageError as err:
+            raise ConfigError(f"{key}: {err}") from None
     if config.data.filter is not None:
         try:
             PartitionFilter.parse(config.data.filter)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from trainer.config import ConfigError
 from trainer.data import DataError
@@ -34,13 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         "--run-dir",
         dest="run",
         required=True,
-        type=Path,
-        help="run directory written by trainer.train",
+        help="run directory written by trainer.train (a path or a URI: s3://bucket/runs/x)",
     )
     parser.add_argument(
         "--data", help="Parquet file or directory to evaluate (default: the run's data.test)"
     )
-    parser.add_argument("--out", type=Path, help="where to write metrics (default: RUN/eval)")
+    parser.add_argument("--out", help="where to write metrics, a path or a URI (default: RUN/eval)")
     parser.add_argument(
         "--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)"
     )

@@ -4,6 +4,7 @@
 
     python -m trainer.export --run runs/demo/run --out runs/demo/model
     python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
+    python -m trainer.export --run s3://ml/runs/demo --out s3://ml/models/demo --force
 
 The (sharded) DCP checkpoint is read in one process without a process group. The run's model is
 built with its embedding tables on ``meta`` (no table memory) and every tensor of it is checked
@@ -22,6 +23,13 @@ records the version id, the source run and step, the schema fingerprint, the mod
 run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
 renamed into place when complete, so a service watching or reloading ``--out`` never sees half
 an artifact.
+
+``--run`` and ``--out`` may be URIs (``s3://...``, any ``schemas.storage`` scheme). A run's
+checkpoint is then read with ranged reads, still one table at a time. An object store has no
+rename, so the directory is staged on the local disk (``TMPDIR``) and published file by file
+with the manifest, which holds every file's sha256, last; an existing model's manifest is
+deleted first. A service refuses a directory without a manifest or whose files do not match
+it, so at no moment is there a half-written model that it would load.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +51,7 @@ import torch
 from safetensors.torch import save_file
 from torchrec import PoolingType
 
-from schemas import FeatureSchema, SchemaError
+from schemas import FeatureSchema, SchemaError, storage
 from schemas.artifact import (
     DENSE_FILE,
     MANIFEST_FILE,
@@ -56,6 +65,7 @@ from schemas.artifact import (
     TableEntry,
     table_file,
 )
+from schemas.storage import Location
 from trainer.builders import build_model
 from trainer.checkpoint import (
     CheckpointError,
@@ -87,10 +97,10 @@ class _Param:
 
 
 def export_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     version: str | None = None,
     force: bool = False,
     log: Any = print,
@@ -98,8 +108,8 @@ def export_run(
     """Write the serving artifact of a training run.
 
     Args:
-        run_dir: a run directory written by ``trainer.train``.
-        out_dir: the model directory to create.
+        run_dir: a run directory written by ``trainer.train`` (a path or a URI).
+        out_dir: the model directory to create (a path or a URI).
         checkpoint: a checkpoint directory, or its name under ``RUN/checkpoints``; default the
             run's latest.
         version: the version id; default ``<run name>-step<step>-<content hash>``.
@@ -113,11 +123,13 @@ def export_run(
         ExportError: no such run or checkpoint, a checkpoint of another schema, a checkpoint
             that does not hold the model the run's config describes, non-finite weights, an
             existing ``out_dir`` without ``force``.
+        StorageError: a storage fault reading the run or writing ``out_dir`` (named, with
+            what to check); ``out_dir`` then holds no manifest, so nothing loads it.
     """
     say = log or (lambda *_: None)
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    out = storage.resolve(out_dir)
+    if storage.exists(out) and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
     run = RunDir(run_dir)
     schema = _load_run_schema(run)
     ckpt, meta = _find_checkpoint(run, checkpoint)
@@ -143,7 +155,7 @@ def export_run(
             f"[export] training-only heads left out: {', '.join(sorted(model.training_only_heads))}"
         )
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp = _staging_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / table_file("x")).parent.mkdir(parents=True)
     try:
@@ -177,13 +189,13 @@ def export_run(
             files=files,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        _publish(tmp, out_dir)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(e.bytes for e in files.values())
     say(
-        f"[export] wrote {out_dir}: version {manifest.version}, step {manifest.source.step}, "
+        f"[export] wrote {out}: version {manifest.version}, step {manifest.source.step}, "
         f"{len(tables)} tables, {size / 2**20:.1f} MiB"
     )
     return manifest
@@ -201,7 +213,7 @@ def _load_run_schema(run: RunDir) -> FeatureSchema:
 
 
 def _find_checkpoint(
-    run: RunDir, checkpoint: str | Path | None
+    run: RunDir, checkpoint: str | os.PathLike[str] | None
 ) -> tuple[CheckpointDir, CheckpointMeta]:
     try:
         found = find_checkpoint(run, checkpoint)
@@ -237,7 +249,9 @@ def model_spec(schema: FeatureSchema, config: ModelConfig, structure: ModelStruc
     )
 
 
-def _plan(model: CtcvrModel, ckpt: Path, spec: ModelSpec) -> tuple[list[_Param], list[_Param]]:
+def _plan(
+    model: CtcvrModel, ckpt: CheckpointDir, spec: ModelSpec
+) -> tuple[list[_Param], list[_Param]]:
     """Check every model tensor against the checkpoint, and the model's serving declaration
     against the artifact layout.
 
@@ -295,7 +309,12 @@ def _serving_tensors(
 def _load(ckpt: CheckpointDir, params: list[_Param]) -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors of ``params`` by model key; DCP gathers them from every rank's
     shards."""
-    state = read_model_tensors(ckpt, {p.model_key: TensorSpec(p.shape, p.dtype) for p in params})
+    try:
+        state = read_model_tensors(
+            ckpt, {p.model_key: TensorSpec(p.shape, p.dtype) for p in params}
+        )
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ExportError(f"{ckpt}: {key!r} holds NaN or inf values; the training diverged")
@@ -335,13 +354,38 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:64] or "model"
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished directory into place (replacing an old one)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def _staging_dir(out_dir: Location) -> Path:
+    """Where the model directory is written before it is published: beside ``out_dir`` on the
+    local disk (renamed into place), else a fresh local temporary directory (uploaded)."""
+    if out_dir.is_local:
+        target = Path(out_dir.path)
+        return target.parent / f".{target.name}.tmp-{os.getpid()}"
+    return Path(tempfile.mkdtemp(prefix="ctcvr-export-"))
+
+
+def _publish(tmp: Path, out_dir: Location) -> None:
+    """Put the finished directory in place (replacing an old one), so that no reader ever sees
+    a model directory that is half written.
+
+    Locally the directory is renamed into place. An object store has no rename: the old
+    manifest is deleted first (from then on nothing loads the old directory), then the old
+    files, then every new file is uploaded, and the manifest, which names every file with its
+    sha256, last.
+    """
+    if out_dir.is_local:
+        target = Path(out_dir.path)
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    storage.delete_file(out_dir.join(MANIFEST_FILE))
+    storage.delete_tree(out_dir)
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    for name in [*(f for f in files if f != MANIFEST_FILE), MANIFEST_FILE]:
+        storage.upload_file(tmp / name, out_dir.join(name))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer.export", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--run", required=True, type=Path, help="run directory written by trainer.train"
+        "--run", required=True, help="run directory written by trainer.train (a path or a URI)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--out", required=True, help="model directory to write (a path or a URI)")
     parser.add_argument(
         "--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)"
     )

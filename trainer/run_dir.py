@@ -16,13 +16,16 @@
 
 Everything reads and writes these through :class:`RunDir` and :class:`CheckpointDir` (the DCP
 files through ``trainer.checkpoint``, which takes their location from here); nothing else knows a
-file name. Every file-system call of both classes goes through :class:`_LocalFiles`, so that
-moving runs to object storage (``s3://`` URIs) replaces that one class. Writes that readers
-may race (the ``latest`` pointer) are atomic.
+file name. ``RUN`` is a local path or a URI (``s3://bucket/runs/esmm``, any ``schemas.storage``
+scheme): every file-system call of both classes goes through :class:`_Files`, which is
+``schemas.storage``. Every file is written whole (locally beside its name and renamed; on an
+object store one PUT), so a reader sees the old content or the new one, never a part; the
+``latest`` pointer, written last, is what makes a checkpoint count. Storage faults are
+``schemas.storage.StorageError`` naming the URI and what to check.
 
 Example::
 
-    run = RunDir("runs/esmm")
+    run = RunDir("s3://ml/runs/esmm")  # or a local directory
     config, schema = run.load_config(), run.load_schema()
     checkpoint = run.latest_checkpoint()  # CheckpointDir or None
     meta = checkpoint.read_meta()  # CheckpointMeta(step, schema_fingerprint, config)
@@ -33,14 +36,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas import FeatureSchema
+from schemas import FeatureSchema, storage
 from schemas.layout import SCHEMA_FILE
+from schemas.storage import Kind, Location, StorageError
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.evaluation.report import report_files
 
@@ -127,59 +130,56 @@ _META_FIELDS = {
 }
 
 
-class _LocalFiles:
-    """Every file-system call of this module: local paths today, a URI scheme's file system
-    (fsspec / ``pyarrow.fs``) when runs move to object storage."""
+class _Files:
+    """Every file-system call of this module: ``schemas.storage`` on a local path or a URI."""
 
     @staticmethod
-    def read_bytes(path: Path) -> bytes:
-        return path.read_bytes()
+    def read_bytes(location: Location) -> bytes:
+        return storage.read_bytes(location)
 
     @staticmethod
-    def write_bytes(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    def write_bytes(location: Location, data: bytes) -> None:
+        """Whole: a reader sees the old content or the new, never a part."""
+        storage.write_bytes(location, data)
 
     @staticmethod
-    def append_bytes(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(data)
+    def append_bytes(location: Location, data: bytes) -> None:
+        """Append locally; an object store has no append, so the object is written again whole
+        (one GET and one PUT per call: meant for small logs such as ``metrics.jsonl``)."""
+        if location.is_local:
+            os.makedirs(os.path.dirname(location.path), exist_ok=True)
+            with storage.storage_errors(location, "append to"), open(location.path, "ab") as f:
+                f.write(data)
+            return
+        before = storage.read_bytes(location) if storage.is_file(location) else b""
+        storage.write_bytes(location, before + data)
 
     @staticmethod
-    def write_atomic(path: Path, data: bytes) -> None:
-        """Readers see the old content or the new, never a part (rename over the old file)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    def is_file(location: Location) -> bool:
+        return storage.kind(location) is Kind.FILE
 
     @staticmethod
-    def is_file(path: Path) -> bool:
-        return path.is_file()
+    def is_dir(location: Location) -> bool:
+        return storage.kind(location) is Kind.DIRECTORY
 
     @staticmethod
-    def is_dir(path: Path) -> bool:
-        return path.is_dir()
+    def list_names(location: Location, kind: Kind) -> list[str]:
+        """Names of the files (or directories) directly under ``location``; none if it is not a
+        directory."""
+        if storage.kind(location) is not Kind.DIRECTORY:
+            return []
+        return sorted(e.name for e in storage.list_dir(location) if e.kind is kind)
 
     @staticmethod
-    def list_dirs(path: Path) -> list[str]:
-        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    def make_dirs(location: Location) -> None:
+        storage.make_dirs(location)
 
     @staticmethod
-    def list_files(path: Path) -> list[str]:
-        return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
-
-    @staticmethod
-    def make_dirs(path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def remove_tree(path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+    def remove_tree(location: Location) -> None:
+        storage.delete_tree(location)
 
 
-_FILES = _LocalFiles()
+_FILES = _Files()
 
 
 @dataclass(frozen=True)
@@ -188,35 +188,55 @@ class CheckpointDir:
     :attr:`location`), ``meta.json`` and each rank's own state.
 
     Attributes:
-        path: the directory.
+        root: the directory (a local path or a URI).
     """
 
-    path: Path
+    root: Location
+
+    def __init__(self, root: str | os.PathLike[str] | Location) -> None:
+        object.__setattr__(self, "root", storage.resolve(root))
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.root.name
 
     @property
     def location(self) -> str:
-        """Where DCP writes and reads this checkpoint (its ``checkpoint_id``)."""
-        return str(self.path)
+        """Where DCP writes and reads this checkpoint (its ``checkpoint_id``): an absolute local
+        path, or the URI."""
+        return self.root.path if self.root.is_local else self.root.uri
+
+    @property
+    def is_local(self) -> bool:
+        return self.root.is_local
 
     def __str__(self) -> str:
-        return str(self.path)
+        return str(self.root)
+
+    def file(self, name: str) -> Location:
+        """The location of a file of this checkpoint (``meta.json``, a DCP file)."""
+        return self.root.join(name)
 
     def exists(self) -> bool:
-        return _FILES.is_dir(self.path)
+        return _FILES.is_dir(self.root)
 
     def has_file(self, name: str) -> bool:
-        return _FILES.is_file(self.path / name)
+        return _FILES.is_file(self.root.join(name))
+
+    def file_sizes(self) -> dict[str, int]:
+        """Every file directly in this checkpoint: name -> bytes."""
+        return {
+            entry.name: entry.size or 0
+            for entry in storage.list_dir(self.root)
+            if entry.kind is Kind.FILE
+        }
 
     def is_complete(self) -> bool:
         """``meta.json`` is written last, once every rank has written its files."""
         return self.has_file(CHECKPOINT_META)
 
     def write_meta(self, meta: CheckpointMeta) -> None:
-        _FILES.write_bytes(self.path / CHECKPOINT_META, meta.to_json().encode())
+        _FILES.write_bytes(self.root.join(CHECKPOINT_META), meta.to_json().encode())
 
     def read_meta(self) -> CheckpointMeta:
         """This checkpoint's checked metadata.
@@ -224,35 +244,46 @@ class CheckpointDir:
         Raises:
             CheckpointError: ``meta.json`` is missing, unreadable or malformed (named).
         """
-        path = self.path / CHECKPOINT_META
+        location = self.root.join(CHECKPOINT_META)
         try:
-            text = _FILES.read_bytes(path).decode()
-        except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}") from None
-        return CheckpointMeta.from_json(text, source=str(path))
+            text = _FILES.read_bytes(location).decode()
+        except StorageError as err:
+            raise CheckpointError(f"cannot read {location}: {_reason(err, location)}") from None
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"cannot read {location}: {err}") from None
+        return CheckpointMeta.from_json(text, source=str(location))
 
     def write_rank_state(self, rank: int, data: bytes) -> None:
-        _FILES.write_bytes(self.path / _rank_file(rank), data)
+        _FILES.write_bytes(self.root.join(_rank_file(rank)), data)
 
     def read_rank_state(self, rank: int) -> bytes | None:
         """Rank ``rank``'s state, or None if the checkpoint was written by fewer ranks."""
-        path = self.path / _rank_file(rank)
-        return _FILES.read_bytes(path) if _FILES.is_file(path) else None
+        location = self.root.join(_rank_file(rank))
+        return _FILES.read_bytes(location) if _FILES.is_file(location) else None
 
 
 def _rank_file(rank: int) -> str:
     return f"rank{rank}.pt"
 
 
+def _reason(err: StorageError, location: Location) -> str:
+    """A storage message without its leading ``<location>: `` (the caller names the file)."""
+    return str(err).removeprefix(f"{location}: ")
+
+
 class RunDir:
     """A training run's directory (see the module docstring for its layout).
 
     Args:
-        root: the directory (``TrainConfig.output_dir``); it need not exist yet.
+        root: the directory (``TrainConfig.output_dir``): a local path or a URI such as
+            ``s3://bucket/runs/esmm``; it need not exist yet.
+
+    Raises:
+        StorageError: ``root`` is not a usable path or URI (e.g. credentials in it).
     """
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | Location) -> None:
+        self.root: Location = storage.resolve(root)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -263,38 +294,47 @@ class RunDir:
     @property
     def name(self) -> str:
         """The run's name: its directory's, resolved (``runs/esmm/.`` is ``esmm``)."""
-        return self.root.resolve().name
+        if self.root.is_local:
+            return Path(self.root.path).resolve().name
+        return self.root.name
 
     @property
     def location(self) -> str:
-        """The run's absolute location, as recorded in exported models."""
-        return str(self.root.resolve())
+        """The run's absolute location, as recorded in exported models: a resolved local path,
+        or the URI."""
+        return str(Path(self.root.path).resolve()) if self.root.is_local else self.root.uri
+
+    def file(self, name: str) -> Location:
+        """The location of a file of the run, by its path relative to the run."""
+        return self.root.join(name)
 
     # Generic files, by path relative to the run -------------------------------------------------
 
     def exists(self, name: str) -> bool:
-        return _FILES.is_file(self.root / name)
+        return _FILES.is_file(self.root.join(name))
 
     def read_text(self, name: str) -> str:
         """Raises: RunDirError: the file is missing or unreadable (named)."""
-        path = self.root / name
+        location = self.root.join(name)
         try:
-            return _FILES.read_bytes(path).decode()
-        except (OSError, UnicodeDecodeError) as err:
-            raise RunDirError(f"cannot read {path}: {err}") from None
+            return _FILES.read_bytes(location).decode()
+        except StorageError as err:
+            raise RunDirError(f"cannot read {location}: {_reason(err, location)}") from None
+        except UnicodeDecodeError as err:
+            raise RunDirError(f"cannot read {location}: {err}") from None
 
     def write_text(self, name: str, text: str) -> None:
-        _FILES.write_bytes(self.root / name, text.encode())
+        _FILES.write_bytes(self.root.join(name), text.encode())
 
     def append_text(self, name: str, text: str) -> None:
-        _FILES.append_bytes(self.root / name, text.encode())
+        _FILES.append_bytes(self.root.join(name), text.encode())
 
     def read_json(self, name: str) -> Any:
         """Raises: RunDirError: the file is missing, unreadable or not JSON (named)."""
         try:
             return json.loads(self.read_text(name))
         except ValueError as err:
-            raise RunDirError(f"{self.root / name}: not valid JSON ({err})") from None
+            raise RunDirError(f"{self.root.join(name)}: not valid JSON ({err})") from None
 
     def write_json(self, name: str, value: Any, *, indent: int | None = 2) -> None:
         self.write_text(name, json.dumps(value, indent=indent) + "\n")
@@ -314,8 +354,7 @@ class RunDir:
 
     def save_config(self, config: TrainConfig) -> None:
         _FILES.make_dirs(self.root)
-        # trainer.config writes a local file; with object storage this becomes write_text.
-        save_config(config, self.root / CONFIG_FILE)
+        save_config(config, self.root.join(CONFIG_FILE).uri)
 
     def load_config(self, overrides: Sequence[str] = ()) -> TrainConfig:
         """The run's resolved config with ``overrides`` (``key=value``) applied; its
@@ -326,18 +365,19 @@ class RunDir:
             ConfigError: the config (or an override) is invalid.
         """
         self.check_is_run()
-        # trainer.config reads a local file; with object storage this becomes read_text.
-        return load_config(self.root / CONFIG_FILE, [f"output_dir={self.root}", *overrides])
+        return load_config(
+            self.root.join(CONFIG_FILE).uri, [f"output_dir={self.root.uri}", *overrides]
+        )
 
     def save_schema(self, schema: FeatureSchema) -> None:
         self.write_text(SCHEMA_FILE, schema.to_yaml())
 
     def load_schema(self) -> FeatureSchema:
         """Raises: RunDirError: missing or unreadable. SchemaError: not a valid schema."""
-        path = self.root / SCHEMA_FILE
-        if not _FILES.is_file(path):
-            raise RunDirError(f"{path} is missing: is {self.root} a run directory?")
-        return FeatureSchema.from_yaml(self.read_text(SCHEMA_FILE), source=str(path))
+        location = self.root.join(SCHEMA_FILE)
+        if not _FILES.is_file(location):
+            raise RunDirError(f"{location} is missing: is {self.root} a run directory?")
+        return FeatureSchema.from_yaml(self.read_text(SCHEMA_FILE), source=str(location))
 
     def write_sharding_plan(self, plan: str) -> None:
         self.write_text(SHARDING_PLAN_FILE, plan)
@@ -351,7 +391,7 @@ class RunDir:
     def read_rank_shards(self) -> dict[int, dict[str, Any]]:
         """Every rank's shards file: rank -> its content."""
         ranks = {}
-        for name in _FILES.list_files(self.root / SHARDS_DIR):
+        for name in _FILES.list_names(self.root.join(SHARDS_DIR), Kind.FILE):
             if match := _SHARDS_FILE.match(name):
                 ranks[int(match[1])] = self.read_json(f"{SHARDS_DIR}/{name}")
         return dict(sorted(ranks.items()))
@@ -377,8 +417,8 @@ class RunDir:
         return self.read_json(PRUNING_FILE) if self.exists(PRUNING_FILE) else None
 
     @property
-    def evaluation_dir(self) -> Path:
-        return self.root / EVAL_DIR
+    def evaluation_dir(self) -> Location:
+        return self.root.join(EVAL_DIR)
 
     def write_evaluation(self, metrics: Mapping[str, float]) -> None:
         """``eval/metrics.json`` and ``eval/metrics.md`` (``trainer.evaluation.report``)."""
@@ -393,23 +433,27 @@ class RunDir:
     # Checkpoints ------------------------------------------------------------------------------
 
     @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
+    def checkpoints_dir(self) -> Location:
+        return self.root.join(CHECKPOINTS_DIR)
 
     def checkpoint(self, step: int) -> CheckpointDir:
         """The checkpoint directory of ``step`` (it may not exist)."""
-        return CheckpointDir(self.checkpoints_dir / f"step_{step:08d}")
+        return CheckpointDir(self.checkpoints_dir.join(f"step_{step:08d}"))
 
     def checkpoints(self) -> list[CheckpointDir]:
         """Every checkpoint directory, complete or not, oldest first."""
-        names = [n for n in _FILES.list_dirs(self.checkpoints_dir) if _CHECKPOINT_NAME.match(n)]
-        return [CheckpointDir(self.checkpoints_dir / name) for name in names]
+        names = _FILES.list_names(self.checkpoints_dir, Kind.DIRECTORY)
+        return [
+            CheckpointDir(self.checkpoints_dir.join(name))
+            for name in names
+            if _CHECKPOINT_NAME.match(name)
+        ]
 
     def new_checkpoint(self, step: int) -> CheckpointDir:
         """An empty directory for ``step``'s checkpoint (what an interrupted save left is gone)."""
         checkpoint = self.checkpoint(step)
-        _FILES.remove_tree(checkpoint.path)
-        _FILES.make_dirs(checkpoint.path)
+        _FILES.remove_tree(checkpoint.root)
+        _FILES.make_dirs(checkpoint.root)
         return checkpoint
 
     def latest_checkpoint(self) -> CheckpointDir | None:
@@ -418,10 +462,10 @@ class RunDir:
         Raises:
             CheckpointError: ``latest`` names a checkpoint that is incomplete or gone.
         """
-        pointer = self.checkpoints_dir / LATEST_POINTER
+        pointer = self.checkpoints_dir.join(LATEST_POINTER)
         if not _FILES.is_file(pointer):
             return None
-        checkpoint = CheckpointDir(self.checkpoints_dir / self.read_text(_LATEST).strip())
+        checkpoint = CheckpointDir(self.checkpoints_dir.join(self.read_text(_LATEST).strip()))
         if not checkpoint.is_complete():
             raise CheckpointError(
                 f"{pointer} names {checkpoint.name}, which is incomplete or missing"
@@ -430,19 +474,28 @@ class RunDir:
 
     def set_latest(self, checkpoint: CheckpointDir) -> None:
         """Point ``latest`` at ``checkpoint``, atomically: a reader sees the old or the new one."""
-        _FILES.write_atomic(self.checkpoints_dir / LATEST_POINTER, checkpoint.name.encode())
+        _FILES.write_bytes(self.checkpoints_dir.join(LATEST_POINTER), checkpoint.name.encode())
 
     def delete_old_checkpoints(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` checkpoints."""
-        for checkpoint in self.checkpoints()[:-keep]:
-            _FILES.remove_tree(checkpoint.path)
+        """Keep the newest ``keep`` complete checkpoints, none newer than the one ``latest``
+        names (which is always kept); delete every other checkpoint directory, incomplete ones
+        included: what a save that was killed, or cut off by a storage fault, left behind."""
+        latest = self.latest_checkpoint()
+        kept = 0
+        for checkpoint in reversed(self.checkpoints()):
+            in_time = latest is None or checkpoint.name <= latest.name
+            usable = in_time and checkpoint.is_complete()
+            if usable and kept < keep:
+                kept += 1
+                continue
+            _FILES.remove_tree(checkpoint.root)
 
-    def find_checkpoint(self, checkpoint: str | Path | None = None) -> CheckpointDir:
+    def find_checkpoint(self, checkpoint: str | os.PathLike[str] | None = None) -> CheckpointDir:
         """A complete checkpoint of this run.
 
         Args:
             checkpoint: None for the latest; a checkpoint's name (``step_00000100``); or a
-                checkpoint directory's path.
+                checkpoint directory's path or URI.
 
         Raises:
             CheckpointError: the run has no checkpoint yet, or the one named is missing or
@@ -456,9 +509,10 @@ class RunDir:
                     f"({CHECKPOINTS_DIR}/{LATEST_POINTER} is missing)"
                 )
             return found
-        found = CheckpointDir(Path(checkpoint))
-        if not found.exists():
-            found = CheckpointDir(self.checkpoints_dir / str(checkpoint))
+        found = CheckpointDir(checkpoint)
+        is_name = found.root.scheme == "" and "/" not in os.fspath(checkpoint)
+        if is_name and not found.exists():
+            found = CheckpointDir(self.checkpoints_dir.join(os.fspath(checkpoint)))
         if not found.is_complete():
             raise CheckpointError(
                 f"{found} is not a complete checkpoint ({CHECKPOINT_META} missing)"

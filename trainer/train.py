@@ -21,6 +21,12 @@ Override any config key on the command line (OmegaConf dot-list)::
 otherwise), so it is also what to pass under ``torchrun --max-restarts``. SIGTERM or Ctrl-C
 writes a checkpoint before exiting, at the next log or checkpoint step (up to
 ``train.log_every`` steps later). The recipe is ``trainer.recipe.TrainRecipe``.
+
+``output_dir``, ``data.*`` and ``--config`` may be URIs (``s3://bucket/runs/x``; credentials and
+endpoint from the AWS environment variables, see ``schemas.storage``). A storage fault during
+training (the store unreachable after ``AWS_MAX_ATTEMPTS`` tries, denied access) stops the run
+with the error naming the URI and what to check (exit 1); its last complete checkpoint stays
+usable: rerun with ``--resume`` once the store is back.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from schemas.storage import StorageError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
+from trainer.data import DataError
 from trainer.recipe import TrainRecipe
 
 
@@ -53,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recipe.train()
+    except (StorageError, CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         recipe.cleanup()
     return 0

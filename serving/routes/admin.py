@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 
 from schemas.api import ErrorResponse, ReloadRequest, ReloadResponse
@@ -37,11 +35,12 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 def reload(
     registry: RegistryDep, request: Request, body: ReloadRequest | None = None
 ) -> ReloadResponse:
-    """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place),
-    checks it, and swaps it in; requests in flight finish on the model they started with. A
-    failed reload changes nothing and says why.
+    """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place;
+    a path or a URI such as ``s3://bucket/models/x``, fetched and verified first), checks it,
+    and swaps it in; requests in flight finish on the model they started with. A failed reload
+    changes nothing and says why.
     """
-    model_dir = Path(body.model_dir) if body is not None and body.model_dir else None
+    model_dir = body.model_dir if body is not None and body.model_dir else None
     previous = registry.current.version if registry.current is not None else None
     try:
         result = registry.reload(model_dir)

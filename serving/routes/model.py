@@ -31,7 +31,7 @@ def model_info(scorer: ScorerDep, registry: RegistryDep) -> ModelInfo:
         version=manifest.version,
         created_at=manifest.created_at,
         loaded_at=scorer.loaded_at,
-        model_dir=str(scorer.artifact.path),
+        model_dir=scorer.model_dir,
         schema_name=scorer.artifact.schema.name,
         schema_fingerprint=manifest.schema_fingerprint,
         heads=list(manifest.model.heads),

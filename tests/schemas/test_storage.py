@@ -131,6 +131,10 @@ def test_fsspec_options_carry_endpoint_region_and_retries(monkeypatch):
     assert options["client_kwargs"] == {"region_name": "eu-west-3"}
     assert options["config_kwargs"]["retries"] == {"max_attempts": 4, "mode": "standard"}
     assert storage.fsspec_options("/tmp/ckpt") == {}
+    # One session (so one cached filesystem and client) per settings; new credentials, new one.
+    assert storage.fsspec_options("s3://other/x")["session"] is options["session"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
+    assert storage.fsspec_options("s3://bucket/ckpt")["session"] is not options["session"]
 
 
 # The same operations on every backend ------------------------------------------------------------

@@ -59,11 +59,17 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CTCVR_API_TOKEN", API_TOKEN)
     settings = ServingSettings()
     assert (settings.model_dir, settings.max_rows, settings.api_token.get_secret_value()) == (
-        tmp_path,
+        str(tmp_path),
         7,
         API_TOKEN,
     )
     assert API_TOKEN not in repr(settings)  # secrets stay out of logs
+    monkeypatch.setenv("CTCVR_MODEL_DIR", "s3://models/demo")  # a URI stays one
+    monkeypatch.setenv("CTCVR_MODEL_CACHE", str(tmp_path / "cache"))
+    settings = ServingSettings()
+    assert (settings.model_dir, settings.model_cache) == ("s3://models/demo", tmp_path / "cache")
+    with pytest.raises(ValidationError, match="credentials in a URI are not accepted"):
+        ServingSettings(model_dir="s3://AKIA:secret@models/demo")
 
 
 @pytest.mark.parametrize(

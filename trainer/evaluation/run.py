@@ -11,9 +11,10 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas import storage
 from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
 from trainer.evaluation.predict import evaluate, evaluation_reader
-from trainer.evaluation.report import write_report
+from trainer.evaluation.report import report_files
 from trainer.run_dir import RunDir
 from trainer.run_model import restore_model
 
@@ -27,12 +28,12 @@ class RunEvaluation:
     Attributes:
         metrics: the metrics.
         step: the training step of the checkpoint evaluated.
-        written_to: the directory holding ``metrics.json`` and ``metrics.md``.
+        written_to: the directory holding ``metrics.json`` and ``metrics.md`` (a path or URI).
     """
 
     metrics: dict[str, float]
     step: int
-    written_to: Path
+    written_to: str
 
 
 def evaluate_run(
@@ -47,9 +48,10 @@ def evaluate_run(
     Starts (or joins) the process group of the run's config, and leaves it at the end.
 
     Args:
-        run_dir: a run directory written by ``trainer.train``.
+        run_dir: a run directory written by ``trainer.train`` (a path or a URI).
         data: Parquet file or directory to evaluate; default the run's ``data.test``.
-        out_dir: where ``metrics.json`` and ``metrics.md`` go; default the run's ``eval/``.
+        out_dir: where ``metrics.json`` and ``metrics.md`` go (a path or a URI); default the
+            run's ``eval/``.
         checkpoint: a checkpoint's name or directory; default the run's latest.
 
     Returns:
@@ -80,6 +82,8 @@ def evaluate_run(
         return None
     if out_dir is None:
         run.write_evaluation(metrics)
-        return RunEvaluation(metrics, step, run.evaluation_dir)
-    json_path, _ = write_report(metrics, out_dir)
-    return RunEvaluation(metrics, step, json_path.parent)
+        return RunEvaluation(metrics, step, str(run.evaluation_dir))
+    out = storage.resolve(out_dir)
+    for name, text in report_files(metrics).items():
+        storage.write_text(out.join(name), text)
+    return RunEvaluation(metrics, step, str(out))
