@@ -349,3 +349,17 @@ def score_over_http(
         else:
             out.extend(zip(body["pctr"], body["pcvr"], body["pctcvr"]))
     return np.asarray(out, dtype=np.float64), versions
+
+
+def truncated_copy(model_dir: Path, out: Path, file: str | None = None, keep: int = 100) -> Path:
+    """A copy of a model directory whose ``file`` (default: its first table) lost all but its
+    first ``keep`` bytes while its manifest still lists the original checksum."""
+    import shutil
+
+    from schemas.artifact import Manifest, table_file
+
+    shutil.copytree(model_dir, out)
+    manifest = Manifest.model_validate_json((out / "manifest.json").read_text())
+    target = out / (file or table_file(manifest.model.tables[0].name))
+    target.write_bytes(target.read_bytes()[:keep])
+    return out
