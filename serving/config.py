@@ -3,7 +3,12 @@
 ==============================  ===============  =================================================
 variable                        default          meaning
 ==============================  ===============  =================================================
-``CTCVR_MODEL_DIR``             (required)       model directory written by ``trainer.export``
+``CTCVR_MODEL_DIR``             (one of the two) model directory written by ``trainer.export``
+``CTCVR_MODEL_REPOSITORY``      (one of the two) model repository to follow (a path or a URI):
+                                                 serve its current version, swap in new ones
+``CTCVR_POLL_SECONDS``          ``10``           how often the repository's pointer is read
+``CTCVR_MODEL_CACHE``           ``$TMPDIR/...``  where versions of a repository named by a URI are
+                                                 fetched to (``<system temp dir>/ctcvr-models``)
 ``CTCVR_HOST``                  ``127.0.0.1``    address ``python -m serving`` listens on
 ``CTCVR_PORT``                  ``8000``         port
 ``CTCVR_API_TOKEN``             unset            bearer token required on ``/v1/*``; unset: open
@@ -23,16 +28,20 @@ variable                        default          meaning
 
 from __future__ import annotations
 
+import tempfile
 from enum import Enum, unique
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas import storage
 from schemas.api import MAX_ROWS_LIMIT
 
-__all__ = ["Environment", "ServingSettings", "get_settings"]
+__all__ = ["DEFAULT_MODEL_CACHE", "Environment", "ServingSettings", "get_settings"]
+
+DEFAULT_MODEL_CACHE = Path(tempfile.gettempdir()) / "ctcvr-models"
 
 _MIN_TOKEN_CHARS = 16
 
@@ -51,6 +60,17 @@ class ServingSettings(BaseSettings):
     model_dir: Path | None = Field(
         default=None, description="model directory written by trainer.export"
     )
+    model_repository: str | None = Field(
+        default=None,
+        description="model repository to follow (a path or a URI): its current version is served",
+    )
+    poll_seconds: float = Field(
+        default=10.0, gt=0.0, le=86_400.0, description="seconds between reads of the pointer"
+    )
+    model_cache: Path = Field(
+        default=DEFAULT_MODEL_CACHE,
+        description="directory that versions of a repository named by a URI are fetched to",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
     api_token: SecretStr | None = None
@@ -66,8 +86,24 @@ class ServingSettings(BaseSettings):
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     environment: Environment = Environment.DEVELOPMENT
 
+    @field_validator("model_repository")
+    @classmethod
+    def _path_or_uri(cls, value: str | None) -> str | None:
+        """A repository URI with credentials in it is refused (storage names why)."""
+        if value is not None:
+            try:
+                storage.resolve(value)
+            except storage.StorageError as err:
+                raise ValueError(str(err)) from None
+        return value
+
     @model_validator(mode="after")
     def _safe(self) -> ServingSettings:
+        if self.model_dir is not None and self.model_repository is not None:
+            raise ValueError(
+                "CTCVR_MODEL_DIR (--model-dir) and CTCVR_MODEL_REPOSITORY (--repository) are "
+                "mutually exclusive: serve one model directory, or follow a repository"
+            )
         for name in ("api_token", "admin_token"):
             token = getattr(self, name)
             if token is not None and not token.get_secret_value().strip():
