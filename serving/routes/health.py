@@ -34,6 +34,7 @@ def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     summary="Readiness: a model is loaded",
+    response_model_exclude_none=True,
     responses={503: {"model": Readiness, "description": "No model loaded yet"}},
 )
 def readyz(registry: RegistryDep, request: Request, response: Response) -> Readiness:

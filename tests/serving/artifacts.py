@@ -351,9 +351,12 @@ def score_over_http(
     return np.asarray(out, dtype=np.float64), versions
 
 
-def truncated_copy(model_dir: Path, out: Path, file: str | None = None, keep: int = 100) -> Path:
+def truncated_copy(
+    model_dir: Path, out: Path, file: str | None = None, keep: int = 100, version: str | None = None
+) -> Path:
     """A copy of a model directory whose ``file`` (default: its first table) lost all but its
-    first ``keep`` bytes while its manifest still lists the original checksum."""
+    first ``keep`` bytes while its manifest still lists the original checksum; ``version``
+    renames it."""
     import shutil
 
     from schemas.artifact import Manifest, table_file
@@ -362,4 +365,7 @@ def truncated_copy(model_dir: Path, out: Path, file: str | None = None, keep: in
     manifest = Manifest.model_validate_json((out / "manifest.json").read_text())
     target = out / (file or table_file(manifest.model.tables[0].name))
     target.write_bytes(target.read_bytes()[:keep])
+    if version is not None:
+        renamed = manifest.model_copy(update={"version": version})
+        (out / "manifest.json").write_text(renamed.model_dump_json(indent=2))
     return out
