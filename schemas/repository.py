@@ -68,6 +68,7 @@ __all__ = [
     "Pointer",
     "PointerConflict",
     "PointerState",
+    "ReadyVersion",
     "Rejection",
     "RepositoryError",
     "VersionInfo",
@@ -147,6 +148,21 @@ class PointerState:
     @property
     def version(self) -> str | None:
         return self.pointer.version if self.pointer is not None else None
+
+
+@dataclass(frozen=True)
+class ReadyVersion:
+    """A version that may be served, as read (:meth:`ModelRepository.read_ready`).
+
+    Attributes:
+        version: its id.
+        manifest: its manifest.
+        raw: the manifest's exact bytes (what a copy writes, and a cache key).
+    """
+
+    version: str
+    manifest: Manifest
+    raw: bytes
 
 
 @unique
@@ -262,7 +278,7 @@ class ModelRepository:
             for entry in storage.list_dir(self.root)
             if entry.kind is storage.Kind.DIRECTORY and _VERSION.match(entry.name)
         ]
-        infos = [self._read_info(name) for name in names]
+        infos = [self._inspect(name)[0] for name in names]
         oldest = datetime.min.replace(tzinfo=UTC)
         return sorted(infos, key=lambda i: (i.time or oldest, i.version), reverse=True)
 
@@ -272,25 +288,17 @@ class ModelRepository:
         Raises:
             RepositoryError: no such version (the message lists the ones there are).
         """
-        location = self.version_location(version)
-        if storage.kind(location) is not storage.Kind.DIRECTORY:
-            known = [i.version for i in self.versions()]
-            listed = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-            raise RepositoryError(
-                f"no version {version!r} in repository {self.uri} "
-                + (f"(versions, newest first: {listed})" if known else "(it is empty)")
-            )
-        return self._read_info(version)
+        return self._inspect(version)[0]
 
-    def ready_manifest(self, version: str) -> Manifest:
-        """The manifest of a version that may be served.
+    def read_ready(self, version: str) -> ReadyVersion:
+        """A version that may be served: its manifest and the manifest's bytes.
 
         Raises:
             RepositoryError: no such version, or it is rejected, incomplete or invalid.
         """
-        info = self.version_info(version)
-        if info.state is VersionState.READY and info.manifest is not None:
-            return info.manifest
+        info, raw = self._inspect(version)
+        if info.state is VersionState.READY and info.manifest is not None and raw is not None:
+            return ReadyVersion(version, info.manifest, raw)
         why = {
             VersionState.REJECTED: f"was rejected: it failed verification ({info.detail})",
             VersionState.INCOMPLETE: "is incomplete: it has no manifest (an upload in progress, "
@@ -299,56 +307,59 @@ class ModelRepository:
         }[info.state]
         raise RepositoryError(f"version {version} of {self.uri} {why}")
 
-    def _read_info(self, version: str) -> VersionInfo:
-        location = self.root.join(version)
-        manifest_location = location.join(MANIFEST_FILE)
+    def ready_manifest(self, version: str) -> Manifest:
+        """The manifest of a version that may be served (see :meth:`read_ready`)."""
+        return self.read_ready(version).manifest
+
+    def _inspect(self, version: str) -> tuple[VersionInfo, bytes | None]:
+        """A version's state from one listing of its files, and its manifest's bytes (a few
+        requests: this runs at every new version a replica loads)."""
+        location = self.version_location(version)
         try:
-            raw = storage.read_bytes(manifest_location)
+            entries = storage.list_dir(location, recursive=True)
         except StorageError:
-            if storage.kind(manifest_location) is not None:
+            if storage.kind(location) is not None:
                 raise
-            return VersionInfo(version, VersionState.INCOMPLETE, modified=self._modified(location))
+            raise self._unknown(version) from None
+        files = {
+            e.location.relative_to(location): e for e in entries if e.kind is storage.Kind.FILE
+        }
+        modified = max((e.modified for e in files.values() if e.modified), default=None)
+        if not files and storage.kind(location) is None:
+            raise self._unknown(version)
+        if MANIFEST_FILE not in files:
+            return VersionInfo(version, VersionState.INCOMPLETE, modified=modified), None
+        manifest_location = location.join(MANIFEST_FILE)
+        raw = storage.read_bytes(manifest_location)
         try:
             manifest = Manifest.model_validate_json(raw)
         except ValidationError as err:
-            return VersionInfo(
-                version,
-                VersionState.INVALID,
-                detail=f"{manifest_location}: {_first_error(err)}",
-                modified=self._modified(location),
-            )
+            detail = f"{manifest_location}: {_first_error(err)}"
+            return VersionInfo(version, VersionState.INVALID, detail=detail, modified=modified), raw
         if manifest.version != version:
-            return VersionInfo(
-                version,
-                VersionState.INVALID,
-                manifest=manifest,
-                detail=f"{manifest_location} names version {manifest.version!r}",
-            )
-        rejection = self._rejection(location)
-        if rejection is not None:
-            return VersionInfo(
-                version, VersionState.REJECTED, manifest=manifest, detail=rejection.reason
-            )
-        return VersionInfo(version, VersionState.READY, manifest=manifest)
+            detail = f"{manifest_location} names version {manifest.version!r}"
+            return VersionInfo(version, VersionState.INVALID, manifest, detail), raw
+        if REJECTED_FILE in files:
+            reason = self._rejection(location.join(REJECTED_FILE)).reason
+            return VersionInfo(version, VersionState.REJECTED, manifest, reason), raw
+        return VersionInfo(version, VersionState.READY, manifest), raw
 
-    def _rejection(self, location: Location) -> Rejection | None:
-        marker = location.join(REJECTED_FILE)
-        try:
-            raw = storage.read_bytes(marker)
-        except StorageError:
-            if storage.kind(marker) is not None:
-                raise
-            return None
+    def _unknown(self, version: str) -> RepositoryError:
+        known = [i.version for i in self.versions()]
+        listed = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+        return RepositoryError(
+            f"no version {version!r} in repository {self.uri} "
+            + (f"(versions, newest first: {listed})" if known else "(it is empty)")
+        )
+
+    @staticmethod
+    def _rejection(marker: Location) -> Rejection:
+        raw = storage.read_bytes(marker)
         try:
             return Rejection.model_validate_json(raw)
         except ValidationError:
             # Whatever it says, the marker means rejected; its text is the best reason there is.
             return Rejection(reason=raw[:500].decode("utf-8", "replace"), rejected_at=_now())
-
-    @staticmethod
-    def _modified(location: Location) -> datetime | None:
-        times = [e.modified for e in storage.list_dir(location, recursive=True) if e.modified]
-        return max(times, default=None)
 
     # Writing versions ---------------------------------------------------------------------------
 
@@ -377,20 +388,19 @@ class ModelRepository:
         storage.upload_file(source / MANIFEST_FILE, location.join(MANIFEST_FILE))
         return manifest.version
 
-    def download(self, version: str, target: str | Path) -> Manifest:
-        """Copy a ready version into the local directory ``target``, reading every file from the
-        store and checking its sha256 and size against the manifest; the manifest is written
-        last.
+    def download(self, ready: ReadyVersion, target: str | Path) -> Manifest:
+        """Copy a ready version (:meth:`read_ready`) into the local directory ``target``,
+        reading every file from the store and checking its sha256 and size against the
+        manifest; the manifest's bytes are written last.
 
         Raises:
-            RepositoryError: the version is not ready, or a file does not match its manifest
-                (corrupt, truncated, or changed after publishing).
+            RepositoryError: a file does not match its manifest (corrupt, truncated, or changed
+                after publishing).
             StorageError: a storage fault.
         """
-        manifest = self.ready_manifest(version)
-        location = self.version_location(version)
+        location = self.version_location(ready.version)
         target = Path(target)
-        for name, entry in sorted(manifest.files.items()):
+        for name, entry in sorted(ready.manifest.files.items()):
             digest, size = _copy_hashing(location.join(name), target / name)
             if (digest, size) != (entry.sha256, entry.bytes):
                 raise RepositoryError(
@@ -398,8 +408,8 @@ class ModelRepository:
                     f"({size} bytes), the manifest says {entry.sha256[:16]}... ({entry.bytes} "
                     "bytes): the file is corrupt, truncated or was changed after publishing"
                 )
-        _copy_hashing(location.join(MANIFEST_FILE), target / MANIFEST_FILE)
-        return manifest
+        (target / MANIFEST_FILE).write_bytes(ready.raw)
+        return ready.manifest
 
     def mark_rejected(self, version: str, reason: str) -> None:
         """Record that ``version`` failed verification; it can then never be promoted."""
@@ -482,7 +492,7 @@ class ModelRepository:
         for i, version in enumerate(base.pointer.history):
             location = self.version_location(version)
             if storage.kind(location) is storage.Kind.DIRECTORY:
-                info = self._read_info(version)
+                info = self.version_info(version)
                 if info.state is VersionState.READY:
                     return version, base.pointer.history[i + 1 :]
                 skipped.append(f"{version} ({info.state.value})")

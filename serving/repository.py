@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 from enum import Enum, unique
 from pathlib import Path
 
-from schemas import storage
 from schemas.api import RepositoryStatus
 from schemas.artifact import MANIFEST_FILE
 from schemas.repository import ModelRepository, Pointer, RepositoryError
@@ -112,13 +111,13 @@ def fetch_version(repository: ModelRepository, version: str, cache_dir: Path) ->
     if repository.is_local:
         repository.ready_manifest(version)
         return Path(location.path)
-    manifest = storage.read_bytes(location.join(MANIFEST_FILE))
-    entry = cache_dir / f"{version}-{hashlib.sha256(manifest).hexdigest()[:16]}"
+    ready = repository.read_ready(version)
+    entry = cache_dir / f"{version}-{hashlib.sha256(ready.raw).hexdigest()[:16]}"
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not (entry / MANIFEST_FILE).is_file():
         staging = cache_dir / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            repository.download(version, staging)
+            repository.download(ready, staging)
             try:
                 staging.rename(entry)
             except OSError:
@@ -284,8 +283,10 @@ class RepositoryFollower:
     def _load(self, pointer: Pointer, served: str | None) -> PollResult:
         version, uri = pointer.version, self.repository.uri
         log.info("model repository %s names %s (serving %s): loading it", uri, version, served)
+        start = time.perf_counter()
         try:
             local = fetch_version(self.repository, version, self.cache_dir)
+            fetched = time.perf_counter()
             self.registry.reload(local)
         except ReloadInProgress:
             return PollResult.BUSY
@@ -305,7 +306,14 @@ class RepositoryFollower:
                 reason,
             )
             return PollResult.REFUSED
-        log.info("now serving %s of %s (was %s)", version, uri, served)
+        log.info(
+            "now serving %s of %s (was %s): fetched in %.2f s, loaded in %.2f s",
+            version,
+            uri,
+            served,
+            fetched - start,
+            time.perf_counter() - fetched,
+        )
         return PollResult.LOADED
 
     def _refuse(self, pointer: Pointer, reason: str) -> None:

@@ -164,17 +164,17 @@ def verify_version(repository: ModelRepository, version: str) -> Manifest:
         StorageError: a storage fault (the version's fault is unknown then).
     """
     try:
-        manifest = repository.ready_manifest(version)
+        ready = repository.read_ready(version)
         with tempfile.TemporaryDirectory(prefix="ctcvr-verify-") as tmp:
             if repository.is_local:
                 local = Path(repository.version_location(version).path)
             else:
                 local = Path(tmp) / version
-                repository.download(version, local)
+                repository.download(ready, local)
             smoke_check(load_artifact(local))
     except (RepositoryError, ArtifactError) as err:
         raise VerificationError(str(err)) from None
-    return manifest
+    return ready.manifest
 
 
 def _upload(repo: ModelRepository, model_dir: Path) -> tuple[str, bool]:

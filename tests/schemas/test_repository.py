@@ -250,7 +250,7 @@ def test_delete_version_refuses_the_current_and_previous(repo, tmp_path):
 
 def test_download_checks_every_file_against_the_manifest(repo, tmp_path):
     publish(repo, tmp_path, "v1", day=1)
-    manifest = repo.download("v1", tmp_path / "copy")
+    manifest = repo.download(repo.read_ready("v1"), tmp_path / "copy")
     for name in manifest.files:
         assert (tmp_path / "copy" / name).read_bytes() == (
             tmp_path / "exports" / "v1" / name
@@ -258,7 +258,7 @@ def test_download_checks_every_file_against_the_manifest(repo, tmp_path):
     table = repo.version_location("v1").join(table_file("t"))
     storage.write_bytes(table, storage.read_bytes(table)[:-7])  # truncated in the store
     with pytest.raises(RepositoryError, match=r"checksum mismatch for .*t\.safetensors.*truncated"):
-        repo.download("v1", tmp_path / "copy2")
+        repo.download(repo.read_ready("v1"), tmp_path / "copy2")
 
 
 def test_a_pointer_file_that_is_not_a_pointer_is_named(repo):

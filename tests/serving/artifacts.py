@@ -269,6 +269,16 @@ def live_server(
     model_dir: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
 ) -> Iterator[str]:
     """``python -m serving`` on a free loopback port; yields its base URL once it is ready."""
+    with serving_process(["--model-dir", str(model_dir)], log, env, timeout) as url:
+        yield url
+
+
+@contextmanager
+def serving_process(
+    args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
+) -> Iterator[str]:
+    """``python -m serving ARGS`` on a free loopback port; yields its base URL once it is ready,
+    and stops it (SIGTERM) at the end."""
     port = free_port()
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "w") as out:
@@ -277,8 +287,7 @@ def live_server(
                 sys.executable,
                 "-m",
                 "serving",
-                "--model-dir",
-                str(model_dir),
+                *args,
                 "--port",
                 str(port),
                 "--log-level",
