@@ -236,6 +236,10 @@ class ModelRepository:
             raise RepositoryError(
                 f"{version!r} is not a version id (letters, digits, '.', '_', '-'; at most 128)"
             )
+        if version == POINTER_FILE:
+            raise RepositoryError(
+                f"{version!r} names the pointer file; give the version another id"
+            )
         return self.root.join(version)
 
     # Reading ------------------------------------------------------------------------------------
@@ -490,14 +494,14 @@ class ModelRepository:
             raise RepositoryError(f"repository {self.uri} is empty: there is nothing to roll back")
         skipped = []
         for i, version in enumerate(base.pointer.history):
-            location = self.version_location(version)
-            if storage.kind(location) is storage.Kind.DIRECTORY:
-                info = self.version_info(version)
-                if info.state is VersionState.READY:
-                    return version, base.pointer.history[i + 1 :]
-                skipped.append(f"{version} ({info.state.value})")
-            else:
+            try:
+                state = self.version_info(version).state
+            except RepositoryError:  # deleted since
                 skipped.append(f"{version} (deleted)")
+                continue
+            if state is VersionState.READY:
+                return version, base.pointer.history[i + 1 :]
+            skipped.append(f"{version} ({state.value})")
         raise RepositoryError(
             f"repository {self.uri}: no earlier version to roll back to from "
             f"{base.pointer.version}"

@@ -107,6 +107,8 @@ def test_upload_promote_and_list(repo, tmp_path):
         repo.upload(model_dir(tmp_path / "again", "v1", day=1))
     with pytest.raises(RepositoryError, match="is not a version id"):
         repo.version_location("../etc")
+    with pytest.raises(RepositoryError, match="names the pointer file"):
+        repo.version_location(POINTER_FILE)
 
 
 def test_a_version_is_incomplete_until_its_manifest_is_written(repo, tmp_path):
