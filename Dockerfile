@@ -49,9 +49,10 @@ LABEL org.opencontainers.image.title="ctcvr" \
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/ctcvr --shell /usr/sbin/nologin ctcvr \
     && mkdir -p /runs /models \
     && chown ctcvr:ctcvr /runs /models
+# No CTCVR_MODEL_DIR here: it and CTCVR_MODEL_REPOSITORY exclude each other, so the entry point
+# serves /models/current only when neither is given.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    CTCVR_MODEL_DIR=/models/current \
     CTCVR_HOST=0.0.0.0 \
     CTCVR_PORT=8000
 WORKDIR /srv/ctcvr

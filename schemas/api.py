@@ -66,6 +66,7 @@ __all__ = [
     "ModelInfo",
     "ReloadRequest",
     "ReloadResponse",
+    "RepositoryStatus",
     "Score",
     "ScoreColumnsRequest",
     "ScoreColumnsResponse",
@@ -177,6 +178,25 @@ class FeatureInfo(BaseModel):
     normalization: dict[str, Any] | None = None
 
 
+class RepositoryStatus(BaseModel):
+    """What a service following a model repository knows of it (``/v1/model``, ``/readyz``)."""
+
+    uri: str = Field(description="the repository followed")
+    current: str | None = Field(
+        default=None, description="the version its pointer named when last read"
+    )
+    generation: int | None = Field(default=None, description="the pointer's generation")
+    in_sync: bool = Field(description="whether the served version is the current one")
+    refused_version: str | None = Field(
+        default=None, description="a version that could not be loaded, while the pointer names it"
+    )
+    refused_reason: str | None = None
+    last_poll_at: datetime | None = None
+    last_poll_error: str | None = Field(
+        default=None, description="why the last read of the pointer failed, if it did"
+    )
+
+
 class ModelInfo(BaseModel):
     """``GET /v1/model``: the model being served."""
 
@@ -193,6 +213,9 @@ class ModelInfo(BaseModel):
     max_rows: int = Field(description="most rows accepted per request")
     last_reload_error: str | None = Field(
         default=None, description="why the last reload failed, if it did"
+    )
+    repository: RepositoryStatus | None = Field(
+        default=None, description="the model repository followed (--repository), if any"
     )
 
 

@@ -34,7 +34,8 @@ store. Requests are retried by the SDK with exponential backoff, ``AWS_MAX_ATTEM
 **Publishing.** :func:`write_bytes` never lets a reader see half an object (a local file is
 written beside its name and renamed; an object store's PUT is atomic). A directory of objects is
 published by writing a marker last (and deleting it first when it is replaced); readers trust the
-directory only once the marker is there.
+directory only once the marker is there. A pointer that several writers move (a model repository's
+``CURRENT``) is written with :func:`write_bytes_if`, a compare-and-swap.
 
 Example::
 
@@ -58,6 +59,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum, unique
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +79,7 @@ __all__ = [
     "S3Settings",
     "StorageError",
     "UriLike",
+    "WriteConflict",
     "delete_file",
     "delete_tree",
     "exists",
@@ -98,6 +101,7 @@ __all__ = [
     "storage_errors",
     "upload_file",
     "write_bytes",
+    "write_bytes_if",
     "write_text",
 ]
 
@@ -110,6 +114,10 @@ _CREDENTIAL_VARIABLES = (*_SECRET_VARIABLES, "AWS_PROFILE")
 
 class StorageError(ValueError):
     """A path or URI cannot be used, or its store failed; the message names it and what to check."""
+
+
+class WriteConflict(StorageError):
+    """A conditional write (:func:`write_bytes_if`) found the file changed since it was read."""
 
 
 @unique
@@ -363,23 +371,26 @@ def _new_filesystem(location: Location) -> pafs.FileSystem:
         ) from None
 
 
+def _s3_region(location: Location, settings: S3Settings) -> str:
+    if settings.region is not None:
+        return settings.region
+    if settings.endpoint is not None:
+        return "us-east-1"  # S3-compatible stores ignore it; the SDK must not go looking
+    try:
+        return pafs.resolve_s3_region(_bucket(location))
+    except (OSError, pa.ArrowException) as err:
+        raise StorageError(
+            f"{location}: cannot find the region of bucket {_bucket(location)!r} "
+            f"({redact(str(err))}); set AWS_REGION"
+        ) from None
+
+
 def _s3_filesystem(location: Location) -> pafs.S3FileSystem:
     settings = S3Settings.from_env()
-    region = settings.region
-    if region is None and settings.endpoint is not None:
-        region = "us-east-1"  # S3-compatible stores ignore it; the SDK must not go looking
-    if region is None:
-        try:
-            region = pafs.resolve_s3_region(_bucket(location))
-        except (OSError, pa.ArrowException) as err:
-            raise StorageError(
-                f"{location}: cannot find the region of bucket {_bucket(location)!r} "
-                f"({redact(str(err))}); set AWS_REGION"
-            ) from None
     # Credentials are left to the SDK's default chain, which reads AWS_ACCESS_KEY_ID,
     # AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN first and also knows profiles and roles.
     return pafs.S3FileSystem(
-        region=region,
+        region=_s3_region(location, settings),
         endpoint_override=settings.endpoint,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
     )
@@ -597,11 +608,13 @@ class Entry:
         location: where it is.
         kind: file or directory.
         size: bytes, for files.
+        modified: when it was last written, where the store says (files; UTC).
     """
 
     location: Location
     kind: Kind
     size: int | None = None
+    modified: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -660,6 +673,7 @@ def list_dir(uri: UriLike, *, recursive: bool = False) -> list[Entry]:
                 location=location.join(relative),
                 kind=Kind.FILE if is_file_ else Kind.DIRECTORY,
                 size=info.size if is_file_ else None,
+                modified=info.mtime if is_file_ else None,
             )
         )
     return entries
@@ -802,3 +816,139 @@ def delete_tree(uri: UriLike) -> None:
             location.filesystem.delete_file(location.path)
         else:
             location.filesystem.delete_dir(location.path)
+
+
+# Conditional writes -----------------------------------------------------------------------------
+
+# What S3 answers when the condition of a conditional PUT does not hold (412), or when another
+# conditional write of the same key is in flight (409).
+_CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+_S3_CLIENTS: dict[tuple[object, ...], Any] = {}
+
+
+def write_bytes_if(uri: UriLike, data: bytes, *, expected: bytes | None) -> None:
+    """Write a small file whole, only if it still holds ``expected`` (``None``: only if it does
+    not exist): a compare-and-swap, so that two writers of one pointer never silently overwrite
+    each other.
+
+    Locally the check and the rename run under an exclusive lock (``flock``) on a hidden file
+    beside the target, which every :func:`write_bytes_if` of that file takes. On S3 the PUT is
+    conditional on the ETag read with the content (``If-Match``, or ``If-None-Match: *`` to
+    create), so the store itself refuses a write that lost a race. Other stores are checked,
+    then written: there a writer that reads between the two can still be overwritten.
+
+    Raises:
+        WriteConflict: the file does not hold ``expected``.
+        StorageError: a storage fault.
+    """
+    location = resolve(uri)
+    if location.is_local:
+        _local_write_if(location, data, expected)
+    elif location.scheme == "s3":
+        _s3_write_if(location, data, expected)
+    else:
+        _check_unchanged(location, _read_or_none(location), expected)
+        write_bytes(location, data)
+
+
+def _check_unchanged(location: Location, current: bytes | None, expected: bytes | None) -> None:
+    if current == expected:
+        return
+    if expected is None:
+        raise WriteConflict(f"{location}: already exists (another writer created it)")
+    if current is None:
+        raise WriteConflict(f"{location}: was deleted by another writer since it was read")
+    raise WriteConflict(f"{location}: was changed by another writer since it was read")
+
+
+def _read_or_none(location: Location) -> bytes | None:
+    try:
+        return read_bytes(location)
+    except StorageError:
+        if kind(location) is None:
+            return None
+        raise
+
+
+def _local_write_if(location: Location, data: bytes, expected: bytes | None) -> None:
+    import fcntl  # POSIX, like the rest of the local-disk handling
+
+    directory = os.path.dirname(location.path)
+    with storage_errors(location, "write"):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f".{location.name}.lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            _check_unchanged(location, _read_or_none(location), expected)
+            write_bytes(location, data)
+
+
+def _s3_write_if(location: Location, data: bytes, expected: bytes | None) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _s3_client(location)
+    bucket, _, key = location.path.partition("/")
+    try:
+        try:
+            answer = client.get_object(Bucket=bucket, Key=key)
+            current, etag = answer["Body"].read(), answer["ETag"]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+            current, etag = None, None
+    except (BotoCoreError, ClientError) as err:
+        raise _boto_fault(err, location, "read") from None
+    _check_unchanged(location, current, expected)
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in _CONFLICT_CODES:
+            raise WriteConflict(
+                f"{location}: another writer changed it while this one wrote it (the store "
+                "refused the conditional write)"
+            ) from None
+        raise _boto_fault(err, location, "write") from None
+    except BotoCoreError as err:
+        raise _boto_fault(err, location, "write") from None
+
+
+def _s3_client(location: Location) -> Any:
+    """A botocore S3 client with this module's endpoint, region and retries (pyarrow's
+    filesystem cannot make a conditional PUT); cached per process and environment."""
+    import botocore.session
+    from botocore.config import Config
+
+    settings = S3Settings.from_env()
+    region = _s3_region(location, settings)
+    key = (os.getpid(), settings, region)
+    with _FILESYSTEMS_LOCK:
+        client = _S3_CLIENTS.get(key)
+        if client is None:
+            client = _S3_CLIENTS[key] = botocore.session.get_session().create_client(
+                "s3",
+                region_name=region,
+                endpoint_url=settings.endpoint,
+                config=Config(
+                    retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+                    connect_timeout=10,
+                    read_timeout=30,
+                ),
+            )
+        return client
+
+
+def _boto_fault(err: Exception, location: Location, action: str) -> StorageError:
+    from botocore import exceptions
+
+    # botocore's errors are not OSErrors: name the connection and credential ones as what they are.
+    cause: Exception = err
+    if isinstance(err, (exceptions.ConnectionError, exceptions.HTTPClientError)):
+        cause = ConnectionError(str(err))
+    elif isinstance(err, exceptions.NoCredentialsError):
+        cause = PermissionError(str(err))
+    translated = fault(cause, location, action)
+    if translated is not None:
+        return translated
+    return StorageError(
+        f"{location}: cannot {action}: {S3Settings.from_env().where} answered: {redact(str(err))}"
+    )

@@ -1,10 +1,13 @@
-"""Start the scoring service: ``python -m serving --model-dir DIR [--host H] [--port P]``.
+"""Start the scoring service: ``python -m serving --model-dir DIR [--host H] [--port P]``, or
+``python -m serving --repository URI [--poll-seconds S]`` to follow a model repository.
 
-Every option can also be given as an environment variable (``CTCVR_MODEL_DIR``, ``CTCVR_HOST``,
-``CTCVR_PORT``; the others are listed in ``serving/config.py``); an option wins over its variable.
-``DIR`` may be a URI (``s3://bucket/models/x``): it is fetched into ``CTCVR_MODEL_CACHE`` and
-verified first (``serving.fetch``). ``--check`` loads and verifies the model directory, prints
-what it holds, and exits.
+Every option can also be given as an environment variable (``CTCVR_MODEL_DIR``,
+``CTCVR_MODEL_REPOSITORY``, ``CTCVR_POLL_SECONDS``, ``CTCVR_HOST``, ``CTCVR_PORT``; the others are
+listed in ``serving/config.py``); an option wins over its variable. A model directory and a
+repository are mutually exclusive, as options or variables. ``DIR`` may be a URI
+(``s3://bucket/models/x``): it is fetched into ``CTCVR_MODEL_CACHE`` and verified first
+(``serving.fetch``). ``--check`` loads and verifies the model directory (or the repository's
+current version), prints what it holds, and exits.
 """
 
 from __future__ import annotations
@@ -20,15 +23,25 @@ from serving.artifact import ArtifactError
 from serving.config import ServingSettings
 from serving.metrics import ServiceMetrics
 from serving.registry import ModelRegistry
+from serving.repository import follow_repository
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
-    parser.add_argument(
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
         "--model-dir", help="model directory written by trainer.export: a path or a URI (s3://...)"
     )
+    model.add_argument(
+        "--repository",
+        help="model repository to follow (a path or a URI): serve its current version and swap "
+        "in new ones",
+    )
     parser.add_argument(
-        "--model-cache", type=Path, help="where a model named by a URI is fetched to"
+        "--poll-seconds", type=float, help="seconds between reads of the repository's pointer"
+    )
+    parser.add_argument(
+        "--model-cache", type=Path, help="where models and versions named by a URI are fetched to"
     )
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
@@ -40,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in {
             "model_dir": args.model_dir,
             "model_cache": args.model_cache,
+            "model_repository": args.repository,
+            "poll_seconds": args.poll_seconds,
             "host": args.host,
             "port": args.port,
             "log_level": args.log_level,
@@ -62,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     registry = ModelRegistry(
         settings.model_dir, settings.max_rows, ServiceMetrics(), settings.model_cache
     )
-    try:
-        scorer = registry.load()  # before the server starts: a bad artifact is a plain error
+    follower = (
+        follow_repository(settings, registry) if settings.model_repository is not None else None
+    )
+    try:  # before the server starts: a bad artifact is a plain error
+        scorer = follower.load_initial() if follower is not None else registry.load()
     except ArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.main import create_app
 
     uvicorn.run(
-        create_app(settings, registry),
+        create_app(settings, registry, follower),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

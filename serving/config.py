@@ -3,10 +3,13 @@
 ==============================  ===============  =================================================
 variable                        default          meaning
 ==============================  ===============  =================================================
-``CTCVR_MODEL_DIR``             (required)       model directory written by ``trainer.export``: a
+``CTCVR_MODEL_DIR``             (one of the two) model directory written by ``trainer.export``: a
                                                  path or a URI (``s3://bucket/models/x``)
-``CTCVR_MODEL_CACHE``           ``$TMPDIR/...``  where models named by a URI are fetched to
-                                                 (``<system temp dir>/ctcvr-models``)
+``CTCVR_MODEL_REPOSITORY``      (one of the two) model repository to follow (a path or a URI):
+                                                 serve its current version, swap in new ones
+``CTCVR_POLL_SECONDS``          ``10``           how often the repository's pointer is read
+``CTCVR_MODEL_CACHE``           ``$TMPDIR/...``  where models and versions named by a URI are
+                                                 fetched to (``<system temp dir>/ctcvr-models``)
 ``CTCVR_HOST``                  ``127.0.0.1``    address ``python -m serving`` listens on
 ``CTCVR_PORT``                  ``8000``         port
 ``CTCVR_API_TOKEN``             unset            bearer token required on ``/v1/*``; unset: open
@@ -61,9 +64,16 @@ class ServingSettings(BaseSettings):
         default=None,
         description="model directory written by trainer.export: a path or a URI (s3://...)",
     )
+    model_repository: str | None = Field(
+        default=None,
+        description="model repository to follow (a path or a URI): its current version is served",
+    )
+    poll_seconds: float = Field(
+        default=10.0, gt=0.0, le=86_400.0, description="seconds between reads of the pointer"
+    )
     model_cache: Path = Field(
         default=DEFAULT_MODEL_CACHE,
-        description="directory that models named by a URI are fetched to (serving.fetch)",
+        description="directory that models and repository versions named by a URI are fetched to",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
@@ -80,7 +90,7 @@ class ServingSettings(BaseSettings):
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     environment: Environment = Environment.DEVELOPMENT
 
-    @field_validator("model_dir", mode="before")
+    @field_validator("model_dir", "model_repository", mode="before")
     @classmethod
     def _path_or_uri(cls, value: Any) -> Any:
         """A ``Path`` is accepted as its text; a URI with credentials in it is refused."""
@@ -95,6 +105,11 @@ class ServingSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe(self) -> ServingSettings:
+        if self.model_dir is not None and self.model_repository is not None:
+            raise ValueError(
+                "CTCVR_MODEL_DIR (--model-dir) and CTCVR_MODEL_REPOSITORY (--repository) are "
+                "mutually exclusive: serve one model directory, or follow a repository"
+            )
         for name in ("api_token", "admin_token"):
             token = getattr(self, name)
             if token is not None and not token.get_secret_value().strip():

@@ -12,7 +12,9 @@ Routes::
     GET  /docs, /openapi.json
 
 The model is loaded in the lifespan, before the first request; a missing or invalid artifact
-fails the startup with a message naming the file and the problem. Unexpected errors answer
+fails the startup with a message naming the file and the problem. With a model repository
+(``CTCVR_MODEL_REPOSITORY``) its current version is loaded, and a background thread, started
+and stopped by the lifespan, follows its pointer (``serving.repository``). Unexpected errors answer
 ``500 {"detail": "internal server error"}`` and are logged with their traceback, which never
 reaches the client.
 """
@@ -38,6 +40,7 @@ from serving.config import ServingSettings, get_settings
 from serving.deps import require_api_token
 from serving.metrics import MetricsMiddleware, ServiceMetrics
 from serving.registry import ModelRegistry
+from serving.repository import RepositoryFollower, follow_repository
 from serving.routes import admin, health, model, score
 
 __all__ = ["create_app"]
@@ -68,24 +71,39 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServingSettings = app.state.settings
     registry: ModelRegistry = app.state.registry
     batcher: MicroBatcher = app.state.batcher
+    follower: RepositoryFollower | None = app.state.follower
     torch.set_num_threads(settings.torch_threads)
     if registry.current is None:
         try:
-            registry.load()
+            if follower is not None:
+                follower.load_initial()
+            else:
+                registry.load()
         except ArtifactError as err:
             log.error("cannot start: %s", err)
             raise
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     log.info("serving %s from %s", registry.current.version, registry.model_dir)
     batcher.start()
+    if follower is not None:
+        follower.start()
+        log.info(
+            "following model repository %s every %s s",
+            follower.repository.uri,
+            follower.poll_seconds,
+        )
     try:
         yield
     finally:
+        if follower is not None:
+            follower.stop()
         batcher.stop()
 
 
 def create_app(
-    settings: ServingSettings | None = None, registry: ModelRegistry | None = None
+    settings: ServingSettings | None = None,
+    registry: ModelRegistry | None = None,
+    follower: RepositoryFollower | None = None,
 ) -> FastAPI:
     """Build the app.
 
@@ -95,9 +113,16 @@ def create_app(
         registry: a registry with a model already loaded (``python -m serving`` loads before
             starting the server so that a bad artifact fails with a plain message); default: one
             that the lifespan fills from ``settings.model_dir``.
+        follower: the follower of ``settings.model_repository`` around ``registry`` (built here
+            when there is a repository and none is given).
     """
     settings = settings or get_settings()
     metrics = registry.metrics if registry is not None else ServiceMetrics()
+    registry = registry or ModelRegistry(
+        settings.model_dir, settings.max_rows, metrics, settings.model_cache
+    )
+    if follower is None and settings.model_repository is not None:
+        follower = follow_repository(settings, registry)
     app = _App(
         title="ctcvr scoring service",
         summary="Post-click conversion rate: pCTR, pCVR and pCTCVR for raw impressions.",
@@ -107,9 +132,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.registry = registry or ModelRegistry(
-        settings.model_dir, settings.max_rows, metrics, settings.model_cache
-    )
+    app.state.registry = registry
+    app.state.follower = follower
     app.state.batcher = MicroBatcher(
         max_rows=settings.batch_max_rows,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,

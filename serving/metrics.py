@@ -10,6 +10,15 @@ Exposed at ``GET /metrics``:
 * ``ctcvr_queue_rows``: rows waiting for the model;
 * ``ctcvr_model_info{version, schema_fingerprint}``: 1 for the model being served;
 * ``ctcvr_model_reloads_total{result}``: hot reloads, ``success`` or ``failure``.
+
+Following a model repository (``--repository``; ``serving.repository``):
+
+* ``ctcvr_repository_info{version}``: 1 for the version the repository's pointer names;
+* ``ctcvr_repository_in_sync``: 1 when that is the version served, else 0;
+* ``ctcvr_repository_refused_versions_total``: versions this replica could not load;
+* ``ctcvr_repository_refused_info{version}``: 1 for the version refused, while the pointer names it;
+* ``ctcvr_repository_polls_total{result}``: reads of the pointer, by what came of them;
+* ``ctcvr_repository_last_poll_timestamp_seconds``: when the pointer was last read.
 """
 
 from __future__ import annotations
@@ -65,6 +74,39 @@ class ServiceMetrics:
         self.reloads = Counter(
             "ctcvr_model_reloads", "Hot reloads by result", ["result"], registry=r
         )
+        self.repository_info = Gauge(
+            "ctcvr_repository_info",
+            "The version the model repository's pointer names (value 1)",
+            ["version"],
+            registry=r,
+        )
+        self.repository_in_sync = Gauge(
+            "ctcvr_repository_in_sync",
+            "1 when the served version is the one the repository's pointer names",
+            registry=r,
+        )
+        self.refused_versions = Counter(
+            "ctcvr_repository_refused_versions",
+            "Versions of the model repository that could not be loaded",
+            registry=r,
+        )
+        self.refused_info = Gauge(
+            "ctcvr_repository_refused_info",
+            "The version refused, while the repository's pointer names it (value 1)",
+            ["version"],
+            registry=r,
+        )
+        self.polls = Counter(
+            "ctcvr_repository_polls",
+            "Reads of the model repository's pointer by result",
+            ["result"],
+            registry=r,
+        )
+        self.last_poll = Gauge(
+            "ctcvr_repository_last_poll_timestamp_seconds",
+            "When the model repository's pointer was last read (Unix time)",
+            registry=r,
+        )
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.rows.inc(rows)
@@ -74,6 +116,16 @@ class ServiceMetrics:
     def set_model(self, version: str, schema_fingerprint: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version, schema_fingerprint=schema_fingerprint).set(1)
+
+    def set_repository(self, current: str | None, served: str | None, refused: str | None) -> None:
+        """The repository's current version, the served one and the one refused (if any)."""
+        self.repository_info.clear()
+        if current is not None:
+            self.repository_info.labels(version=current).set(1)
+        self.repository_in_sync.set(1 if current is not None and current == served else 0)
+        self.refused_info.clear()
+        if refused is not None:
+            self.refused_info.labels(version=refused).set(1)
 
     def track_queue(self, rows: Callable[[], float]) -> None:
         self.queue_rows.set_function(rows)

@@ -5,6 +5,7 @@
     python -m trainer.export --run runs/demo/run --out runs/demo/model
     python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
     python -m trainer.export --run s3://ml/runs/demo --out s3://ml/models/demo --force
+    python -m trainer.export --run runs/demo/run --repository s3://ml/models/demo --keep 5
 
 The (sharded) DCP checkpoint is read in one process without a process group. The run's model is
 built with its embedding tables on ``meta`` (no table memory) and every tensor of it is checked
@@ -30,6 +31,11 @@ rename, so the directory is staged on the local disk (``TMPDIR``) and published 
 with the manifest, which holds every file's sha256, last; an existing model's manifest is
 deleted first. A service refuses a directory without a manifest or whose files do not match
 it, so at no moment is there a half-written model that it would load.
+
+``--repository`` publishes the export as a new version of a model repository instead of writing
+``--out`` (``trainer.publish``: exported to a local temporary directory, uploaded, verified with
+the service's loader, then made current; ``python -m trainer.models`` lists, promotes and rolls
+back).
 """
 
 from __future__ import annotations
@@ -79,9 +85,10 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from trainer.model import CtcvrModel, ModelStructure, embedding_bag_configs
 from trainer.objectives import build_objective, model_structure
+from trainer.publish import DEFAULT_KEEP, Published, PublishError, publish
 from trainer.run_dir import CheckpointDir, RunDir, RunDirError
 
-__all__ = ["ExportError", "export_run", "main", "model_spec"]
+__all__ = ["ExportError", "export_run", "export_to_repository", "main", "model_spec"]
 
 
 class ExportError(RuntimeError):
@@ -199,6 +206,30 @@ def export_run(
         f"{len(tables)} tables, {size / 2**20:.1f} MiB"
     )
     return manifest
+
+
+def export_to_repository(
+    run_dir: str | Path,
+    repository: str | os.PathLike[str],
+    *,
+    checkpoint: str | Path | None = None,
+    version: str | None = None,
+    keep: int = DEFAULT_KEEP,
+    log: Any = print,
+) -> Published:
+    """Export a run and publish it as the current version of a model repository.
+
+    The artifact is written to a local temporary directory, then :func:`trainer.publish.publish`
+    uploads, verifies and makes it current.
+
+    Raises:
+        ExportError: the run cannot be exported (see :func:`export_run`).
+        PublishError: the version was not made current (see :func:`trainer.publish.publish`).
+    """
+    with tempfile.TemporaryDirectory(prefix="ctcvr-publish-") as tmp:
+        model_dir = Path(tmp) / "model"
+        export_run(run_dir, model_dir, checkpoint=checkpoint, version=version, log=log)
+        return publish(model_dir, repository, keep=keep, log=log)
 
 
 # Reading the run -------------------------------------------------------------------------------
@@ -395,18 +426,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--run", required=True, help="run directory written by trainer.train (a path or a URI)"
     )
-    parser.add_argument("--out", required=True, help="model directory to write (a path or a URI)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="model directory to write (a path or a URI)")
+    target.add_argument(
+        "--repository",
+        help="model repository (a path or a URI) to publish a new current version to",
+    )
     parser.add_argument(
         "--checkpoint", help="checkpoint name under RUN/checkpoints or a path (default: latest)"
     )
     parser.add_argument("--version", help="version id (default: <run>-step<step>-<content hash>)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=DEFAULT_KEEP,
+        help=f"with --repository: the newest versions kept (default {DEFAULT_KEEP}; the current "
+        "and the previous one are always kept)",
+    )
     args = parser.parse_args(argv)
+    if args.repository is not None and args.force:
+        parser.error("--force applies to --out; a repository version is never replaced")
     try:
-        export_run(
-            args.run, args.out, checkpoint=args.checkpoint, version=args.version, force=args.force
-        )
-    except (ExportError, ValueError) as err:
+        if args.repository is not None:
+            export_to_repository(
+                args.run,
+                args.repository,
+                checkpoint=args.checkpoint,
+                version=args.version,
+                keep=args.keep,
+            )
+        else:
+            export_run(
+                args.run,
+                args.out,
+                checkpoint=args.checkpoint,
+                version=args.version,
+                force=args.force,
+            )
+    except (ExportError, PublishError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

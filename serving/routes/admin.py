@@ -25,7 +25,11 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
             "model": ErrorResponse,
             "description": "Admin endpoints are disabled (CTCVR_ADMIN_TOKEN unset)",
         },
-        409: {"model": ErrorResponse, "description": "Another reload is in progress"},
+        409: {
+            "model": ErrorResponse,
+            "description": "Another reload is in progress, or the service follows a model "
+            "repository (its pointer decides what is served)",
+        },
         422: {
             "model": ErrorResponse,
             "description": "The artifact cannot be served (the previous model keeps serving), or an invalid body",
@@ -41,6 +45,13 @@ def reload(
     changes nothing and says why.
     """
     model_dir = body.model_dir if body is not None and body.model_dir else None
+    follower = request.app.state.follower
+    if model_dir is not None and follower is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"this service follows model repository {follower.repository.uri}: change what it "
+            "serves with python -m trainer.models promote or rollback",
+        )
     previous = registry.current.version if registry.current is not None else None
     try:
         result = registry.reload(model_dir)

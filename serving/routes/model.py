@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from schemas.api import ErrorResponse, ModelInfo
 from serving.deps import RegistryDep, ScorerDep
@@ -24,9 +24,11 @@ router = APIRouter(tags=["model"])
         503: {"model": ErrorResponse, "description": "No model loaded"},
     },
 )
-def model_info(scorer: ScorerDep, registry: RegistryDep) -> ModelInfo:
-    """Version, provenance, evaluation metrics and the features a request row may hold."""
+def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request) -> ModelInfo:
+    """Version, provenance, evaluation metrics and the features a request row may hold; when
+    following a model repository, its current version too."""
     manifest = scorer.artifact.manifest
+    follower = request.app.state.follower
     return ModelInfo(
         version=manifest.version,
         created_at=manifest.created_at,
@@ -40,4 +42,5 @@ def model_info(scorer: ScorerDep, registry: RegistryDep) -> ModelInfo:
         features=scorer.features_info(),
         max_rows=scorer.max_rows,
         last_reload_error=registry.last_reload_error,
+        repository=follower.status() if follower is not None else None,
     )

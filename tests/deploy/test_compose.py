@@ -1,13 +1,17 @@
-"""deploy/compose.yaml: simulate -> train (torchrun, 2 processes) -> export -> scoring, each step
-waiting for the one before it, sharing volumes, and commands the image and trainer accept."""
+"""deploy/compose.yaml: simulate -> train (torchrun, 2 processes) -> export (publish to the model
+repository) -> scoring (following it), each step waiting for the one before it, sharing volumes,
+and commands the image and trainer accept; the daily loop (warm start, publish) on demand."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 
+import pytest
 import yaml
 
+from serving.config import ServingSettings
 from tests.deploy.manifests import REPO, shell_commands, trainer_call
 from trainer.config import load_config
 
@@ -31,7 +35,9 @@ def mounts(name: str) -> dict[str, str]:
 
 def test_every_step_waits_for_the_one_before_it():
     chain = ["simulate", "train", "export", "scoring"]
-    assert set(SERVICES) == set(chain)
+    assert set(SERVICES) == {*chain, "daily"}
+    assert all("profiles" not in SERVICES[name] for name in chain)  # `up` runs the chain
+    assert SERVICES["daily"]["profiles"] == ["daily"]  # ... and not the daily loop
     for before, after in itertools.pairwise(chain):
         assert SERVICES[after]["depends_on"] == {
             before: {"condition": "service_completed_successfully"}
@@ -67,14 +73,65 @@ def test_training_is_torchrun_with_two_processes_and_a_valid_config():
     assert mounts("train")["/runs"] == mounts("simulate")["/runs"] == "runs"
 
 
-def test_the_export_reads_the_run_and_writes_what_scoring_serves():
+def test_the_export_publishes_the_run_to_the_repository_scoring_follows():
     export = command("export")
     trained = load_config(*trainer_call(command("train")))
     assert export[export.index("--run") + 1] == trained.output_dir
-    out = export[export.index("--out") + 1]
-    assert SERVICES["scoring"]["environment"]["CTCVR_MODEL_DIR"] == out
+    repository = export[export.index("--repository") + 1]
+    environment = SERVICES["scoring"]["environment"]
+    assert environment["CTCVR_MODEL_REPOSITORY"] == repository
+    assert "CTCVR_MODEL_DIR" not in environment
+    settings = ServingSettings(_env_file=None, model_repository=repository)
+    assert settings.poll_seconds > 0 and float(environment["CTCVR_POLL_SECONDS"]) > 0
+    assert repository.startswith("/models/")
     assert mounts("export") == {"/runs": "runs:ro", "/models": "models"}
-    assert mounts("scoring") == {"/models": "models:ro"}
+    assert mounts("scoring") == {"/models": "models:ro"}  # a follower only reads
+
+
+def daily_commands(current: str) -> list[list[str]]:
+    """The daily script's commands, ``$$`` unescaped (compose's own ``$``), with ``$current`` the
+    repository's current version (empty: none yet)."""
+    sh, flag, script = SERVICES["daily"]["command"]
+    assert (sh, flag) == ("sh", "-c")
+    env = {
+        "run": "/runs/daily/20261202T023000",
+        "current": current,
+        "init": f"train.init_from={current}" if current else "",
+    }
+    return shell_commands(script.replace("$$", "$"), env)
+
+
+@pytest.mark.parametrize("current", ["", "/models/repository/demo-step00000200-0123456789"])
+def test_the_daily_loop_warm_starts_from_the_current_version_and_publishes(current):
+    commands = daily_commands(current)
+    (lookup,) = [c for c in commands if c[0].startswith("current=")]
+    assert " ".join(lookup) == (
+        "current=$(python -m trainer.models current --repository /models/repository --uri "
+        "--allow-empty)"
+    )
+    (torchrun,) = [c for c in commands if c[0] == "torchrun"]
+    assert "--nproc-per-node=2" in torchrun
+    config, overrides = trainer_call(torchrun)
+    init = [o for o in overrides if o.startswith("train.init_from=")]
+    assert init == ([f"train.init_from={current}"] if current else [])
+    known = [o for o in overrides if o not in init or _knows_init_from()]
+    trained = load_config(config, known)
+    assert trained.data.train == load_config(*trainer_call(command("train"))).data.train
+    (export,) = [c for c in commands if c[:3] == ["python", "-m", "trainer.export"]]
+    assert export[export.index("--run") + 1] == trained.output_dir
+    assert (
+        export[export.index("--repository") + 1]
+        == (SERVICES["scoring"]["environment"]["CTCVR_MODEL_REPOSITORY"])
+    )
+    assert mounts("daily") == {"/runs": "runs", "/models": "models"}
+
+
+def _knows_init_from() -> bool:
+    """Whether this checkout's trainer has ``train.init_from`` (warm start comes with its own
+    branch; until then the override is left out of the config check)."""
+    from trainer.config import TrainLoopConfig
+
+    return "init_from" in {f.name for f in dataclasses.fields(TrainLoopConfig)}
 
 
 def test_scoring_has_the_image_health_check_and_listens_on_loopback_only():

@@ -90,7 +90,9 @@ def test_runtime_runs_as_a_non_root_user_with_health_check_port_and_entrypoint()
     assert uid.isdigit() and int(uid) != 0
     assert f"--uid {uid}" in runtime["RUN"]
     assert runtime["EXPOSE"] == "8000" and "CTCVR_PORT=8000" in runtime["ENV"]
-    assert "CTCVR_MODEL_DIR=/models/current" in runtime["ENV"]
+    # The default model directory is the entry point's (tests/deploy/test_entrypoint.py): an
+    # ENV default would clash with CTCVR_MODEL_REPOSITORY.
+    assert "CTCVR_MODEL_DIR" not in runtime["ENV"]
     healthcheck = runtime["HEALTHCHECK"]
     assert json.loads(healthcheck[healthcheck.index("CMD") + 3 :]) == [
         "ctcvr-entrypoint",

@@ -89,3 +89,46 @@ def test_flags_go_to_the_service(args):
 def test_any_other_command_runs_as_given():
     result = run("python", "-c", "import sys; print('trainer image', sys.argv[1])", "ok")
     assert result.returncode == 0 and result.stdout.strip() == "trainer image ok"
+
+
+def _without_model_variables() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CTCVR_MODEL_DIR", "CTCVR_MODEL_REPOSITORY")
+    }
+
+
+def run_clean(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """:func:`run` with neither model variable set, unless given."""
+    environ = {
+        **_without_model_variables(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **env,
+    }
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *args], cwd=REPO, env=environ, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_serves_models_current_when_nothing_names_a_model():
+    result = run_clean()
+    assert result.returncode == 1
+    assert "model directory /models/current does not exist" in result.stderr
+
+
+def test_follows_the_repository_of_the_environment_without_a_default_model_dir(tmp_path):
+    empty = tmp_path / "repo"
+    for args in [(), ("serve",), ("--check",)]:
+        result = run_clean(*args, CTCVR_MODEL_REPOSITORY=str(empty))
+        assert result.returncode == 1, result.stderr
+        assert f"model repository {empty} is empty" in result.stderr
+        assert "mutually exclusive" not in result.stderr
+
+
+def test_a_repository_flag_is_not_given_the_default_model_dir(tmp_path):
+    empty = tmp_path / "repo"
+    for args in [("--repository", str(empty)), ("serve", f"--repository={empty}")]:
+        result = run_clean(*args)
+        assert result.returncode == 1 and f"model repository {empty} is empty" in result.stderr

@@ -3,10 +3,14 @@ strict: no unknown fields), and the pieces agree with each other, the image and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import kubernetes_validate
 import pytest
 import yaml
 
+from schemas import storage
+from serving.config import ServingSettings
 from tests.deploy.manifests import K8S, image_uid, k8s_documents, shell_commands, trainer_call
 from trainer.config import load_config
 
@@ -97,11 +101,21 @@ def training_pod() -> tuple[dict, dict]:
 def training_commands() -> list[list[str]]:
     _job, pod = training_pod()
     (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
     assert container["command"] == ["/bin/sh", "-c"]
     return shell_commands(
-        container["args"][0], {**env, "JOB_COMPLETION_INDEX": "0", "is_host": "true"}
+        container["args"][0],
+        {**container_env(container), "JOB_COMPLETION_INDEX": "0", "is_host": "true"},
     )
+
+
+def container_env(container: dict) -> dict[str, str]:
+    """The variables a container sees: its ConfigMaps' (``envFrom``), then its own ``env``
+    values (Secrets' values are not known here)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env |= DOCS[f"ConfigMap/{source['configMapRef']['name']}"]["data"]
+    return env | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 def test_training_job_is_indexed_with_one_pod_per_node():
@@ -128,7 +142,7 @@ def test_training_job_is_indexed_with_one_pod_per_node():
     assert pod["securityContext"]["runAsUser"] == image_uid()
 
 
-def test_training_job_trains_with_a_valid_config_and_exports_where_scoring_reads():
+def test_training_job_trains_with_a_valid_config_and_publishes_where_scoring_reads():
     commands = training_commands()
     (torchrun,) = [c for c in commands if c[0] == "torchrun"]
     config, overrides = trainer_call(torchrun)
@@ -137,9 +151,8 @@ def test_training_job_trains_with_a_valid_config_and_exports_where_scoring_reads
     (export,) = [c for c in commands if c[:3] == ["python", "-m", "trainer.export"]]
     run = export[export.index("--run") + 1]
     assert f"output_dir={run}" in overrides
-    model_dir = export[export.index("--out") + 1]
-    served = {e["name"]: e.get("value") for e in scoring_container()["env"]}["CTCVR_MODEL_DIR"]
-    assert model_dir == served
+    assert export[export.index("--repository") + 1] == REPOSITORY
+    assert repository_env(training_pod()[1]["containers"][0]) == repository_env(scoring_container())
     volumes = training_pod()[1]["volumes"]
     claims = {
         v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
@@ -147,3 +160,99 @@ def test_training_job_trains_with_a_valid_config_and_exports_where_scoring_reads
     assert claims <= {
         name.split("/")[1] for name in DOCS if name.startswith("PersistentVolumeClaim/")
     }
+
+
+# The model repository ---------------------------------------------------------------------------
+
+REPOSITORY_CONFIG = DOCS["ConfigMap/ctcvr-repository"]["data"]
+REPOSITORY = REPOSITORY_CONFIG["CTCVR_MODEL_REPOSITORY"]
+
+
+def repository_env(container: dict) -> list[dict]:
+    """The ``envFrom`` sources of a container: the repository's ConfigMap and the AWS Secret."""
+    return container.get("envFrom", [])
+
+
+def test_every_pod_that_touches_the_repository_reads_one_config_and_the_aws_secret():
+    expected = [
+        {"configMapRef": {"name": "ctcvr-repository"}},
+        {"secretRef": {"name": "ctcvr-aws"}},
+    ]
+    containers = {
+        "scoring": scoring_container(),
+        "training": training_pod()[1]["containers"][0],
+        "daily": daily_pod()["containers"][0],
+    }
+    for name, container in containers.items():
+        assert repository_env(container) == expected, name
+        assert "CTCVR_MODEL_DIR" not in {e["name"] for e in container.get("env", [])}, name
+    assert storage.resolve(REPOSITORY).scheme == "s3"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}.isdisjoint(REPOSITORY_CONFIG)
+
+
+def test_scoring_follows_the_repository_with_settings_the_service_accepts():
+    container = scoring_container()
+    tokens = {"CTCVR_API_TOKEN": "x" * 24, "CTCVR_ADMIN_TOKEN": "y" * 24}  # from the Secret
+    variables = container_env(container) | tokens
+    fields = {
+        name.removeprefix("CTCVR_").lower(): value
+        for name, value in variables.items()
+        if name.startswith("CTCVR_")
+    }
+    settings = ServingSettings(_env_file=None, **fields)
+    assert settings.model_repository == REPOSITORY and settings.model_dir is None
+    assert 1 <= settings.poll_seconds <= 300
+    # The cache of fetched versions is a writable volume (the root filesystem is read-only).
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    cache = mounts[str(settings.model_cache)]
+    volumes = {
+        v["name"]: v
+        for v in DOCS["Deployment/ctcvr-scoring"]["spec"]["template"]["spec"]["volumes"]
+    }
+    assert "emptyDir" in volumes[cache]
+
+
+def daily_pod() -> dict:
+    return DOCS["CronJob/ctcvr-daily"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def daily_commands(current: str) -> list[list[str]]:
+    (container,) = daily_pod()["containers"]
+    env = container_env(container) | {"day": "2026-12-02", "current": current}
+    env["init"] = f"train.init_from={current}" if current else ""
+    assert container["command"] == ["/bin/sh", "-c"]
+    return shell_commands(container["args"][0], env)
+
+
+@pytest.mark.parametrize("current", ["", f"{REPOSITORY}/esmm-step00001000-0123456789"])
+def test_the_daily_job_warm_starts_from_the_current_model_and_publishes(current):
+    cronjob = DOCS["CronJob/ctcvr-daily"]["spec"]
+    assert cronjob["concurrencyPolicy"] == "Forbid"
+    commands = daily_commands(current)
+    (lookup,) = [c for c in commands if c[:1] and c[0].startswith("current=")]
+    assert " ".join(lookup) == (
+        f"current=$(python -m trainer.models current --repository {REPOSITORY} --uri --allow-empty)"
+    )
+    (torchrun,) = [c for c in commands if c[0] == "torchrun"]
+    config, overrides = trainer_call(torchrun)
+    assert "--resume" in torchrun and "--standalone" in torchrun
+    init = [o for o in overrides if o.startswith("train.init_from=")]
+    assert init == ([f"train.init_from={current}"] if current else [])
+    trained = load_config(config, _known(overrides))  # raises on an unknown key or a bad value
+    assert trained.data.filter == "day == '2026-12-02'"
+    assert trained.data.train.startswith("s3://") and trained.output_dir.startswith("s3://")
+    (export,) = [c for c in commands if c[:3] == ["python", "-m", "trainer.export"]]
+    assert export[export.index("--run") + 1] == trained.output_dir
+    assert export[export.index("--repository") + 1] == REPOSITORY
+    assert int(export[export.index("--keep") + 1]) >= 2
+
+
+def _known(overrides: list[str]) -> list[str]:
+    """The overrides this checkout's trainer knows: ``train.init_from`` (warm start) comes with
+    the warm-start branch, and is checked as soon as the config has it."""
+    from trainer.config import TrainLoopConfig
+
+    if "init_from" in {f.name for f in dataclasses.fields(TrainLoopConfig)}:
+        return overrides
+    return [o for o in overrides if not o.startswith("train.init_from=")]

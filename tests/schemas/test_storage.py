@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import storage
-from schemas.storage import Kind, S3Settings, StorageError
+from schemas.storage import Kind, S3Settings, StorageError, WriteConflict
 
 # URIs --------------------------------------------------------------------------------------------
 
@@ -175,6 +176,62 @@ def test_write_read_list_delete(root):
     storage.delete_tree(storage.join(root, "sub"))
     assert not storage.exists(b)
     storage.delete_tree(storage.join(root, "never-there"))
+
+
+def test_write_bytes_if_is_a_compare_and_swap(root):
+    pointer = storage.join(root, "CURRENT")
+    storage.write_bytes_if(pointer, b"v1", expected=None)  # created: it did not exist
+    with pytest.raises(WriteConflict, match="already exists"):
+        storage.write_bytes_if(pointer, b"v2", expected=None)
+    storage.write_bytes_if(pointer, b"v2", expected=b"v1")
+    with pytest.raises(WriteConflict, match="was changed by another writer since it was read"):
+        storage.write_bytes_if(pointer, b"v3", expected=b"v1")
+    assert storage.read_bytes(pointer) == b"v2"
+    storage.delete_file(pointer)
+    with pytest.raises(WriteConflict, match="was deleted by another writer"):
+        storage.write_bytes_if(pointer, b"v3", expected=b"v2")
+    # Locks and staging files are hidden beside the file; nothing else is left.
+    left = storage.list_dir(root) if storage.exists(root) else []
+    assert [e.name for e in left if not e.name.startswith(".")] == []
+
+
+def test_listings_say_when_files_were_written(root):
+    before = datetime.now(UTC) - timedelta(minutes=5)
+    storage.write_text(storage.join(root, "a.txt"), "x")
+    (entry,) = storage.list_dir(root)
+    if root.startswith("memory://"):
+        assert entry.modified is None  # fsspec's memory store keeps no times: none is made up
+    else:
+        assert before < entry.modified < before + timedelta(hours=1)
+
+
+def test_a_conditional_put_that_loses_the_race_is_refused_by_s3(s3, monkeypatch):
+    """Between the read and the PUT another writer changes the object: S3's If-Match refuses."""
+    uri = s3.uri("CURRENT")
+    storage.write_bytes(uri, b"v1")
+    real_check = storage._check_unchanged
+
+    def meanwhile(location, current, expected):
+        real_check(location, current, expected)
+        storage.write_bytes(uri, b"someone else")  # after our read, before our PUT
+
+    monkeypatch.setattr(storage, "_check_unchanged", meanwhile)
+    with pytest.raises(WriteConflict, match="the store refused the conditional write"):
+        storage.write_bytes_if(uri, b"v2", expected=b"v1")
+    assert storage.read_bytes(uri) == b"someone else"
+
+
+def test_a_conditional_write_names_storage_faults(s3, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with s3.server.stopped(), pytest.raises(StorageError) as err:
+        storage.write_bytes_if(s3.uri("CURRENT"), b"v1", expected=None)
+    assert f"endpoint {s3.server.endpoint} unreachable" in str(err.value)
+    with pytest.raises(StorageError, match="bucket 'ctcvr-no-such-bucket' does not exist"):
+        storage.write_bytes_if("s3://ctcvr-no-such-bucket/CURRENT", b"v1", expected=None)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    with pytest.raises(StorageError, match="access denied") as err:
+        storage.write_bytes_if(s3.uri("CURRENT"), b"v1", expected=None)
+    assert "wrong-secret" not in str(err.value)
 
 
 def test_parquet_through_the_filesystem(root):

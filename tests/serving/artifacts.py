@@ -269,6 +269,16 @@ def live_server(
     model_dir: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
 ) -> Iterator[str]:
     """``python -m serving`` on a free loopback port; yields its base URL once it is ready."""
+    with serving_process(["--model-dir", str(model_dir)], log, env, timeout) as url:
+        yield url
+
+
+@contextmanager
+def serving_process(
+    args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
+) -> Iterator[str]:
+    """``python -m serving ARGS`` on a free loopback port; yields its base URL once it is ready,
+    and stops it (SIGTERM) at the end."""
     port = free_port()
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "w") as out:
@@ -277,8 +287,7 @@ def live_server(
                 sys.executable,
                 "-m",
                 "serving",
-                "--model-dir",
-                str(model_dir),
+                *args,
                 "--port",
                 str(port),
                 "--log-level",
@@ -349,3 +358,23 @@ def score_over_http(
         else:
             out.extend(zip(body["pctr"], body["pcvr"], body["pctcvr"]))
     return np.asarray(out, dtype=np.float64), versions
+
+
+def truncated_copy(
+    model_dir: Path, out: Path, file: str | None = None, keep: int = 100, version: str | None = None
+) -> Path:
+    """A copy of a model directory whose ``file`` (default: its first table) lost all but its
+    first ``keep`` bytes while its manifest still lists the original checksum; ``version``
+    renames it."""
+    import shutil
+
+    from schemas.artifact import Manifest, table_file
+
+    shutil.copytree(model_dir, out)
+    manifest = Manifest.model_validate_json((out / "manifest.json").read_text())
+    target = out / (file or table_file(manifest.model.tables[0].name))
+    target.write_bytes(target.read_bytes()[:keep])
+    if version is not None:
+        renamed = manifest.model_copy(update={"version": version})
+        (out / "manifest.json").write_text(renamed.model_dump_json(indent=2))
+    return out

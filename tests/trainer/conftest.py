@@ -121,3 +121,32 @@ def _flatten(tree: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> dict:
+    """Two exported models of one schema with other weights (``a``, ``b``: directories;
+    ``version_a``, ``version_b``), and the run of the first (``run``)."""
+    from tests.serving.artifacts import make_edge_run
+    from trainer.export import export_run
+
+    root = tmp_path_factory.mktemp("exports")
+    run_a = make_edge_run(root / "a", seed=0)
+    run_b = make_edge_run(root / "b", seed=1)
+    a = export_run(run_a, root / "a" / "model", log=None)
+    b = export_run(run_b, root / "b" / "model", log=None)
+    return {
+        "run": run_a,
+        "a": root / "a" / "model",
+        "b": root / "b" / "model",
+        "version_a": a.version,
+        "version_b": b.version,
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def repository(request, tmp_path) -> str:
+    """A model repository that does not exist yet: a local directory, or a prefix on S3."""
+    if request.param == "local":
+        return str(tmp_path / "repo")
+    return request.getfixturevalue("s3").uri("models")
