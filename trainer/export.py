@@ -4,6 +4,7 @@
 
     python -m trainer.export --run runs/demo/run --out runs/demo/model
     python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
+    python -m trainer.export --run runs/demo/run --out runs/demo/model-int8 --quantize int8
 
 The (sharded) DCP checkpoint is read in one process without a process group. The run's model is
 built with its embedding tables on ``meta`` (no table memory) and every tensor of it is checked
@@ -16,8 +17,11 @@ are not declared, so they are left out, as are an objective's own parameters and
 state. A CVR tower trained partially shared with the imputation tower (Adap-SL,
 ``trainer.model.adap_sl``) declares itself folded into an ordinary tower: each layer's shared
 and private units one dense layer, its pruned weights zeros. The embedding tables are then read
-one at a time, each gathered whole from however many ranks' shards wrote it, written to its own
-safetensors file and released, so that no two tables are ever in memory at once. The manifest
+one at a time, each gathered whole from however many ranks' shards wrote it, appended to the
+file of its embedding dim (``trainer.embedding_files``: one file per dim, the layout the service
+memory-maps) and released, so that no two tables are ever in memory at once. ``--quantize int8``
+stores the rows with row-wise 8-bit quantisation (codes plus a float32 scale and offset per row,
+about 4x smaller for wide rows; see ``schemas.artifact``). The manifest
 records the version id, the source run and step, the schema fingerprint, the model spec, the
 run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
 renamed into place when complete, so a service watching or reloading ``--out`` never sees half
@@ -47,14 +51,15 @@ from schemas.artifact import (
     DENSE_FILE,
     MANIFEST_FILE,
     SCHEMA_FILE,
-    TABLE_TENSOR,
+    EmbeddingFile,
     FileEntry,
     Manifest,
     ModelSpec,
     Pooling,
+    Quantization,
     Source,
     TableEntry,
-    table_file,
+    embedding_layout,
 )
 from trainer.builders import build_model
 from trainer.checkpoint import (
@@ -67,6 +72,7 @@ from trainer.checkpoint import (
     read_model_tensors,
 )
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from trainer.embedding_files import write_embedding_file
 from trainer.model import CtcvrModel, ModelStructure, embedding_bag_configs
 from trainer.objectives import build_objective, model_structure
 from trainer.run_dir import CheckpointDir, RunDir, RunDirError
@@ -93,6 +99,7 @@ def export_run(
     checkpoint: str | Path | None = None,
     version: str | None = None,
     force: bool = False,
+    quantize: Quantization | str = Quantization.NONE,
     log: Any = print,
 ) -> Manifest:
     """Write the serving artifact of a training run.
@@ -104,6 +111,8 @@ def export_run(
             run's latest.
         version: the version id; default ``<run name>-step<step>-<content hash>``.
         force: replace ``out_dir`` if it exists.
+        quantize: ``none`` (float32 tables) or ``int8`` (row-wise 8-bit, a scale and offset per
+            row).
         log: where progress lines go (``print``; ``None`` for silence).
 
     Returns:
@@ -111,10 +120,15 @@ def export_run(
 
     Raises:
         ExportError: no such run or checkpoint, a checkpoint of another schema, a checkpoint
-            that does not hold the model the run's config describes, non-finite weights, an
-            existing ``out_dir`` without ``force``.
+            that does not hold the model the run's config describes, non-finite weights, a table
+            that cannot be quantised, an existing ``out_dir`` without ``force``.
     """
     say = log or (lambda *_: None)
+    try:
+        quantization = Quantization(quantize)
+    except ValueError:
+        choices = [q.value for q in Quantization]
+        raise ExportError(f"quantize must be one of {choices}, got {quantize!r}") from None
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
@@ -143,20 +157,19 @@ def export_run(
             f"[export] training-only heads left out: {', '.join(sorted(model.training_only_heads))}"
         )
 
+    layout = embedding_layout(spec, quantization)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / table_file("x")).parent.mkdir(parents=True)
+    (tmp / layout.files[0].path).parent.mkdir(parents=True)
     try:
         files: dict[str, FileEntry] = {}
         (tmp / SCHEMA_FILE).write_text(schema.to_yaml())
         files[SCHEMA_FILE] = _file_entry(tmp / SCHEMA_FILE)
         save_file(_serving_tensors(model, _load(ckpt, dense), dense), tmp / DENSE_FILE)
         files[DENSE_FILE] = _file_entry(tmp / DENSE_FILE)
-        for param in tables:  # one table in memory at a time
-            weight = _load(ckpt, [param])[param.model_key]
-            save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
-            files[table_file(param.name)] = _file_entry(tmp / table_file(param.name))
-            del weight
+        for file in layout.files:
+            _write_tables(ckpt, tables, tmp / file.path, file, quantization)
+            files[file.path] = _file_entry(tmp / file.path)
         digest = hashlib.sha256(
             "".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode()
         )
@@ -174,6 +187,7 @@ def export_run(
             model=spec,
             metrics=_metrics(run),
             training_config=config,
+            embeddings=layout,
             files=files,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -184,7 +198,8 @@ def export_run(
     size = sum(e.bytes for e in files.values())
     say(
         f"[export] wrote {out_dir}: version {manifest.version}, step {manifest.source.step}, "
-        f"{len(tables)} tables, {size / 2**20:.1f} MiB"
+        f"{len(tables)} tables in {len(layout.files)} file(s) ({quantization.value}: "
+        f"{layout.tensor_bytes / 2**20:.1f} MiB of rows), {size / 2**20:.1f} MiB in all"
     )
     return manifest
 
@@ -302,6 +317,26 @@ def _load(ckpt: CheckpointDir, params: list[_Param]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _write_tables(
+    ckpt: CheckpointDir,
+    tables: list[_Param],
+    path: Path,
+    file: EmbeddingFile,
+    quantization: Quantization,
+) -> None:
+    """Write one embedding file, one table in memory at a time."""
+    by_name = {p.name: p for p in tables}
+
+    def load(name: str) -> torch.Tensor:
+        param = by_name[name]
+        return _load(ckpt, [param])[param.model_key]
+
+    try:
+        write_embedding_file(path, file, quantization, load)
+    except ValueError as err:
+        raise ExportError(f"{ckpt}: {err}") from None
+
+
 def _metrics(run: RunDir) -> dict[str, float | None]:
     try:
         raw = run.read_evaluation() or {}
@@ -357,10 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", help="version id (default: <run>-step<step>-<content hash>)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--quantize",
+        choices=[q.value for q in Quantization],
+        default=Quantization.NONE.value,
+        help="embedding rows as float32 (none, default) or row-wise 8-bit codes with a float32 "
+        "scale and offset per row (int8)",
+    )
     args = parser.parse_args(argv)
     try:
         export_run(
-            args.run, args.out, checkpoint=args.checkpoint, version=args.version, force=args.force
+            args.run,
+            args.out,
+            checkpoint=args.checkpoint,
+            version=args.version,
+            force=args.force,
+            quantize=args.quantize,
         )
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from schemas.artifact import DENSE_FILE, MANIFEST_FILE, SCHEMA_FILE, Manifest, table_file
+from schemas.artifact import (
+    DENSE_FILE,
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    Manifest,
+    Quantization,
+    embedding_file,
+    embedding_layout,
+)
 from serving.artifact import load_artifact
 from tests.serving.artifacts import (
     REPO,
@@ -57,7 +65,15 @@ def test_export_writes_a_complete_checksummed_artifact(run, tmp_path):
     for name, entry in manifest.files.items():
         data = (out / name).read_bytes()
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (entry.sha256, entry.bytes)
-    assert load_file(out / table_file("user"))["weight"].shape == (98, 4)
+    # one file per embedding dim, the tables of that dim in spec order, float32
+    assert manifest.format_version == 2 and manifest.embeddings == embedding_layout(spec)
+    assert [f.path for f in manifest.embeddings.files] == [embedding_file(d) for d in (2, 3, 4)]
+    dim4 = manifest.embeddings.files[2]
+    assert [(t.name, t.row_offset, t.num_rows) for t in dim4.tables] == [
+        ("tags", 0, 13),
+        ("user", 13, 98),
+    ]
+    assert load_file(out / embedding_file(4))["weight"].shape == (13 + 98, 4)
     assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
 
 
@@ -66,8 +82,14 @@ def test_exported_weights_equal_the_checkpoint(run, tmp_path):
     export_run(run, out, log=None)
     saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
     prefix = "model.model."
-    table = saved[prefix + "sparse_arch.embedding_bag_collection.embedding_bags.tags.weight"]
-    assert torch.equal(load_file(out / table_file("tags"))["weight"], table)
+    rows = load_file(out / embedding_file(4))["weight"]
+    tables = prefix + "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+    assert torch.equal(rows[:13], saved[tables.format("tags")])
+    assert torch.equal(rows[13:], saved[tables.format("user")])
+    assert torch.equal(
+        load_file(out / embedding_file(2))["weight"],
+        torch.cat([saved[tables.format(t)] for t in ("level", "strict_cat", "words")]),
+    )
     dense = load_file(out / DENSE_FILE)
     assert torch.equal(
         dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"]
