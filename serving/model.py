@@ -320,6 +320,18 @@ class ScoringModel(nn.Module):
         Returns:
             ``(B, 3)`` float32: pctr, pcvr, pctcvr.
         """
+        return self.scores(self.inputs(single, multi_values, multi_offsets, dense))
+
+    def inputs(
+        self,
+        single: torch.Tensor,
+        multi_values: Sequence[torch.Tensor],
+        multi_offsets: Sequence[torch.Tensor],
+        dense: torch.Tensor,
+    ) -> torch.Tensor:
+        """The MMoE input: ``(B, in_features)`` float32, the pooled embeddings, the dense
+        features and the interactions, columns in lookup order (what :attr:`first_weight`'s
+        columns are permuted to); arguments as :meth:`forward`'s."""
         batch = dense.shape[0]
         pieces = []
         for dim, select, offsets in self._groups:
@@ -336,7 +348,11 @@ class ScoringModel(nn.Module):
         pieces.append(dense)
         if self._interaction is not None:
             pieces.append(self._dot_interaction(torch.cat(pieces[:-1], dim=1)))
-        x = torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
+        return torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` float32 pctr, pcvr, pctcvr of the MMoE input ``x`` (:meth:`inputs`)."""
+        batch = x.shape[0]
         spec = self.spec
         experts, width = spec.num_experts, spec.expert_sizes[0]
         first = F.linear(x, self.first_weight, self.first_bias)
@@ -370,18 +386,24 @@ class ScoringModel(nn.Module):
     @torch.inference_mode()
     def predict(self, features: Features) -> np.ndarray:
         """``(B, 3)`` float32 numpy scores of a batch of mapped features."""
+        return self(*self.arguments(features)).numpy()
+
+    @staticmethod
+    def arguments(
+        features: Features,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """:meth:`forward`'s arguments for a batch of mapped features (no copies)."""
         offsets = []
         for lengths in features.multi_lengths:
             starts = np.zeros(len(lengths), dtype=np.int64)
             np.cumsum(lengths[:-1], out=starts[1:])
             offsets.append(torch.from_numpy(starts))
-        out = self(
+        return (
             torch.from_numpy(features.single),
             [torch.from_numpy(v) for v in features.multi_values],
             offsets,
             torch.from_numpy(features.dense),
         )
-        return out.numpy()
 
 
 class _CausalTransfer:
