@@ -295,6 +295,59 @@ def test_command_line(run, tmp_path):
     assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
+    """``--quantize int8``: the manifest says so, each dim's file holds (rows, D + 8) uint8, and
+    every value decodes to within half its row's quantisation step of the checkpoint's."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "model"),
+            "--quantize",
+            "int8",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(int8: " in result.stdout
+    manifest = Manifest.model_validate_json((tmp_path / "model" / MANIFEST_FILE).read_text())
+    assert manifest.quantization is Quantization.INT8
+    assert manifest.embeddings == embedding_layout(manifest.model, Quantization.INT8)
+    saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
+    eps = torch.finfo(torch.float32).eps
+    for file in manifest.embeddings.files:
+        stored = load_file(tmp_path / "model" / file.path)["weight"]
+        assert stored.dtype == torch.uint8 and stored.shape == (file.num_rows, file.dim + 8)
+        scale, offset = stored[:, file.dim :].contiguous().view(torch.float32).unbind(1)
+        values = scale.unsqueeze(1) * stored[:, : file.dim].float() + offset.unsqueeze(1)
+        bound = scale / 2 + 2 * eps * (offset.abs() + 255 * scale)  # + float32 rounding
+        for table in file.tables:
+            rows = slice(table.row_offset, table.row_offset + table.num_rows)
+            weight = saved[
+                f"model.model.sparse_arch.embedding_bag_collection.embedding_bags.{table.name}.weight"
+            ]
+            error = (values[rows] - weight).abs().max(dim=1).values
+            assert (error <= bound[rows]).all(), table.name
+    wrong = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "x")]
+        + ["--quantize", "int4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert wrong.returncode == 2 and "invalid choice: 'int4'" in wrong.stderr
+    with pytest.raises(ExportError, match=r"quantize must be one of \['none', 'int8'\]"):
+        export_run(run, tmp_path / "y", quantize="int4", log=None)
+
+
 ADAP_SL = (
     "model.tower_sharing=adap_sl",
     "model.tower_sizes=[6,4]",

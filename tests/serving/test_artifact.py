@@ -108,8 +108,10 @@ def _change_a_table_dim(manifest: dict) -> None:
         (lambda m: m.pop("embeddings"), "embeddings: Field required in format 2"),
         (
             lambda m: m["embeddings"]["files"][0]["tables"][0].update(row_offset=1),
-            r"(?s)embeddings: the layout does not match the model spec's tables: expected "
-            r"weights/embeddings/dim2.safetensors: level@0\+6.*got .*level@1\+6",
+            (
+                r"(?s)embeddings: the layout does not match the model spec's tables: expected "
+                r"weights/embeddings/dim2.safetensors: level@0\+6.*got .*level@1\+6"
+            ),
         ),
         (
             lambda m: m["embeddings"].update(quantization="int4"),
