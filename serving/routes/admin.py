@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 
 from schemas.api import ErrorResponse, ReloadRequest, ReloadResponse
 from serving.artifact import ArtifactError
-from serving.deps import RegistryDep, require_admin_token
+from serving.deps import RegistryDep, SettingsDep, require_admin_token
 from serving.registry import ReloadInProgress
 
 __all__ = ["router"]
@@ -27,7 +27,10 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
             "model": ErrorResponse,
             "description": "Admin endpoints are disabled (CTCVR_ADMIN_TOKEN unset)",
         },
-        409: {"model": ErrorResponse, "description": "Another reload is in progress"},
+        409: {
+            "model": ErrorResponse,
+            "description": "Another reload is in progress, or the service runs several workers",
+        },
         422: {
             "model": ErrorResponse,
             "description": "The artifact cannot be served (the previous model keeps serving), or an invalid body",
@@ -35,12 +38,23 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
     },
 )
 def reload(
-    registry: RegistryDep, request: Request, body: ReloadRequest | None = None
+    registry: RegistryDep,
+    settings: SettingsDep,
+    request: Request,
+    body: ReloadRequest | None = None,
 ) -> ReloadResponse:
     """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place),
     checks it, and swaps it in; requests in flight finish on the model they started with. A
-    failed reload changes nothing and says why.
+    failed reload changes nothing and says why. A service of several worker processes refuses
+    it (409): a request reaches one worker, and the others would go on serving the old model.
     """
+    if settings.workers > 1:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"this service runs {settings.workers} worker processes and a reload would reach "
+            "only one of them: send SIGHUP to the main process of python -m serving to restart "
+            "every worker on CTCVR_MODEL_DIR, one at a time, or roll out a new CTCVR_MODEL_DIR",
+        )
     model_dir = Path(body.model_dir) if body is not None and body.model_dir else None
     previous = registry.current.version if registry.current is not None else None
     try:
