@@ -1,8 +1,12 @@
-# ctcvr: the scoring service (default command) and the trainer (override the command), one image.
+# ctcvr: two images from one file.
+#   trainer (the default target): the TorchRec trainer and the scoring service, one image; it
+#            serves a model by default and runs the trainer when given another command
+#   server:  the scoring service alone: no torchrec, fbgemm, trainer code or plotting libraries
 #
-#   docker build -t ctcvr .                                     # CPU: torch from PyTorch's CPU index
-#   docker build --build-arg TORCH_VARIANT=cu128 -t ctcvr:cu128 .   # GPU: CUDA torch + fbgemm-gpu
-#   docker run -p 8000:8000 -v "$PWD/runs/demo/model:/models/current:ro" ctcvr
+#   docker build -t ctcvr .                                       # trainer (CPU torch)
+#   docker build --target server -t ctcvr-server .                # server
+#   docker build --build-arg TORCH_VARIANT=cu128 -t ctcvr:cu128 . # GPU: CUDA torch + fbgemm-gpu
+#   docker run -p 8000:8000 -v "$PWD/runs/demo/model:/models/current:ro" ctcvr-server
 #   docker run -v "$PWD/runs:/runs" ctcvr torchrun --standalone --nproc_per_node=2 \
 #       -m trainer.train --config configs/demo.yaml output_dir=/runs/demo/run ...
 #
@@ -12,11 +16,11 @@
 #   TORCH_INDEX_URL  another index for torch (and fbgemm-gpu); default PyTorch's own
 #   PIP_FIND_LINKS   a local wheel directory (mounted with -v) searched first, e.g. for torch
 #   PIP_CERT         a CA bundle (mounted with -v) for a TLS-intercepting proxy in the build
-# deploy/image_test.sh builds and tests it with buildah; README "Container" has the details.
+# deploy/image_test.sh builds and tests both with buildah; README "Container" has the details.
 ARG BASE_IMAGE=python:3.11-slim
 
-# ---- build: /opt/venv, made by the same script (and so the same pins) as a developer's .venv
-FROM ${BASE_IMAGE} AS build
+# ---- build-server: /opt/venv with the serve install set (deploy/install.sh EXTRAS=serve)
+FROM ${BASE_IMAGE} AS build-server
 ARG TORCH_VARIANT=cpu
 ARG TORCH_INDEX_URL
 ARG PIP_FIND_LINKS
@@ -25,7 +29,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_DEFAULT_TIMEOUT=120 \
     VENV=/opt/venv \
-    EXTRAS= \
+    EXTRAS=serve \
     EDITABLE=0
 WORKDIR /src
 # The pinned stack first, from the pins alone (an empty README stands in for the real one), so
@@ -33,13 +37,37 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY deploy/install.sh deploy/
 RUN touch README.md && bash deploy/install.sh
-# Then ctcvr itself; the script's second run finds the stack in place and installs the package
-# (checked from outside /src, -I, so that the installed copy is what gets imported).
+# Then the service's packages only (the package finds no trainer here); checked from outside
+# /src (-I), and checked to hold none of the trainer's stack.
+COPY README.md ./
+COPY schemas schemas/
+COPY serving serving/
+RUN bash deploy/install.sh \
+    && /opt/venv/bin/python -I -c "import schemas, serving.main" \
+    && /opt/venv/bin/python -I -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('trainer', 'torchrec', 'fbgemm_gpu', 'matplotlib', 'sklearn')))"
+
+# ---- build-trainer: /opt/venv with the train and serve install sets, by the same script
+FROM ${BASE_IMAGE} AS build-trainer
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=120 \
+    VENV=/opt/venv \
+    EXTRAS=train,serve \
+    EDITABLE=0
+WORKDIR /src
+COPY pyproject.toml ./
+COPY deploy/install.sh deploy/
+RUN touch README.md && bash deploy/install.sh
+# Then ctcvr itself; the script's second run finds the stack in place and installs the package.
 COPY . .
 RUN bash deploy/install.sh \
     && /opt/venv/bin/python -I -c "import schemas, serving.main, trainer.train"
 
-# ---- runtime: the base image, the virtual environment and an unprivileged user
+# ---- runtime: what both images share: the base image, an unprivileged user, the entrypoint
 FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="ctcvr" \
       org.opencontainers.image.description="Post-click conversion-rate prediction: scoring service and TorchRec trainer" \
@@ -61,8 +89,17 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["ctc
 ENTRYPOINT ["ctcvr-entrypoint"]
 CMD ["serve"]
 USER 10001:10001
-# The files last, the large virtual environment at the very end: with storage drivers that copy
-# whole layers (vfs) every step after it would copy it again.
 COPY deploy/entrypoint.sh /usr/local/bin/ctcvr-entrypoint
+
+# ---- server: the scoring service (deploy/k8s and compose serve with it)
+FROM runtime AS server
+LABEL org.opencontainers.image.title="ctcvr-server" \
+      org.opencontainers.image.description="Post-click conversion-rate prediction: scoring service"
+# The large virtual environment last: with storage drivers that copy whole layers (vfs) every
+# step after it would copy it again.
+COPY --from=build-server /opt/venv /opt/venv
+
+# ---- trainer (the default target): the trainer and the service, with the training configs
+FROM runtime AS trainer
 COPY trainer/configs /srv/ctcvr/configs
-COPY --from=build /opt/venv /opt/venv
+COPY --from=build-trainer /opt/venv /opt/venv

@@ -2,13 +2,18 @@
 # Install ctcvr and its pinned stack into a virtual environment. Idempotent: a second run with an
 # up-to-date environment only re-checks it. Used by the Makefile, the Dockerfile and CI alike.
 #
-#   bash deploy/install.sh            # venv at .venv, package installed editable with test tools
-#   VENV=/opt/venv EXTRAS= EDITABLE=0 bash deploy/install.sh   # what the Dockerfile does
+#   bash deploy/install.sh            # venv at .venv: everything, editable, with the test tools
+#   VENV=/opt/venv EXTRAS=train,serve EDITABLE=0 bash deploy/install.sh  # the trainer image
+#   VENV=/opt/venv EXTRAS=serve EDITABLE=0 bash deploy/install.sh        # the server image
 #
 # Environment:
 #   VENV             where the virtual environment goes (default: .venv beside this repo)
 #   PYTHON           interpreter used to create it (default: python3.11, else python3)
-#   EXTRAS           pip extras of the ctcvr package to install (default: dev)
+#   EXTRAS           which install sets of pyproject.toml (its extras) to install, comma-separated:
+#                    serve (the scoring service), train (the TorchRec trainer: fbgemm-gpu-cpu and
+#                    torchrec come with it), bench (plotting), dev (test tools); the base set
+#                    (torch, numpy, pyarrow, pydantic, safetensors, storage) always
+#                    (default: train,serve,bench,dev)
 #   EDITABLE         1 installs the package editable (default), 0 as a regular install
 #   TORCH_VARIANT    cpu (default), or a CUDA tag of PyTorch's package index such as cu128: the
 #                    CUDA build of torch and fbgemm-gpu (instead of fbgemm-gpu-cpu)
@@ -18,7 +23,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
-extras="${EXTRAS-dev}"
+extras="${EXTRAS-train,serve,bench,dev}"
 editable="${EDITABLE:-1}"
 variant="${TORCH_VARIANT:-cpu}"
 torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/$variant}"
@@ -59,11 +64,16 @@ if [[ "$(installed_version torch)" != "$TORCH_VERSION+$variant" ]]; then
     || "${pip[@]}" install --quiet --index-url "$torch_index" "torch==$TORCH_VERSION+$variant"
 fi
 
-if [[ "$variant" == cpu ]]; then
-  echo "[install] fbgemm-gpu-cpu==$FBGEMM_VERSION, torchrec==$TORCHREC_VERSION (--no-deps)"
-  "${pip[@]}" install --quiet "torch==$TORCH_VERSION" "fbgemm-gpu-cpu==$FBGEMM_VERSION"
+# The trainer's TorchRec stack only with the train set (the server image has none of it).
+with_train=0
+[[ ",$extras," == *,train,* ]] && with_train=1
+if [[ "$with_train" == 1 ]]; then
+  if [[ "$variant" == cpu ]]; then
+    echo "[install] fbgemm-gpu-cpu==$FBGEMM_VERSION, torchrec==$TORCHREC_VERSION (--no-deps)"
+    "${pip[@]}" install --quiet "torch==$TORCH_VERSION" "fbgemm-gpu-cpu==$FBGEMM_VERSION"
+  fi
+  "${pip[@]}" install --quiet --no-deps "torchrec==$TORCHREC_VERSION"
 fi
-"${pip[@]}" install --quiet --no-deps "torchrec==$TORCHREC_VERSION"
 
 target="$repo"
 [[ -n "$extras" ]] && target="$repo[$extras]"
@@ -74,7 +84,7 @@ else
   "${pip[@]}" install --quiet "torch==$TORCH_VERSION" "$target"
 fi
 
-if [[ "$variant" != cpu ]]; then
+if [[ "$variant" != cpu && "$with_train" == 1 ]]; then
   # pyproject.toml names fbgemm-gpu-cpu; on CUDA its GPU build replaces it. Both install the same
   # fbgemm_gpu module, so the CPU one goes first and the GPU one is (re)installed over clean files.
   echo "[install] fbgemm-gpu==$FBGEMM_VERSION ($variant) in place of fbgemm-gpu-cpu"
@@ -83,4 +93,7 @@ if [[ "$variant" != cpu ]]; then
     "fbgemm-gpu==$FBGEMM_VERSION"
 fi
 
-"$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, fastapi, pyarrow; print(f'[install] ok: torch {torch.__version__}, torchrec {torchrec.__version__}')"
+check="import torch, pyarrow, safetensors"
+[[ "$with_train" == 1 ]] && check+=", torchrec, fbgemm_gpu"
+[[ ",$extras," == *,serve,* ]] && check+=", fastapi, uvicorn"
+"$venv/bin/python" -c "$check; print(f'[install] ok ($extras): torch {torch.__version__}')"

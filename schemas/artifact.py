@@ -6,7 +6,21 @@ A model directory is self-contained; nothing in it is executable (no pickle)::
       manifest.json                             Manifest: version, provenance, model spec, sha256s
       schema.yaml                               the FeatureSchema the model was trained on
       weights/dense.safetensors                 MMoE experts and gates, ctr and cvr towers
-      weights/embeddings/<table>.safetensors    one embedding table each, tensor "weight"
+      weights/embeddings/dim<D>.safetensors     every table of dim D, one after the other (format 2)
+      weights/embeddings/<table>.safetensors    one table each (format 1, still read)
+
+Embedding tables (format 2, :class:`EmbeddingLayout`): the tables of one embedding dim are the
+consecutive row blocks of one tensor ``"weight"`` in one file, in the spec's table order, and the
+manifest gives each table's first row (``row_offset``). The service memory-maps these files, so
+several worker processes share one copy of the tables in the page cache, and still looks up all
+single-valued features of a dim at once (a table's ids plus its row offset). With
+``quantization: none`` the tensor is float32 ``(rows, D)``; with ``int8`` it is uint8
+``(rows, D + 8)``, row-wise 8-bit quantisation: each row holds ``D`` codes ``q`` (0..255), then
+its float32 ``scale`` and float32 ``offset`` (little-endian), and the value is
+``scale * q + offset``, within ``scale / 2`` of the float weight. This is the row layout that
+torch's built-in FBGEMM kernel (``quantized::embedding_bag_byte_rowwise_offsets``) reads, so the
+service dequantises only the rows a request reads, inside the lookup itself. Format 1
+(one ``(num_rows, dim)`` float32 file per table) is still served, copied into memory.
 
 Tensor names in ``weights/dense.safetensors``. Every tensor belongs to a linear layer, named by
 one of the functions below, whose ``<name>.weight`` is ``(out, in)`` and ``<name>.bias``
@@ -55,18 +69,26 @@ __all__ = [
     "DENSE_FILE",
     "FORMAT",
     "FORMAT_VERSION",
+    "INT8_ROW_EXTRA_BYTES",
     "MANIFEST_FILE",
+    "READABLE_FORMAT_VERSIONS",
     "SCHEMA_FILE",
     "SERVED_HEADS",
     "TABLE_TENSOR",
     "TRANSFER_FUSE",
     "TRANSFER_PROJECTIONS",
+    "EmbeddingFile",
+    "EmbeddingLayout",
     "FileEntry",
     "Manifest",
     "ModelSpec",
     "Pooling",
+    "Quantization",
     "Source",
     "TableEntry",
+    "TableRows",
+    "embedding_file",
+    "embedding_layout",
     "expert_layer",
     "gate",
     "linear_shapes",
@@ -77,10 +99,12 @@ __all__ = [
 ]
 
 FORMAT = "ctcvr-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what trainer.export writes
+READABLE_FORMAT_VERSIONS = (1, 2)  # what the service reads
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "weights/dense.safetensors"
-TABLE_TENSOR = "weight"  # the one tensor of each table file, shape (num_rows, dim)
+TABLE_TENSOR = "weight"  # the one tensor of each embedding file
+INT8_ROW_EXTRA_BYTES = 8  # an int8 row's float32 scale and offset, after its codes
 SERVED_HEADS = ("ctr", "cvr")
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -89,8 +113,13 @@ _REL_PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.\-/]{1,255}$
 
 
 def table_file(table: str) -> str:
-    """Path of a table's weights inside the model directory."""
+    """Path of a table's weights inside a format 1 model directory."""
     return f"weights/embeddings/{table}.safetensors"
+
+
+def embedding_file(dim: int) -> str:
+    """Path of the file holding every table of embedding dim ``dim`` (format 2)."""
+    return f"weights/embeddings/dim{dim}.safetensors"
 
 
 # Names of the linear layers in weights/dense.safetensors ----------------------------------------
@@ -243,6 +272,83 @@ class ModelSpec(_Frozen):
         return shapes
 
 
+@unique
+class Quantization(str, Enum):
+    NONE = "none"  # float32 rows
+    INT8 = "int8"  # row-wise 8-bit codes with a float32 scale and offset per row
+
+
+class TableRows(_Frozen):
+    """Where one table's rows start in its embedding file."""
+
+    name: Name
+    row_offset: int = Field(ge=0)
+    num_rows: int = Field(gt=0)
+
+
+class EmbeddingFile(_Frozen):
+    """One file of embedding rows: every table of one dim, concatenated in the spec's order."""
+
+    path: str
+    dim: int = Field(gt=0)
+    num_rows: int = Field(gt=0)
+    tables: tuple[TableRows, ...] = Field(min_length=1)
+
+    def tensor_shape(self, quantization: Quantization) -> tuple[int, int]:
+        """Shape of the file's one tensor ``weight``: ``(rows, D)`` float32, or for int8
+        ``(rows, D + 8)`` uint8 (codes, then scale and offset)."""
+        if quantization is Quantization.INT8:
+            return (self.num_rows, self.dim + INT8_ROW_EXTRA_BYTES)
+        return (self.num_rows, self.dim)
+
+    def tensor_bytes(self, quantization: Quantization) -> int:
+        rows, width = self.tensor_shape(quantization)
+        return rows * width * (1 if quantization is Quantization.INT8 else 4)
+
+
+class EmbeddingLayout(_Frozen):
+    """How the embedding tables are stored (format 2): one file per embedding dim."""
+
+    quantization: Quantization = Quantization.NONE
+    files: tuple[EmbeddingFile, ...] = Field(min_length=1)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of every table's stored rows (the files' tensors, headers excluded)."""
+        return sum(f.tensor_bytes(self.quantization) for f in self.files)
+
+    def table(self, name: str) -> tuple[EmbeddingFile, TableRows]:
+        """The file holding table ``name`` and its rows there.
+
+        Raises:
+            KeyError: no such table.
+        """
+        for file in self.files:
+            for rows in file.tables:
+                if rows.name == name:
+                    return file, rows
+        raise KeyError(name)
+
+
+def embedding_layout(
+    spec: ModelSpec, quantization: Quantization = Quantization.NONE
+) -> EmbeddingLayout:
+    """The layout of a spec's tables: a file per dim (ascending), each table's rows after those
+    of the tables before it in the spec's order. The export writes it and the service, which
+    computes it again, refuses a manifest that says otherwise."""
+    files = []
+    for dim in sorted({t.dim for t in spec.tables}):
+        rows, offset = [], 0
+        for table in spec.tables:
+            if table.dim == dim:
+                rows.append(TableRows(name=table.name, row_offset=offset, num_rows=table.num_rows))
+                offset += table.num_rows
+        files.append(
+            EmbeddingFile(path=embedding_file(dim), dim=dim, num_rows=offset, tables=tuple(rows))
+        )
+    return EmbeddingLayout(quantization=quantization, files=tuple(files))
+
+
 class FileEntry(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
@@ -262,7 +368,7 @@ class Manifest(_Frozen):
     """``manifest.json``: identity, provenance, the model spec and a checksum per file."""
 
     format: Literal["ctcvr-model"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="version id")
     created_at: datetime
     source: Source
@@ -273,6 +379,9 @@ class Manifest(_Frozen):
     )
     training_config: dict[str, Any] = Field(
         default_factory=dict, description="resolved TrainConfig"
+    )
+    embeddings: EmbeddingLayout | None = Field(
+        default=None, description="format 2: the files of the embedding tables and their rows"
     )
     files: dict[str, FileEntry]
 
@@ -288,11 +397,48 @@ class Manifest(_Frozen):
 
     @model_validator(mode="after")
     def _all_files_listed(self) -> Manifest:
+        if self.format_version == 1 and self.embeddings is not None:
+            raise ValueError("embeddings: a format 1 manifest has one file per table, no layout")
+        if self.format_version >= 2:
+            if self.embeddings is None:
+                raise ValueError(f"embeddings: Field required in format {self.format_version}")
+            expected = embedding_layout(self.model, self.embeddings.quantization)
+            if self.embeddings != expected:
+                raise ValueError(
+                    "embeddings: the layout does not match the model spec's tables: expected "
+                    f"{_describe(expected)}, got {_describe(self.embeddings)}"
+                )
         missing = [path for path in self.required_files() if path not in self.files]
         if missing:
             raise ValueError(f"files: no checksum for {missing}")
         return self
 
+    @property
+    def quantization(self) -> Quantization:
+        """How the embedding rows are stored (format 1: float32)."""
+        return self.embeddings.quantization if self.embeddings is not None else Quantization.NONE
+
+    def table_path(self, name: str) -> str:
+        """The file holding table ``name``'s rows: its own in format 1, its dim's in format 2.
+
+        Raises:
+            KeyError: no such table.
+        """
+        if self.embeddings is None:
+            if name not in {t.name for t in self.model.tables}:
+                raise KeyError(name)
+            return table_file(name)
+        return self.embeddings.table(name)[0].path
+
     def required_files(self) -> list[str]:
         """Every file the service reads, besides the manifest itself."""
-        return [SCHEMA_FILE, DENSE_FILE] + [table_file(t.name) for t in self.model.tables]
+        if self.embeddings is None:
+            return [SCHEMA_FILE, DENSE_FILE] + [table_file(t.name) for t in self.model.tables]
+        return [SCHEMA_FILE, DENSE_FILE] + [f.path for f in self.embeddings.files]
+
+
+def _describe(layout: EmbeddingLayout) -> str:
+    return "; ".join(
+        f"{f.path}: " + ", ".join(f"{t.name}@{t.row_offset}+{t.num_rows}" for t in f.tables)
+        for f in layout.files
+    )

@@ -1,7 +1,10 @@
 """Load a model directory written by ``trainer.export``, trusting nothing in it.
 
 Every file is read once, its sha256 checked against the manifest, and only then parsed, so what
-was verified is what is used. Weights are safetensors (no pickle, no code). The schema must parse
+was verified is what is used; the embedding files of a format 2 directory are hashed as a stream
+and then memory-mapped (``serving.tables``), which relies on a published model directory never
+being rewritten in place (``trainer.export`` writes a new directory and renames it into place).
+Weights are safetensors (no pickle, no code). The schema must parse
 and match the manifest's fingerprint, the weights must match the model spec in name, shape and
 dtype and be finite, and a probe batch must score finitely; any failure raises
 :class:`ArtifactError` with a message that names the file and the problem.
@@ -23,8 +26,8 @@ from safetensors.torch import load as load_safetensors
 from schemas.artifact import (
     DENSE_FILE,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST_FILE,
+    READABLE_FORMAT_VERSIONS,
     SCHEMA_FILE,
     TABLE_TENSOR,
     Manifest,
@@ -33,6 +36,7 @@ from schemas.artifact import (
 from schemas.features import FeatureSchema, OOVPolicy, SchemaError, SparseDType
 from serving.features import Featurizer
 from serving.model import ScoringModel
+from serving.tables import open_embedding_file
 
 __all__ = ["Artifact", "ArtifactError", "load_artifact"]
 
@@ -82,13 +86,7 @@ def load_artifact(model_dir: str | Path) -> Artifact:
     model = ScoringModel(manifest.model, featurizer.multi_valued)
     try:
         model.set_dense(_read_tensors(path, manifest, DENSE_FILE))
-        for table in manifest.model.tables:  # one table in memory at a time, besides the model
-            tensors = _read_tensors(path, manifest, table_file(table.name))
-            if set(tensors) != {TABLE_TENSOR}:
-                raise ValueError(
-                    f"{table_file(table.name)}: expected one tensor {TABLE_TENSOR!r}, found {sorted(tensors)}"
-                )
-            model.set_table(table.name, tensors[TABLE_TENSOR])
+        _load_embeddings(path, manifest, model)
         model.check_loaded()
     except ValueError as err:
         raise ArtifactError(f"{path}: {err}") from None
@@ -112,10 +110,11 @@ def _read_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ArtifactError(f"{file} is not a {FORMAT} manifest")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ArtifactError(
-            f"{file} has format_version {raw.get('format_version')!r}; this service reads version "
-            f"{FORMAT_VERSION}: upgrade the service or export with a matching trainer"
+            f"{file} has format_version {raw.get('format_version')!r}; this service reads versions "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}: upgrade the service or export "
+            "with a matching trainer"
         )
     try:
         return Manifest.model_validate(raw)
@@ -130,15 +129,52 @@ def _read_verified(path: Path, manifest: Manifest, name: str) -> bytes:
         data = file.read_bytes()
     except OSError as err:
         raise ArtifactError(f"cannot read {file}: {err.strerror}") from None
+    _check_digest(file, manifest, name, hashlib.sha256(data).hexdigest(), len(data))
+    return data
+
+
+def _verify_file(path: Path, manifest: Manifest, name: str) -> Path:
+    """Check a file's checksum without holding it in memory; return its path."""
+    file = path / name
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    except OSError as err:
+        raise ArtifactError(f"cannot read {file}: {err.strerror}") from None
+    _check_digest(file, manifest, name, digest.hexdigest(), size)
+    return file
+
+
+def _check_digest(file: Path, manifest: Manifest, name: str, actual: str, size: int) -> None:
     expected = manifest.files[name]
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected.sha256 or len(data) != expected.bytes:
+    if actual != expected.sha256 or size != expected.bytes:
         raise ArtifactError(
-            f"checksum mismatch for {file}: sha256 {actual[:16]}... ({len(data)} bytes), the "
+            f"checksum mismatch for {file}: sha256 {actual[:16]}... ({size} bytes), the "
             f"manifest says {expected.sha256[:16]}... ({expected.bytes} bytes); the file is "
             "corrupt or was changed after export"
         )
-    return data
+
+
+def _load_embeddings(path: Path, manifest: Manifest, model: ScoringModel) -> None:
+    """Give the model its embedding rows: a format 2 directory's files memory-mapped, one per
+    dim; a format 1 directory's table files copied in, one table in memory at a time."""
+    if manifest.embeddings is None:
+        for table in manifest.model.tables:
+            tensors = _read_tensors(path, manifest, table_file(table.name))
+            if set(tensors) != {TABLE_TENSOR}:
+                raise ValueError(
+                    f"{table_file(table.name)}: expected one tensor {TABLE_TENSOR!r}, found {sorted(tensors)}"
+                )
+            model.set_table(table.name, tensors[TABLE_TENSOR])
+        return
+    for file in manifest.embeddings.files:
+        rows = open_embedding_file(
+            _verify_file(path, manifest, file.path), file, manifest.embeddings.quantization
+        )
+        model.set_embeddings(file.dim, rows)
 
 
 def _read_schema(path: Path, manifest: Manifest) -> FeatureSchema:

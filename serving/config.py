@@ -12,6 +12,8 @@ variable                        default          meaning
                                                  fetched to (``<system temp dir>/ctcvr-models``)
 ``CTCVR_HOST``                  ``127.0.0.1``    address ``python -m serving`` listens on
 ``CTCVR_PORT``                  ``8000``         port
+``CTCVR_WORKERS``               ``1``            worker processes (uvicorn's), sharing the tables
+``CTCVR_WORKER_TIMEOUT_S``      ``120``          longest a worker may take to load the model
 ``CTCVR_API_TOKEN``             unset            bearer token required on ``/v1/*``; unset: open
 ``CTCVR_ADMIN_TOKEN``           unset            bearer token of ``/admin/*``; unset: admin off
 ``CTCVR_MAX_ROWS``              ``1024``         most rows per request (422 beyond)
@@ -77,6 +79,18 @@ class ServingSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="worker processes; each loads the model, the embedding tables are shared",
+    )
+    worker_timeout_s: int = Field(
+        default=120,
+        ge=1,
+        description="with workers: how long a new worker may take to load the model and a "
+        "running one to answer the main process's health check before it is replaced",
+    )
     api_token: SecretStr | None = None
     admin_token: SecretStr | None = None
     max_rows: int = Field(default=1024, ge=1, le=MAX_ROWS_LIMIT)

@@ -43,7 +43,7 @@ from serving.registry import ModelRegistry
 from serving.repository import RepositoryFollower, follow_repository
 from serving.routes import admin, health, model, score
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "worker_app"]
 
 log = logging.getLogger("ctcvr.serving")
 
@@ -151,6 +151,23 @@ def create_app(
     app.add_exception_handler(Exception, _internal_error)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``python -m serving --workers N`` (uvicorn's factory):
+    settings from the environment, which the main process set from its flags, and the model
+    loaded by the lifespan."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def configure_logging(level: str) -> None:
+    """The service's log lines: ``level`` (uvicorn's names) on stderr with a timestamp."""
+    logging.basicConfig(
+        level=level.upper().replace("TRACE", "DEBUG"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,9 +6,11 @@ heads only (``schemas/artifact.py`` states the maths; its name functions, ``expe
 arranged for few, large operations, because a request of a few rows costs what its number of
 operations costs:
 
-* the embedding tables are stored in one matrix per embedding dim, so all single-valued features
-  of a dim are one lookup (``(B, S)`` ids plus each table's row offset); list features pool
-  their bags from the same matrix (``embedding_bag``, sum or mean; an empty bag gives zeros);
+* the embedding tables are one matrix of rows per embedding dim (``serving.tables``: float32 or
+  row-wise int8, memory-mapped from the model directory's file of that dim, or, for a format 1
+  directory, copied together), so all single-valued features of a dim are one lookup
+  (``(B, S)`` ids plus each table's row offset); list features pool their bags from the same
+  rows (sum or mean; an empty bag gives zeros);
 * the first layer of every expert and every gate is one matrix product (its input columns
   permuted at load time to the lookup order, so inputs are never reordered); deeper expert layers and
   the towers of both heads run as batched matrix products (``bmm``) over experts or heads;
@@ -44,6 +46,7 @@ from schemas.artifact import (
     tower_logit,
     transfer_projection,
 )
+from serving.tables import EmbeddingRows, FloatRows
 
 __all__ = ["Features", "ScoringModel"]
 
@@ -96,8 +99,10 @@ class _Input:
 class ScoringModel(nn.Module):
     """pCTR, pCVR and pCTCVR from mapped features.
 
-    Build it empty with the spec, then fill it with :meth:`set_table` (one table at a time, so
-    only one loaded table is ever held besides the model) and :meth:`set_dense`.
+    Build it empty with the spec, then give it the rows of every embedding dim, either whole
+    with :meth:`set_embeddings` (a format 2 model directory's memory-mapped file of that dim) or
+    table by table with :meth:`set_table` (copied into one matrix per dim), and the dense
+    tensors with :meth:`set_dense`.
 
     Args:
         spec: the artifact's model spec.
@@ -106,8 +111,8 @@ class ScoringModel(nn.Module):
     Example::
 
         model = ScoringModel(manifest.model, multi_valued=["recent_items"])
-        for name, weight in tables:
-            model.set_table(name, weight)
+        for file in manifest.embeddings.files:
+            model.set_embeddings(file.dim, open_embedding_file(path, file, quantization))
         model.set_dense(dense_tensors)
         scores = model.predict(features)  # (B, 3) float32: pctr, pcvr, pctcvr
     """
@@ -116,15 +121,16 @@ class ScoringModel(nn.Module):
         super().__init__()
         self.spec = spec
         multi = set(multi_valued)
-        # One matrix per embedding dim; each table is a block of rows in its dim's matrix.
+        # One matrix of rows per embedding dim; each table is a block of rows in its dim's
+        # matrix, in spec order (schemas.artifact.embedding_layout, the files' layout).
         dims = sorted({t.dim for t in spec.tables})
         self._offset: dict[str, int] = {}
-        rows = dict.fromkeys(dims, 0)
+        self._num_rows = dict.fromkeys(dims, 0)
         for table in spec.tables:
-            self._offset[table.name] = rows[table.dim]
-            rows[table.dim] += table.num_rows
-        for dim in dims:
-            self.register_buffer(f"embeddings_{dim}", torch.zeros(rows[dim], dim))
+            self._offset[table.name] = self._num_rows[table.dim]
+            self._num_rows[table.dim] += table.num_rows
+        self._rows: dict[int, EmbeddingRows] = {}
+        self._copied: set[int] = set()  # dims whose matrix set_table fills (in memory)
         self._loaded: set[str] = set()
         inputs: list[_Input] = []
         singles = multis = 0
@@ -190,8 +196,26 @@ class ScoringModel(nn.Module):
 
     # Loading -----------------------------------------------------------------------------------
 
+    def set_embeddings(self, dim: int, rows: EmbeddingRows) -> None:
+        """Take the rows of every table of embedding dim ``dim``, in spec order, as they are (a
+        memory-mapped file stays mapped: nothing is copied).
+
+        Raises:
+            ValueError: no table of that dim, or another number of rows or another width.
+        """
+        if dim not in self._num_rows:
+            raise ValueError(f"the model spec has no table of dim {dim}")
+        if (rows.num_rows, rows.dim) != (self._num_rows[dim], dim):
+            raise ValueError(
+                f"embedding rows of dim {dim} are {(rows.num_rows, rows.dim)}; the spec's tables "
+                f"of that dim need {(self._num_rows[dim], dim)}"
+            )
+        self._rows[dim] = rows
+        self._copied.discard(dim)
+        self._loaded |= {t.name for t in self.spec.tables if t.dim == dim}
+
     def set_table(self, name: str, weight: torch.Tensor) -> None:
-        """Copy one table's ``(num_rows, dim)`` float32 weights in.
+        """Copy one table's ``(num_rows, dim)`` float32 weights into its dim's matrix.
 
         Raises:
             ValueError: unknown table, wrong shape or dtype.
@@ -204,8 +228,12 @@ class ScoringModel(nn.Module):
                 f"table {name!r} is {weight.dtype} {tuple(weight.shape)}; the spec needs float32 "
                 f"{(entry.num_rows, entry.dim)}"
             )
+        if entry.dim not in self._copied:  # this dim's first table: its matrix, in memory
+            self._rows[entry.dim] = FloatRows(torch.zeros(self._num_rows[entry.dim], entry.dim))
+            self._copied.add(entry.dim)
+            self._loaded -= {t.name for t in self.spec.tables if t.dim == entry.dim}
         start = self._offset[name]
-        getattr(self, f"embeddings_{entry.dim}")[start : start + entry.num_rows].copy_(weight)
+        self._rows[entry.dim].weight[start : start + entry.num_rows].copy_(weight)
         self._loaded.add(name)
 
     def set_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -292,24 +320,39 @@ class ScoringModel(nn.Module):
         Returns:
             ``(B, 3)`` float32: pctr, pcvr, pctcvr.
         """
+        return self.scores(self.inputs(single, multi_values, multi_offsets, dense))
+
+    def inputs(
+        self,
+        single: torch.Tensor,
+        multi_values: Sequence[torch.Tensor],
+        multi_offsets: Sequence[torch.Tensor],
+        dense: torch.Tensor,
+    ) -> torch.Tensor:
+        """The MMoE input: ``(B, in_features)`` float32, the pooled embeddings, the dense
+        features and the interactions, columns in lookup order (what :attr:`first_weight`'s
+        columns are permuted to); arguments as :meth:`forward`'s."""
         batch = dense.shape[0]
         pieces = []
         for dim, select, offsets in self._groups:
             ids = (single if select is None else single.index_select(1, select)) + offsets
-            pieces.append(F.embedding(ids, getattr(self, f"embeddings_{dim}")).view(batch, -1))
+            pieces.append(self._rows[dim].lookup(ids).view(batch, -1))
         for bag in self._bags:
             pieces.append(
-                F.embedding_bag(
+                self._rows[bag.dim].pool(
                     multi_values[bag.multi_slot] + self._offset[bag.table],
-                    getattr(self, f"embeddings_{bag.dim}"),
                     multi_offsets[bag.multi_slot],
-                    mode=bag.pooling.value,
+                    bag.pooling,
                 )
             )
         pieces.append(dense)
         if self._interaction is not None:
             pieces.append(self._dot_interaction(torch.cat(pieces[:-1], dim=1)))
-        x = torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
+        return torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` float32 pctr, pcvr, pctcvr of the MMoE input ``x`` (:meth:`inputs`)."""
+        batch = x.shape[0]
         spec = self.spec
         experts, width = spec.num_experts, spec.expert_sizes[0]
         first = F.linear(x, self.first_weight, self.first_bias)
@@ -343,18 +386,24 @@ class ScoringModel(nn.Module):
     @torch.inference_mode()
     def predict(self, features: Features) -> np.ndarray:
         """``(B, 3)`` float32 numpy scores of a batch of mapped features."""
+        return self(*self.arguments(features)).numpy()
+
+    @staticmethod
+    def arguments(
+        features: Features,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """:meth:`forward`'s arguments for a batch of mapped features (no copies)."""
         offsets = []
         for lengths in features.multi_lengths:
             starts = np.zeros(len(lengths), dtype=np.int64)
             np.cumsum(lengths[:-1], out=starts[1:])
             offsets.append(torch.from_numpy(starts))
-        out = self(
+        return (
             torch.from_numpy(features.single),
             [torch.from_numpy(v) for v in features.multi_values],
             offsets,
             torch.from_numpy(features.dense),
         )
-        return out.numpy()
 
 
 class _CausalTransfer:

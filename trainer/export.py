@@ -5,6 +5,7 @@
     python -m trainer.export --run runs/demo/run --out runs/demo/model
     python -m trainer.export --run runs/demo/run --out runs/demo/model --checkpoint step_00000100 --force
     python -m trainer.export --run s3://ml/runs/demo --out s3://ml/models/demo --force
+    python -m trainer.export --run runs/demo/run --out runs/demo/model-int8 --quantize int8
     python -m trainer.export --run runs/demo/run --repository s3://ml/models/demo --keep 5
 
 The (sharded) DCP checkpoint is read in one process without a process group. The run's model is
@@ -18,8 +19,11 @@ are not declared, so they are left out, as are an objective's own parameters and
 state. A CVR tower trained partially shared with the imputation tower (Adap-SL,
 ``trainer.model.adap_sl``) declares itself folded into an ordinary tower: each layer's shared
 and private units one dense layer, its pruned weights zeros. The embedding tables are then read
-one at a time, each gathered whole from however many ranks' shards wrote it, written to its own
-safetensors file and released, so that no two tables are ever in memory at once. The manifest
+one at a time, each gathered whole from however many ranks' shards wrote it, appended to the
+file of its embedding dim (``trainer.embedding_files``: one file per dim, the layout the service
+memory-maps) and released, so that no two tables are ever in memory at once. ``--quantize int8``
+stores the rows with row-wise 8-bit quantisation (codes plus a float32 scale and offset per row,
+about 4x smaller for wide rows; see ``schemas.artifact``). The manifest
 records the version id, the source run and step, the schema fingerprint, the model spec, the
 run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
 renamed into place when complete, so a service watching or reloading ``--out`` never sees half
@@ -62,14 +66,15 @@ from schemas.artifact import (
     DENSE_FILE,
     MANIFEST_FILE,
     SCHEMA_FILE,
-    TABLE_TENSOR,
+    EmbeddingFile,
     FileEntry,
     Manifest,
     ModelSpec,
     Pooling,
+    Quantization,
     Source,
     TableEntry,
-    table_file,
+    embedding_layout,
 )
 from schemas.storage import Location
 from trainer.builders import build_model
@@ -83,6 +88,7 @@ from trainer.checkpoint import (
     read_model_tensors,
 )
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from trainer.embedding_files import write_embedding_file
 from trainer.model import CtcvrModel, ModelStructure, embedding_bag_configs
 from trainer.objectives import build_objective, model_structure
 from trainer.publish import DEFAULT_KEEP, Published, PublishError, publish
@@ -110,6 +116,7 @@ def export_run(
     checkpoint: str | os.PathLike[str] | None = None,
     version: str | None = None,
     force: bool = False,
+    quantize: Quantization | str = Quantization.NONE,
     log: Any = print,
 ) -> Manifest:
     """Write the serving artifact of a training run.
@@ -121,6 +128,8 @@ def export_run(
             run's latest.
         version: the version id; default ``<run name>-step<step>-<content hash>``.
         force: replace ``out_dir`` if it exists.
+        quantize: ``none`` (float32 tables) or ``int8`` (row-wise 8-bit, a scale and offset per
+            row).
         log: where progress lines go (``print``; ``None`` for silence).
 
     Returns:
@@ -128,12 +137,17 @@ def export_run(
 
     Raises:
         ExportError: no such run or checkpoint, a checkpoint of another schema, a checkpoint
-            that does not hold the model the run's config describes, non-finite weights, an
-            existing ``out_dir`` without ``force``.
+            that does not hold the model the run's config describes, non-finite weights, a table
+            that cannot be quantised, an existing ``out_dir`` without ``force``.
         StorageError: a storage fault reading the run or writing ``out_dir`` (named, with
             what to check); ``out_dir`` then holds no manifest, so nothing loads it.
     """
     say = log or (lambda *_: None)
+    try:
+        quantization = Quantization(quantize)
+    except ValueError:
+        choices = [q.value for q in Quantization]
+        raise ExportError(f"quantize must be one of {choices}, got {quantize!r}") from None
     out = storage.resolve(out_dir)
     if storage.exists(out) and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -162,20 +176,19 @@ def export_run(
             f"[export] training-only heads left out: {', '.join(sorted(model.training_only_heads))}"
         )
 
+    layout = embedding_layout(spec, quantization)
     tmp = _staging_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / table_file("x")).parent.mkdir(parents=True)
+    (tmp / layout.files[0].path).parent.mkdir(parents=True)
     try:
         files: dict[str, FileEntry] = {}
         (tmp / SCHEMA_FILE).write_text(schema.to_yaml())
         files[SCHEMA_FILE] = _file_entry(tmp / SCHEMA_FILE)
         save_file(_serving_tensors(model, _load(ckpt, dense), dense), tmp / DENSE_FILE)
         files[DENSE_FILE] = _file_entry(tmp / DENSE_FILE)
-        for param in tables:  # one table in memory at a time
-            weight = _load(ckpt, [param])[param.model_key]
-            save_file({TABLE_TENSOR: weight.contiguous()}, tmp / table_file(param.name))
-            files[table_file(param.name)] = _file_entry(tmp / table_file(param.name))
-            del weight
+        for file in layout.files:
+            _write_tables(ckpt, tables, tmp / file.path, file, quantization)
+            files[file.path] = _file_entry(tmp / file.path)
         digest = hashlib.sha256(
             "".join(f"{p}:{e.sha256}\n" for p, e in sorted(files.items())).encode()
         )
@@ -193,6 +206,7 @@ def export_run(
             model=spec,
             metrics=_metrics(run),
             training_config=config,
+            embeddings=layout,
             files=files,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -203,7 +217,8 @@ def export_run(
     size = sum(e.bytes for e in files.values())
     say(
         f"[export] wrote {out}: version {manifest.version}, step {manifest.source.step}, "
-        f"{len(tables)} tables, {size / 2**20:.1f} MiB"
+        f"{len(tables)} tables in {len(layout.files)} file(s) ({quantization.value}: "
+        f"{layout.tensor_bytes / 2**20:.1f} MiB of rows), {size / 2**20:.1f} MiB in all"
     )
     return manifest
 
@@ -215,6 +230,7 @@ def export_to_repository(
     checkpoint: str | Path | None = None,
     version: str | None = None,
     keep: int = DEFAULT_KEEP,
+    quantize: Quantization | str = Quantization.NONE,
     log: Any = print,
 ) -> Published:
     """Export a run and publish it as the current version of a model repository.
@@ -228,7 +244,9 @@ def export_to_repository(
     """
     with tempfile.TemporaryDirectory(prefix="ctcvr-publish-") as tmp:
         model_dir = Path(tmp) / "model"
-        export_run(run_dir, model_dir, checkpoint=checkpoint, version=version, log=log)
+        export_run(
+            run_dir, model_dir, checkpoint=checkpoint, version=version, quantize=quantize, log=log
+        )
         return publish(model_dir, repository, keep=keep, log=log)
 
 
@@ -352,6 +370,26 @@ def _load(ckpt: CheckpointDir, params: list[_Param]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _write_tables(
+    ckpt: CheckpointDir,
+    tables: list[_Param],
+    path: Path,
+    file: EmbeddingFile,
+    quantization: Quantization,
+) -> None:
+    """Write one embedding file, one table in memory at a time."""
+    by_name = {p.name: p for p in tables}
+
+    def load(name: str) -> torch.Tensor:
+        param = by_name[name]
+        return _load(ckpt, [param])[param.model_key]
+
+    try:
+        write_embedding_file(path, file, quantization, load)
+    except ValueError as err:
+        raise ExportError(f"{ckpt}: {err}") from None
+
+
 def _metrics(run: RunDir) -> dict[str, float | None]:
     try:
         raw = run.read_evaluation() or {}
@@ -438,6 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="version id (default: <run>-step<step>-<content hash>)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument(
+        "--quantize",
+        choices=[q.value for q in Quantization],
+        default=Quantization.NONE.value,
+        help="embedding rows as float32 (none, default) or row-wise 8-bit codes with a float32 "
+        "scale and offset per row (int8)",
+    )
+    parser.add_argument(
         "--keep",
         type=int,
         default=DEFAULT_KEEP,
@@ -455,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=args.checkpoint,
                 version=args.version,
                 keep=args.keep,
+                quantize=args.quantize,
             )
         else:
             export_run(
@@ -463,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=args.checkpoint,
                 version=args.version,
                 force=args.force,
+                quantize=args.quantize,
             )
     except (ExportError, PublishError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

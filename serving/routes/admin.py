@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 
 from schemas.api import ErrorResponse, ReloadRequest, ReloadResponse
 from serving.artifact import ArtifactError
-from serving.deps import RegistryDep, require_admin_token
+from serving.deps import RegistryDep, SettingsDep, require_admin_token
 from serving.registry import ReloadInProgress
 
 __all__ = ["router"]
@@ -27,8 +27,8 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
         },
         409: {
             "model": ErrorResponse,
-            "description": "Another reload is in progress, or the service follows a model "
-            "repository (its pointer decides what is served)",
+            "description": "Another reload is in progress, the service runs several workers, "
+            "or it follows a model repository (its pointer decides what is served)",
         },
         422: {
             "model": ErrorResponse,
@@ -37,13 +37,24 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
     },
 )
 def reload(
-    registry: RegistryDep, request: Request, body: ReloadRequest | None = None
+    registry: RegistryDep,
+    settings: SettingsDep,
+    request: Request,
+    body: ReloadRequest | None = None,
 ) -> ReloadResponse:
     """Loads ``model_dir`` (default: the served model's directory, e.g. re-exported in place;
     a path or a URI such as ``s3://bucket/models/x``, fetched and verified first), checks it,
     and swaps it in; requests in flight finish on the model they started with. A failed reload
-    changes nothing and says why.
+    changes nothing and says why. A service of several worker processes refuses it (409): a
+    request reaches one worker, and the others would go on serving the old model.
     """
+    if settings.workers > 1:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"this service runs {settings.workers} worker processes and a reload would reach "
+            "only one of them: send SIGHUP to the main process of python -m serving to restart "
+            "every worker on CTCVR_MODEL_DIR, one at a time, or roll out a new CTCVR_MODEL_DIR",
+        )
     model_dir = body.model_dir if body is not None and body.model_dir else None
     follower = request.app.state.follower
     if model_dir is not None and follower is not None:

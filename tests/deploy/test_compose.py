@@ -13,6 +13,7 @@ import yaml
 
 from serving.config import ServingSettings
 from tests.deploy.manifests import REPO, shell_commands, trainer_call
+from tests.deploy.test_dockerfile import stages
 from trainer.config import load_config
 
 COMPOSE = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
@@ -44,16 +45,30 @@ def test_every_step_waits_for_the_one_before_it():
         }
 
 
-def test_all_services_run_the_image_built_from_the_dockerfile():
-    for service in SERVICES.values():
-        assert (
-            service["build"]["context"] == ".."
-            and (REPO / service["build"]["dockerfile"]).is_file()
-        )
-        assert service["image"] == SERVICES["scoring"]["image"]
+def test_the_steps_run_the_trainer_image_and_scoring_the_server_image():
+    targets = stages()
+    for name, service in SERVICES.items():
+        build = service["build"]
+        assert build["context"] == ".." and (REPO / build["dockerfile"]).is_file()
+        assert build["target"] == ("server" if name == "scoring" else "trainer")
+        assert build["target"] in targets
+    assert SERVICES["scoring"]["image"] == "${CTCVR_SERVER_IMAGE:-ctcvr-server:latest}"
+    assert {SERVICES[s]["image"] for s in ("simulate", "train", "export")} == {
+        "${CTCVR_IMAGE:-ctcvr:latest}"
+    }
     assert set(COMPOSE["volumes"]) == {
         v.split(":")[0] for s in SERVICES.values() for v in s["volumes"]
     }
+
+
+def test_scoring_runs_worker_processes_the_service_accepts():
+    from serving.config import ServingSettings
+
+    environment = SERVICES["scoring"]["environment"]
+    settings = ServingSettings(
+        **{k.removeprefix("CTCVR_").lower(): v for k, v in environment.items()}
+    )
+    assert settings.workers == 2
 
 
 def test_commands_name_existing_modules():

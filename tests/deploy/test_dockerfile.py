@@ -1,5 +1,6 @@
-"""The Dockerfile: hadolint finds nothing, and its promises hold (multi-stage, the install script,
-a non-root user, the health check, the port, the entrypoint). `make image-test` builds and runs it."""
+"""The Dockerfile: hadolint finds nothing, and its promises hold (two images, trainer and server,
+each built by the install script with its install set; a non-root user, the health check, the
+port, the entrypoint). `make image-test` builds and runs both."""
 
 from __future__ import annotations
 
@@ -39,14 +40,21 @@ def instructions() -> list[tuple[str, str]]:
     return pairs
 
 
-def stages() -> list[list[tuple[str, str]]]:
-    out: list[list[tuple[str, str]]] = []
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions (its FROM first), by stage name."""
+    out: dict[str, list[tuple[str, str]]] = {}
     for keyword, rest in instructions():
         if keyword == "FROM":
-            out.append([])
+            name = rest.split(" AS ")[1].strip()
+            out[name] = []
         if out:
-            out[-1].append((keyword, rest))
+            out[name].append((keyword, rest))
     return out
+
+
+def env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for k, rest in stage if k == "ENV" for item in rest.split()]
+    return dict(pairs)
 
 
 def test_hadolint_finds_nothing():
@@ -68,24 +76,48 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
 def test_base_image_is_a_build_argument_defaulting_to_python_slim():
     first = instructions()[0]
     assert first == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    assert all(
-        rest.startswith("${BASE_IMAGE}")
-        for _, rest in (i for i in instructions() if i[0] == "FROM")
-    )
+    names = list(stages())
+    for name, stage in stages().items():
+        base = stage[0][1].split(" AS ")[0]
+        # every stage starts from the base image or from a stage defined before it
+        assert base == "${BASE_IMAGE}" or base in names[: names.index(name)], (name, base)
+    # the last stage, what a plain `docker build .` gives, is the trainer image as before
+    assert names[-1] == "trainer"
 
 
-def test_build_stage_installs_with_the_install_script_and_the_gpu_variant_is_an_argument():
-    build, runtime = stages()
-    runs = [rest for keyword, rest in build if keyword == "RUN"]
-    assert len(runs) == 2 and all("bash deploy/install.sh" in run for run in runs)
-    assert ("ARG", "TORCH_VARIANT=cpu") in build
-    # install.sh knows the variable the build argument sets.
-    assert "TORCH_VARIANT:-cpu" in (REPO / "deploy/install.sh").read_text()
-    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+def test_each_image_is_built_by_the_install_script_with_its_install_set():
+    all_stages = stages()
+    for build, extras, image in (
+        ("build-server", "serve", "server"),
+        ("build-trainer", "train,serve", "trainer"),
+    ):
+        runs = [rest for keyword, rest in all_stages[build] if keyword == "RUN"]
+        assert len(runs) == 2 and all("bash deploy/install.sh" in run for run in runs)
+        assert ("ARG", "TORCH_VARIANT=cpu") in all_stages[build]
+        assert env(all_stages[build])["EXTRAS"] == extras
+        assert all_stages[image][0] == ("FROM", f"runtime AS {image}")
+        assert ("COPY", f"--from={build} /opt/venv /opt/venv") in all_stages[image]
+    # install.sh knows the variables the build sets, and installs torchrec only with train.
+    script = (REPO / "deploy/install.sh").read_text()
+    assert "TORCH_VARIANT:-cpu" in script and "EXTRAS-train,serve,bench,dev" in script
+    assert '[[ ",$extras," == *,train,* ]] && with_train=1' in script
+
+
+def test_the_server_image_holds_the_service_alone():
+    """Its build copies schemas and serving only, and checks that neither the trainer nor the
+    trainer's or the benchmarks' libraries are importable."""
+    build = stages()["build-server"]
+    copies = [rest.split()[0] for keyword, rest in build if keyword == "COPY"]
+    assert copies == ["pyproject.toml", "deploy/install.sh", "README.md", "schemas", "serving"]
+    check = [rest for keyword, rest in build if keyword == "RUN"][-1]
+    for module in ("trainer", "torchrec", "fbgemm_gpu", "matplotlib", "sklearn"):
+        assert f"'{module}'" in check
+    server = stages()["server"]
+    assert not [rest for keyword, rest in server if keyword == "COPY" and "configs" in rest]
 
 
 def test_runtime_runs_as_a_non_root_user_with_health_check_port_and_entrypoint():
-    runtime = dict(stages()[-1])
+    runtime = dict(stages()["runtime"])
     uid = runtime["USER"].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
     assert f"--uid {uid}" in runtime["RUN"]
@@ -101,6 +133,9 @@ def test_runtime_runs_as_a_non_root_user_with_health_check_port_and_entrypoint()
     assert json.loads(runtime["ENTRYPOINT"]) == ["ctcvr-entrypoint"] and json.loads(
         runtime["CMD"]
     ) == ["serve"]
+    # the images add their virtual environment (and the trainer its configs), nothing else
+    for image in ("server", "trainer"):
+        assert {k for k, _ in stages()[image]} <= {"FROM", "LABEL", "COPY"}
 
 
 def test_build_context_holds_only_what_the_image_needs():

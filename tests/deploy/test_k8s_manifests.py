@@ -78,6 +78,24 @@ def test_scoring_runs_as_the_image_user_with_resources_and_a_rolling_update():
     }
 
 
+def test_scoring_runs_the_server_image_with_workers_and_the_job_the_trainer_image():
+    """The Deployment serves with the Dockerfile's server target (no trainer in it) and worker
+    processes the service accepts, with a CPU request to match; training needs the trainer."""
+    from serving.config import ServingSettings
+
+    container = scoring_container()
+    assert container["image"] == "ctcvr-server:latest"
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = ServingSettings(
+        **{k.removeprefix("CTCVR_").lower(): v for k, v in env.items() if k.startswith("CTCVR_")},
+        api_token="x" * 16,
+        admin_token="y" * 16,
+    )
+    assert settings.workers == 2 and int(container["resources"]["requests"]["cpu"]) >= 2
+    job = DOCS["Job/ctcvr-train"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"] == "ctcvr:latest"
+
+
 def test_service_and_autoscaler_point_at_the_deployment():
     deployment = DOCS["Deployment/ctcvr-scoring"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]

@@ -14,7 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from schemas.artifact import DENSE_FILE, MANIFEST_FILE, SCHEMA_FILE, Manifest, table_file
+from schemas.artifact import (
+    DENSE_FILE,
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    Manifest,
+    Quantization,
+    embedding_file,
+    embedding_layout,
+)
 from serving.artifact import load_artifact
 from tests.serving.artifacts import (
     REPO,
@@ -57,7 +65,15 @@ def test_export_writes_a_complete_checksummed_artifact(run, tmp_path):
     for name, entry in manifest.files.items():
         data = (out / name).read_bytes()
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (entry.sha256, entry.bytes)
-    assert load_file(out / table_file("user"))["weight"].shape == (98, 4)
+    # one file per embedding dim, the tables of that dim in spec order, float32
+    assert manifest.format_version == 2 and manifest.embeddings == embedding_layout(spec)
+    assert [f.path for f in manifest.embeddings.files] == [embedding_file(d) for d in (2, 3, 4)]
+    dim4 = manifest.embeddings.files[2]
+    assert [(t.name, t.row_offset, t.num_rows) for t in dim4.tables] == [
+        ("tags", 0, 13),
+        ("user", 13, 98),
+    ]
+    assert load_file(out / embedding_file(4))["weight"].shape == (13 + 98, 4)
     assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
 
 
@@ -66,8 +82,14 @@ def test_exported_weights_equal_the_checkpoint(run, tmp_path):
     export_run(run, out, log=None)
     saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
     prefix = "model.model."
-    table = saved[prefix + "sparse_arch.embedding_bag_collection.embedding_bags.tags.weight"]
-    assert torch.equal(load_file(out / table_file("tags"))["weight"], table)
+    rows = load_file(out / embedding_file(4))["weight"]
+    tables = prefix + "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+    assert torch.equal(rows[:13], saved[tables.format("tags")])
+    assert torch.equal(rows[13:], saved[tables.format("user")])
+    assert torch.equal(
+        load_file(out / embedding_file(2))["weight"],
+        torch.cat([saved[tables.format(t)] for t in ("level", "strict_cat", "words")]),
+    )
     dense = load_file(out / DENSE_FILE)
     assert torch.equal(
         dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"]
@@ -271,6 +293,59 @@ def test_command_line(run, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
+    """``--quantize int8``: the manifest says so, each dim's file holds (rows, D + 8) uint8, and
+    every value decodes to within half its row's quantisation step of the checkpoint's."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "model"),
+            "--quantize",
+            "int8",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(int8: " in result.stdout
+    manifest = Manifest.model_validate_json((tmp_path / "model" / MANIFEST_FILE).read_text())
+    assert manifest.quantization is Quantization.INT8
+    assert manifest.embeddings == embedding_layout(manifest.model, Quantization.INT8)
+    saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
+    eps = torch.finfo(torch.float32).eps
+    for file in manifest.embeddings.files:
+        stored = load_file(tmp_path / "model" / file.path)["weight"]
+        assert stored.dtype == torch.uint8 and stored.shape == (file.num_rows, file.dim + 8)
+        scale, offset = stored[:, file.dim :].contiguous().view(torch.float32).unbind(1)
+        values = scale.unsqueeze(1) * stored[:, : file.dim].float() + offset.unsqueeze(1)
+        bound = scale / 2 + 2 * eps * (offset.abs() + 255 * scale)  # + float32 rounding
+        for table in file.tables:
+            rows = slice(table.row_offset, table.row_offset + table.num_rows)
+            weight = saved[
+                f"model.model.sparse_arch.embedding_bag_collection.embedding_bags.{table.name}.weight"
+            ]
+            error = (values[rows] - weight).abs().max(dim=1).values
+            assert (error <= bound[rows]).all(), table.name
+    wrong = subprocess.run(
+        [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "x")]
+        + ["--quantize", "int4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert wrong.returncode == 2 and "invalid choice: 'int4'" in wrong.stderr
+    with pytest.raises(ExportError, match=r"quantize must be one of \['none', 'int8'\]"):
+        export_run(run, tmp_path / "y", quantize="int4", log=None)
 
 
 ADAP_SL = (

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from schemas import storage
-from schemas.artifact import MANIFEST_FILE, Manifest, table_file
+from schemas.artifact import MANIFEST_FILE, Manifest
 from schemas.storage import StorageError
 from serving.artifact import ArtifactError, load_artifact
 from serving.fetch import local_model_dir
@@ -153,8 +153,9 @@ def test_storage_faults_of_an_export_are_named_on_the_command_line(s3, s3_run, m
 def test_exported_table_files_on_s3_are_the_checksummed_ones(s3, run):
     out = s3.uri("models", "edge")
     manifest = export_run(run, out, log=None)
-    data = storage.read_bytes(storage.join(out, table_file("user")))
-    assert hashlib.sha256(data).hexdigest() == manifest.files[table_file("user")].sha256
+    path = manifest.table_path("user")
+    data = storage.read_bytes(storage.join(out, path))
+    assert hashlib.sha256(data).hexdigest() == manifest.files[path].sha256
 
 
 def test_the_staging_directory_of_a_remote_export_is_under_tmpdir(s3, run, tmp_path, monkeypatch):

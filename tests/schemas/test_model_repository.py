@@ -41,6 +41,7 @@ def model_dir(root: Path, version: str, day: int = 0, payload: bytes = b"") -> P
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
     manifest = {
+        "format_version": 1,  # one file per table, as laid out above
         "version": version,
         "created_at": (T0 + timedelta(days=day)).isoformat(),
         "source": {"run_dir": "runs/x", "checkpoint": "step_1", "step": day, "objective": "esmm"},

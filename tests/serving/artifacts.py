@@ -368,11 +368,11 @@ def truncated_copy(
     renames it."""
     import shutil
 
-    from schemas.artifact import Manifest, table_file
+    from schemas.artifact import Manifest
 
     shutil.copytree(model_dir, out)
     manifest = Manifest.model_validate_json((out / "manifest.json").read_text())
-    target = out / (file or table_file(manifest.model.tables[0].name))
+    target = out / (file or manifest.table_path(manifest.model.tables[0].name))
     target.write_bytes(target.read_bytes()[:keep])
     if version is not None:
         renamed = manifest.model_copy(update={"version": version})

@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.artifact import DENSE_FILE, MANIFEST_FILE, SCHEMA_FILE, table_file
+from schemas.artifact import (
+    DENSE_FILE,
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    ModelSpec,
+    embedding_file,
+    embedding_layout,
+)
 from serving.artifact import ArtifactError, load_artifact
 
 
@@ -44,12 +51,12 @@ def test_loads_and_describes_itself(model_dir, edge_model):
 
 
 def test_a_changed_weight_file_is_refused(model_dir):
-    path = model_dir / table_file("user")
+    path = model_dir / embedding_file(4)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(
-        ArtifactError, match=r"checksum mismatch for .*user\.safetensors.*corrupt or was changed"
+        ArtifactError, match=r"checksum mismatch for .*dim4\.safetensors.*corrupt or was changed"
     ):
         load_artifact(model_dir)
 
@@ -82,10 +89,34 @@ def test_an_unreadable_schema_is_refused_with_the_reason(model_dir, text, messag
         load_artifact(model_dir)
 
 
+def _change_a_table_dim(manifest: dict) -> None:
+    """A spec whose first table has another dim than the schema's (with a matching layout)."""
+    manifest["model"]["tables"][0]["dim"] = 5
+    layout = embedding_layout(ModelSpec.model_validate(manifest["model"]))
+    manifest["embeddings"] = layout.model_dump(mode="json")
+    for file in layout.files:  # listed (the spec check comes before any file is read)
+        manifest["files"].setdefault(file.path, manifest["files"][SCHEMA_FILE])
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m.update(format_version=2), "format_version 2; this service reads version 1"),
+        (
+            lambda m: m.update(format_version=3),
+            "format_version 3; this service reads versions 1 and 2",
+        ),
+        (lambda m: m.pop("embeddings"), "embeddings: Field required in format 2"),
+        (
+            lambda m: m["embeddings"]["files"][0]["tables"][0].update(row_offset=1),
+            (
+                r"(?s)embeddings: the layout does not match the model spec's tables: expected "
+                r"weights/embeddings/dim2.safetensors: level@0\+6.*got .*level@1\+6"
+            ),
+        ),
+        (
+            lambda m: m["embeddings"].update(quantization="int4"),
+            r"embeddings.quantization: Input should be 'none' or 'int8'",
+        ),
         (lambda m: m.update(format="other"), "is not a ctcvr-model manifest"),
         (lambda m: m["files"].pop(DENSE_FILE), "no checksum for"),
         (
@@ -93,7 +124,7 @@ def test_an_unreadable_schema_is_refused_with_the_reason(model_dir, text, messag
             "not a plain relative path",
         ),
         (lambda m: m["model"].update(heads=["ctr", "cvr", "imputation"]), "heads must be"),
-        (lambda m: m["model"]["tables"][0].update(dim=5), "model spec and schema disagree"),
+        (_change_a_table_dim, "model spec and schema disagree"),
         (
             lambda m: m["model"].update(cvr_transfer=["cvr"]),
             "cvr_transfer must name distinct heads other than 'cvr'",
@@ -118,8 +149,8 @@ def test_an_invalid_manifest_is_refused(model_dir, edit, message):
 def test_missing_directory_and_files(model_dir, tmp_path):
     with pytest.raises(ArtifactError, match="does not exist .*trainer.export"):
         load_artifact(tmp_path / "nowhere")
-    (model_dir / table_file("city")).unlink()
-    with pytest.raises(ArtifactError, match="cannot read .*city.safetensors"):
+    (model_dir / embedding_file(3)).unlink()
+    with pytest.raises(ArtifactError, match="cannot read .*dim3.safetensors"):
         load_artifact(model_dir)
     (model_dir / MANIFEST_FILE).unlink()
     with pytest.raises(ArtifactError, match="manifest.json not found"):
@@ -156,7 +187,7 @@ def test_weights_of_the_wrong_shape_or_not_finite_are_refused(model_dir):
 
 
 def test_a_weight_file_that_is_not_safetensors_is_refused(model_dir):
-    (model_dir / table_file("tags")).write_bytes(b"\x80\x04pickle? no thanks")
-    _rehash(model_dir, table_file("tags"))
+    (model_dir / embedding_file(4)).write_bytes(b"\x80\x04pickle? no thanks")
+    _rehash(model_dir, embedding_file(4))
     with pytest.raises(ArtifactError, match="not a readable safetensors file"):
         load_artifact(model_dir)

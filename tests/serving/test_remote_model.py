@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from schemas import storage
-from schemas.artifact import MANIFEST_FILE, table_file
+from schemas.artifact import MANIFEST_FILE, Manifest
 from serving import fetch
 from serving.artifact import ArtifactError, load_artifact
 from serving.fetch import CACHE_KEEP, local_model_dir
@@ -29,6 +29,10 @@ def remote(s3, edge_model) -> str:
     uri = s3.uri("models", "edge")
     export_run(edge_model.run, uri, log=None)
     return uri
+
+
+def _manifest(model_uri: str) -> Manifest:
+    return Manifest.model_validate_json(storage.read_text(storage.join(model_uri, MANIFEST_FILE)))
 
 
 def _entries(cache: Path) -> list[str]:
@@ -121,7 +125,7 @@ def _truncate(uri: str) -> None:
         (
             "truncated table",
             (
-                r"checksum mismatch for s3://.*/weights/embeddings/user.safetensors: .*"
+                r"checksum mismatch for s3://.*/weights/embeddings/dim\d+\.safetensors: .*"
                 r"the object is truncated, corrupt or was changed after export"
             ),
         ),
@@ -152,7 +156,7 @@ def test_every_fault_is_named_and_leaves_nothing_in_the_cache(
     if fault == "no manifest":
         storage.delete_file(manifest_uri)
     elif fault == "truncated table":
-        _truncate(storage.join(remote, table_file("user")))
+        _truncate(storage.join(remote, _manifest(remote).table_path("user")))
     elif fault == "truncated manifest":
         _truncate(manifest_uri)
     elif fault == "unsafe name":
@@ -198,7 +202,7 @@ def test_the_service_serves_and_reloads_models_from_s3(
     # A bad remote model never replaces the one being served.
     bad = s3.uri("models", "bad")
     export_run(edge_model.run, bad, version="bad", log=None)
-    _truncate(storage.join(bad, table_file("user")))
+    _truncate(storage.join(bad, _manifest(bad).table_path("user")))
     failed = client.post("/admin/reload", json={"model_dir": bad}, headers=ADMIN)
     assert failed.status_code == 422
     assert f"still serving {edge_model_b.version}" in failed.json()["detail"]

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from schemas import storage
-from schemas.artifact import table_file
 from schemas.repository import Change, ModelRepository
 from tests.serving.artifacts import truncated_copy
 from trainer.models import main
@@ -89,7 +88,8 @@ def test_promote_refuses_unknown_rejected_and_corrupt_versions(
     assert code == 1 and "bad-version" in err and "was rejected: it failed verification" in err
     # A version corrupted in the store after it was published (so not marked) fails the
     # verification of promote, and the pointer stays.
-    table = repo.version_location(exports["version_a"]).join(table_file("user"))
+    version_a = repo.version_location(exports["version_a"])
+    table = version_a.join(repo.read_ready(exports["version_a"]).manifest.table_path("user"))
     storage.write_bytes(table, storage.read_bytes(table)[:50])
     code, _, err = run(capsys, "promote", exports["version_a"], "--repository", repo.uri)
     assert code == 1 and "checksum mismatch" in err
