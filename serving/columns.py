@@ -114,13 +114,20 @@ class ColumnReader:
             raise Unreadable(f"rows must be a list of 1 to {self.max_rows} objects")
         return self.read(transpose(rows), rows=len(rows))
 
-    def read(self, columns: Mapping[str, Sequence[Any]], rows: int | None = None) -> Columns:
+    def read(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        rows: int | None = None,
+        required: frozenset[str] | None = None,
+    ) -> Columns:
         """Check and convert every column.
 
         Args:
             columns: feature name to one entry per row.
             rows: the number of rows, when ``columns`` may be empty (transposed rows); default:
                 the length of the columns, which must then be given.
+            required: the features that must be given; default: every one under ``oov: error``
+                (a ranking request's parts require what the other part does not give).
 
         Raises:
             Unreadable: an unknown or missing required feature, columns of different or
@@ -129,7 +136,7 @@ class ColumnReader:
         if not isinstance(columns, dict) or (rows is None and not columns):
             raise Unreadable("columns must be a non-empty object")
         unknown = columns.keys() - self.rules.keys()
-        if unknown or not self.required <= columns.keys():
+        if unknown or not (self.required if required is None else required) <= columns.keys():
             raise Unreadable(f"unknown features {sorted(unknown)} or required ones missing")
         if rows is None:
             first = next(iter(columns.values()))

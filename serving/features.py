@@ -27,7 +27,7 @@ UTF-8, non-finite dense values, and dense values whose normalisation overflows f
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -271,18 +271,29 @@ class Featurizer:
             raise RowErrors(errors)
         return features
 
-    def map(self, columns: Columns) -> tuple[Features, list[RowError]]:
+    def map(
+        self, columns: Columns, placeholders: Collection[str] = ()
+    ) -> tuple[Features, list[RowError]]:
         """Like calling the featurizer, but returns the errors (sorted by row) instead of raising.
-        Rows with errors get valid placeholder inputs (their scores are meaningless)."""
+        Rows with errors get valid placeholder inputs (their scores are meaningless).
+
+        Args:
+            columns: checked values.
+            placeholders: features whose inputs come from elsewhere (the other part of a ranking
+                request): absent from ``columns``, they get valid placeholder inputs (the OOV
+                row, an empty list, 0) and no rule refuses them.
+        """
         n, errors = columns.rows, []
         single = np.empty((n, self.singles), dtype=np.int64)
         for group, hashed in ((self.hashed, True), (self.vocab, False)):
             if group.names:
-                single[:, group.slots] = self._ids(columns, group, hashed, errors)
+                single[:, group.slots] = self._ids(columns, group, hashed, errors, placeholders)
         for sparse in self.strings:
-            single[:, sparse.slot] = self._strings(
-                columns.values.get(sparse.feature.name), n, sparse, errors
-            )
+            column = columns.values.get(sparse.feature.name)
+            if column is None and sparse.feature.name in placeholders:
+                single[:, sparse.slot] = sparse.table.buckets
+                continue
+            single[:, sparse.slot] = self._strings(column, n, sparse, errors)
         multi_values, multi_lengths = [], []
         for sparse in self.multi:
             values, lengths = self._list(columns.values.get(sparse.feature.name), n, sparse, errors)
@@ -290,7 +301,11 @@ class Featurizer:
             multi_lengths.append(lengths)
         dense = np.empty((n, len(self.dense)), dtype=np.float32)
         for j, feature in enumerate(self.dense):
-            dense[:, j] = self._dense(columns.values.get(feature.name), n, feature, errors)
+            column = columns.values.get(feature.name)
+            if column is None and feature.name in placeholders:
+                dense[:, j] = 0.0
+                continue
+            dense[:, j] = self._dense(column, n, feature, errors)
         features = Features(
             single=single, multi_values=multi_values, multi_lengths=multi_lengths, dense=dense
         )
@@ -299,23 +314,32 @@ class Featurizer:
     # Sparse ------------------------------------------------------------------------------------
 
     def _ids(
-        self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]
+        self,
+        columns: Columns,
+        group: _IdGroup,
+        hashed: bool,
+        errors: list[RowError],
+        placeholders: Collection[str],
     ) -> np.ndarray:
         """``(n, k)`` rows of a group of single-valued int features, mapped in one call."""
         n = columns.rows
         ints = np.zeros((n, len(group.names)), dtype=np.int64)
         present = np.ones((n, len(group.names)), dtype=bool)
+        strict = group.strict
         for j, name in enumerate(group.names):
             column = columns.values.get(name)
             if column is None:
                 present[:, j] = False
+                if strict[j] and name in placeholders:
+                    strict = strict.copy()
+                    strict[j] = False
                 continue
             ints[:, j] = column.values
             if column.present is not None:
                 present[:, j] = column.present
         ids = int_rows(ints, group.buckets, hashed=hashed, present=present)
-        if group.strict.any():
-            for i, j in zip(*np.nonzero(ids.refused(group.strict))):
+        if strict.any():
+            for i, j in zip(*np.nonzero(ids.refused(strict))):
                 value = int(ints[i, j]) if present[i, j] else None
                 errors.append(
                     _oov_error(
