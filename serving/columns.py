@@ -159,14 +159,15 @@ def transpose(rows: list[Any]) -> dict[str, Sequence[Any]]:
     """
     if set(map(type, rows)) != {dict}:
         raise Unreadable("every row must be an object")
+    names = list(rows[0])
+    if names and len(set(map(len, rows))) == 1:
+        try:  # every row names the first row's features, and no other (the usual case)
+            table = list(map(itemgetter(*names), rows))  # itemgetter and zip run in C
+            return {names[0]: table} if len(names) == 1 else dict(zip(names, zip(*table)))
+        except KeyError:
+            pass
     names = list(set().union(*rows))
-    if not names:
-        return {}
-    try:  # every row names every feature (the usual case): itemgetter and zip run in C
-        table = list(map(itemgetter(*names), rows))
-    except KeyError:
-        return {name: [row.get(name) for row in rows] for name in names}
-    return {names[0]: table} if len(names) == 1 else dict(zip(names, zip(*table)))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def _read(values: Sequence[Any], rule: FeatureRule) -> Column:

@@ -12,6 +12,11 @@ construction (the parity tests check it):
 * a missing dense value takes the feature's ``default``, then the normalisation runs in float64
   and the result is stored as float32 (:func:`~schemas.rules.dense_values`).
 
+A ranking request's two parts (:meth:`Featurizer.map_ranking`) are mapped in one pass: each
+feature once, where it was given (the context's on its one row, the candidates' on theirs), into
+a one-row context and the candidates' rows; what the other part gives is a placeholder (the OOV
+row, an empty list, 0) that the model does not read.
+
 This module arranges the calls and turns the positions the rules refuse into
 :class:`RowError` errors naming row, feature and list position. The work is arranged by feature
 group, not by value: all single-valued hashed ids of a request are one ``(B, k)`` matrix mapped
@@ -27,7 +32,7 @@ UTF-8, non-finite dense values, and dense values whose normalisation overflows f
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -59,6 +64,7 @@ from serving.model import Features
 __all__ = ["Featurizer", "RowError", "RowErrors", "StringRows"]
 
 STRING_CACHE_LIMIT = 100_000  # distinct strings per feature and generation (see StringRows)
+RANK_PLAN_LIMIT = 64  # ranking splits remembered (one per set of features the candidates give)
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,26 @@ class _IdGroup:
     buckets: np.ndarray  # (k,) each table's buckets: the OOV row
     strict: np.ndarray  # (k,) bool: oov policy 'error'
 
+    def subset(self, members: Sequence[int]) -> _IdGroup:
+        """The group of the members at ``members`` (positions in :attr:`names`)."""
+        index = np.asarray(members, dtype=np.int64)
+        return _IdGroup(
+            names=tuple(self.names[k] for k in members),
+            tables=tuple(self.tables[k] for k in members),
+            slots=self.slots[index],
+            buckets=self.buckets[index],
+            strict=self.strict[index],
+        )
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    """Where each feature of a ranking request comes from, for one set of candidate features:
+    each id group split into the candidates' members and the context's (the rest)."""
+
+    hashed: tuple[_IdGroup, _IdGroup]  # (candidates', context's)
+    vocab: tuple[_IdGroup, _IdGroup]
+
 
 @dataclass(frozen=True)
 class _Sparse:
@@ -245,6 +271,12 @@ class Featurizer:
         self.vocab = _group(vocab)
         self.dense: list[DenseFeature] = list(schema.dense)
         self.reader = ColumnReader(schema, max_rows=sys.maxsize)  # rows of in-process callers
+        self._rank_plans: dict[frozenset[str], _RankPlan] = {}
+        self._oov_rows = np.empty((1, singles), dtype=np.int64)  # every single's OOV row
+        for group in (self.hashed, self.vocab):
+            self._oov_rows[0, group.slots] = group.buckets
+        for sparse in self.strings:
+            self._oov_rows[0, sparse.slot] = sparse.table.buckets
 
     @property
     def multi_valued(self) -> list[str]:
@@ -271,29 +303,18 @@ class Featurizer:
             raise RowErrors(errors)
         return features
 
-    def map(
-        self, columns: Columns, placeholders: Collection[str] = ()
-    ) -> tuple[Features, list[RowError]]:
+    def map(self, columns: Columns) -> tuple[Features, list[RowError]]:
         """Like calling the featurizer, but returns the errors (sorted by row) instead of raising.
-        Rows with errors get valid placeholder inputs (their scores are meaningless).
-
-        Args:
-            columns: checked values.
-            placeholders: features whose inputs come from elsewhere (the other part of a ranking
-                request): absent from ``columns``, they get valid placeholder inputs (the OOV
-                row, an empty list, 0) and no rule refuses them.
-        """
+        Rows with errors get valid placeholder inputs (their scores are meaningless)."""
         n, errors = columns.rows, []
         single = np.empty((n, self.singles), dtype=np.int64)
         for group, hashed in ((self.hashed, True), (self.vocab, False)):
             if group.names:
-                single[:, group.slots] = self._ids(columns, group, hashed, errors, placeholders)
+                single[:, group.slots] = self._ids(columns, group, hashed, errors)
         for sparse in self.strings:
-            column = columns.values.get(sparse.feature.name)
-            if column is None and sparse.feature.name in placeholders:
-                single[:, sparse.slot] = sparse.table.buckets
-                continue
-            single[:, sparse.slot] = self._strings(column, n, sparse, errors)
+            single[:, sparse.slot] = self._strings(
+                columns.values.get(sparse.feature.name), n, sparse, errors
+            )
         multi_values, multi_lengths = [], []
         for sparse in self.multi:
             values, lengths = self._list(columns.values.get(sparse.feature.name), n, sparse, errors)
@@ -301,46 +322,115 @@ class Featurizer:
             multi_lengths.append(lengths)
         dense = np.empty((n, len(self.dense)), dtype=np.float32)
         for j, feature in enumerate(self.dense):
-            column = columns.values.get(feature.name)
-            if column is None and feature.name in placeholders:
-                dense[:, j] = 0.0
-                continue
-            dense[:, j] = self._dense(column, n, feature, errors)
+            dense[:, j] = self._dense(columns.values.get(feature.name), n, feature, errors)
         features = Features(
             single=single, multi_values=multi_values, multi_lengths=multi_lengths, dense=dense
         )
         return features, sorted(errors, key=lambda e: e.row)
 
+    def map_ranking(
+        self, context: Columns, candidates: Columns
+    ) -> tuple[Features, Features, list[RowError], list[RowError]]:
+        """Map a ranking request: each feature once, from the part that gives it.
+
+        A feature the candidates give is mapped on their rows, any other on the context's one
+        row (a feature given nowhere: its missing value, the same for every candidate). The other
+        part gets placeholders (the OOV row, an empty list, 0).
+
+        Args:
+            context: the context's values, one row.
+            candidates: the candidates' values, one row per candidate.
+
+        Returns:
+            The context's inputs (one row), the candidates' (``candidates.rows``), and the errors
+            of each part (rows of the context are 0), as :meth:`map` gives them.
+        """
+        n, own = candidates.rows, candidates.values
+        plan = self._rank_plan(frozenset(own))
+        context_errors: list[RowError] = []
+        errors: list[RowError] = []
+        shared = self._oov_rows.copy()  # placeholders, then each part's own
+        single = np.empty((n, self.singles), dtype=np.int64)
+        single[:] = self._oov_rows
+        for (mine, theirs), hashed in ((plan.hashed, True), (plan.vocab, False)):
+            if mine.names:
+                single[:, mine.slots] = self._ids(candidates, mine, hashed, errors)
+            if theirs.names:
+                shared[:, theirs.slots] = self._ids(context, theirs, hashed, context_errors)
+        for sparse in self.strings:
+            column = own.get(sparse.feature.name)
+            if column is not None:
+                single[:, sparse.slot] = self._strings(column, n, sparse, errors)
+            else:
+                column = context.values.get(sparse.feature.name)
+                shared[:, sparse.slot] = self._strings(column, 1, sparse, context_errors)
+        lists: tuple[list[np.ndarray], ...] = ([], [], [], [])  # values, lengths: mine, shared
+        empty = np.empty(0, dtype=np.int64)
+        for sparse in self.multi:
+            column = own.get(sparse.feature.name)
+            if column is not None:
+                values, lengths = self._list(column, n, sparse, errors)
+                shared_values, shared_lengths = empty, np.zeros(1, dtype=np.int64)
+            else:
+                column = context.values.get(sparse.feature.name)
+                shared_values, shared_lengths = self._list(column, 1, sparse, context_errors)
+                values, lengths = empty, np.zeros(n, dtype=np.int64)
+            for out, array in zip(lists, (values, lengths, shared_values, shared_lengths)):
+                out.append(array)
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        shared_dense = np.zeros((1, len(self.dense)), dtype=np.float32)
+        for j, feature in enumerate(self.dense):
+            column = own.get(feature.name)
+            if column is not None:
+                dense[:, j] = self._dense(column, n, feature, errors)
+            else:
+                column = context.values.get(feature.name)
+                shared_dense[:, j] = self._dense(column, 1, feature, context_errors)
+        return (
+            Features(shared, lists[2], lists[3], shared_dense),
+            Features(single, lists[0], lists[1], dense),
+            context_errors,
+            sorted(errors, key=lambda e: e.row),
+        )
+
+    def _rank_plan(self, own: frozenset[str]) -> _RankPlan:
+        """The id groups split for candidates giving ``own`` (remembered: few sets occur)."""
+        plan = self._rank_plans.get(own)
+        if plan is None:
+
+            def split(group: _IdGroup) -> tuple[_IdGroup, _IdGroup]:
+                mine = [k for k, name in enumerate(group.names) if name in own]
+                theirs = [k for k, name in enumerate(group.names) if name not in own]
+                return group.subset(mine), group.subset(theirs)
+
+            plan = _RankPlan(hashed=split(self.hashed), vocab=split(self.vocab))
+            if len(self._rank_plans) >= RANK_PLAN_LIMIT:
+                self._rank_plans.clear()
+            self._rank_plans[own] = plan
+        return plan
+
     # Sparse ------------------------------------------------------------------------------------
 
     def _ids(
-        self,
-        columns: Columns,
-        group: _IdGroup,
-        hashed: bool,
-        errors: list[RowError],
-        placeholders: Collection[str],
+        self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]
     ) -> np.ndarray:
         """``(n, k)`` rows of a group of single-valued int features, mapped in one call."""
-        n = columns.rows
-        ints = np.zeros((n, len(group.names)), dtype=np.int64)
-        present = np.ones((n, len(group.names)), dtype=bool)
-        strict = group.strict
-        for j, name in enumerate(group.names):
-            column = columns.values.get(name)
-            if column is None:
-                present[:, j] = False
-                if strict[j] and name in placeholders:
-                    strict = strict.copy()
-                    strict[j] = False
-                continue
-            ints[:, j] = column.values
-            if column.present is not None:
-                present[:, j] = column.present
+        n, given = columns.rows, [columns.values.get(name) for name in group.names]
+        if len(given) == 1 and given[0] is not None:  # no copy for a group of one
+            ints, present = given[0].values.reshape(n, 1), given[0].present  # type: ignore[union-attr]
+            present = None if present is None else present.reshape(n, 1)
+        else:
+            ints, present = np.empty((n, len(given)), dtype=np.int64), None
+            for j, column in enumerate(given):
+                ints[:, j] = 0 if column is None else column.values
+                if column is None or column.present is not None:
+                    if present is None:  # only when some value is missing
+                        present = np.ones(ints.shape, dtype=bool)
+                    present[:, j] = False if column is None else column.present
         ids = int_rows(ints, group.buckets, hashed=hashed, present=present)
-        if strict.any():
-            for i, j in zip(*np.nonzero(ids.refused(strict))):
-                value = int(ints[i, j]) if present[i, j] else None
+        if group.strict.any():
+            for i, j in zip(*np.nonzero(ids.refused(group.strict))):
+                value = int(ints[i, j]) if present is None or present[i, j] else None
                 errors.append(
                     _oov_error(
                         int(i), group.names[j], None, value, group.tables[j], int(group.buckets[j])

@@ -181,11 +181,11 @@ class Scorer:
             RequestInvalid: as :meth:`featurize`, naming ``context.<field>`` or
                 ``candidates[<i>].<field>``.
         """
-        own = values.candidates.values.keys()
+        own = values.candidates.values
         from_context = tuple(name for name in self._names if name not in own)
-        featurizer = self.artifact.featurizer
-        context, context_errors = featurizer.map(values.context, placeholders=own)
-        candidates, candidate_errors = featurizer.map(values.candidates, placeholders=from_context)
+        context, candidates, context_errors, candidate_errors = (
+            self.artifact.featurizer.map_ranking(values.context, values.candidates)
+        )
         if context_errors or candidate_errors:
             items = rank_error_items(context_errors, candidate_errors, values.form)
             raise RequestInvalid(_capped(items[:MAX_REPORTED_ERRORS], len(items)))
