@@ -19,8 +19,8 @@ row, an empty list, 0) that the model does not read.
 
 This module arranges the calls and turns the positions the rules refuse into
 :class:`RowError` errors naming row, feature and list position. The work is arranged by feature
-group, not by value: all single-valued hashed ids of a request are one ``(B, k)`` matrix mapped
-in one call, the vocabulary ids another, so a request costs a few numpy calls whatever its
+group, not by value: all single-valued integer ids of a request, hashed and vocabulary ones, are
+one ``(B, k)`` matrix mapped in one call, so a request costs a few numpy calls whatever its
 number of features. String ids are hashed (blake2b) once per distinct value and remembered
 across requests (:class:`StringRows`).
 
@@ -129,17 +129,24 @@ class StringRows:
 
     def rows(self, values: Sequence[str | None]) -> np.ndarray:
         """int64 rows of ``values`` (``None``: missing; :attr:`UNENCODABLE` for invalid strings)."""
-        found = list(map(self._young.get, values))
-        if None in found:
-            self._fill(values, found)
-        return np.array(found, dtype=np.int64)
+        return np.array(self._found(values), dtype=np.int64)
 
     def lookup(self, values: Sequence[str | None]) -> SparseRows:
-        """:func:`schemas.rules.string_rows` of ``values``, from the cache."""
-        rows = self.rows(values)
+        """:func:`schemas.rules.string_rows` of ``values``, from the cache (``invalid`` is None
+        when every string is valid UTF-8, the usual case)."""
+        found = self._found(values)
+        rows = np.array(found, dtype=np.int64)
+        if self.UNENCODABLE not in found:
+            return SparseRows(rows, rows == self.missing_row)
         invalid = rows == self.UNENCODABLE
         rows[invalid] = self.missing_row
         return SparseRows(rows, (rows == self.missing_row) & ~invalid, invalid)
+
+    def _found(self, values: Sequence[str | None]) -> list[int]:
+        found = list(map(self._young.get, values))
+        if None in found:
+            self._fill(values, found)
+        return found  # type: ignore[return-value]
 
     def _fill(self, values: Sequence[str | None], found: list[int | None]) -> None:
         young, old = self._young, self._old
@@ -174,7 +181,9 @@ class _IdGroup:
     tables: tuple[str, ...]
     slots: np.ndarray  # (k,) columns of Features.single
     buckets: np.ndarray  # (k,) each table's buckets: the OOV row
+    hashed: np.ndarray  # (k,) bool: a hash_buckets table (else a vocab_size one)
     strict: np.ndarray  # (k,) bool: oov policy 'error'
+    any_strict: bool  # strict.any(), asked on every request
 
     def subset(self, members: Sequence[int]) -> _IdGroup:
         """The group of the members at ``members`` (positions in :attr:`names`)."""
@@ -184,7 +193,9 @@ class _IdGroup:
             tables=tuple(self.tables[k] for k in members),
             slots=self.slots[index],
             buckets=self.buckets[index],
+            hashed=self.hashed[index],
             strict=self.strict[index],
+            any_strict=bool(self.strict[index].any()),
         )
 
 
@@ -193,8 +204,7 @@ class _RankPlan:
     """Where each feature of a ranking request comes from, for one set of candidate features:
     each id group split into the candidates' members and the context's (the rest)."""
 
-    hashed: tuple[_IdGroup, _IdGroup]  # (candidates', context's)
-    vocab: tuple[_IdGroup, _IdGroup]
+    ids: tuple[_IdGroup, _IdGroup]  # (candidates', context's)
 
 
 @dataclass(frozen=True)
@@ -224,8 +234,7 @@ class Featurizer:
     def __init__(self, schema: FeatureSchema, spec: ModelSpec) -> None:
         self.schema = schema
         known = set(schema.sparse_names)
-        hashed: list[tuple[str, int, TableSpec, bool]] = []
-        vocab: list[tuple[str, int, TableSpec, bool]] = []
+        ids: list[tuple[str, int, TableSpec, bool]] = []
         self.strings: list[_Sparse] = []
         self.multi: list[_Sparse] = []
         singles = 0
@@ -255,8 +264,7 @@ class Featurizer:
                 if strings is not None:
                     self.strings.append(_Sparse(feature, table, singles, strings))
                 else:
-                    strict = feature.oov is OOVPolicy.ERROR
-                    (hashed if table.is_hashed else vocab).append((name, singles, table, strict))
+                    ids.append((name, singles, table, feature.oov is OOVPolicy.ERROR))
                 singles += 1
         if set(spec.sparse_features) != known:
             raise ValueError(
@@ -267,14 +275,12 @@ class Featurizer:
                 f"dense features differ: schema {schema.dense_names}, model spec {list(spec.dense_features)}"
             )
         self.singles = singles
-        self.hashed = _group(hashed)
-        self.vocab = _group(vocab)
+        self.ids = _group(ids)
         self.dense: list[DenseFeature] = list(schema.dense)
         self.reader = ColumnReader(schema, max_rows=sys.maxsize)  # rows of in-process callers
         self._rank_plans: dict[frozenset[str], _RankPlan] = {}
         self._oov_rows = np.empty((1, singles), dtype=np.int64)  # every single's OOV row
-        for group in (self.hashed, self.vocab):
-            self._oov_rows[0, group.slots] = group.buckets
+        self._oov_rows[0, self.ids.slots] = self.ids.buckets
         for sparse in self.strings:
             self._oov_rows[0, sparse.slot] = sparse.table.buckets
 
@@ -308,9 +314,8 @@ class Featurizer:
         Rows with errors get valid placeholder inputs (their scores are meaningless)."""
         n, errors = columns.rows, []
         single = np.empty((n, self.singles), dtype=np.int64)
-        for group, hashed in ((self.hashed, True), (self.vocab, False)):
-            if group.names:
-                single[:, group.slots] = self._ids(columns, group, hashed, errors)
+        if self.ids.names:
+            single[:, self.ids.slots] = self._ids(columns, self.ids, errors)
         for sparse in self.strings:
             single[:, sparse.slot] = self._strings(
                 columns.values.get(sparse.feature.name), n, sparse, errors
@@ -352,11 +357,11 @@ class Featurizer:
         shared = self._oov_rows.copy()  # placeholders, then each part's own
         single = np.empty((n, self.singles), dtype=np.int64)
         single[:] = self._oov_rows
-        for (mine, theirs), hashed in ((plan.hashed, True), (plan.vocab, False)):
-            if mine.names:
-                single[:, mine.slots] = self._ids(candidates, mine, hashed, errors)
-            if theirs.names:
-                shared[:, theirs.slots] = self._ids(context, theirs, hashed, context_errors)
+        mine, theirs = plan.ids
+        if mine.names:
+            single[:, mine.slots] = self._ids(candidates, mine, errors)
+        if theirs.names:
+            shared[:, theirs.slots] = self._ids(context, theirs, context_errors)
         for sparse in self.strings:
             column = own.get(sparse.feature.name)
             if column is not None:
@@ -403,7 +408,7 @@ class Featurizer:
                 theirs = [k for k, name in enumerate(group.names) if name not in own]
                 return group.subset(mine), group.subset(theirs)
 
-            plan = _RankPlan(hashed=split(self.hashed), vocab=split(self.vocab))
+            plan = _RankPlan(ids=split(self.ids))
             if len(self._rank_plans) >= RANK_PLAN_LIMIT:
                 self._rank_plans.clear()
             self._rank_plans[own] = plan
@@ -411,9 +416,7 @@ class Featurizer:
 
     # Sparse ------------------------------------------------------------------------------------
 
-    def _ids(
-        self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]
-    ) -> np.ndarray:
+    def _ids(self, columns: Columns, group: _IdGroup, errors: list[RowError]) -> np.ndarray:
         """``(n, k)`` rows of a group of single-valued int features, mapped in one call."""
         n, given = columns.rows, [columns.values.get(name) for name in group.names]
         if len(given) == 1 and given[0] is not None:  # no copy for a group of one
@@ -427,8 +430,8 @@ class Featurizer:
                     if present is None:  # only when some value is missing
                         present = np.ones(ints.shape, dtype=bool)
                     present[:, j] = False if column is None else column.present
-        ids = int_rows(ints, group.buckets, hashed=hashed, present=present)
-        if group.strict.any():
+        ids = int_rows(ints, group.buckets, hashed=group.hashed, present=present)
+        if group.any_strict:
             for i, j in zip(*np.nonzero(ids.refused(group.strict))):
                 value = int(ints[i, j]) if present is None or present[i, j] else None
                 errors.append(
@@ -546,7 +549,9 @@ def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
         tables=tuple(m[2].name for m in members),
         slots=np.array([m[1] for m in members], dtype=np.int64),
         buckets=np.array([m[2].buckets for m in members], dtype=np.int64),
+        hashed=np.array([m[2].is_hashed for m in members], dtype=bool),
         strict=np.array([m[3] for m in members], dtype=bool),
+        any_strict=any(m[3] for m in members),
     )
 
 

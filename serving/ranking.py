@@ -114,6 +114,13 @@ class RankReader:
         self.rules = {rule.name: rule for rule in feature_rules(schema)}
         self.required = [rule for rule in self.rules.values() if rule.required]
         self.max_rows = max_rows
+        scopes: dict[FeatureScope, frozenset[str]] = {
+            scope: frozenset(n for n, r in self.rules.items() if r.scope is scope)
+            for scope in FeatureScope
+        }
+        self._context_only = scopes[FeatureScope.CONTEXT]
+        self._candidate_only = scopes[FeatureScope.CANDIDATE]
+        self._either = scopes[FeatureScope.ANY]
 
     def read(self, body: Any) -> RankValues:
         """Check and convert a parsed ``{"context": ..., "candidates": ...}`` body.
@@ -174,26 +181,21 @@ class RankReader:
             order_by: the request's ``order_by``.
         """
         errors = []
-        for name in context:
-            rule = self.rules.get(name)
-            if rule is not None and not rule.in_context:
-                errors.append(
-                    _error(("context", name), misplaced(name, rule.scope), "feature_scope")
+        for name in context.keys() & self._candidate_only:
+            scope = FeatureScope.CANDIDATE
+            errors.append(_error(("context", name), misplaced(name, scope), "feature_scope"))
+        for name in columns.keys() & self._context_only:
+            where = _where(candidates, form, name)
+            errors.append(_error(where, misplaced(name, FeatureScope.CONTEXT), "feature_scope"))
+        for name in context.keys() & columns.keys() & self._either:
+            errors.append(
+                _error(
+                    ("context", name),
+                    f"{name!r} is given in the context and for the candidates: give it in "
+                    "one place",
+                    "feature_twice",
                 )
-        for name in columns:
-            rule = self.rules.get(name)
-            if rule is not None and not rule.in_candidates:
-                where = _where(candidates, form, name)
-                errors.append(_error(where, misplaced(name, rule.scope), "feature_scope"))
-            elif rule is not None and rule.in_context and name in context:
-                errors.append(
-                    _error(
-                        ("context", name),
-                        f"{name!r} is given in the context and for the candidates: give it in "
-                        "one place",
-                        "feature_twice",
-                    )
-                )
+            )
         for rule in self.required:
             errors += _required(rule.name, rule.scope, context, columns, candidates, form)
         if order_by is not None and top_k is None:
