@@ -162,7 +162,7 @@ class Scorer:
         except ValidationError as err:
             raise RequestInvalid(self._rank_errors(_pydantic_errors(err))) from None
         try:
-            return self.rank_reader.read(request.model_dump(exclude_none=True))
+            return self.rank_reader.read(request.model_dump(mode="json", exclude_none=True))
         except Misplaced as err:  # what JSON Schema cannot say: scope any given twice...
             raise RequestInvalid(
                 _capped(err.errors[:MAX_REPORTED_ERRORS], len(err.errors))
