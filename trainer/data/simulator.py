@@ -207,9 +207,7 @@ def simulated_schema(
         schema.sparse_names[:3]  # ['user_id', 'gender', 'age_bucket']
     """
 
-    def own(
-        name: str, size: int, scope: str, *, hashed: bool = False, dtype: str = "int"
-    ) -> dict:
+    def own(name: str, size: int, scope: str, *, hashed: bool = False, dtype: str = "int") -> dict:
         key = "hash_buckets" if hashed else "vocab_size"
         return {"name": name, "dtype": dtype, key: size, "dim": dim, "scope": scope}
 
