@@ -117,8 +117,8 @@ def int_rows(
         buckets: the tables' ``buckets`` (the OOV row), broadcast against ``values``: a
             ``(B, k)`` matrix of k features takes one count per column.
         hashed: True for ``hash_buckets`` tables, False for ``vocab_size`` ones; for a
-            ``(B, k)`` matrix of features of both kinds, one flag per column (both rules run
-            on every column, in one call each, and each column keeps its own).
+            ``(B, k)`` matrix of features of both kinds, a boolean array of one flag per column
+            (both rules run on every column, in one call each, and each column keeps its own).
         present: False where a value is missing; None when none is.
 
     Returns:
@@ -131,7 +131,7 @@ def int_rows(
     if values.dtype.kind not in "iu" and values.size:
         raise HashingError(f"expected integer values, got dtype {values.dtype}")
     ints = values.astype(np.int64, copy=False)
-    if isinstance(hashed, np.ndarray) and not (hashed.all() or not hashed.any()):
+    if isinstance(hashed, np.ndarray):  # a flag per column: each keeps its own rule
         hashed_rows = hash_ints(ints, buckets)
         vocab, found = vocab_rows(ints, buckets, present)
         if present is not None:
@@ -139,7 +139,7 @@ def int_rows(
         # a hashed value is out of vocabulary only when missing, a vocabulary id when not found
         oov = ~found & ~hashed if present is None else np.where(hashed, ~present, ~found)
         return SparseRows(np.where(hashed, hashed_rows, vocab), oov)
-    if np.all(hashed):
+    if hashed:
         rows = hash_ints(ints, buckets)
         if present is None:
             return SparseRows(rows, np.zeros(ints.shape, dtype=bool))

@@ -184,6 +184,7 @@ class _IdGroup:
     hashed: np.ndarray  # (k,) bool: a hash_buckets table (else a vocab_size one)
     strict: np.ndarray  # (k,) bool: oov policy 'error'
     any_strict: bool  # strict.any(), asked on every request
+    rule: bool | np.ndarray  # int_rows' hashed: one flag for a group of one kind, else hashed
 
     def subset(self, members: Sequence[int]) -> _IdGroup:
         """The group of the members at ``members`` (positions in :attr:`names`)."""
@@ -196,6 +197,7 @@ class _IdGroup:
             hashed=self.hashed[index],
             strict=self.strict[index],
             any_strict=bool(self.strict[index].any()),
+            rule=_rule(self.hashed[index]),
         )
 
 
@@ -430,7 +432,7 @@ class Featurizer:
                     if present is None:  # only when some value is missing
                         present = np.ones(ints.shape, dtype=bool)
                     present[:, j] = False if column is None else column.present
-        ids = int_rows(ints, group.buckets, hashed=group.hashed, present=present)
+        ids = int_rows(ints, group.buckets, hashed=group.rule, present=present)
         if group.any_strict:
             for i, j in zip(*np.nonzero(ids.refused(group.strict))):
                 value = int(ints[i, j]) if present is None or present[i, j] else None
@@ -552,7 +554,15 @@ def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
         hashed=np.array([m[2].is_hashed for m in members], dtype=bool),
         strict=np.array([m[3] for m in members], dtype=bool),
         any_strict=any(m[3] for m in members),
+        rule=_rule(np.array([m[2].is_hashed for m in members], dtype=bool)),
     )
+
+
+def _rule(hashed: np.ndarray) -> bool | np.ndarray:
+    """``int_rows``' ``hashed`` for a group: a flag if its tables are of one kind, else each's."""
+    if hashed.all() or not hashed.any():
+        return bool(hashed.any())
+    return hashed
 
 
 def _oov_error(
