@@ -19,8 +19,24 @@ jobs hold them (one list per feature, one entry per row), and answers columns::
     {"model_version": "demo-step00000150-3f2a9c1b0d",
      "pctr": [0.041, 0.038], "pcvr": [0.052, 0.06], "pctcvr": [0.0021, 0.0023]}
 
-:class:`ScoreRequest` and :class:`ScoreColumnsRequest` are the forms every service accepts;
-:func:`score_request_model` and :func:`score_columns_model` narrow them to one feature schema,
+``POST /v1/rank`` is a ranking call: the user's and the request's features once (``context``),
+the items' for each candidate (``candidates``: one object per candidate, or one list per
+feature), optionally the ``top_k`` best by ``order_by`` (``pctcvr`` by default)::
+
+    {"context": {"user_id": 961223854891, "city": "city_209", "recent_categories": [4, 35]},
+     "candidates": [{"item_id": 31, "price": 25.34}, {"item_id": 7, "price": 3.0}],
+     "top_k": 1}
+    {"model_version": "demo-step00000150-3f2a9c1b0d", "pctr": [0.041, 0.038],
+     "pcvr": [0.052, 0.06], "pctcvr": [0.0021, 0.0023], "top": [1]}
+
+Each feature's ``scope`` in the schema says where it goes: ``context`` features only in the
+context, ``candidate`` features only with the candidates, ``any`` in either place but one per
+request. The scores are those of ``/v1/score`` for the rows that repeat the context in every
+candidate.
+
+:class:`ScoreRequest`, :class:`ScoreColumnsRequest` and :class:`RankRequest` are the forms every
+service accepts; :func:`score_request_model`, :func:`score_columns_model` and
+:func:`rank_request_model` narrow them to one feature schema,
 which is what the service validates with and documents in its OpenAPI spec. Both are built from
 :func:`feature_rules`, the one statement of what a request may hold for each feature (the service's
 vectorised check of the columnar form enforces the same rules). A feature left out, or ``null``,
@@ -34,7 +50,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, unique
@@ -44,15 +60,24 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     create_model,
 )
 from typing_extensions import TypedDict
 
-from schemas.features import FeatureSchema, Normalization, NormalizationKind, OOVPolicy, SparseDType
+from schemas.features import (
+    FeatureSchema,
+    FeatureScope,
+    Normalization,
+    NormalizationKind,
+    OOVPolicy,
+    SparseDType,
+)
 
 __all__ = [
     "INT64_MAX",
@@ -64,6 +89,9 @@ __all__ = [
     "FeatureInfo",
     "FeatureRule",
     "ModelInfo",
+    "RankOrder",
+    "RankRequest",
+    "RankResponse",
     "ReloadRequest",
     "ReloadResponse",
     "RepositoryStatus",
@@ -75,7 +103,9 @@ __all__ = [
     "ValidationErrorItem",
     "ValidationErrorResponse",
     "ValueKind",
+    "candidates_form",
     "feature_rules",
+    "rank_request_model",
     "score_columns_model",
     "score_request_model",
 ]
@@ -146,9 +176,72 @@ class ScoreColumnsResponse(BaseModel):
     )
 
 
+@unique
+class RankOrder(str, Enum):
+    """The score a ranking request's ``top`` is ordered by (highest first)."""
+
+    PCTCVR = "pctcvr"  # P(click and conversion | impression): the default
+    PCTR = "pctr"  # P(click | impression)
+    PCVR = "pcvr"  # P(conversion | click, impression)
+
+    @property
+    def column(self) -> int:
+        """The score's column in ``(pctr, pcvr, pctcvr)``."""
+        return ("pctr", "pcvr", "pctcvr").index(self.value)
+
+
+_EXAMPLE_CONTEXT = {k: v for k, v in _EXAMPLE_ROW.items() if k != "price"}
+_TOP_K_DESCRIPTION = (
+    "answer the indices of the top_k best candidates too, best first (at most as many as there "
+    "are candidates; ties in request order)"
+)
+_ORDER_BY_DESCRIPTION = "the score top_k orders by (needs top_k); default pctcvr"
+
+
+class RankRequest(BaseModel):
+    """A ranking call: the context's features once, the candidates' as objects or columns."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "context": _EXAMPLE_CONTEXT,
+                    "candidates": [{"price": 25.34}, {"price": 3.0}],
+                    "top_k": 1,
+                }
+            ]
+        },
+    )
+
+    context: dict[str, RawValue] = Field(default_factory=dict)
+    candidates: list[dict[str, RawValue]] | dict[str, list[RawValue]]
+    top_k: int | None = Field(default=None, ge=1, le=MAX_ROWS_LIMIT, description=_TOP_K_DESCRIPTION)
+    order_by: RankOrder | None = Field(default=None, description=_ORDER_BY_DESCRIPTION)
+
+
+class RankResponse(BaseModel):
+    model_version: str = Field(description="version id of the model that computed every score")
+    pctr: list[Probability] = Field(
+        description="P(click | impression), one per candidate, in order"
+    )
+    pcvr: list[Probability] = Field(description="P(conversion | click, impression), per candidate")
+    pctcvr: list[Probability] = Field(
+        description="P(click and conversion | impression) = pctr * pcvr, per candidate"
+    )
+    top: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        description="with top_k: the indices of the best candidates by order_by, best first; "
+        "equal scores in request order",
+    )
+
+
 class ValidationErrorItem(BaseModel):
     """One invalid value: ``loc`` is ``["body", "rows", <row>, <feature>(, <list position>)]``, or
-    ``["body", "columns", <feature>, <row>(, <list position>)]`` for the columnar form."""
+    ``["body", "columns", <feature>, <row>(, <list position>)]`` for the columnar form; for a
+    ranking call ``["body", "context", <feature>(, ...)]``, ``["body", "candidates", <candidate>,
+    <feature>(, ...)]`` or, candidates given as columns, ``["body", "candidates", <feature>,
+    <candidate>(, ...)]``."""
 
     loc: list[str | int]
     msg: str
@@ -176,6 +269,10 @@ class FeatureInfo(BaseModel):
     oov: str | None = Field(default=None, description="oov_row or error (sparse only)")
     default: float | None = Field(default=None, description="value used when missing (dense only)")
     normalization: dict[str, Any] | None = None
+    scope: str = Field(
+        default="any",
+        description="where a ranking request gives it: context, candidate or any (either place)",
+    )
 
 
 class RepositoryStatus(BaseModel):
@@ -260,6 +357,17 @@ class FeatureRule:
     low: float = -math.inf
     high: float = math.inf
     description: str = ""
+    scope: FeatureScope = FeatureScope.ANY
+
+    @property
+    def in_context(self) -> bool:
+        """May be given in a ranking request's context."""
+        return self.scope is not FeatureScope.CANDIDATE
+
+    @property
+    def in_candidates(self) -> bool:
+        """May be given for a ranking request's candidates."""
+        return self.scope is not FeatureScope.CONTEXT
 
     @property
     def required(self) -> bool:
@@ -317,14 +425,25 @@ def feature_rules(schema: FeatureSchema) -> tuple[FeatureRule, ...]:
         else:
             description = f"{feature.dtype.value} id; {unknown}"
         rules.append(
-            FeatureRule(feature.name, kind, feature.multi_valued, strict, low, high, description)
+            FeatureRule(
+                feature.name,
+                kind,
+                feature.multi_valued,
+                strict,
+                low,
+                high,
+                description,
+                feature.scope,
+            )
         )
     for feature in schema.dense:
         norm = feature.normalization
         low, high = _dense_range(norm)
         description = f"number; null or absent: {feature.default}; normalisation {norm.kind.value}"
         rules.append(
-            FeatureRule(feature.name, ValueKind.FLOAT, False, False, low, high, description)
+            FeatureRule(
+                feature.name, ValueKind.FLOAT, False, False, low, high, description, feature.scope
+            )
         )
     return tuple(rules)
 
@@ -369,12 +488,16 @@ def _check_rows(max_rows: int) -> None:
 
 
 def _features_dict(
-    name: str, schema: FeatureSchema, field: Callable[[FeatureRule], Any], **config: Any
+    name: str,
+    rules: Iterable[FeatureRule],
+    field: Callable[[FeatureRule], Any],
+    required: Callable[[FeatureRule], bool] = lambda rule: rule.required,
+    **config: Any,
 ) -> type:
-    """A TypedDict with one ``field(rule)`` per feature (required under ``oov: error``) and no other key."""
+    """A TypedDict with one ``field(rule)`` per rule (``required(rule)``: a required key) and no
+    other key."""
     fields = {
-        rule.name: (Required if rule.required else NotRequired)[field(rule)]
-        for rule in feature_rules(schema)
+        rule.name: (Required if required(rule) else NotRequired)[field(rule)] for rule in rules
     }
     typed = TypedDict(name, fields, total=False)  # type: ignore[misc]
     typed.__pydantic_config__ = ConfigDict(extra="forbid", **config)  # type: ignore[attr-defined]
@@ -398,7 +521,7 @@ def score_request_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]
     _check_rows(max_rows)
     impression = _features_dict(
         "Impression",
-        schema,
+        feature_rules(schema),
         lambda rule: Annotated[rule.entry_type(), Field(description=rule.description)],
     )
     return create_model(
@@ -428,13 +551,8 @@ def score_columns_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]
     _check_rows(max_rows)
     columns = _features_dict(
         "ImpressionColumns",
-        schema,
-        lambda rule: Annotated[
-            list[rule.entry_type()],  # type: ignore[misc]
-            Field(
-                min_length=1, max_length=max_rows, description=f"one per row: {rule.description}"
-            ),
-        ],
+        feature_rules(schema),
+        _column_field(max_rows, "row"),
         json_schema_extra={"minProperties": 1},
     )
     description = (
@@ -446,6 +564,109 @@ def score_columns_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]
         __config__=ConfigDict(extra="forbid", json_schema_extra={"description": description}),
         columns=(Annotated[columns, AfterValidator(_one_entry_per_row)], ...),  # type: ignore[valid-type]
     )
+
+
+def rank_request_model(schema: FeatureSchema, max_rows: int) -> type[BaseModel]:
+    """:class:`RankRequest` narrowed to ``schema``.
+
+    ``context`` holds the features whose ``scope`` is ``context`` or ``any``, ``candidates`` those
+    whose scope is ``candidate`` or ``any``: a list of 1 to ``max_rows`` objects, one per
+    candidate, or an object of columns (one list per feature, one entry per candidate, all of one
+    length). A feature under ``oov: error`` is required where its scope puts it. What JSON Schema
+    cannot say is stated in the description and checked by the service: a feature of scope
+    ``any`` in one place only (and, under ``oov: error``, in one of them), ``order_by`` only
+    with ``top_k``. Errors name ``("context", "user_id")``, ``("candidates", 3, "price")`` or,
+    for columns, ``("candidates", "price", 3)``.
+
+    Raises:
+        ValueError: ``max_rows`` out of ``[1, MAX_ROWS_LIMIT]``.
+    """
+    _check_rows(max_rows)
+    rules = feature_rules(schema)
+    in_context = [rule for rule in rules if rule.in_context]
+    in_candidates = [rule for rule in rules if rule.in_candidates]
+
+    def entry(rule: FeatureRule) -> Any:
+        return Annotated[rule.entry_type(), Field(description=rule.description)]
+
+    context = _features_dict(
+        "RankContext",
+        in_context,
+        entry,
+        lambda rule: rule.required and rule.scope is FeatureScope.CONTEXT,
+    )
+
+    def for_candidates(rule: FeatureRule) -> bool:
+        return rule.required and rule.scope is FeatureScope.CANDIDATE
+
+    candidate = _features_dict("Candidate", in_candidates, entry, for_candidates)
+    columns = _features_dict(
+        "CandidateColumns",
+        in_candidates,
+        _column_field(max_rows, "candidate"),
+        for_candidates,
+        json_schema_extra={"minProperties": 1},
+    )
+    candidates = Annotated[
+        Annotated[
+            list[candidate],  # type: ignore[valid-type]
+            Tag("objects"),
+            Field(min_length=1, max_length=max_rows),
+        ]
+        | Annotated[columns, AfterValidator(_one_entry_per_row), Tag("columns")],  # type: ignore[valid-type]
+        Discriminator(
+            candidates_form,
+            custom_error_type="candidates_type",
+            custom_error_message="candidates must be a list of objects (one per candidate) or an "
+            "object of columns (one list per feature)",
+        ),
+    ]
+    scopes = "; ".join(
+        f"{scope.value}: {', '.join(r.name for r in rules if r.scope is scope) or 'none'}"
+        for scope in FeatureScope
+    )
+    description = (
+        f"A ranking call with the features of schema {schema.name!r}: the context's once, the "
+        "candidates' as one object per candidate or as columns. Where each feature goes "
+        f"(its scope) is {scopes}. A feature of scope any is given in one place per request; "
+        "order_by needs top_k."
+    )
+    return create_model(
+        "RankRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"description": description}),
+        context=(context, Field(default_factory=dict, description="the context's features")),
+        candidates=(candidates, Field(description="the candidates' features")),
+        top_k=(
+            Annotated[int, Field(strict=True, ge=1, le=max_rows)] | None,
+            Field(default=None, description=_TOP_K_DESCRIPTION),
+        ),
+        order_by=(RankOrder | None, Field(default=None, description=_ORDER_BY_DESCRIPTION)),
+    )
+
+
+def candidates_form(candidates: Any) -> str | None:
+    """``objects`` for a list (one object per candidate), ``columns`` for an object, else None."""
+    if isinstance(candidates, list):
+        return "objects"
+    if isinstance(candidates, dict):
+        return "columns"
+    return None
+
+
+def _column_field(max_rows: int, entry: str) -> Callable[[FeatureRule], Any]:
+    """The type of one feature's column: a list of one entry per ``entry`` (row, candidate)."""
+
+    def field(rule: FeatureRule) -> Any:
+        return Annotated[
+            list[rule.entry_type()],  # type: ignore[misc]
+            Field(
+                min_length=1,
+                max_length=max_rows,
+                description=f"one per {entry}: {rule.description}",
+            ),
+        ]
+
+    return field
 
 
 def _one_entry_per_row(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:

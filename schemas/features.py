@@ -6,18 +6,23 @@ A schema is written as YAML and loaded into frozen pydantic models::
     tables:                       # optional: tables shared by several features
       - {name: items, hash_buckets: 100000, dim: 16}
     sparse:
-      - {name: user_id, dtype: int, hash_buckets: 200000, dim: 16}
-      - {name: gender, dtype: int, vocab_size: 3, dim: 16}
-      - {name: item_id, dtype: int, table: items}
+      - {name: user_id, dtype: int, hash_buckets: 200000, dim: 16, scope: context}
+      - {name: gender, dtype: int, vocab_size: 3, dim: 16, scope: context}
+      - {name: item_id, dtype: int, table: items, scope: candidate}
       - {name: clicked_items, dtype: int, table: items, multi_valued: true, max_len: 20}
     dense:
-      - {name: price, default: 0.0, normalization: {kind: log1p}}
+      - {name: price, default: 0.0, normalization: {kind: log1p}, scope: candidate}
     labels: {click: click, conversion: conversion}
     group: group                  # optional column used for GAUC (usually the user id)
 
 Every sparse feature reads rows of one embedding table. A feature without ``table`` gets a table
 of its own, named after the feature. A table has ``num_rows = buckets + 1`` rows: the last row is
 the out-of-vocabulary (OOV) row that unknown and missing values map to (see ``schemas.hashing``).
+
+A feature's ``scope`` says where a ranking request (``POST /v1/rank``: one context, many
+candidates) carries it: ``context`` (the user and the request: given once), ``candidate`` (the
+item: given per candidate) or ``any`` (the default: either place, one per request). Training and
+the other routes ignore it, and so does the schema's fingerprint: it changes no weight.
 
 Nothing here imports torch: the service validates requests with the same objects.
 """
@@ -40,6 +45,7 @@ __all__ = [
     "TRUTH_COLUMNS",
     "DenseFeature",
     "FeatureSchema",
+    "FeatureScope",
     "Labels",
     "Normalization",
     "NormalizationKind",
@@ -75,6 +81,13 @@ class SparseDType(str, Enum):
 class OOVPolicy(str, Enum):
     OOV_ROW = "oov_row"  # unknown or missing values read the table's reserved last row
     ERROR = "error"  # unknown or missing values are rejected with an error naming the feature
+
+
+@unique
+class FeatureScope(str, Enum):
+    CONTEXT = "context"  # the user's and the request's: given once per ranking request
+    CANDIDATE = "candidate"  # the item's: given for each candidate
+    ANY = "any"  # either place (one per request); the default, so older schemas rank unchanged
 
 
 @unique
@@ -129,6 +142,7 @@ class SparseFeature(_Frozen):
     multi_valued: bool = False
     max_len: int = Field(default=1, gt=0, le=10_000, description="values kept per row")
     oov: OOVPolicy = OOVPolicy.OOV_ROW
+    scope: FeatureScope = FeatureScope.ANY
 
     @model_validator(mode="after")
     def _table_or_own_sizes(self) -> SparseFeature:
@@ -185,6 +199,7 @@ class DenseFeature(_Frozen):
     name: Name
     default: float = 0.0
     normalization: Normalization = Normalization()
+    scope: FeatureScope = FeatureScope.ANY
 
 
 class Labels(_Frozen):
@@ -278,9 +293,27 @@ class FeatureSchema(_Frozen):
                 return feature
         raise SchemaError(f"unknown sparse feature {name!r}; known: {self.sparse_names}")
 
+    def scope_of(self, name: str) -> FeatureScope:
+        """Where a ranking request carries feature ``name`` (sparse or dense).
+
+        Raises:
+            SchemaError: no feature of that name.
+        """
+        for feature in (*self.sparse, *self.dense):
+            if feature.name == name:
+                return feature.scope
+        raise SchemaError(f"unknown feature {name!r}")
+
     def fingerprint(self) -> str:
-        """A stable SHA-256 of the schema's content, stored with checkpoints and exports."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable SHA-256 of what the weights depend on, stored with checkpoints and exports.
+
+        Every field counts but the features' ``scope``, which only says where a ranking request
+        carries a feature: declaring scopes on a trained run's schema keeps its checkpoints and
+        exports valid, and schemas written before scopes existed keep their fingerprints.
+        """
+        no_scope = {"__all__": {"scope"}}
+        content = self.model_dump(mode="json", exclude={"sparse": no_scope, "dense": no_scope})
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     # Serialisation --------------------------------------------------------------------------

@@ -45,7 +45,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,8 +70,7 @@ _MISSING = -2  # codes of string_rows before the OOV row is filled in
 _INVALID = -1
 
 
-@dataclass(frozen=True)
-class SparseRows:
+class SparseRows(NamedTuple):
     """Row ids of a column of sparse values, and the positions that have no row of their own.
 
     Attributes:
@@ -79,7 +78,7 @@ class SparseRows:
         oov: True where the value is missing or outside the vocabulary (it reads the OOV row
             under ``oov: oov_row`` and is refused under ``oov: error``).
         invalid: True where a string cannot be encoded as UTF-8 (refused under every policy);
-            None for integer values, which are never invalid.
+            None when no value can be invalid (integers) or none is.
     """
 
     rows: np.ndarray
@@ -108,7 +107,7 @@ def int_rows(
     values: np.ndarray,
     buckets: int | np.ndarray,
     *,
-    hashed: bool,
+    hashed: bool | np.ndarray,
     present: np.ndarray | None = None,
 ) -> SparseRows:
     """Rows of integer values: hashed, or used as rows of a vocabulary.
@@ -116,8 +115,10 @@ def int_rows(
     Args:
         values: integer array of any shape (entries under ``present == False`` are ignored).
         buckets: the tables' ``buckets`` (the OOV row), broadcast against ``values``: a
-            ``(B, k)`` matrix of k features of the same kind takes one count per column.
-        hashed: True for ``hash_buckets`` tables, False for ``vocab_size`` ones.
+            ``(B, k)`` matrix of k features takes one count per column.
+        hashed: True for ``hash_buckets`` tables, False for ``vocab_size`` ones; for a
+            ``(B, k)`` matrix of features of both kinds, a boolean array of one flag per column
+            (both rules run on every column, in one call each, and each column keeps its own).
         present: False where a value is missing; None when none is.
 
     Returns:
@@ -130,6 +131,14 @@ def int_rows(
     if values.dtype.kind not in "iu" and values.size:
         raise HashingError(f"expected integer values, got dtype {values.dtype}")
     ints = values.astype(np.int64, copy=False)
+    if isinstance(hashed, np.ndarray):  # a flag per column: each keeps its own rule
+        hashed_rows = hash_ints(ints, buckets)
+        vocab, found = vocab_rows(ints, buckets, present)
+        if present is not None:
+            hashed_rows = np.where(present, hashed_rows, buckets)
+        # a hashed value is out of vocabulary only when missing, a vocabulary id when not found
+        oov = ~found & ~hashed if present is None else np.where(hashed, ~present, ~found)
+        return SparseRows(np.where(hashed, hashed_rows, vocab), oov)
     if hashed:
         rows = hash_ints(ints, buckets)
         if present is None:
@@ -194,8 +203,7 @@ def sparse_rows(
     return int_rows(values, table.buckets, hashed=table.is_hashed, present=present)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class Truncation:
+class Truncation(NamedTuple):
     """Lists cut to ``max_len``.
 
     Attributes:
@@ -249,8 +257,7 @@ def list_positions(lengths: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, n
     return rows, np.asarray(flat, dtype=np.int64) - (ends[rows] - lengths[rows])
 
 
-@dataclass(frozen=True)
-class DenseValues:
+class DenseValues(NamedTuple):
     """A dense feature's model inputs and the positions refused.
 
     Attributes:

@@ -14,6 +14,10 @@ operations, so the next requests are parsed on the other core while a batch is s
 Each queued request carries the scorer that validated it: after a hot reload, requests validated
 against the old model are still scored by it (a batch never mixes models), so no request is
 dropped or scored by a model whose schema it was not checked against.
+
+Ranking requests (:class:`~serving.model.RankFeatures`) batch too: with each other, when they
+take the same features from their contexts (each request's context row is broadcast to its own
+candidates), never with rows of ``/v1/score``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.model import Features
+from serving.model import Features, RankFeatures
 from serving.scorer import Scorer
 
 __all__ = ["BatchResult", "MicroBatcher", "Overloaded", "ScoringTimeout"]
@@ -58,12 +62,22 @@ class BatchResult:
 @dataclass
 class _Pending:
     scorer: Scorer
-    features: Features
+    features: Features | RankFeatures
     future: Future = field(default_factory=Future)
 
     @property
     def size(self) -> int:
         return self.features.size
+
+    def batches_with(self, other: _Pending) -> bool:
+        """Whether both can share a model call: the same model, and inputs of one kind (rows,
+        or ranking requests taking the same features from their contexts)."""
+        if other.scorer is not self.scorer:
+            return False
+        mine, theirs = self.features, other.features
+        if isinstance(mine, RankFeatures) and isinstance(theirs, RankFeatures):
+            return mine.from_context == theirs.from_context
+        return isinstance(mine, Features) and isinstance(theirs, Features)
 
 
 class MicroBatcher:
@@ -134,7 +148,7 @@ class MicroBatcher:
             with self._lock:
                 self._expected -= 1
 
-    def submit(self, scorer: Scorer, features: Features) -> Future:
+    def submit(self, scorer: Scorer, features: Features | RankFeatures) -> Future:
         """Queue a request's model inputs (mapped by ``scorer``) for scoring.
 
         Raises:
@@ -175,7 +189,9 @@ class MicroBatcher:
             future.cancel()  # the worker skips it if it has not started it yet
             raise ScoringTimeout(f"no result within {timeout:g} s") from None
 
-    def score(self, scorer: Scorer, features: Features, timeout: float) -> BatchResult:
+    def score(
+        self, scorer: Scorer, features: Features | RankFeatures, timeout: float
+    ) -> BatchResult:
         """:meth:`submit` then :meth:`result`."""
         return self.result(self.submit(scorer, features), timeout)
 
@@ -215,7 +231,7 @@ class MicroBatcher:
                     continue
             if item is None:
                 return batch, True
-            if item.scorer is not first.scorer or rows + item.size > self.max_rows:
+            if not first.batches_with(item) or rows + item.size > self.max_rows:
                 self._carry = item  # starts the next batch, keeping arrival order
                 break
             batch.append(item)
@@ -244,7 +260,7 @@ class MicroBatcher:
         scorer = live[0].scorer
         start = time.perf_counter()
         try:
-            features = Features.concat([p.features for p in live])
+            features = type(live[0].features).concat([p.features for p in live])
             scores = scorer.predict(features)
         except Exception as err:  # handed to each request, which answers 500 without details
             log.exception("scoring failed for a batch of %d request(s)", len(live))

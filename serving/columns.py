@@ -2,10 +2,11 @@
 
 Both request forms become :class:`Columns`: the columnar form directly, the row form once its
 rows are transposed (:func:`transpose`). :class:`ColumnReader` holds every value to the rules of
-``schemas.api.feature_rules``, the rules the request models document, one column at a time: a
-single pass over the Python values learns their types (``set(map(type, values))``, so a ``true``
-is never taken for a ``1``), then one numpy conversion and vectorised range checks replace a
-validator call per value.
+``schemas.api.feature_rules``, the rules the request models document, a kind of values at a time
+(every single-valued id column together, every dense column together, then each string and list
+column): a single pass over the Python values learns their types (``set(map(type, values))``, so
+a ``true`` is never taken for a ``1``), then one numpy conversion and vectorised range checks
+replace a validator call per value.
 
 The reader only says *whether* a request is valid. When it is not (:class:`Unreadable`), the
 service validates the body again with the pydantic request model, whose messages name every bad
@@ -18,10 +19,9 @@ model accepts, with the same values; the tests hold it to that on generated bodi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,14 +39,14 @@ from schemas.features import FeatureSchema
 __all__ = ["Column", "ColumnReader", "Columns", "Unreadable", "transpose"]
 
 _NONE = type(None)
+_MAX_REMEMBERED = 256  # sets of dense features whose bounds a reader keeps
 
 
 class Unreadable(ValueError):
     """Values the fast path does not take; the request model says what is wrong with them."""
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     """One feature's values in ``n`` rows, as the request gave them.
 
     Attributes:
@@ -64,8 +64,7 @@ class Column:
     lengths: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
-class Columns:
+class Columns(NamedTuple):
     """``rows`` impressions by feature; a feature the request left out is missing in every row."""
 
     rows: int
@@ -90,6 +89,7 @@ class ColumnReader:
         self.rules = {rule.name: rule for rule in feature_rules(schema)}
         self.required = frozenset(name for name, rule in self.rules.items() if rule.required)
         self.max_rows = max_rows
+        self._bounds_of: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def columns_request(self, body: Any) -> Columns:
         """The columns of a parsed ``{"columns": {...}}`` body.
@@ -114,13 +114,20 @@ class ColumnReader:
             raise Unreadable(f"rows must be a list of 1 to {self.max_rows} objects")
         return self.read(transpose(rows), rows=len(rows))
 
-    def read(self, columns: Mapping[str, Sequence[Any]], rows: int | None = None) -> Columns:
+    def read(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        rows: int | None = None,
+        required: frozenset[str] | None = None,
+    ) -> Columns:
         """Check and convert every column.
 
         Args:
             columns: feature name to one entry per row.
             rows: the number of rows, when ``columns`` may be empty (transposed rows); default:
                 the length of the columns, which must then be given.
+            required: the features that must be given; default: every one under ``oov: error``
+                (a ranking request's parts require what the other part does not give).
 
         Raises:
             Unreadable: an unknown or missing required feature, columns of different or
@@ -129,19 +136,41 @@ class ColumnReader:
         if not isinstance(columns, dict) or (rows is None and not columns):
             raise Unreadable("columns must be a non-empty object")
         unknown = columns.keys() - self.rules.keys()
-        if unknown or not self.required <= columns.keys():
+        if unknown or not (self.required if required is None else required) <= columns.keys():
             raise Unreadable(f"unknown features {sorted(unknown)} or required ones missing")
         if rows is None:
             first = next(iter(columns.values()))
             rows = len(first) if type(first) in (list, tuple) else 0
         if not 1 <= rows <= self.max_rows:
             raise Unreadable(f"a request holds 1 to {self.max_rows} rows")
-        out = {}
+        out: dict[str, Column] = {}
+        ids, numbers = [], []  # single-valued ids and dense values: read a kind at a time
         for name, values in columns.items():
             if type(values) not in (list, tuple) or len(values) != rows:
                 raise Unreadable(f"column {name!r} is not a list of {rows} entries")
-            out[name] = _read(values, self.rules[name])
+            rule = self.rules[name]
+            if rule.multi_valued or rule.kind is ValueKind.STRING:
+                out[name] = _read(values, rule)
+            else:
+                (ids if rule.kind is ValueKind.INT else numbers).append(rule)
+        if ids:
+            out.update(_id_block(ids, columns))
+        if numbers:
+            out.update(_float_block(numbers, columns, *self._bounds(numbers)))
         return Columns(rows, out)
+
+    def _bounds(self, rules: list[FeatureRule]) -> tuple[np.ndarray, np.ndarray]:
+        """``(k, 1)`` lowest and highest values of dense features (remembered per set)."""
+        key = tuple(rule.name for rule in rules)
+        bounds = self._bounds_of.get(key)
+        if bounds is None:
+            bounds = (
+                np.array([[rule.low] for rule in rules]),
+                np.array([[rule.high] for rule in rules]),
+            )
+            if len(self._bounds_of) < _MAX_REMEMBERED:
+                self._bounds_of[key] = bounds
+        return bounds
 
 
 def transpose(rows: list[Any]) -> dict[str, Sequence[Any]]:
@@ -152,24 +181,71 @@ def transpose(rows: list[Any]) -> dict[str, Sequence[Any]]:
     """
     if set(map(type, rows)) != {dict}:
         raise Unreadable("every row must be an object")
+    names = list(rows[0])
+    if names and len(set(map(len, rows))) == 1:
+        try:  # every row names the first row's features, and no other (the usual case)
+            table = list(map(itemgetter(*names), rows))  # itemgetter and zip run in C
+            return {names[0]: table} if len(names) == 1 else dict(zip(names, zip(*table)))
+        except KeyError:
+            pass
     names = list(set().union(*rows))
-    if not names:
-        return {}
-    try:  # every row names every feature (the usual case): itemgetter and zip run in C
-        table = list(map(itemgetter(*names), rows))
-    except KeyError:
-        return {name: [row.get(name) for row in rows] for name in names}
-    return {names[0]: table} if len(names) == 1 else dict(zip(names, zip(*table)))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def _id_block(rules: list[FeatureRule], columns: Mapping[str, Sequence[Any]]) -> dict[str, Column]:
+    """Single-valued id columns of several features, checked and converted at once."""
+    # Only JSON integers: 1.0 is a valid id too, but the request model converts it (it is rare).
+    nullable = [not rule.strict for rule in rules]
+    ints, present = _numbers(
+        [columns[rule.name] for rule in rules], {int}, any(nullable), np.int64, block=True
+    )
+    if present is not None and not all(nullable):
+        for j, rule in enumerate(rules):
+            if rule.strict and not present[j].all():
+                raise Unreadable(f"{rule.name}: a required id is null")
+    for j, rule in enumerate(rules):
+        if rule.low > INT64_MIN or rule.high < INT64_MAX:
+            inside = (ints[j] >= rule.low) & (ints[j] <= rule.high)
+            if not (inside if present is None else inside | ~present[j]).all():
+                raise Unreadable(f"{rule.name}: ids outside [{rule.low}, {rule.high}]")
+    return _split(rules, ints, present)
+
+
+def _float_block(
+    rules: list[FeatureRule],
+    columns: Mapping[str, Sequence[Any]],
+    low: np.ndarray,
+    high: np.ndarray,
+) -> dict[str, Column]:
+    """Dense columns of several features, checked (against ``(k, 1)`` bounds) and converted at
+    once."""
+    floats, present = _numbers(
+        [columns[rule.name] for rule in rules], {float, int}, True, np.float64, block=True
+    )
+    inside = (floats >= low) & (floats <= high)  # False for NaN
+    if not (inside if present is None else inside | ~present).all():
+        raise Unreadable("dense values must be finite and within their features' ranges")
+    return _split(rules, floats, present)
+
+
+def _split(
+    rules: list[FeatureRule], values: np.ndarray, present: np.ndarray | None
+) -> dict[str, Column]:
+    """One column per feature (row of ``values``); ``present`` only where a value is missing."""
+    if present is None:
+        return {rule.name: Column(values[j]) for j, rule in enumerate(rules)}
+    partial = (~present).any(axis=1).tolist()
+    return {
+        rule.name: Column(values[j], present[j] if partial[j] else None)
+        for j, rule in enumerate(rules)
+    }
 
 
 def _read(values: Sequence[Any], rule: FeatureRule) -> Column:
+    """A list feature's column, or a single-valued string feature's."""
     if rule.multi_valued:
         return _read_lists(values, rule)
-    if rule.kind is ValueKind.STRING:
-        return Column(_strings(values, nullable=not rule.strict))
-    if rule.kind is ValueKind.INT:
-        return Column(*_ints(values, rule, nullable=not rule.strict))
-    return Column(*_floats(values, rule))
+    return Column(_strings(values, nullable=not rule.strict))
 
 
 def _read_lists(values: Sequence[Any], rule: FeatureRule) -> Column:
@@ -211,20 +287,20 @@ def _ints(
     return ints, present
 
 
-def _floats(values: Sequence[Any], rule: FeatureRule) -> tuple[np.ndarray, np.ndarray | None]:
-    floats, present = _numbers(values, {float, int}, True, np.float64)
-    with np.errstate(invalid="ignore"):
-        inside = (floats >= rule.low) & (floats <= rule.high)  # False for NaN
-    if not (inside if present is None else inside | ~present).all():
-        raise Unreadable(f"{rule.name}: values must be finite and within [{rule.low}, {rule.high}]")
-    return floats, present
-
-
 def _numbers(
-    values: Sequence[Any], allowed: set[type], nullable: bool, dtype: type[np.generic]
+    values: Sequence[Any],
+    allowed: set[type],
+    nullable: bool,
+    dtype: type[np.generic],
+    *,
+    block: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``values`` as a ``dtype`` array (0 where null) and where they are present."""
-    types = set(map(type, values))  # bool is not int here: true and false are refused
+    """``values`` as a ``dtype`` array (0 where null) and where they are present.
+
+    ``values`` is one column, or with ``block`` a list of columns of one length (2-D out).
+    """
+    types = set(map(type, chain.from_iterable(values) if block else values))
+    # bool is not int here: true and false are refused
     try:
         if types <= allowed:
             return np.array(values, dtype=dtype), None

@@ -12,10 +12,15 @@ construction (the parity tests check it):
 * a missing dense value takes the feature's ``default``, then the normalisation runs in float64
   and the result is stored as float32 (:func:`~schemas.rules.dense_values`).
 
+A ranking request's two parts (:meth:`Featurizer.map_ranking`) are mapped in one pass: each
+feature once, where it was given (the context's on its one row, the candidates' on theirs), into
+a one-row context and the candidates' rows; what the other part gives is a placeholder (the OOV
+row, an empty list, 0) that the model does not read.
+
 This module arranges the calls and turns the positions the rules refuse into
 :class:`RowError` errors naming row, feature and list position. The work is arranged by feature
-group, not by value: all single-valued hashed ids of a request are one ``(B, k)`` matrix mapped
-in one call, the vocabulary ids another, so a request costs a few numpy calls whatever its
+group, not by value: all single-valued integer ids of a request, hashed and vocabulary ones, are
+one ``(B, k)`` matrix mapped in one call, so a request costs a few numpy calls whatever its
 number of features. String ids are hashed (blake2b) once per distinct value and remembered
 across requests (:class:`StringRows`).
 
@@ -59,6 +64,7 @@ from serving.model import Features
 __all__ = ["Featurizer", "RowError", "RowErrors", "StringRows"]
 
 STRING_CACHE_LIMIT = 100_000  # distinct strings per feature and generation (see StringRows)
+RANK_PLAN_LIMIT = 64  # ranking splits remembered (one per set of features the candidates give)
 
 
 @dataclass(frozen=True)
@@ -123,17 +129,24 @@ class StringRows:
 
     def rows(self, values: Sequence[str | None]) -> np.ndarray:
         """int64 rows of ``values`` (``None``: missing; :attr:`UNENCODABLE` for invalid strings)."""
-        found = list(map(self._young.get, values))
-        if None in found:
-            self._fill(values, found)
-        return np.array(found, dtype=np.int64)
+        return np.array(self._found(values), dtype=np.int64)
 
     def lookup(self, values: Sequence[str | None]) -> SparseRows:
-        """:func:`schemas.rules.string_rows` of ``values``, from the cache."""
-        rows = self.rows(values)
+        """:func:`schemas.rules.string_rows` of ``values``, from the cache (``invalid`` is None
+        when every string is valid UTF-8, the usual case)."""
+        found = self._found(values)
+        rows = np.array(found, dtype=np.int64)
+        if self.UNENCODABLE not in found:
+            return SparseRows(rows, rows == self.missing_row)
         invalid = rows == self.UNENCODABLE
         rows[invalid] = self.missing_row
         return SparseRows(rows, (rows == self.missing_row) & ~invalid, invalid)
+
+    def _found(self, values: Sequence[str | None]) -> list[int]:
+        found = list(map(self._young.get, values))
+        if None in found:
+            self._fill(values, found)
+        return found  # type: ignore[return-value]
 
     def _fill(self, values: Sequence[str | None], found: list[int | None]) -> None:
         young, old = self._young, self._old
@@ -168,7 +181,32 @@ class _IdGroup:
     tables: tuple[str, ...]
     slots: np.ndarray  # (k,) columns of Features.single
     buckets: np.ndarray  # (k,) each table's buckets: the OOV row
+    hashed: np.ndarray  # (k,) bool: a hash_buckets table (else a vocab_size one)
     strict: np.ndarray  # (k,) bool: oov policy 'error'
+    any_strict: bool  # strict.any(), asked on every request
+    rule: bool | np.ndarray  # int_rows' hashed: one flag for a group of one kind, else hashed
+
+    def subset(self, members: Sequence[int]) -> _IdGroup:
+        """The group of the members at ``members`` (positions in :attr:`names`)."""
+        index = np.asarray(members, dtype=np.int64)
+        return _IdGroup(
+            names=tuple(self.names[k] for k in members),
+            tables=tuple(self.tables[k] for k in members),
+            slots=self.slots[index],
+            buckets=self.buckets[index],
+            hashed=self.hashed[index],
+            strict=self.strict[index],
+            any_strict=bool(self.strict[index].any()),
+            rule=_rule(self.hashed[index]),
+        )
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    """Where each feature of a ranking request comes from, for one set of candidate features:
+    each id group split into the candidates' members and the context's (the rest)."""
+
+    ids: tuple[_IdGroup, _IdGroup]  # (candidates', context's)
 
 
 @dataclass(frozen=True)
@@ -198,8 +236,7 @@ class Featurizer:
     def __init__(self, schema: FeatureSchema, spec: ModelSpec) -> None:
         self.schema = schema
         known = set(schema.sparse_names)
-        hashed: list[tuple[str, int, TableSpec, bool]] = []
-        vocab: list[tuple[str, int, TableSpec, bool]] = []
+        ids: list[tuple[str, int, TableSpec, bool]] = []
         self.strings: list[_Sparse] = []
         self.multi: list[_Sparse] = []
         singles = 0
@@ -229,8 +266,7 @@ class Featurizer:
                 if strings is not None:
                     self.strings.append(_Sparse(feature, table, singles, strings))
                 else:
-                    strict = feature.oov is OOVPolicy.ERROR
-                    (hashed if table.is_hashed else vocab).append((name, singles, table, strict))
+                    ids.append((name, singles, table, feature.oov is OOVPolicy.ERROR))
                 singles += 1
         if set(spec.sparse_features) != known:
             raise ValueError(
@@ -241,10 +277,14 @@ class Featurizer:
                 f"dense features differ: schema {schema.dense_names}, model spec {list(spec.dense_features)}"
             )
         self.singles = singles
-        self.hashed = _group(hashed)
-        self.vocab = _group(vocab)
+        self.ids = _group(ids)
         self.dense: list[DenseFeature] = list(schema.dense)
         self.reader = ColumnReader(schema, max_rows=sys.maxsize)  # rows of in-process callers
+        self._rank_plans: dict[frozenset[str], _RankPlan] = {}
+        self._oov_rows = np.empty((1, singles), dtype=np.int64)  # every single's OOV row
+        self._oov_rows[0, self.ids.slots] = self.ids.buckets
+        for sparse in self.strings:
+            self._oov_rows[0, sparse.slot] = sparse.table.buckets
 
     @property
     def multi_valued(self) -> list[str]:
@@ -276,9 +316,8 @@ class Featurizer:
         Rows with errors get valid placeholder inputs (their scores are meaningless)."""
         n, errors = columns.rows, []
         single = np.empty((n, self.singles), dtype=np.int64)
-        for group, hashed in ((self.hashed, True), (self.vocab, False)):
-            if group.names:
-                single[:, group.slots] = self._ids(columns, group, hashed, errors)
+        if self.ids.names:
+            single[:, self.ids.slots] = self._ids(columns, self.ids, errors)
         for sparse in self.strings:
             single[:, sparse.slot] = self._strings(
                 columns.values.get(sparse.feature.name), n, sparse, errors
@@ -296,27 +335,107 @@ class Featurizer:
         )
         return features, sorted(errors, key=lambda e: e.row)
 
+    def map_ranking(
+        self, context: Columns, candidates: Columns
+    ) -> tuple[Features, Features, list[RowError], list[RowError]]:
+        """Map a ranking request: each feature once, from the part that gives it.
+
+        A feature the candidates give is mapped on their rows, any other on the context's one
+        row (a feature given nowhere: its missing value, the same for every candidate). The other
+        part gets placeholders (the OOV row, an empty list, 0).
+
+        Args:
+            context: the context's values, one row.
+            candidates: the candidates' values, one row per candidate.
+
+        Returns:
+            The context's inputs (one row), the candidates' (``candidates.rows``), and the errors
+            of each part (rows of the context are 0), as :meth:`map` gives them.
+        """
+        n, own = candidates.rows, candidates.values
+        plan = self._rank_plan(frozenset(own))
+        context_errors: list[RowError] = []
+        errors: list[RowError] = []
+        shared = self._oov_rows.copy()  # placeholders, then each part's own
+        single = np.empty((n, self.singles), dtype=np.int64)
+        single[:] = self._oov_rows
+        mine, theirs = plan.ids
+        if mine.names:
+            single[:, mine.slots] = self._ids(candidates, mine, errors)
+        if theirs.names:
+            shared[:, theirs.slots] = self._ids(context, theirs, context_errors)
+        for sparse in self.strings:
+            column = own.get(sparse.feature.name)
+            if column is not None:
+                single[:, sparse.slot] = self._strings(column, n, sparse, errors)
+            else:
+                column = context.values.get(sparse.feature.name)
+                shared[:, sparse.slot] = self._strings(column, 1, sparse, context_errors)
+        lists: tuple[list[np.ndarray], ...] = ([], [], [], [])  # values, lengths: mine, shared
+        empty = np.empty(0, dtype=np.int64)
+        for sparse in self.multi:
+            column = own.get(sparse.feature.name)
+            if column is not None:
+                values, lengths = self._list(column, n, sparse, errors)
+                shared_values, shared_lengths = empty, np.zeros(1, dtype=np.int64)
+            else:
+                column = context.values.get(sparse.feature.name)
+                shared_values, shared_lengths = self._list(column, 1, sparse, context_errors)
+                values, lengths = empty, np.zeros(n, dtype=np.int64)
+            for out, array in zip(lists, (values, lengths, shared_values, shared_lengths)):
+                out.append(array)
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        shared_dense = np.zeros((1, len(self.dense)), dtype=np.float32)
+        for j, feature in enumerate(self.dense):
+            column = own.get(feature.name)
+            if column is not None:
+                dense[:, j] = self._dense(column, n, feature, errors)
+            else:
+                column = context.values.get(feature.name)
+                shared_dense[:, j] = self._dense(column, 1, feature, context_errors)
+        return (
+            Features(shared, lists[2], lists[3], shared_dense),
+            Features(single, lists[0], lists[1], dense),
+            context_errors,
+            sorted(errors, key=lambda e: e.row),
+        )
+
+    def _rank_plan(self, own: frozenset[str]) -> _RankPlan:
+        """The id groups split for candidates giving ``own`` (remembered: few sets occur)."""
+        plan = self._rank_plans.get(own)
+        if plan is None:
+
+            def split(group: _IdGroup) -> tuple[_IdGroup, _IdGroup]:
+                mine = [k for k, name in enumerate(group.names) if name in own]
+                theirs = [k for k, name in enumerate(group.names) if name not in own]
+                return group.subset(mine), group.subset(theirs)
+
+            plan = _RankPlan(ids=split(self.ids))
+            if len(self._rank_plans) >= RANK_PLAN_LIMIT:
+                self._rank_plans.clear()
+            self._rank_plans[own] = plan
+        return plan
+
     # Sparse ------------------------------------------------------------------------------------
 
-    def _ids(
-        self, columns: Columns, group: _IdGroup, hashed: bool, errors: list[RowError]
-    ) -> np.ndarray:
+    def _ids(self, columns: Columns, group: _IdGroup, errors: list[RowError]) -> np.ndarray:
         """``(n, k)`` rows of a group of single-valued int features, mapped in one call."""
-        n = columns.rows
-        ints = np.zeros((n, len(group.names)), dtype=np.int64)
-        present = np.ones((n, len(group.names)), dtype=bool)
-        for j, name in enumerate(group.names):
-            column = columns.values.get(name)
-            if column is None:
-                present[:, j] = False
-                continue
-            ints[:, j] = column.values
-            if column.present is not None:
-                present[:, j] = column.present
-        ids = int_rows(ints, group.buckets, hashed=hashed, present=present)
-        if group.strict.any():
+        n, given = columns.rows, [columns.values.get(name) for name in group.names]
+        if len(given) == 1 and given[0] is not None:  # no copy for a group of one
+            ints, present = given[0].values.reshape(n, 1), given[0].present  # type: ignore[union-attr]
+            present = None if present is None else present.reshape(n, 1)
+        else:
+            ints, present = np.empty((n, len(given)), dtype=np.int64), None
+            for j, column in enumerate(given):
+                ints[:, j] = 0 if column is None else column.values
+                if column is None or column.present is not None:
+                    if present is None:  # only when some value is missing
+                        present = np.ones(ints.shape, dtype=bool)
+                    present[:, j] = False if column is None else column.present
+        ids = int_rows(ints, group.buckets, hashed=group.rule, present=present)
+        if group.any_strict:
             for i, j in zip(*np.nonzero(ids.refused(group.strict))):
-                value = int(ints[i, j]) if present[i, j] else None
+                value = int(ints[i, j]) if present is None or present[i, j] else None
                 errors.append(
                     _oov_error(
                         int(i), group.names[j], None, value, group.tables[j], int(group.buckets[j])
@@ -432,8 +551,18 @@ def _group(members: list[tuple[str, int, TableSpec, bool]]) -> _IdGroup:
         tables=tuple(m[2].name for m in members),
         slots=np.array([m[1] for m in members], dtype=np.int64),
         buckets=np.array([m[2].buckets for m in members], dtype=np.int64),
+        hashed=np.array([m[2].is_hashed for m in members], dtype=bool),
         strict=np.array([m[3] for m in members], dtype=bool),
+        any_strict=any(m[3] for m in members),
+        rule=_rule(np.array([m[2].is_hashed for m in members], dtype=bool)),
     )
+
+
+def _rule(hashed: np.ndarray) -> bool | np.ndarray:
+    """``int_rows``' ``hashed`` for a group: a flag if its tables are of one kind, else each's."""
+    if hashed.all() or not hashed.any():
+        return bool(hashed.any())
+    return hashed
 
 
 def _oov_error(

@@ -4,6 +4,7 @@ Routes::
 
     POST /v1/score        score impressions, one object per row (bearer token if CTCVR_API_TOKEN is set)
     POST /v1/score/columns  the same, one list per feature
+    POST /v1/rank         score and rank candidates: the context once, each candidate's features
     GET  /v1/model        the model being served
     POST /admin/reload    hot reload (bearer token CTCVR_ADMIN_TOKEN; disabled without one)
     GET  /healthz         liveness
@@ -33,7 +34,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
-from schemas.api import ScoreColumnsRequest, ScoreRequest
+from schemas.api import RankRequest, ScoreColumnsRequest, ScoreRequest
 from serving.artifact import ArtifactError
 from serving.batching import MicroBatcher
 from serving.config import ServingSettings, get_settings
@@ -41,7 +42,7 @@ from serving.deps import require_api_token
 from serving.metrics import MetricsMiddleware, ServiceMetrics
 from serving.registry import ModelRegistry
 from serving.repository import RepositoryFollower, follow_repository
-from serving.routes import admin, health, model, score
+from serving.routes import admin, health, model, rank, score
 
 __all__ = ["create_app", "worker_app"]
 
@@ -145,6 +146,7 @@ def create_app(
 
     api = Depends(require_api_token)
     app.include_router(score.router, prefix=API_PREFIX, dependencies=[api])
+    app.include_router(rank.router, prefix=API_PREFIX, dependencies=[api])
     app.include_router(model.router, prefix=API_PREFIX, dependencies=[api])
     app.include_router(admin.router)
     app.include_router(health.router)
@@ -190,6 +192,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     models = {
         "ScoreRequest": scorer.request_model if scorer is not None else ScoreRequest,
         "ScoreColumnsRequest": scorer.columns_model if scorer is not None else ScoreColumnsRequest,
+        "RankRequest": scorer.rank_model if scorer is not None else RankRequest,
     }
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     for name, request_model in models.items():

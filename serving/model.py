@@ -21,6 +21,10 @@ operations costs:
 * a model trained with DDPO's causal transfer modules (``spec.cvr_transfer``) replaces the CVR
   mixture by their fused feature before the towers (``_CausalTransfer``), as the trainer does.
 
+Ranking requests (:class:`RankFeatures`, :meth:`ScoringModel.predict_ranking`) carry the context's
+features once: its rows are looked up once per request, and its share of the first layer (a
+product with the context's input columns) is computed once and added to every candidate's.
+
 The results equal the trainer's to float32 rounding (the parity tests hold them to 1e-5).
 """
 
@@ -48,7 +52,9 @@ from schemas.artifact import (
 )
 from serving.tables import EmbeddingRows, FloatRows
 
-__all__ = ["Features", "ScoringModel"]
+__all__ = ["Features", "RankFeatures", "ScoringModel"]
+
+_MAX_BROADCAST_PLANS = 64  # first-layer splits remembered (one per set of context features)
 
 
 @dataclass
@@ -84,6 +90,58 @@ class Features:
         )
 
 
+@dataclass
+class RankFeatures:
+    """Model inputs of ranking requests: one context row per request, broadcast to its candidates.
+
+    Attributes:
+        context: ``R`` rows, one per request.
+        candidates: ``N`` rows, the candidates of every request, request after request.
+        counts: ``(R,)`` int64 candidates of each request (they sum to ``N``).
+        from_context: the features every candidate takes from its request's context row; the
+            others come from the candidate's own row. The same for every request of a batch.
+    """
+
+    context: Features
+    candidates: Features
+    counts: np.ndarray
+    from_context: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return self.candidates.size
+
+    @staticmethod
+    def concat(parts: Sequence[RankFeatures]) -> RankFeatures:
+        """Several ranking requests as one batch, in order.
+
+        Raises:
+            ValueError: the requests take different features from their contexts.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.from_context for p in parts}) != 1:
+            raise ValueError("ranking requests batched together must share from_context")
+        return RankFeatures(
+            context=Features.concat([p.context for p in parts]),
+            candidates=Features.concat([p.candidates for p in parts]),
+            counts=np.concatenate([p.counts for p in parts]),
+            from_context=parts[0].from_context,
+        )
+
+
+@dataclass(frozen=True)
+class _Broadcast:
+    """Ranking requests' first layer, split between the context's and the candidates' columns."""
+
+    context: torch.Tensor  # (C,) input columns taken from the context row
+    context_weight: torch.Tensor  # (C, H) their first-layer weights, transposed
+    groups: list[_Group]  # the candidates' own single-valued lookups ...
+    bags: list[_Input]  # ... and list features
+    dense: torch.Tensor  # (Dk,) columns of Features.dense the candidates give
+    candidate_weight: torch.Tensor  # (K, H) first-layer weights of those inputs, transposed
+
+
 @dataclass(frozen=True)
 class _Input:
     """Where one sparse feature's pooled embedding comes from."""
@@ -94,6 +152,11 @@ class _Input:
     single_slot: int | None  # column of Features.single, or
     multi_slot: int | None  # index into Features.multi_*
     pooling: Pooling
+
+
+_Group = tuple[
+    int, torch.Tensor | None, torch.Tensor
+]  # dim, columns of Features.single, row offsets
 
 
 class ScoringModel(nn.Module):
@@ -157,24 +220,20 @@ class ScoringModel(nn.Module):
 
     def _plan_lookups(self, dims: list[int]) -> None:
         """Single-valued lookups grouped by dim, and the column order that restores the spec's."""
-        singles = [i for i in self._inputs if i.single_slot is not None]
-        self._groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
-        pieces: list[tuple[str, int]] = []  # (feature, width) in the order forward concatenates
-        for dim in dims:
-            members = [i for i in singles if i.dim == dim]
-            if not members:
-                continue
-            slots = [i.single_slot for i in members]
-            select = None if slots == list(range(len(singles))) else torch.tensor(slots)
-            offsets = torch.tensor([self._offset[i.table] for i in members])
-            self._groups.append((dim, select, offsets))
-            pieces += [(i.feature, dim) for i in members]
+        self._dims = dims
+        self._groups = self._single_groups(self._inputs)
+        singles = [
+            i for dim in dims for i in self._inputs if i.single_slot is not None and i.dim == dim
+        ]
         self._bags = [i for i in self._inputs if i.multi_slot is not None]
-        pieces += [(i.feature, i.dim) for i in self._bags]
+        # (feature, width) in the order forward concatenates
+        pieces = [(i.feature, i.dim) for i in singles + self._bags]
         start, where = 0, {}
         for feature, width in pieces:
             where[feature] = (start, width)
             start += width
+        self._where, self._pooled_width = where, start
+        self._broadcasts: dict[tuple[str, ...], _Broadcast] = {}
         columns = [
             c
             for i in self._inputs
@@ -193,6 +252,20 @@ class ScoringModel(nn.Module):
         # forward concatenates in ``pieces`` order; the first layer's input columns are permuted
         # to match once at load time instead of permuting every batch.
         self._columns = torch.tensor(columns)
+
+    def _single_groups(self, inputs: Sequence[_Input]) -> list[_Group]:
+        """Lookups of the single-valued ``inputs``: one per embedding dim, in dim order."""
+        count = sum(i.single_slot is not None for i in self._inputs)
+        groups = []
+        for dim in self._dims:
+            members = [i for i in inputs if i.single_slot is not None and i.dim == dim]
+            if not members:
+                continue
+            slots = [i.single_slot for i in members]
+            select = None if slots == list(range(count)) else torch.tensor(slots)
+            offsets = torch.tensor([self._offset[i.table] for i in members])
+            groups.append((dim, select, offsets))
+        return groups
 
     # Loading -----------------------------------------------------------------------------------
 
@@ -332,12 +405,28 @@ class ScoringModel(nn.Module):
         """The MMoE input: ``(B, in_features)`` float32, the pooled embeddings, the dense
         features and the interactions, columns in lookup order (what :attr:`first_weight`'s
         columns are permuted to); arguments as :meth:`forward`'s."""
-        batch = dense.shape[0]
+        return self._layer_input(self._lookups(single, multi_values, multi_offsets), dense)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` float32 pctr, pcvr, pctcvr of the MMoE input ``x`` (:meth:`inputs`)."""
+        return self._heads(F.linear(x, self.first_weight, self.first_bias))
+
+    def _lookups(
+        self,
+        single: torch.Tensor,
+        multi_values: Sequence[torch.Tensor],
+        multi_offsets: Sequence[torch.Tensor],
+        groups: Sequence[_Group] | None = None,
+        bags: Sequence[_Input] | None = None,
+    ) -> list[torch.Tensor]:
+        """The pooled embeddings, ``(B, width)`` pieces in lookup order: of every feature, or of
+        the ``groups`` and ``bags`` given."""
+        batch = single.shape[0]
         pieces = []
-        for dim, select, offsets in self._groups:
+        for dim, select, offsets in self._groups if groups is None else groups:
             ids = (single if select is None else single.index_select(1, select)) + offsets
             pieces.append(self._rows[dim].lookup(ids).view(batch, -1))
-        for bag in self._bags:
+        for bag in self._bags if bags is None else bags:
             pieces.append(
                 self._rows[bag.dim].pool(
                     multi_values[bag.multi_slot] + self._offset[bag.table],
@@ -345,17 +434,20 @@ class ScoringModel(nn.Module):
                     bag.pooling,
                 )
             )
-        pieces.append(dense)
+        return pieces
+
+    def _layer_input(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: pooled embeddings, dense features and any interactions."""
+        pieces = [*pooled, dense]
         if self._interaction is not None:
-            pieces.append(self._dot_interaction(torch.cat(pieces[:-1], dim=1)))
+            pieces.append(self._dot_interaction(torch.cat(pooled, dim=1)))
         return torch.cat(pieces, dim=1)  # columns in lookup order; first_weight is permuted to it
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3)`` float32 pctr, pcvr, pctcvr of the MMoE input ``x`` (:meth:`inputs`)."""
-        batch = x.shape[0]
+    def _heads(self, first: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` pctr, pcvr, pctcvr from the first layer's ``(B, E*H1 + gates*E)`` output."""
+        batch = first.shape[0]
         spec = self.spec
         experts, width = spec.num_experts, spec.expert_sizes[0]
-        first = F.linear(x, self.first_weight, self.first_bias)
         hidden = (
             torch.relu(first[:, : experts * width]).view(batch, experts, width).transpose(0, 1)
         )  # (E, B, H)
@@ -393,17 +485,99 @@ class ScoringModel(nn.Module):
         features: Features,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """:meth:`forward`'s arguments for a batch of mapped features (no copies)."""
-        offsets = []
-        for lengths in features.multi_lengths:
-            starts = np.zeros(len(lengths), dtype=np.int64)
-            np.cumsum(lengths[:-1], out=starts[1:])
-            offsets.append(torch.from_numpy(starts))
-        return (
-            torch.from_numpy(features.single),
-            [torch.from_numpy(v) for v in features.multi_values],
-            offsets,
-            torch.from_numpy(features.dense),
+        return _tensors(features)
+
+    @torch.inference_mode()
+    def predict_ranking(self, inputs: RankFeatures) -> np.ndarray:
+        """``(N, 3)`` float32 numpy scores of ranking requests' candidates, in order.
+
+        Each candidate scores as the row of its own features and its request's context features
+        would (:meth:`predict`), to float32 rounding: the context rows are looked up once per
+        request and, but for dot interactions (which pair context and candidate embeddings), their
+        share of the first layer is computed once per request too.
+        """
+        plan = self._broadcast(inputs.from_context)
+        context = _tensors(inputs.context)
+        candidates = _tensors(inputs.candidates)
+        shared = torch.cat([*self._lookups(*context[:3]), context[3]], dim=1)  # (R, P + D)
+        rows = None
+        if len(inputs.counts) > 1:
+            rows = torch.from_numpy(np.repeat(np.arange(len(inputs.counts)), inputs.counts))
+        if self._interaction is None:
+            own = self._lookups(*candidates[:3], plan.groups, plan.bags)
+            own.append(candidates[3].index_select(1, plan.dense))
+            first_shared = torch.addmm(
+                self.first_bias, shared.index_select(1, plan.context), plan.context_weight
+            )  # (R, H): broadcast over one request's candidates, repeated for several
+            if rows is not None:
+                first_shared = first_shared.index_select(0, rows)
+            first = torch.addmm(first_shared, torch.cat(own, dim=1), plan.candidate_weight)
+        else:  # the interactions pair context and candidate embeddings: assemble whole rows
+            own = torch.cat([*self._lookups(*candidates[:3]), candidates[3]], dim=1)
+            shared = (
+                shared.expand(own.shape[0], -1) if rows is None else shared.index_select(0, rows)
+            )
+            own.index_copy_(1, plan.context, shared.index_select(1, plan.context))
+            pooled, dense = own[:, : self._pooled_width], own[:, self._pooled_width :]
+            first = F.linear(self._layer_input([pooled], dense), self.first_weight, self.first_bias)
+        return self._heads(first).numpy()
+
+    def _broadcast(self, from_context: tuple[str, ...]) -> _Broadcast:
+        """The first layer split for ``from_context`` (remembered: a service sees few splits).
+
+        Raises:
+            ValueError: a name that is no feature of the model.
+        """
+        plan = self._broadcasts.get(from_context)
+        if plan is not None:
+            return plan
+        dense_index = {name: k for k, name in enumerate(self.spec.dense_features)}
+        unknown = set(from_context) - self._where.keys() - dense_index.keys()
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not features of this model")
+        taken = np.zeros(self._pooled_width + len(dense_index), dtype=bool)
+        for name in from_context:
+            if name in self._where:
+                start, width = self._where[name]
+                taken[start : start + width] = True
+            else:
+                taken[self._pooled_width + dense_index[name]] = True
+        context = torch.from_numpy(np.flatnonzero(taken))
+        # the candidates' own inputs, in the order of the columns they fill (ascending)
+        own = [i for i in self._inputs if i.feature not in from_context]
+        candidate = torch.from_numpy(np.flatnonzero(~taken))
+        plan = _Broadcast(
+            context=context,
+            context_weight=self.first_weight.index_select(1, context).T.contiguous(),
+            groups=self._single_groups(own),
+            bags=[i for i in own if i.multi_slot is not None],
+            dense=torch.tensor(
+                [k for name, k in dense_index.items() if name not in from_context],
+                dtype=torch.int64,
+            ),
+            candidate_weight=self.first_weight.index_select(1, candidate).T.contiguous(),
         )
+        if len(self._broadcasts) >= _MAX_BROADCAST_PLANS:
+            self._broadcasts.clear()
+        self._broadcasts[from_context] = plan
+        return plan
+
+
+def _tensors(
+    features: Features,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """``features`` as the model's inputs: ids, list ids, list offsets, dense values."""
+    offsets = []
+    for lengths in features.multi_lengths:
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        offsets.append(torch.from_numpy(starts))
+    return (
+        torch.from_numpy(features.single),
+        [torch.from_numpy(v) for v in features.multi_values],
+        offsets,
+        torch.from_numpy(features.dense),
+    )
 
 
 class _CausalTransfer:

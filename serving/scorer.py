@@ -11,12 +11,18 @@ Only a body it refuses goes through the pydantic request model of its form, whic
 value (or, for what is unusual but valid, such as an id written ``1.0``, converts it), so both
 paths accept the same requests with the same values and refuse them with the same messages.
 
+Ranking requests (one context, many candidates) have their own three steps:
+``Scorer.parse_rank``, ``Scorer.featurize_rank`` (the context mapped once) and
+``Scorer.prepare_rank``; ``Scorer.predict`` scores either kind of inputs.
+
 Example::
 
     scorer = Scorer(load_artifact("runs/demo/model"), max_rows=1024)
     features = scorer.prepare(b'{"rows": [{"user_id": 7, "price": 12.5}]}')
     scorer.predict(features)  # (1, 3) float32: pctr, pcvr, pctcvr
     scorer.prepare(b'{"columns": {"user_id": [7, 8]}}', RequestForm.COLUMNS).size  # 2
+    ranking = scorer.prepare_rank(b'{"context": {"user_id": 7}, "candidates": [{"price": 1.5}]}')
+    scorer.predict(ranking.features)  # (1, 3): the candidate's scores
 """
 
 from __future__ import annotations
@@ -29,11 +35,25 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.api import FeatureInfo, score_columns_model, score_request_model
+from schemas.api import (
+    FeatureInfo,
+    rank_request_model,
+    score_columns_model,
+    score_request_model,
+)
+from schemas.features import FeatureScope
 from serving.artifact import Artifact
 from serving.columns import ColumnReader, Columns, Unreadable
 from serving.features import RowError
-from serving.model import Features
+from serving.model import Features, RankFeatures
+from serving.ranking import (
+    Misplaced,
+    RankInputs,
+    RankReader,
+    RankValues,
+    misplaced,
+    rank_error_items,
+)
 
 __all__ = ["RequestForm", "RequestInvalid", "Scorer", "row_errors"]
 
@@ -70,7 +90,12 @@ class Scorer:
         self.model_dir = model_dir if model_dir is not None else str(artifact.path)
         self.request_model: type[BaseModel] = score_request_model(artifact.schema, max_rows)
         self.columns_model: type[BaseModel] = score_columns_model(artifact.schema, max_rows)
+        self.rank_model: type[BaseModel] = rank_request_model(artifact.schema, max_rows)
         self.reader = ColumnReader(artifact.schema, max_rows)
+        self.rank_reader = RankReader(artifact.schema, max_rows)
+        schema = artifact.schema
+        # every feature in one fixed order: the features a ranking batch takes from its contexts
+        self._names = tuple(schema.sparse_names + schema.dense_names)
         self.loaded_at = datetime.now(UTC)
 
     @property
@@ -118,9 +143,90 @@ class Scorer:
         """:meth:`parse` then :meth:`featurize`."""
         return self.featurize(self.parse(body, form), form)
 
-    def predict(self, features: Features) -> np.ndarray:
-        """``(B, 3)`` float32 scores (pctr, pcvr, pctcvr)."""
+    def parse_rank(self, body: bytes) -> RankValues:
+        """Validate a ranking request's JSON body; return its values.
+
+        Raises:
+            RequestInvalid: what :meth:`parse` refuses, each error naming ``context.<field>`` or
+                ``candidates[<i>].<field>``; a feature given where its scope does not allow, or
+                in both places; a required feature (``oov: error``) given nowhere; ``order_by``
+                without ``top_k``.
+        """
+        try:
+            return self.rank_reader.read(orjson.loads(body))
+        except (orjson.JSONDecodeError, Unreadable):
+            pass  # the request model says what is wrong, or converts what is unusual but valid
+        except Misplaced as err:
+            raise RequestInvalid(
+                _capped(err.errors[:MAX_REPORTED_ERRORS], len(err.errors))
+            ) from None
+        try:
+            request = self.rank_model.model_validate_json(body)
+        except ValidationError as err:
+            raise RequestInvalid(self._rank_errors(_pydantic_errors(err))) from None
+        try:
+            return self.rank_reader.read(request.model_dump(mode="json", exclude_none=True))
+        except Misplaced as err:  # what JSON Schema cannot say: scope any given twice...
+            raise RequestInvalid(
+                _capped(err.errors[:MAX_REPORTED_ERRORS], len(err.errors))
+            ) from None
+        except Unreadable as err:  # the two disagree: refuse, saying what the reader found
+            raise RequestInvalid(
+                [{"loc": ["body", "candidates"], "msg": str(err), "type": "value_error"}]
+            ) from None
+
+    def featurize_rank(self, values: RankValues) -> RankFeatures:
+        """Map a ranking request's values to model inputs: the context once, the candidates
+        once, each feature from where it was given (a feature given nowhere from the context:
+        its missing value is the same for every candidate).
+
+        Raises:
+            RequestInvalid: as :meth:`featurize`, naming ``context.<field>`` or
+                ``candidates[<i>].<field>``.
+        """
+        own = values.candidates.values
+        from_context = tuple(name for name in self._names if name not in own)
+        context, candidates, context_errors, candidate_errors = (
+            self.artifact.featurizer.map_ranking(values.context, values.candidates)
+        )
+        if context_errors or candidate_errors:
+            items = rank_error_items(context_errors, candidate_errors, values.form)
+            raise RequestInvalid(_capped(items[:MAX_REPORTED_ERRORS], len(items)))
+        counts = np.array([candidates.size], dtype=np.int64)
+        return RankFeatures(context, candidates, counts, from_context)
+
+    def prepare_rank(self, body: bytes) -> RankInputs:
+        """:meth:`parse_rank` then :meth:`featurize_rank`."""
+        values = self.parse_rank(body)
+        return RankInputs(self.featurize_rank(values), values.top_k, values.order_by)
+
+    def predict(self, features: Features | RankFeatures) -> np.ndarray:
+        """``(B, 3)`` float32 scores (pctr, pcvr, pctcvr): of the rows, or of a ranking's
+        candidates."""
+        if isinstance(features, RankFeatures):
+            return self.artifact.model.predict_ranking(features)
         return self.artifact.model.predict(features)
+
+    def _rank_errors(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The request model's errors in the request's terms: without the candidates' form tag
+        (``objects``, ``columns``), and a feature refused for its scope said so."""
+        schema = self.artifact.schema
+        for item in items:
+            loc = item["loc"]
+            if loc[1:2] == ["candidates"] and loc[2:3] in (["objects"], ["columns"]):
+                del loc[2]
+            if item["type"] != "extra_forbidden" or not isinstance(loc[-1], str):
+                continue
+            name = loc[-1]
+            try:
+                scope = schema.scope_of(name)
+            except ValueError:
+                continue  # not a feature at all
+            if (loc[1] == "context" and scope is FeatureScope.CANDIDATE) or (
+                loc[1] == "candidates" and scope is FeatureScope.CONTEXT
+            ):
+                item["msg"], item["type"] = misplaced(name, scope), "feature_scope"
+        return items
 
     def features_info(self) -> list[FeatureInfo]:
         schema = self.artifact.schema
@@ -132,6 +238,7 @@ class Scorer:
                 multi_valued=f.multi_valued,
                 max_len=f.max_len if f.multi_valued else None,
                 oov=f.oov.value,
+                scope=f.scope.value,
             )
             for f in schema.sparse
         ]
@@ -142,6 +249,7 @@ class Scorer:
                 dtype="float",
                 default=f.default,
                 normalization=f.normalization.model_dump(mode="json"),
+                scope=f.scope.value,
             )
             for f in schema.dense
         ]

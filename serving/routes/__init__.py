@@ -1,5 +1,5 @@
 """The service's routers, one file per resource."""
 
-from serving.routes import admin, health, model, score
+from serving.routes import admin, health, model, rank, score
 
-__all__ = ["admin", "health", "model", "score"]
+__all__ = ["admin", "health", "model", "rank", "score"]

@@ -3,57 +3,29 @@ one per row, in order; the same model and rules, rows or columns."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import orjson
-from fastapi import APIRouter, HTTPException, Response, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Response
 
-from schemas.api import ErrorResponse, ScoreColumnsResponse, ScoreResponse, ValidationErrorResponse
-from serving.batching import BatchResult, Overloaded, ScoringTimeout
+from schemas.api import ScoreColumnsResponse, ScoreResponse
+from serving.batching import BatchResult
 from serving.deps import RawJsonBody, Scoring, ScoringDep
-from serving.scorer import RequestForm, RequestInvalid
+from serving.model import Features
+from serving.routes._scoring import RESPONSES, refuse_non_finite, request_body, score
+from serving.scorer import RequestForm, Scorer
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["score"])
-
-_INLINE_PARSE_BYTES = 16 * 1024  # parsing and mapping take well under a millisecond
-
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {
-        "model": ErrorResponse,
-        "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)",
-    },
-    413: {"description": "Body larger than CTCVR_MAX_BODY_BYTES"},
-    415: {"model": ErrorResponse, "description": "Body is not JSON"},
-    422: {
-        "model": ValidationErrorResponse,
-        "description": "Invalid values: each `loc` names the row and the feature",
-    },
-    503: {
-        "model": ErrorResponse,
-        "description": "No model loaded, overloaded, or timed out; retry later",
-    },
-}
-
-
-def _body(schema: str) -> dict[str, Any]:
-    """The request body documented with the loaded model's request schema (see serving.main):
-    the body is parsed by the scorer, not by FastAPI."""
-    ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 @router.post(
     "/score",
     response_model=ScoreResponse,
     summary="Score impressions",
-    openapi_extra=_body("ScoreRequest"),
-    responses=_RESPONSES,
+    openapi_extra=request_body("ScoreRequest"),
+    responses=RESPONSES,
 )
-async def score(body: RawJsonBody, scoring: ScoringDep) -> Response:
+async def score_rows(body: RawJsonBody, scoring: ScoringDep) -> Response:
     """Scores a batch of impressions, one object of raw feature values per impression (see the
     request schema).
 
@@ -74,8 +46,8 @@ async def score(body: RawJsonBody, scoring: ScoringDep) -> Response:
     "/score/columns",
     response_model=ScoreColumnsResponse,
     summary="Score impressions given column by column",
-    openapi_extra=_body("ScoreColumnsRequest"),
-    responses=_RESPONSES,
+    openapi_extra=request_body("ScoreColumnsRequest"),
+    responses=RESPONSES,
 )
 async def score_columns(body: RawJsonBody, scoring: ScoringDep) -> Response:
     """Scores a batch of impressions given as one list of raw values per feature, one entry per
@@ -91,35 +63,11 @@ async def score_columns(body: RawJsonBody, scoring: ScoringDep) -> Response:
 
 
 async def _scores(body: bytes, form: RequestForm, scoring: Scoring) -> BatchResult:
-    # The route is async although torch blocks: it never runs the model. The request is parsed
-    # and mapped here (small bodies on the loop, large ones in the thread pool); the micro-
-    # batcher's worker thread runs the model, and the route awaits its slice holding no thread.
-    scorer, batcher = scoring.scorer, scoring.batcher
-    try:
-        with batcher.expecting():  # batches forming now wait for this request
-            if len(body) <= _INLINE_PARSE_BYTES:
-                features = scorer.prepare(body, form)
-            else:
-                features = await run_in_threadpool(scorer.prepare, body, form)
-            ticket = batcher.submit(scorer, features)
-        result = await batcher.wait(ticket, timeout=scoring.settings.request_timeout_s)
-    except RequestInvalid as err:
-        raise HTTPException(422, detail=err.errors) from None
-    except (Overloaded, ScoringTimeout) as err:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, str(err), headers={"Retry-After": "1"}
-        ) from None
-    bad = np.flatnonzero(~np.isfinite(result.scores).all(axis=1))
-    if bad.size:  # only extreme dense values can get here; say which rows
-        raise HTTPException(
-            422,
-            detail=[
-                {
-                    "loc": ["body", "rows", i] if form is RequestForm.ROWS else ["body", "columns"],
-                    "msg": f"the model gives no finite score for row {i}; check its dense values",
-                    "type": "value_out_of_range",
-                }
-                for i in bad[:50].tolist()
-            ],
-        )
+    def prepare(scorer: Scorer, body: bytes) -> Features:
+        return scorer.prepare(body, form)
+
+    _, result = await score(body, prepare, lambda features: features, scoring)
+    refuse_non_finite(
+        result.scores, lambda i: ["rows", i] if form is RequestForm.ROWS else ["columns"]
+    )
     return result

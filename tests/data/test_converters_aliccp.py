@@ -155,6 +155,8 @@ def test_schema_hashes_each_kept_field_and_the_reader_reads_it(
     assert schema.table_of("item_id").hash_buckets == 1000 and schema.table_of("user_id").dim == 8
     history = schema.sparse_feature("user_category_history")
     assert history.multi_valued and history.max_len == cfg.history_max_len
+    # a ranking request gives the user's fields once, the item's per candidate
+    assert [f.scope.value for f in schema.sparse] == ["context", "context", "candidate"]
     reader = ImpressionReader.from_dataset(tmp_path / "out", "train", batch_size=8)
     batch = next(iter(reader))
     assert batch.size == 3 and reader.stats.oov_values["user_category_history"] == 0

@@ -232,5 +232,6 @@ def test_cli_converts_the_shipped_coat(tmp_path: Path) -> None:
 def test_ids_only_keeps_user_and_item_ids(tmp_path: Path) -> None:
     result = convert_coat(tmp_path / "ids", attributes=False)
     assert result.schema.sparse_names == ["user_id", "item_id"]
+    assert [f.scope.value for f in result.schema.sparse] == ["context", "candidate"]
     assert pq.read_table(tmp_path / "ids" / "train").num_rows == 87_000
     assert json.loads((tmp_path / "ids" / "conversion.json").read_text())["attributes"] is False

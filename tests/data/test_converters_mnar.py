@@ -137,6 +137,10 @@ def test_named_columns_string_ids_and_attribute_tables(tmp_path: Path) -> None:
     assert schema.table_of("user_age_band").vocab_size == 4  # integers: max 3 + 1
     assert schema.table_of("user_city").is_hashed  # strings
     assert schema.table_of("item_genre").vocab_size == 9
+    scopes = {f.name: f.scope.value for f in schema.sparse}  # the user once, each item apart
+    assert scopes == {
+        name: "context" if name.startswith("user_") else "candidate" for name in scopes
+    }
 
 
 def test_the_trainer_reader_reads_a_string_id_conversion(tmp_path: Path) -> None:

@@ -240,6 +240,22 @@ def test_layout_schema_and_summary(small_sim):
     ImpressionReader.from_dataset(out, "train", batch_size=8)  # the reader accepts every file
 
 
+def test_the_schema_says_which_features_a_ranking_request_gives_once():
+    schema = simulated_schema()
+    scope = {f.name: f.scope.value for f in (*schema.sparse, *schema.dense)}
+    assert {n for n, s in scope.items() if s == "candidate"} == {
+        "item_id",
+        "category",
+        "shop_id",
+        "brand_id",
+        "price_bucket",
+        "seller_level",
+        "position",
+        "price",
+    }
+    assert set(scope.values()) == {"context", "candidate"}  # the user's and the request's
+
+
 def test_schema_knobs():
     schema = simulated_schema(dim=8, user_buckets=1_000, item_buckets=500)
     assert {t.dim for t in schema.all_tables} == {8}

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from schemas import FeatureSchema, SchemaError, load_schema
+from schemas import FeatureSchema, FeatureScope, SchemaError, load_schema
 
 LABELS = {"click": "click", "conversion": "conversion"}
 
@@ -114,3 +114,32 @@ def test_normalization_by_hand():
         [-math.log(4), 0.0, math.log(3)]
     )
     assert Normalization(kind="standard", mean=1.0, std=2.0).apply(x).tolist() == [-2.0, -0.5, 0.5]
+
+
+def test_scope_says_where_a_ranking_request_gives_a_feature():
+    s = FeatureSchema.from_dict(schema())
+    assert {s.scope_of(n) for n in s.sparse_names + s.dense_names} == {FeatureScope.ANY}
+    assert "scope" not in s.to_yaml()  # older schemas are written as they were
+    scoped = schema()
+    scoped["sparse"][0]["scope"] = "context"  # user_id
+    scoped["sparse"][1]["scope"] = "candidate"  # item_id
+    scoped["dense"][0]["scope"] = "candidate"  # price
+    t = FeatureSchema.from_dict(scoped)
+    assert t.scope_of("user_id") is FeatureScope.CONTEXT
+    assert t.scope_of("item_id") is FeatureScope.CANDIDATE
+    assert t.scope_of("price") is FeatureScope.CANDIDATE
+    assert t.scope_of("history") is FeatureScope.ANY
+    assert FeatureSchema.from_yaml(t.to_yaml()) == t
+    # scope changes no weight: declaring it keeps the fingerprint of checkpoints and exports
+    assert t.fingerprint() == s.fingerprint()
+    with pytest.raises(SchemaError, match="unknown feature 'nope'"):
+        t.scope_of("nope")
+
+
+def test_an_unknown_scope_is_refused_naming_the_feature():
+    data = schema()
+    data["sparse"][2]["scope"] = "user"
+    with pytest.raises(
+        SchemaError, match=r"sparse\[2\] 'history'.scope: Input should be 'context'"
+    ):
+        FeatureSchema.from_dict(data)

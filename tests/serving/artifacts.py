@@ -58,6 +58,21 @@ EDGE_SCHEMA = {
     "labels": {"click": "click", "conversion": "conversion"},
 }
 LABEL_COLUMNS = ("click", "conversion")
+# Where a ranking request gives each feature of EDGE_SCHEMA (``edge_schema(scoped=True)``): every
+# kind of feature in the context (a hashed id, a string, a vocabulary id, a list, dense values)
+# and per candidate; ``strict_cat`` (oov: error) and ``raw`` in either place.
+EDGE_SCOPES = {
+    "user": "context",
+    "city": "context",
+    "level": "context",
+    "strict_cat": "any",
+    "recent_tags": "context",
+    "tag": "candidate",
+    "words": "candidate",
+    "price": "candidate",
+    "activity": "context",
+    "raw": "any",
+}
 
 
 @contextmanager
@@ -68,15 +83,18 @@ def single_process_dcp() -> Iterator[None]:
         yield
 
 
-def edge_schema(dim: int | None = None) -> FeatureSchema:
-    """:data:`EDGE_SCHEMA`, or with ``dim`` every table of that one dimension."""
-    if dim is None:
-        return FeatureSchema.from_dict(EDGE_SCHEMA)
-    same_dim = copy.deepcopy(EDGE_SCHEMA)
-    for entry in same_dim["tables"] + same_dim["sparse"]:
-        if "dim" in entry:
-            entry["dim"] = dim
-    return FeatureSchema.from_dict(same_dim)
+def edge_schema(dim: int | None = None, scoped: bool = False) -> FeatureSchema:
+    """:data:`EDGE_SCHEMA`; with ``dim`` every table of that one dimension; ``scoped``: each
+    feature's scope as :data:`EDGE_SCOPES` says (else every scope is the default, ``any``)."""
+    data = copy.deepcopy(EDGE_SCHEMA)
+    if dim is not None:
+        for entry in data["tables"] + data["sparse"]:
+            if "dim" in entry:
+                entry["dim"] = dim
+    if scoped:
+        for entry in data["sparse"] + data["dense"]:
+            entry["scope"] = EDGE_SCOPES[entry["name"]]
+    return FeatureSchema.from_dict(data)
 
 
 def edge_table(n: int, seed: int) -> pa.Table:
@@ -139,9 +157,10 @@ def make_edge_run(
     overrides: Sequence[str] = (),
     prepare: Callable[[Any], None] | None = None,
     dim: int | None = None,
+    scoped: bool = False,
 ) -> Path:
     """A run directory as ``trainer.train`` leaves it (config, schema, DCP checkpoint, metrics)
-    around a model of :data:`EDGE_SCHEMA` (``edge_schema(dim)``) with random weights (``seed``),
+    around a model of :data:`EDGE_SCHEMA` (``edge_schema(dim, scoped)``) with random weights (``seed``),
     and its data (``data_seed``) under ``root/data``. ``overrides`` are config overrides;
     ``prepare`` may change the ``TrainModule`` before it is saved (e.g. prune it).
     """
@@ -154,7 +173,7 @@ def make_edge_run(
     from trainer.run_dir import RunDir
     from trainer.train_module import TrainModule
 
-    schema = edge_schema(dim)
+    schema = edge_schema(dim, scoped)
     data, run = root / "data", root / "run"
     (data / "test").mkdir(parents=True, exist_ok=True)
     schema.save(data / "schema.yaml")

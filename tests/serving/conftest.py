@@ -46,10 +46,14 @@ def _objective_with_extra_head() -> str:
     return next((name for name, cls in OBJECTIVES.items() if cls.required_heads), "esmm")
 
 
-def _edge_model(root: Path, seed: int, objective: str | None = None) -> EdgeModel:
+def _edge_model(
+    root: Path, seed: int, objective: str | None = None, scoped: bool = False
+) -> EdgeModel:
     from trainer.export import export_run
 
-    run = make_edge_run(root, seed=seed, objective=objective or _objective_with_extra_head())
+    run = make_edge_run(
+        root, seed=seed, objective=objective or _objective_with_extra_head(), scoped=scoped
+    )
     manifest = export_run(run, root / "model", log=None)
     data = root / "data" / "test"
     return EdgeModel(
@@ -72,6 +76,12 @@ def edge_model(tmp_path_factory) -> EdgeModel:
 def edge_model_b(tmp_path_factory) -> EdgeModel:
     """Another model of the same schema (other weights), for reloads."""
     return _edge_model(tmp_path_factory.mktemp("edge_b"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def scoped_edge_model(tmp_path_factory) -> EdgeModel:
+    """A model of the edge-case schema whose features declare scopes (``EDGE_SCOPES``)."""
+    return _edge_model(tmp_path_factory.mktemp("edge_scoped"), seed=3, scoped=True)
 
 
 @pytest.fixture(scope="session")

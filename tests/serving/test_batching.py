@@ -183,3 +183,38 @@ def test_stop_scores_what_is_queued(scorer, inputs, edge_model):
     gated.gate.set()
     stopper.join(10)
     assert all(t.done() and t.result().scores.shape == (2, 3) for t in tickets)
+
+
+def test_ranking_requests_batch_with_their_kind_only(batcher, scorer, inputs, edge_model):
+    """Ranking requests taking the same features from their contexts share a model call, each
+    with its own context; rows of /v1/score and other splits go in calls of their own."""
+    rows = edge_model.rows
+
+    def ranking(start: int, stop: int, context: tuple[str, ...]):
+        ctx = {k: v for k, v in rows[start].items() if k in context}
+        candidates = [{k: v for k, v in r.items() if k not in context} for r in rows[start:stop]]
+        return scorer.prepare_rank(orjson.dumps({"context": ctx, "candidates": candidates}))
+
+    gated = GatedScorer(scorer)
+    gated.gate.clear()
+    first = batcher.submit(gated, inputs(0, 2))  # holds the worker while the others queue
+    assert gated.entered.wait(10)
+    split = ("user", "city", "strict_cat")
+    queued = [
+        ranking(0, 5, split),
+        ranking(5, 8, split),
+        ranking(8, 9, ("user",)),
+        ranking(9, 12, split),
+    ]
+    tickets = [batcher.submit(gated, r.features) for r in queued]
+    plain = batcher.submit(gated, inputs(12, 14))
+    gated.gate.set()
+    assert MicroBatcher.result(first, 10).scores.shape == (2, 3)
+    for r, ticket in zip(queued, tickets, strict=True):
+        np.testing.assert_allclose(
+            MicroBatcher.result(ticket, 10).scores, scorer.predict(r.features), atol=1e-6
+        )
+    assert MicroBatcher.result(plain, 10).scores.shape == (2, 3)
+    # the worker's calls: the first rows; two rankings of one split; one of another split; the
+    # last ranking (the split again, but after another kind: arrival order is kept); the rows
+    assert gated.calls == [2, 8, 1, 3, 2]

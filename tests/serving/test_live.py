@@ -57,6 +57,30 @@ def test_service_matches_the_trainer_on_a_sharded_training_run(trained_model, tr
     assert np.ptp(expected[:, 0]) > 1e-3  # the comparison is not between constants
 
 
+def test_rank_scores_as_score_does_through_the_server(trained_model, trained_server):
+    """Ranking calls (each user's context once, the items per candidate, as the simulator's
+    schema scopes them) get the scores /v1/score gives the rows they stand for, and the order."""
+    schema = load_schema(trained_model.run / "schema.yaml")
+    context = {f.name for f in (*schema.sparse, *schema.dense) if f.scope.value == "context"}
+    rows = request_rows(trained_model.test_data, schema)
+    with httpx.Client(base_url=trained_server, timeout=30, headers=AUTH) as client:
+        for start in range(0, 600, 200):
+            first = rows[start]
+            candidates = [
+                {k: v for k, v in r.items() if k not in context} for r in rows[start:][:200]
+            ]
+            shared = {k: v for k, v in first.items() if k in context}
+            body = {"context": shared, "candidates": candidates, "top_k": 10}
+            ranked = client.post("/v1/rank", json=body)
+            assert ranked.status_code == 200, ranked.text
+            same = [{**c, **shared} for c in candidates]
+            expected, _ = score_over_http(client, same, chunk=200)
+            got = np.array([ranked.json()[k] for k in ("pctr", "pcvr", "pctcvr")]).T
+            np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+            order = np.argsort(-got[:, 2], kind="stable")[:10].tolist()
+            assert ranked.json()["top"] == order
+
+
 def test_service_matches_the_trainer_on_every_edge_case(edge_model, edge_server):
     """Nulls, absent keys, OOV ids, negative hashed ids, long lists, null list items, strings; rows
     and columns."""
@@ -125,7 +149,8 @@ def test_hot_reload_under_load_drops_no_request(edge_model, edge_model_b, edge_s
 def test_schemathesis_finds_no_server_error_and_no_contract_violation(trained_server, tmp_path):
     """Every schemathesis check (no 5xx, documented status codes and content types, responses
     matching their schemas, invalid data refused, valid data accepted) over the scoring API, both
-    request forms (see schemathesis.toml for the one check the columnar form cannot pass)."""
+    request forms and the ranking call (see schemathesis.toml for the one check that columns of
+    one length cannot pass)."""
     schemathesis = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(
         # every check is on by default; the config turns one off for one operation (see there)

@@ -1,4 +1,4 @@
-"""Property-based: any JSON body, of any shape, to either scoring route gets a 200 or 422, never a 500."""
+"""Property-based: any JSON body, of any shape, to any scoring route gets a 200 or 422, never a 500."""
 
 from __future__ import annotations
 
@@ -40,13 +40,22 @@ columns = st.dictionaries(
     st.lists(values, max_size=4) | values,
     max_size=6,
 )
+rankings = st.fixed_dictionaries(
+    {"candidates": st.lists(rows, max_size=5) | columns},
+    optional={
+        "context": rows | values,
+        "top_k": st.integers(min_value=-2, max_value=7) | values,
+        "order_by": st.sampled_from(["pctr", "pcvr", "pctcvr"]) | values,
+    },
+)
 bodies = st.one_of(
     st.fixed_dictionaries({"rows": st.lists(rows, max_size=5)}),
     st.fixed_dictionaries({"columns": columns}),
+    rankings,
     st.dictionaries(st.text(max_size=6), values, max_size=3),
     values,
 )
-ROUTES = st.sampled_from(["/v1/score", "/v1/score/columns"])
+ROUTES = st.sampled_from(["/v1/score", "/v1/score/columns", "/v1/rank"])
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,14 @@ def test_no_body_gets_a_server_error(app_client, body, route):
     assert response.status_code in (200, 422), (response.status_code, response.text[:500])
     if response.status_code == 200 and route == "/v1/score":
         assert len(response.json()["scores"]) == len(body["rows"])
-    elif response.status_code == 200:
+    elif response.status_code == 200 and route == "/v1/score/columns":
         assert len(response.json()["pctr"]) == len(next(iter(body["columns"].values())))
+    elif response.status_code == 200:
+        candidates = body["candidates"]
+        n = len(candidates if isinstance(candidates, list) else next(iter(candidates.values())))
+        answer = response.json()
+        assert len(answer["pctr"]) == n
+        assert ("top" in answer) == (body.get("top_k") is not None)
 
 
 @settings(

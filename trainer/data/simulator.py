@@ -207,39 +207,41 @@ def simulated_schema(
         schema.sparse_names[:3]  # ['user_id', 'gender', 'age_bucket']
     """
 
-    def own(name: str, size: int, *, hashed: bool = False, dtype: str = "int") -> dict:
+    def own(name: str, size: int, scope: str, *, hashed: bool = False, dtype: str = "int") -> dict:
         key = "hash_buckets" if hashed else "vocab_size"
-        return {"name": name, "dtype": dtype, key: size, "dim": dim}
+        return {"name": name, "dtype": dtype, key: size, "dim": dim, "scope": scope}
 
+    # A ranking request gives the user and the request once (context) and each item apart
+    # (candidate); the position is the slot an item would take, so it is a candidate's.
+    user = request = "context"
+    item = "candidate"
     sparse = [
-        # user
-        own("user_id", user_buckets, hashed=True),
-        own("gender", 3),
-        own("age_bucket", 8),
-        own("city", 1_000, hashed=True, dtype="string"),
-        own("occupation", 20),
-        own("user_level", 6),
-        own("shopping_depth", 4),
+        own("user_id", user_buckets, user, hashed=True),
+        own("gender", 3, user),
+        own("age_bucket", 8, user),
+        own("city", 1_000, user, hashed=True, dtype="string"),
+        own("occupation", 20, user),
+        own("user_level", 6, user),
+        own("shopping_depth", 4, user),
         {
             "name": "recent_categories",
             "table": "categories",
             "multi_valued": True,
             "max_len": _RECENT_MAX_LEN,
+            "scope": user,
         },
-        # item
-        own("item_id", item_buckets, hashed=True),
-        {"name": "category", "table": "categories"},
-        own("shop_id", 20_000, hashed=True),
-        own("brand_id", 10_000, hashed=True),
-        own("price_bucket", 10),
-        own("seller_level", 5),
-        # context
-        own("hour", 24),
-        own("weekday", 7),
-        own("position", 20),
-        own("scene", 4),
-        own("network", 4),
-        own("device", 16, hashed=True, dtype="string"),
+        own("item_id", item_buckets, item, hashed=True),
+        {"name": "category", "table": "categories", "scope": item},
+        own("shop_id", 20_000, item, hashed=True),
+        own("brand_id", 10_000, item, hashed=True),
+        own("price_bucket", 10, item),
+        own("seller_level", 5, item),
+        own("hour", 24, request),
+        own("weekday", 7, request),
+        own("position", 20, item),
+        own("scene", 4, request),
+        own("network", 4, request),
+        own("device", 16, request, hashed=True, dtype="string"),
     ]
     activity_std = math.sqrt(_ACTIVITY_SHAPE) * _ACTIVITY_SCALE
     return FeatureSchema.from_dict(
@@ -248,9 +250,15 @@ def simulated_schema(
             "tables": [{"name": "categories", "vocab_size": _NUM_CATEGORIES, "dim": dim}],
             "sparse": sparse,
             "dense": [
-                {"name": "price", "default": 0.0, "normalization": {"kind": "log1p"}},
+                {
+                    "name": "price",
+                    "default": 0.0,
+                    "normalization": {"kind": "log1p"},
+                    "scope": item,
+                },
                 {
                     "name": "user_activity",
+                    "scope": user,
                     "default": _ACTIVITY_SHAPE * _ACTIVITY_SCALE,
                     "normalization": {
                         "kind": "standard",

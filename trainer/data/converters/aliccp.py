@@ -78,6 +78,12 @@ class AliCcpField:
     hash_buckets: int
     history: bool = False
 
+    @property
+    def scope(self) -> str:
+        """``context`` for the user's fields (given once per ranking request), ``candidate`` for
+        the item's, its match with the user's history and its position."""
+        return "context" if self.name.startswith("user_") else "candidate"
+
 
 # The 23 fields of the ESMM paper's Ali-CCP release, with the release's descriptions.
 ALICCP_FIELDS: tuple[AliCcpField, ...] = (
@@ -382,6 +388,7 @@ def _schema(cfg: AliCcpConfig) -> FeatureSchema:
             "dtype": "int",
             "hash_buckets": cfg.buckets.get(f.name, f.hash_buckets),
             "dim": cfg.dim,
+            "scope": f.scope,
         }
         if f.history:
             feature.update(multi_valued=True, max_len=cfg.history_max_len)

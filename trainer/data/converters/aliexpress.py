@@ -17,7 +17,9 @@ for GAUC over the items of one search). Each sparse feature indexes its table wi
 (``vocab_size`` = the largest value seen in either split + 1) when every value is a
 non-negative integer below 2^22, else it is hashed into 2^20 buckets. Dense features are
 standardised with the mean and standard deviation of the training split (1 where a column
-is constant), computed while converting.
+is constant), computed while converting. The release does not say which columns describe the
+user and which the item, so every feature keeps the default ``scope: any`` (a ranking request
+may give each in its context or per candidate).
 
 Malformed lines are counted per reason and skipped (``--strict`` stops at the first): a wrong
 number of fields, a categorical value or search id that is not an integer, a numerical value

@@ -19,7 +19,8 @@ Columns: ``user_id``, ``item_id`` (raw ids: integers when every id is one, else 
 column per user attribute (``user_<name>``) and item attribute (``item_<name>``), ``click``,
 ``conversion``, ``group`` (the user id, for per-user metrics) and ``rating`` (the raw rating,
 null where there is none). The users and items are those of the training and test ratings
-together, unless the caller fixes them (Coat: 290 x 300).
+together, unless the caller fixes them (Coat: 290 x 300). The user's features have
+``scope: context`` and the item's ``scope: candidate`` (a ranking request gives the user once).
 
 Because the test pairs were exposed at random, ranking them by pCVR measures how well a model
 ranks the whole impression space, not only the clicked part; the trainer's ``cvr_auc`` on the
@@ -642,12 +643,15 @@ def _schema(
     user_columns: dict[str, pa.Array],
     item_columns: dict[str, pa.Array],
 ) -> FeatureSchema:
+    # A ranking request gives the user once (context) and each item apart (candidate).
     sparse = [
-        _id_feature("user_id", space.users, cfg.dim),
-        _id_feature("item_id", space.items, cfg.dim),
+        {**_id_feature("user_id", space.users, cfg.dim), "scope": "context"},
+        {**_id_feature("item_id", space.items, cfg.dim), "scope": "candidate"},
     ]
     sparse += [
-        _attribute_feature(n, v, cfg.dim) for n, v in {**user_columns, **item_columns}.items()
+        {**_attribute_feature(n, v, cfg.dim), "scope": scope}
+        for columns, scope in ((user_columns, "context"), (item_columns, "candidate"))
+        for n, v in columns.items()
     ]
     return FeatureSchema.from_dict(
         {

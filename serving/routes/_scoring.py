@@ -1,0 +1,102 @@
+"""What the scoring routes share: validating a body off or on the event loop, waiting for the
+micro-batcher's scores, and the error responses they document."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+
+from schemas.api import ErrorResponse, ValidationErrorResponse
+from serving.batching import BatchResult, Overloaded, ScoringTimeout
+from serving.deps import Scoring
+from serving.model import Features, RankFeatures
+from serving.scorer import RequestInvalid, Scorer
+
+__all__ = ["RESPONSES", "refuse_non_finite", "request_body", "score"]
+
+Prepared = TypeVar("Prepared")
+
+_INLINE_PARSE_BYTES = 16 * 1024  # parsing and mapping take well under a millisecond
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or invalid bearer token (CTCVR_API_TOKEN)",
+    },
+    413: {"description": "Body larger than CTCVR_MAX_BODY_BYTES"},
+    415: {"model": ErrorResponse, "description": "Body is not JSON"},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "Invalid values: each `loc` names where the value is and the feature",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "No model loaded, overloaded, or timed out; retry later",
+    },
+}
+
+
+def request_body(schema: str) -> dict[str, Any]:
+    """The request body documented with the loaded model's request schema (see serving.main):
+    the body is parsed by the scorer, not by FastAPI."""
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+async def score(
+    body: bytes,
+    prepare: Callable[[Scorer, bytes], Prepared],
+    inputs: Callable[[Prepared], Features | RankFeatures],
+    scoring: Scoring,
+) -> tuple[Prepared, BatchResult]:
+    """Validate and map ``body`` (``prepare``), queue its model ``inputs`` and await the scores.
+
+    Raises:
+        HTTPException: 422 for an invalid body, 503 when overloaded or out of time.
+    """
+    # The routes are async although torch blocks: they never run the model. The request is
+    # parsed and mapped here (small bodies on the loop, large ones in the thread pool); the
+    # micro-batcher's worker thread runs the model, and the route awaits its slice holding no
+    # thread.
+    scorer, batcher = scoring.scorer, scoring.batcher
+    try:
+        with batcher.expecting():  # batches forming now wait for this request
+            if len(body) <= _INLINE_PARSE_BYTES:
+                prepared = prepare(scorer, body)
+            else:
+                prepared = await run_in_threadpool(prepare, scorer, body)
+            ticket = batcher.submit(scorer, inputs(prepared))
+        result = await batcher.wait(ticket, timeout=scoring.settings.request_timeout_s)
+    except RequestInvalid as err:
+        raise HTTPException(422, detail=err.errors) from None
+    except (Overloaded, ScoringTimeout) as err:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(err), headers={"Retry-After": "1"}
+        ) from None
+    return prepared, result
+
+
+def refuse_non_finite(scores: np.ndarray, where: Callable[[int], list[str | int]]) -> None:
+    """422 naming the rows (``where(row)``) without finite scores: only extreme dense values
+    get here.
+
+    Raises:
+        HTTPException: some row has a score that is not finite.
+    """
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "loc": ["body", *where(i)],
+                    "msg": f"the model gives no finite score for row {i}; check its dense values",
+                    "type": "value_out_of_range",
+                }
+                for i in bad[:50].tolist()
+            ],
+        )
