@@ -32,7 +32,9 @@ imputation tower); Adap-SL lets the two share part of their parameters and prune
   trains through the other. Raw weights that no tower reads any more are set to zero after
   every optimizer step (:meth:`PartiallySharedTowers.zero_pruned_`), because Adam's moments
   would otherwise keep moving them. Biases are not masked (as in the lottery-ticket pruning the
-  paper builds on). Pruning itself (which weights, when) is ``trainer.pruning``.
+  paper builds on). Pruning itself (which weights, when) is ``trainer.pruning``. Only these
+  towers carry masks: the paper also masks the embeddings (its Fig. 4), which are shared by
+  every head here and are not pruned (``trainer.pruning`` says why).
 
 Masks are buffers, updated in place: they are in ``state_dict`` (so in DCP checkpoints and
 ``--resume``), and DDP's references to them stay valid. ``torch.nn.utils.prune`` was not used:
