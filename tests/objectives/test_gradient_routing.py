@@ -49,6 +49,14 @@ EXPECTED = [
     ),
     # The teacher reads sg(pCTR) and its pseudo-labels are detached; VIE fits the student to it.
     ("evi", {}, {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR, "ctcvr": BOTH}),
+    *(
+        (
+            "evi",
+            {"teacher_labels": labels},
+            {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR, "ctcvr": BOTH},
+        )
+        for labels in ("over_propensity", "clicked")
+    ),
     (
         "evi",
         {"vie_trains_teacher": True},
