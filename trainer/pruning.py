@@ -14,6 +14,17 @@ ever lose ones (nested sub-networks). Here:
   private units, its logit layer, and the shared units through its own mask. The ``alpha``
   lowest magnitudes are taken over all of them together (one global ranking per tower, as
   Algorithm 1 ranks ``phi`` or ``theta`` whole), ties broken by position. Biases are not pruned.
+- **Scope: tower weights only, not the embeddings (a deviation).** The paper's masks cover
+  every parameter of ``g_phi`` and ``f_theta``, the embeddings included: its Fig. 4 masks the
+  common and the task-specific halves of each embedding separately for each model, after
+  "removing irrelevant embeddings". Here nothing in the embedding tables, the MMoE experts or
+  the gates is pruned. In this model the tables and experts are shared by every head (the CTR
+  head too, whose pCTR every DR estimator divides by), not split into halves owned by the
+  prediction and imputation models (``trainer.model.adap_sl`` says why), so a mask on them
+  would prune the propensity model as well; and the tables are sharded and updated by
+  TorchRec's fused optimizer kernels, which would need the masks inside the lookup and inside
+  the fused update. The sparsity the paper's Table 4 reports for the embeddings has no
+  counterpart in ``pruning.json``.
 - **Magnitude only.** Section 5.4.4 also tries ranking by a weighted sum of normalised weight
   and gradient; Algorithm 1 and this module use the weight's magnitude (gradient share 0).
 - **Minimum density as a floor.** The last prune is cut short so that a tower keeps at least

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from trainer.builders import build_model, mmoe_tiny
 from trainer.config import AdapSlConfig, ConfigError, ModelConfig, PruningConfig, load_config
 from trainer.model import CtcvrModel, PartiallySharedTowers
 from trainer.model.adap_sl import PartiallySharedLinear, split_width
-from trainer.objectives import build_objective
+from trainer.objectives import build_objective, detached_heads, model_structure
 from trainer.pruning import AdaptivePruner, density_report, magnitude_prune_
 from trainer.train_module import TrainModule
 
@@ -132,6 +133,81 @@ def test_losses_reach_the_shared_units_and_only_their_own_private_units():
         "cvr_private",
         "cvr_gate",
     }  # e_hat is detached
+
+
+ADAP_SL_CONFIGS = sorted(
+    Path(__file__).resolve().parents[2].glob("trainer/configs/*_adapsl_*.yaml"), key=str
+)
+
+
+def model_as_the_config_builds_it(config_file: Path, *overrides: str) -> tuple[CtcvrModel, object]:
+    """The objective and the model of an Adap-SL config, built as the recipe builds them (the
+    objective's structure and ``detached_heads``), over the tiny schema."""
+    config = load_config(config_file, ["output_dir=x", "data.train=x", *overrides])
+    objective = build_objective(config.objective.name, **config.objective.params)
+    torch.manual_seed(0)
+    model = build_model(
+        tiny_schema(),
+        config.model,
+        structure=model_structure(objective),
+        detached_heads=detached_heads(objective),
+        embedding_device="cpu",
+    )
+    return model, objective
+
+
+def test_every_adap_sl_config_is_checked():
+    assert {p.stem for p in ADAP_SL_CONFIGS} >= {
+        "multi_dr_adapsl_simulated",
+        "badr_adapsl_simulated",
+    }
+
+
+@pytest.mark.parametrize("config_file", ADAP_SL_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("trains_backbone", [False, True])
+def test_a_detached_imputation_head_trains_its_own_gate_and_tower_only(
+    config_file, trains_backbone
+):
+    """The configs say "the imputation loss trains its own gate and tower only": with the head
+    detached, no gradient of the imputation loss may reach the CVR gate (whose mixture is the
+    shared half of the imputation tower's input), the experts or the embeddings. With
+    ``imputation_trains_backbone`` it reaches all three, as in the papers' shared model."""
+    model, objective = model_as_the_config_builds_it(
+        config_file,
+        f"objective.params.imputation_trains_backbone={str(trains_backbone).lower()}",
+    )
+    assert (detached_heads(objective) == {"imputation"}) is not trains_backbone
+    batch = tiny_batch(CLICK, CONVERSION)
+    loss = objective(model(batch.sparse, batch.dense), batch)
+    towers = model.partially_shared
+    groups = {
+        "embeddings": list(model.sparse_arch.parameters()),
+        "experts": list(model.mmoe.experts.parameters()),
+        "ctr_gate": list(model.mmoe.gates["ctr"].parameters()),
+        "cvr_gate": list(model.mmoe.gates["cvr"].parameters()),
+        "imputation_gate": list(model.mmoe.gates["imputation"].parameters()),
+        "shared_units": [p for layer in towers.layers for p in layer.shared.parameters()],
+        "cvr_private": [
+            *(p for layer in towers.layers for p in layer.private["cvr"].parameters()),
+            *towers.heads["cvr"].parameters(),
+        ],
+        "imputation_private": [
+            *(p for layer in towers.layers for p in layer.private["imputation"].parameters()),
+            *towers.heads["imputation"].parameters(),
+        ],
+    }
+    flat = [p for params in groups.values() for p in params]
+    grads = torch.autograd.grad(
+        loss.terms["imputation"], flat, retain_graph=True, allow_unused=True
+    )
+    reached, i = set(), 0
+    for name, params in groups.items():
+        if any(g is not None and g.abs().sum() > 0 for g in grads[i : i + len(params)]):
+            reached.add(name)
+        i += len(params)
+    own = {"imputation_gate", "shared_units", "imputation_private"}
+    backbone = {"cvr_gate", "experts", "embeddings"}
+    assert reached == (own | backbone if trains_backbone else own)
 
 
 def test_head_l2_covers_what_the_imputation_tower_computes_with():

@@ -128,6 +128,47 @@ def test_the_teacher_learns_over_the_whole_space():
     assert out.logits["cvr_teacher"].grad.tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_teachers_estimating_the_post_click_cvr_by_hand():
+    """``over_propensity``: the same whole-space teacher, its pseudo-labels divided by the
+    propensity; ``clicked``: the teacher fitted on clicked rows only, its output as the label."""
+    batch = tiny_batch(CLICK, CONVERSION)
+    divided = attached(teacher_labels="over_propensity")(outputs(), batch)
+    # Unclicked rows 2 and 3: r_T / o_hat = 0.1 / 0.2 and 0.05 / 0.6.
+    expected = (bce(0.5, 1) / 0.5 + bce(0.4, 0) / 0.8) / 8 + (
+        bce(0.3, 0.5) / 0.8 + bce(0.1, 0.05 / 0.6) / 0.4
+    ) / 8
+    assert divided.terms["cvr_evi"].item() == pytest.approx(expected, rel=1e-6)
+    assert divided.terms["cvr_teacher"].item() == pytest.approx(L_T, rel=1e-6)  # still Eq. 14
+    # Capped at 1, and o_hat floored at tau: 0.05 / max(0.02, 0.1) = 0.5; 0.6 / 0.5 -> 1.
+    capped = attached(teacher_labels="over_propensity", tau=0.1)(
+        outputs_with(ctr=[0.5, 0.8, 0.02, 0.5], cvr_teacher=[0.6, 0.3, 0.05, 0.6]),
+        tiny_batch([1, 1, 0, 0], CONVERSION),
+    )
+    expected = (bce(0.5, 1) / 0.5 + bce(0.4, 0) / 0.8) / 8 + (
+        bce(0.3, 0.5) / 0.98 + bce(0.1, 1.0) / 0.5
+    ) / 8
+    assert capped.terms["cvr_evi"].item() == pytest.approx(expected, rel=1e-6)
+
+    out = outputs()
+    clicked = attached(teacher_labels="clicked")(out, batch)
+    assert clicked.terms["cvr_teacher"].item() == pytest.approx(
+        (bce(0.6, 1) + bce(0.3, 0)) / 2, rel=1e-6
+    )
+    assert clicked.terms["cvr_evi"].item() == pytest.approx(L_CVR, rel=1e-6)  # labels r_T
+    clicked.terms["cvr_teacher"].backward()
+    expected_grad = [(0.6 - 1) / 2, (0.3 - 0) / 2, 0.0, 0.0]  # clicked rows only
+    assert out.logits["cvr_teacher"].grad.tolist() == pytest.approx(expected_grad, rel=1e-5)
+    with pytest.raises(ValueError, match=r"objective\.params\.teacher_labels: must be one of"):
+        build_objective("evi", teacher_labels="oracle")
+
+
+def outputs_with(ctr, cvr_teacher):
+    out = outputs_from_probs(ctr=ctr, cvr=PCVR, cvr_teacher=cvr_teacher)
+    out.features["cvr_teacher.layers"] = [torch.tensor(TEACHER_LAYER, requires_grad=True)]
+    out.features["cvr.layers"] = [torch.tensor(STUDENT_LAYER, requires_grad=True)]
+    return out
+
+
 @pytest.mark.parametrize("trains_teacher", [False, True])
 def test_vie_moves_the_student_and_its_own_parameters_and_the_teacher_only_if_asked(trains_teacher):
     objective, out = attached(vie_trains_teacher=trains_teacher), outputs()

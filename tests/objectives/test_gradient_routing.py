@@ -4,7 +4,8 @@ A head's own parameters are its MMoE gate and its tower. For every term of every
 objective, backpropagate that term alone and list the heads whose parameters get a non-zero
 gradient; the expected sets are the papers' (with the documented stop-gradients). Every term
 also trains the shared backbone (experts and embeddings), except the imputation loss while the
-imputation head is detached (``imputation_trains_backbone=False``, the default).
+imputation head is detached (``imputation_trains_backbone=False``, the default) and the CTR loss
+of the single-task naive baseline (``ctr_trains_backbone=False``).
 """
 
 import pytest
@@ -25,6 +26,8 @@ BOTH = CTR | CVR
 
 # (objective, params) -> {term: heads it trains}
 EXPECTED = [
+    ("naive", {}, {"ctr": CTR, "cvr": CVR}),
+    ("naive", {"ctr_trains_backbone": False}, {"ctr": CTR, "cvr": CVR}),  # single-task
     ("multi_ipw", {}, {"ctr": CTR, "cvr_ipw": CVR}),
     ("multi_ipw", {"propensity_grad": True}, {"ctr": CTR, "cvr_ipw": BOTH}),  # Algorithm 1
     ("multi_dr", {}, {"ctr": CTR, "cvr_dr": CVR, "imputation": IMP}),
@@ -49,6 +52,14 @@ EXPECTED = [
     ),
     # The teacher reads sg(pCTR) and its pseudo-labels are detached; VIE fits the student to it.
     ("evi", {}, {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR, "ctcvr": BOTH}),
+    *(
+        (
+            "evi",
+            {"teacher_labels": labels},
+            {"ctr": CTR, "cvr_teacher": TEACHER, "cvr_evi": CVR, "vie": CVR, "ctcvr": BOTH},
+        )
+        for labels in ("over_propensity", "clicked")
+    ),
     (
         "evi",
         {"vie_trains_teacher": True},
@@ -133,7 +144,9 @@ def test_each_term_trains_exactly_the_papers_towers(name, params, expected):
         assert reached == heads, (
             f"{name} {params}: term {term!r} reached {sorted(reached)}, expected {sorted(heads)}"
         )
-        isolated = term == "imputation" and not params.get("imputation_trains_backbone", False)
+        isolated = (
+            term == "imputation" and not params.get("imputation_trains_backbone", False)
+        ) or (term == "ctr" and params.get("ctr_trains_backbone") is False)
         assert shared != isolated, f"{name} {params}: term {term!r} reaches the backbone: {shared}"
 
 

@@ -1,13 +1,18 @@
+import collections
+import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import tiny_batch
+from trainer.config import load_config
 from trainer.data.batch import GroundTruth
 from trainer.model import TaskOutputs
 from trainer.objectives import build_objective
-from trainer.objectives.multi_dr import undersample_unclicked
+from trainer.objectives.multi_dr import MultiDrParams, undersample_unclicked
 
 # Three impressions: clicked and converted, clicked only, not clicked.
 CLICK, CONVERSION = [1, 1, 0], [1, 0, 0]
@@ -97,20 +102,54 @@ def test_multi_dr_undersampling_keeps_clicks_and_lambda_times_as_many_rows():
     assert (counts[click == 0] > 0).all()
 
 
-def test_multi_dr_risk_is_the_mean_over_the_undersampled_rows():
+def test_multi_dr_risk_is_the_mean_over_the_clicks_and_a_uniform_sample_of_unclicked_rows():
+    """Section 5.3 with lambda = 2 on 2 clicks: Eq. 9 averaged over the 2 clicked rows and 2 of
+    the 6 unclicked ones, drawn uniformly. The unclicked rows' imputed errors are distinct
+    powers of two, so every pair of them has its own sum, and each loss value names the pair
+    it averaged over; the expected values are computed here, not read from the code's mask."""
     click = [1, 0, 0, 0, 1, 0, 0, 0]
     conversion = [1, 0, 0, 0, 0, 0, 0, 0]
-    out = outputs(pctr=[0.5] * 8, pcvr=[0.3] * 8, e_hat=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    torch.manual_seed(3)
-    loss = build_objective("multi_dr", undersample_rate=2.0)(out, tiny_batch(click, conversion))
-    torch.manual_seed(3)
-    mask = undersample_unclicked(torch.tensor(click, dtype=torch.float32), 2.0)
-    e_hat = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    e = [-math.log(0.3), 0, 0, 0, -math.log(0.7), 0, 0, 0]
-    terms = [v + c * (err - v) / 0.5 for v, c, err in zip(e_hat, click, e)]
-    expected = sum(t for t, m in zip(terms, mask.tolist()) if m) / 4  # 2 clicks + 2 unclicked
-    assert mask.sum().item() == 4
-    assert loss.terms["cvr_dr"].item() == pytest.approx(expected, rel=1e-5)
+    unclicked = [1, 2, 3, 5, 6, 7]
+    e_hat = [0.5, 0.01, 0.02, 0.04, 0.7, 0.08, 0.16, 0.32]
+    out = outputs(pctr=[0.5] * 8, pcvr=[0.3] * 8, e_hat=e_hat)
+    # Eq. 9's summands of the clicked rows, p_hat = 0.5: e_hat + (e - e_hat) / p_hat.
+    clicked = (0.5 + (-math.log(0.3) - 0.5) / 0.5) + (0.7 + (-math.log(0.7) - 0.7) / 0.5)
+    pair_of = {
+        round(e_hat[a] + e_hat[b], 6): (a, b) for a, b in itertools.combinations(unclicked, 2)
+    }
+    assert len(pair_of) == 15  # every pair has its own sum
+    objective = build_objective("multi_dr", undersample_rate=2.0)
+    batch = tiny_batch(click, conversion)
+    seen = collections.Counter()
+    torch.manual_seed(0)
+    for _ in range(600):
+        value = objective(out, batch).terms["cvr_dr"].item()
+        extra = round(4 * value - clicked, 4)  # the two unclicked summands, e_hat each
+        match = [pair for total, pair in pair_of.items() if abs(total - extra) < 1e-4]
+        assert len(match) == 1, f"{value} is no mean over the clicks and two unclicked rows"
+        seen[match[0]] += 1
+    # Uniform: each of the 15 pairs has probability 1/15 (40 of 600 draws; 5 sigma is ~30).
+    assert set(seen) == set(pair_of.values())
+    assert all(10 <= count <= 75 for count in seen.values()), seen
+
+
+def test_multi_dr_uses_the_whole_batch_by_default_as_every_config_does():
+    assert MultiDrParams().undersample_rate is None
+    configs = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+    multi_dr = [
+        config
+        for config in sorted(configs.glob("*.yaml"))
+        if yaml.safe_load(config.read_text())["objective"]["name"] == "multi_dr"
+    ]
+    assert len(multi_dr) >= 3
+    for config in multi_dr:
+        params = load_config(config, ["output_dir=x", "data.train=x"]).objective.params
+        assert params["undersample_rate"] is None, config.name
+    out = outputs()
+    batch = tiny_batch(CLICK, CONVERSION)
+    default = build_objective("multi_dr")(out, batch)
+    whole = build_objective("multi_dr", undersample_rate=None)(out, batch)
+    assert default.terms["cvr_dr"].item() == whole.terms["cvr_dr"].item()
 
 
 def test_multi_dr_declares_the_imputation_head_and_its_l2():

@@ -1,8 +1,10 @@
 import math
 
 import pytest
+import torch
 
-from tests.helpers import outputs_from_probs, tiny_batch
+from tests.helpers import outputs_from_probs, tiny_batch, tiny_schema
+from trainer.builders import build_model, mmoe_tiny
 from trainer.objectives import OBJECTIVES, build_objective
 
 # Three impressions: clicked and converted, clicked only, not clicked.
@@ -32,6 +34,42 @@ def test_naive_without_clicks_has_zero_cvr_term():
     out = outputs_from_probs(ctr=[0.1, 0.2], cvr=[0.3, 0.4])
     loss = build_objective("naive")(out, tiny_batch([0, 0], [0, 0]))
     assert loss.terms["cvr"].item() == 0.0
+
+
+def _trained_cvr(objective_name: str, loss_terms: tuple[str, ...], **params) -> torch.Tensor:
+    """pCVR of a tiny model after 5 Adam steps on the sum of ``loss_terms`` of an objective."""
+    objective = build_objective(objective_name, **params)
+    torch.manual_seed(0)
+    model = build_model(
+        tiny_schema(),
+        mmoe_tiny(),
+        structure=objective.model_structure,
+        detached_heads=objective.detached_heads,
+        embedding_device="cpu",
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    batch = tiny_batch([1, 0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0])
+    for _ in range(5):
+        terms = objective(model(batch.sparse, batch.dense), batch).terms
+        optimizer.zero_grad()
+        sum(terms[name] for name in loss_terms).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return model(batch.sparse, batch.dense).pcvr
+
+
+def test_single_task_naive_is_a_cvr_model_fitted_to_the_clicks_alone():
+    """With ``ctr_trains_backbone=False`` the CTR loss changes nothing the CVR head computes:
+    training on both terms gives exactly the pCVR of training on the CVR term alone. In the
+    multi-task form it does change it (the shared backbone), so the check is not vacuous."""
+    single = build_objective("naive", ctr_trains_backbone=False)
+    assert single.detached_heads == {"ctr"} and build_objective("naive").detached_heads == set()
+    alone = _trained_cvr("naive", ("cvr",), ctr_trains_backbone=False)
+    torch.testing.assert_close(
+        _trained_cvr("naive", ("ctr", "cvr"), ctr_trains_backbone=False), alone, rtol=0, atol=0
+    )
+    shared = _trained_cvr("naive", ("ctr", "cvr"))
+    assert (shared - _trained_cvr("naive", ("cvr",))).abs().max() > 1e-4
 
 
 def test_esmm_by_hand():

@@ -100,7 +100,7 @@ def test_the_resolved_parameters_are_what_the_run_records(tmp_path):
     expected = params_to_dict(objective_params("multi_dr", {"tau": 0.02}))
     assert config.objective.params == expected
     assert list(expected) == list(param_names(OBJECTIVES["multi_dr"].params_type))
-    assert expected["undersample_rate"] == 1.5 and expected["imputation_link"] == "softplus"
+    assert expected["undersample_rate"] is None and expected["imputation_link"] == "softplus"
     save_config(config, tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["objective"]["params"] == expected

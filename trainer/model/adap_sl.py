@@ -18,10 +18,13 @@ imputation tower); Adap-SL lets the two share part of their parameters and prune
   CVR tower reading the rest of its own gate's mixture and the imputation tower the rest of
   the imputation gate's. The CVR head thus stays an ordinary MMoE head (one gate, one tower),
   so the export writes it in the service's format unchanged. Deviation: the shared part is
-  produced by the CVR gate rather than by parameters of its own, so the imputation loss reaches
-  the CVR gate through it (and its imputation gate only shapes the private dims). Dedicated
-  embedding tables per tower were the alternative; they would double the sharded tables and
-  the service would have to carry the CVR tower's private ones.
+  produced by the CVR gate rather than by parameters of its own. When the imputation head is
+  detached from the backbone (``Objective.detached_heads``, the configs' default
+  ``imputation_trains_backbone: false``), the imputation tower reads that shared slice detached
+  (``detach_shared_input``), so its loss trains its own gate and tower only, as the flag says;
+  otherwise the imputation loss also reaches the CVR gate through it. Dedicated embedding tables
+  per tower were the alternative; they would double the sharded tables and the service would
+  have to carry the CVR tower's private ones.
 - **Hard masks (Section 4.4).** Each tower has its own 0/1 mask over every weight it reads: its
   private weights and, apart from the other tower's, the shared ones (Table 4 reports how much of
   the shared part each model keeps). A tower computes with ``W * M``, so a pruned weight adds
@@ -29,7 +32,9 @@ imputation tower); Adap-SL lets the two share part of their parameters and prune
   trains through the other. Raw weights that no tower reads any more are set to zero after
   every optimizer step (:meth:`PartiallySharedTowers.zero_pruned_`), because Adam's moments
   would otherwise keep moving them. Biases are not masked (as in the lottery-ticket pruning the
-  paper builds on). Pruning itself (which weights, when) is ``trainer.pruning``.
+  paper builds on). Pruning itself (which weights, when) is ``trainer.pruning``. Only these
+  towers carry masks: the paper also masks the embeddings (its Fig. 4), which are shared by
+  every head here and are not pruned (``trainer.pruning`` says why).
 
 Masks are buffers, updated in place: they are in ``state_dict`` (so in DCP checkpoints and
 ``--resume``), and DDP's references to them stay valid. ``torch.nn.utils.prune`` was not used:
@@ -171,6 +176,10 @@ class PartiallySharedTowers(nn.Module):
         shared_fraction: share of the input dims and of each hidden layer's units that both
             towers read.
         dropout: dropout after each hidden layer.
+        detach_shared_input: the imputation tower reads the shared input dims (the CVR gate's
+            mixture) detached, so its loss never reaches the CVR gate, the experts or the
+            embeddings through them; set when the imputation head is detached from the backbone.
+            The shared hidden units are Adap-SL's sharing and stay trained by both towers.
 
     Example::
 
@@ -188,6 +197,7 @@ class PartiallySharedTowers(nn.Module):
         layer_sizes: Sequence[int],
         shared_fraction: float = 0.5,
         dropout: float = 0.0,
+        detach_shared_input: bool = False,
     ) -> None:
         super().__init__()
         if not layer_sizes:
@@ -195,6 +205,7 @@ class PartiallySharedTowers(nn.Module):
         self.in_features = in_features
         self.layer_sizes = tuple(layer_sizes)
         self.dropout_rate = dropout
+        self.detach_shared_input = detach_shared_input
         self.shared_inputs, _ = split_width(in_features, shared_fraction)
         layers, width = [], in_features
         for size in layer_sizes:
@@ -205,10 +216,16 @@ class PartiallySharedTowers(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def tower_inputs(self, mixtures: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each tower's ``(B, H)`` input: the shared dims are the CVR gate's mixture for both."""
+        """Each tower's ``(B, H)`` input: the shared dims are the CVR gate's mixture for both
+        (read detached by the imputation tower with ``detach_shared_input``)."""
         cvr = mixtures[PREDICTION]
+        shared = cvr[:, : self.shared_inputs]
+        if self.detach_shared_input:
+            # Stop-gradient: a detached imputation head's loss must not train the CVR gate, the
+            # experts or the embeddings through the dims it shares with the CVR tower.
+            shared = shared.detach()
         own = mixtures[IMPUTATION][:, self.shared_inputs :]
-        return {PREDICTION: cvr, IMPUTATION: torch.cat([cvr[:, : self.shared_inputs], own], dim=1)}
+        return {PREDICTION: cvr, IMPUTATION: torch.cat([shared, own], dim=1)}
 
     def forward(
         self, mixtures: Mapping[str, torch.Tensor]

@@ -14,8 +14,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from schemas.artifact import SERVED_HEADS
+from trainer.model.adap_sl import IMPUTATION, PartiallySharedTowers
 from trainer.model.adap_sl import TOWERS as PARTIALLY_SHARED_HEADS
-from trainer.model.adap_sl import PartiallySharedTowers
 from trainer.model.conditioning import PropensityConditionedTower
 from trainer.model.embeddings import SparseArch
 from trainer.model.interaction import DotInteraction
@@ -56,7 +56,8 @@ class CtcvrModel(nn.Module):
             prunable towers sharing that fraction of their input and hidden units
             (``trainer.model.adap_sl``); other heads keep their own towers.
         detached_heads: heads that read the shared features but never train them: their losses
-            reach their own gate and tower only (see ``Objective.detached_heads``).
+            reach their own gate and tower only (see ``Objective.detached_heads``). A detached
+            imputation head on Adap-SL's towers reads the CVR gate's shared dims detached too.
         interaction: explicit second-order features of the pooled embeddings, appended to the
             MMoE's input after the dense features (``None``: none).
 
@@ -123,7 +124,15 @@ class CtcvrModel(nn.Module):
             CausalTransferFusion(width, structure.cvr_transfer) if structure.cvr_transfer else None
         )
         self.partially_shared = (
-            PartiallySharedTowers(width, tower_sizes, partial_sharing, dropout) if paired else None
+            PartiallySharedTowers(
+                width,
+                tower_sizes,
+                partial_sharing,
+                dropout,
+                detach_shared_input=IMPUTATION in detached_heads,
+            )
+            if paired
+            else None
         )
 
     @property

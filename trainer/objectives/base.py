@@ -50,7 +50,8 @@ class Objective(Protocol):
       included) and structural options (DDPO's causal transfer modules, EVI's conditioned
       teacher). The model builder reads it.
     - ``detached_heads``: heads whose losses must not train the shared embeddings and experts,
-      only their own gate and tower; the builder feeds those heads a detached mixture.
+      only their own gate and tower; the builder feeds those heads a detached mixture. Any of
+      the model's heads: an imputation head, or the CTR head of the single-task naive baseline.
     - ``head_l2``: an L2 coefficient per head on that head's own parameters, which
       ``TrainModule`` adds to the loss (an objective sees outputs, not parameters).
     - ``attach(model)``: builds the objective's own learned parameters sized by the model (EVI's

@@ -26,10 +26,19 @@ Paper vs code (see ``shared/docs/objectives-reference-notes.md`` §2 for the aut
 - **Weights.** Appendix A.3: ``l_c = 0.2, l_t = 0.2, l_r = 2, l_i = 0.2, l_g = 0.2`` (our
   defaults, the paper's setting for all data sets but Ali-CCP, which uses ``l_c = 1`` and
   ``l_g = 0.1``). The code multiplies its CVR term by the CTR weight instead.
-- **Teacher labels.** Eq. 14 trains the teacher on ``r`` over the whole space; only clicked
-  rows have an observed ``r``, so unclicked rows count as ``r = 0`` (the logged label, as in
-  the authors' code). Conditioning on ``o_hat`` is what lets it separate "did not click" from
-  "would not convert" (Theorem 2). Its pseudo-labels are computed with the current ``o_hat``.
+- **What the teacher estimates.** Eq. 14 trains the teacher on ``r`` over the whole space;
+  only clicked rows have an observed ``r``, so unclicked rows count as ``r = 0`` (the logged
+  label, as in the authors' code). Fitted that way, the teacher's optimum is the mean of the
+  logged label given its inputs, ``E[o r | x, o_hat] = P(o = 1, r = 1 | x)``: a CTCVR-like
+  quantity, about ``o_hat`` times the CVR, not the post-click CVR ``P(r = 1 | x, o = 1)`` that
+  Theorem 2 says it is. Conditioning on ``o_hat`` cannot separate "did not click" from "would
+  not convert" when every unclicked row carries the label 0: the loss rewards the teacher for
+  predicting 0 there, and its pseudo-labels (Eq. 15) pull the student's pCVR on unclicked rows
+  towards pCTCVR. ``teacher_labels`` (default ``logged``, the paper's and the code's form)
+  offers two teachers that do estimate ``P(r = 1 | x, o = 1)``: ``over_propensity`` divides the
+  same teacher's output by the propensity, ``clicked`` fits the teacher on clicked rows only
+  (benchmarks/README.md measures all three). Pseudo-labels are computed with the current
+  ``o_hat``.
 - **Stop-gradients.** The teacher's ``o_hat`` input is detached in the model (a "constant
   feature input", Appendix B.2), so ``L_CVR-T`` never trains the CTR head. The pseudo-labels
   ``r*`` are detached: they are the teacher's logits distilled into the student, not a way for
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum, unique
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -67,13 +77,14 @@ from trainer.model.outputs import TaskOutputs
 from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.estimators import (
+    clip_propensity,
     ctcvr_loss,
     ctr_loss,
     entire_space_estimate,
     non_click_propensity,
     propensity,
 )
-from trainer.objectives.functional import bce_with_logits
+from trainer.objectives.functional import bce_with_logits, masked_mean
 from trainer.objectives.params import (
     NON_NEGATIVE,
     POSITIVE,
@@ -83,9 +94,32 @@ from trainer.objectives.params import (
     param,
 )
 
-__all__ = ["TEACHER", "EviObjective", "EviParams", "VariationalInformation", "teacher_loss"]
+__all__ = [
+    "TEACHER",
+    "EviObjective",
+    "EviParams",
+    "TeacherLabels",
+    "VariationalInformation",
+    "pseudo_labels",
+    "teacher_loss",
+]
 
 TEACHER = "cvr_teacher"  # the conditional entire-space CVR teacher's head
+
+
+@unique
+class TeacherLabels(str, Enum):
+    """What the teacher is fitted to and what its pseudo-labels for unclicked rows are."""
+
+    # Eq. 14 as the paper and the authors' code read it: the logged r over the whole space (0 on
+    # every unclicked row); pseudo-labels r_T, an estimate of P(o = 1, r = 1 | x) (CTCVR-like).
+    LOGGED = "logged"
+    # The same teacher; pseudo-labels min(1, r_T / max(o_hat, tau)), an estimate of
+    # P(r = 1 | x, o = 1) = P(o = 1, r = 1 | x) / P(o = 1 | x) when o_hat is right.
+    OVER_PROPENSITY = "over_propensity"
+    # The teacher fits r on clicked rows only (still conditioned on o_hat): it estimates
+    # P(r = 1 | x, o = 1) directly; pseudo-labels r_T.
+    CLICKED = "clicked"
 
 
 class VariationalInformation(nn.Module):
@@ -121,9 +155,35 @@ class VariationalInformation(nn.Module):
         return nll.sum(dim=-1).mean()
 
 
-def teacher_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
-    """``L_CVR-T = (1/|D|) sum_D delta(r, r_T)`` (Eq. 14) with the logged ``r`` (0 unclicked)."""
-    return bce_with_logits(outputs.logits[TEACHER], batch.conversion).mean()
+def teacher_loss(
+    outputs: TaskOutputs, batch: Batch, labels: TeacherLabels | str = TeacherLabels.LOGGED
+) -> torch.Tensor:
+    """The teacher's loss ``L_CVR-T``.
+
+    ``logged`` and ``over_propensity``: ``(1/|D|) sum_D delta(r, r_T)`` (Eq. 14) with the logged
+    ``r`` (0 unclicked). ``clicked``: ``(1/|O|) sum_O delta(r, r_T)``, the clicked rows only (0
+    for a batch without clicks).
+    """
+    losses = bce_with_logits(outputs.logits[TEACHER], batch.conversion)
+    if TeacherLabels(labels) is TeacherLabels.CLICKED:
+        return masked_mean(losses, batch.click)
+    return losses.mean()
+
+
+def pseudo_labels(
+    outputs: TaskOutputs, labels: TeacherLabels | str = TeacherLabels.LOGGED, tau: float = 0.01
+) -> torch.Tensor:
+    """``r*``, the teacher's pseudo-labels of Eq. 15 (used on unclicked rows), detached.
+
+    ``logged`` and ``clicked``: the teacher's probability ``r_T``. ``over_propensity``:
+    ``min(1, r_T / max(o_hat, tau))``.
+    """
+    # Stop-gradient: the pseudo-labels are the teacher's output distilled into the student, not
+    # a way for the student's loss to move the teacher (or, through o_hat, the CTR head).
+    r_teacher = outputs.prob(TEACHER).detach()
+    if TeacherLabels(labels) is TeacherLabels.OVER_PROPENSITY:
+        return (r_teacher / clip_propensity(outputs.pctr.detach(), tau)).clamp(max=1.0)
+    return r_teacher
 
 
 @dataclass(frozen=True)
@@ -148,6 +208,12 @@ class EviParams:
         initial_rho: starting ``rho`` of Eq. 11's variances ``softplus(rho) + eps``: 5, the
             code's value.
         min_variance: ``eps``, the floor of those variances: 1e-3.
+        teacher_labels: what the teacher fits and what its pseudo-labels are
+            (``TeacherLabels``): ``logged`` (default, Eq. 14 and the authors' code: the logged
+            ``r`` over the whole space, an estimate of ``P(o = 1, r = 1 | x)``),
+            ``over_propensity`` (that teacher's output over ``max(o_hat, tau)``, capped at 1) or
+            ``clicked`` (the teacher fitted on clicked rows only); the last two estimate
+            ``P(r = 1 | x, o = 1)``, the quantity Theorem 2 ascribes to the teacher.
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
@@ -164,6 +230,7 @@ class EviParams:
     vie_trains_teacher: bool = param(False)
     initial_rho: float = param(5.0)
     min_variance: float = param(1e-3, POSITIVE)
+    teacher_labels: TeacherLabels = param(TeacherLabels.LOGGED)
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -230,7 +297,7 @@ class EviObjective(nn.Module):
             raise RuntimeError("evi: attach(model) builds the VIE layers first (TrainModule does)")
         ctr = ctr_loss(outputs, batch)
         ctcvr = ctcvr_loss(outputs, batch)
-        teacher = teacher_loss(outputs, batch)
+        teacher = teacher_loss(outputs, batch, self.params.teacher_labels)
         cvr = self._cvr_loss(outputs, batch)
         vie = self._vie_loss(outputs)
         weights = self.params
@@ -247,8 +314,7 @@ class EviObjective(nn.Module):
     def _cvr_loss(self, outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
         """Eq. 15: observed labels on clicked rows, the teacher's pseudo-labels on the others."""
         o = batch.click
-        # Stop-gradient: the pseudo-labels are the teacher's output distilled into the student.
-        pseudo = outputs.prob(TEACHER).detach()
+        pseudo = pseudo_labels(outputs, self.params.teacher_labels, self.params.tau)
         labels = o * batch.conversion + (1.0 - o) * pseudo
         losses = bce_with_logits(outputs.logits["cvr"], labels)
         half_mean = 2.0 * batch.size  # the 1 / (2 |D|) of both sums

@@ -19,12 +19,20 @@ Paper vs code:
   (``propensity_grad=False``): the only way the CVR risk can move ``p_hat`` is to raise it on
   clicked rows, which biases the propensities and the correction. ``propensity_grad=True`` gives
   the paper's Algorithm 1.
-- **IPW bound** ``tau`` (Section 5.3). The paper clips propensities with a bound picked inside
-  ``[propensity_min, propensity_mean]`` and reports it only as a percentage of that range. We
-  read it as a floor, ``p_hat = max(pCTR, tau)`` (weights at most ``1 / tau``), the usual
-  propensity clipping; ``tau`` is absolute and set per data set in the config. Its default,
-  0.01, caps weights at 100, four times the mean weight of a clicked row at a 4 % CTR; it
-  sits at about a quarter of ``[propensity_min, propensity_mean]`` on such data.
+- **IPW bound** ``tau`` (Section 5.3). We read it as a floor, ``p_hat = max(pCTR, tau)``
+  (weights at most ``1 / tau``), the usual propensity clipping. **This contradicts the paper's
+  wording**: Section 5.3 says the bound "clamps the propensities if the values are greater
+  than the predefined threshold", i.e. a ceiling ``min(pCTR, tau)``, and its reading of Fig. 6
+  ("larger IPW bound allows undesired higher variability of propensity scores") fits a ceiling
+  too (a higher floor would allow less). A ceiling leaves the weights of the smallest
+  propensities, the source of IPW's variance the bound is said to handle, unbounded, and
+  lifts every weight of a propensity above ``tau`` to ``1 / tau``; we keep the floor, which
+  is what the other papers' code does (BADR's clip to ``[gamma, 1]``, the ESCM2 reference's
+  weight cap). The paper picks the bound inside ``[propensity_min, propensity_mean]`` and
+  reports it only as a percentage of that range; our ``tau`` is absolute and set per data set
+  in the config. Its default, 0.01, caps weights at 100, four times the mean weight of a
+  clicked row at a 4 % CTR; it sits at about a quarter of ``[propensity_min,
+  propensity_mean]`` on such data.
 - The risk is averaged over the batch (``1 / |D|`` with ``D`` the batch), as in Eq. 5.
 """
 

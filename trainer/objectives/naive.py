@@ -4,6 +4,19 @@ This is the click-space CVR estimator whose selection bias the other objectives 
 CVR tower is fit on ``O`` (clicked rows) but used on the whole impression space ``D``. With the
 notation of ``multi-ipw-multi-dr.txt`` (Zhang et al., WWW 2020) it is the naive estimator of
 Eq. (3): ``E_naive = (1/|O|) sum_{(u,i) in O} e(r, r_hat)``, with ``e`` the cross entropy.
+
+Two forms, by ``ctr_trains_backbone``:
+
+- **Multi-task** (default): the CTR loss over all impressions and the CVR loss share the
+  embeddings and the MMoE experts, so the CVR tower profits from what the click task teaches
+  them. This is not what the debiasing papers call naive.
+- **Single-task** (``ctr_trains_backbone=False``, config ``naive_single_task_simulated.yaml``):
+  the CTR head reads the backbone detached (``detached_heads = {"ctr"}``), so the embeddings,
+  the experts and the CVR gate and tower learn from the click-space CVR loss alone: one CVR
+  model fitted to the clicked rows, the papers' naive baseline (MF or NCF fitted to the
+  observed ratings: badr.txt Table 3, adap-sl.txt Table 1). The CTR head still trains, on those
+  features, so the model serves pCTR like any other; it changes nothing the CVR head computes.
+  Its gap to the multi-task form is what the shared backbone alone gives, before any debiasing.
 """
 
 from __future__ import annotations
@@ -31,19 +44,24 @@ class NaiveParams:
     Attributes:
         cvr_weight: weight of the click-space CVR term, Eq. (3)'s ``E_naive``, against the CTR
             loss (1: the two tasks' losses added as they are).
+        ctr_trains_backbone: let the CTR loss train the shared embeddings and experts (the
+            multi-task baseline, default); false: the single-task naive CVR model, whose every
+            parameter learns from the click-space CVR loss alone (see the module docstring).
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
     """
 
     cvr_weight: float = param(1.0, NON_NEGATIVE)
+    ctr_trains_backbone: bool = param(True)
 
     def __post_init__(self) -> None:
         check_params(self)
 
 
 class NaiveObjective:
-    """``L = mean_D BCE(pCTR, o) + cvr_weight * mean_O BCE(pCVR, r)``.
+    """``L = mean_D BCE(pCTR, o) + cvr_weight * mean_O BCE(pCVR, r)``; with
+    ``ctr_trains_backbone=False`` the first term trains the CTR gate and tower only.
 
     Args:
         params: the hyper-parameters (``NaiveParams``).
@@ -52,11 +70,15 @@ class NaiveObjective:
     params_type: ClassVar[type[NaiveParams]] = NaiveParams
     required_heads: ClassVar[frozenset[str]] = frozenset()
     model_structure: ClassVar[ModelStructure] = ModelStructure()
-    detached_heads: ClassVar[frozenset[str]] = frozenset()
     head_l2: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
     def __init__(self, params: NaiveParams = NaiveParams()) -> None:
         self.params = params
+        # Single-task: the CTR head reads the shared features but never trains them, so the CVR
+        # model is fitted to the clicked rows alone.
+        self.detached_heads: frozenset[str] = (
+            frozenset() if params.ctr_trains_backbone else frozenset({"ctr"})
+        )
 
     def attach(self, model: CtcvrModel) -> None:
         """Nothing to build: the objective has no parameters of its own."""

@@ -1,0 +1,209 @@
+"""How the per-user ranking numbers of Coat runs depend on the evaluation protocol.
+
+Run from the repository root on run directories of ``quality.py --data coat``::
+
+    .venv/bin/python benchmarks/coat_protocol.py runs/quality/runs/naive-seed*-* \\
+        runs/quality/runs/badr-seed*-* --out benchmarks/results/coat_protocol
+
+Each run's latest checkpoint scores the random-exposure test ratings in this process, and the
+same predictions are ranked under the protocols the literature uses:
+
+- **ours**: every test rating (4,640, 16 per user), a user without a positive counted with
+  NDCG 1 and Recall 0 (``users_without_positives="count"``, the convention of the public code of
+  the DR-JL lineage, e.g. ``ndcg_func`` / ``recall_func`` that HungPaan/DR-ALR's
+  ``code/dr_alr_main.py`` imports), ties in pCVR kept in input order (a stable sort);
+- **skip**: the same ratings, users without a positive left out;
+- **BADR split**: the BADR paper evaluates on 80 % of the random-exposure ratings, the other 20 %
+  being its validation set (badr.txt Section 4.1.3; HungPaan/DR-ALR's
+  ``data/coat/{x,y}_{test,val}_3_20.txt``: 3,712 and 928 ratings, drawn at random over all
+  ratings). The mean over ``--draws`` such random 80 % subsets, users without a positive
+  counted as in their code.
+
+A random ranking (uniform scores, averaged over as many draws) gives each protocol's floor.
+The table also counts users without a positive and pCVR ties within a user (a tie is the only
+place where the order of equal scores, stable here, unspecified in numpy's default argsort,
+could matter).
+
+Outputs ``<out>.md`` (also printed) and ``<out>.json`` (every run's numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(_ROOT))
+
+from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
+from trainer.evaluation import metrics_table, ranking_metrics
+from trainer.evaluation.predict import evaluation_reader, predict
+from trainer.evaluation.predictions import Predictions
+from trainer.run_dir import RunDir
+from trainer.run_model import restore_model
+
+__all__ = ["RatedTest", "main", "protocol_metrics", "random_ranking_metrics", "score_run"]
+
+K = 5
+BADR_TEST_SHARE = 0.8  # badr.txt 4.1.3: 20 % of Coat's unbiased ratings are its validation set
+COLUMNS = {
+    "ndcg@5": "NDCG@5, ours (all ratings, empty users count)",
+    "ndcg@5_skip": "NDCG@5, users without a positive left out",
+    "ndcg@5_badr_split": "NDCG@5 on random 80 % splits (the BADR paper's test)",
+    "recall@5": "Recall@5, ours",
+    "recall@5_badr_split": "Recall@5 on random 80 % splits",
+    "users_without_positives": "users without a positive (all ratings)",
+    "users_without_positives_badr_split": "users without a positive (80 % splits, mean)",
+    "tied_rows": "test rows whose pCVR ties another of the same user",
+}
+
+
+class RatedTest:
+    """The rated test rows of one evaluation: pCVR, the 0/1 label and the user of each."""
+
+    def __init__(self, predictions: Predictions) -> None:
+        if predictions.group is None:
+            raise ValueError("the test set has no group column (the user id): nothing to rank")
+        rated = predictions.click == 1
+        self.scores = predictions.pcvr[rated].astype(np.float64)
+        self.labels = predictions.conversion[rated].astype(np.int64)
+        self.users = predictions.group[rated]
+
+
+def score_run(run_dir: Path) -> RatedTest:
+    """The run's latest checkpoint's predictions on its ``data.test``, in this process."""
+    quiet_library_warnings()
+    ctx = init_distributed("gloo", "cpu")
+    restored = None
+    try:
+        restored = restore_model(RunDir(run_dir), ctx)
+        reader = evaluation_reader(restored.config, restored.schema, ctx)
+        predictions = predict(restored.model, reader, ctx)
+    finally:
+        del restored  # the sharded model before the process group
+        shutdown_distributed()
+    assert predictions is not None, "a single process is rank 0"
+    return RatedTest(predictions)
+
+
+def protocol_metrics(test: RatedTest, *, draws: int, seed: int = 0) -> dict[str, float]:
+    """The run's ranking metrics under every protocol above.
+
+    Args:
+        test: the rated test rows and their pCVR.
+        draws: random 80 % subsets averaged for the BADR split.
+        seed: seed of those subsets (the same subsets for every run with the same seed).
+    """
+    scores, users, labels = test.scores, test.users, test.labels
+    ours = ranking_metrics(scores, labels, users, K, users_without_positives="count")
+    skip = ranking_metrics(scores, labels, users, K, users_without_positives="skip")
+    rng = np.random.default_rng(seed)
+    split = [_badr_split(scores, labels, users, rng) for _ in range(draws)]
+    _, first = np.unique(np.stack([_user_codes(users), scores]), axis=1, return_index=True)
+    return {
+        "ndcg@5": ours[f"ndcg@{K}"],
+        "ndcg@5_skip": skip[f"ndcg@{K}"],
+        "ndcg@5_badr_split": float(np.mean([m[f"ndcg@{K}"] for m in split])),
+        "recall@5": ours[f"recall@{K}"],
+        "recall@5_badr_split": float(np.mean([m[f"recall@{K}"] for m in split])),
+        "users_without_positives": ours["users"] - ours["users_evaluated"],
+        "users_without_positives_badr_split": float(
+            np.mean([m["users"] - m["users_evaluated"] for m in split])
+        ),
+        "tied_rows": float(len(scores) - len(first)),
+    }
+
+
+def random_ranking_metrics(test: RatedTest, *, draws: int, seed: int = 1) -> dict[str, float]:
+    """The same metrics for uniformly random scores, averaged over ``draws`` draws (one 80 %
+    split each): every protocol's floor."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(draws):
+        scores = rng.random(len(test.labels))
+        ours = ranking_metrics(scores, test.labels, test.users, K, users_without_positives="count")
+        skip = ranking_metrics(scores, test.labels, test.users, K, users_without_positives="skip")
+        split = _badr_split(scores, test.labels, test.users, rng)
+        rows.append(
+            {
+                "ndcg@5": ours[f"ndcg@{K}"],
+                "ndcg@5_skip": skip[f"ndcg@{K}"],
+                "ndcg@5_badr_split": split[f"ndcg@{K}"],
+                "recall@5": ours[f"recall@{K}"],
+                "recall@5_badr_split": split[f"recall@{K}"],
+                "users_without_positives": ours["users"] - ours["users_evaluated"],
+                "users_without_positives_badr_split": split["users"] - split["users_evaluated"],
+                "tied_rows": 0.0,
+            }
+        )
+    return {key: float(np.mean([row[key] for row in rows])) for key in COLUMNS}
+
+
+def _badr_split(
+    scores: np.ndarray, labels: np.ndarray, users: np.ndarray, rng: np.random.Generator
+) -> dict[str, float]:
+    """The metrics on a random 80 % of the rows, users without a positive counted."""
+    rows = rng.permutation(len(scores))[: round(BADR_TEST_SHARE * len(scores))]
+    return ranking_metrics(
+        scores[rows], labels[rows], users[rows], K, users_without_positives="count"
+    )
+
+
+def _user_codes(users: np.ndarray) -> np.ndarray:
+    return np.unique(users, return_inverse=True)[1].reshape(-1).astype(np.float64)
+
+
+def _run_name(run_dir: Path) -> str:
+    """``quality.py``'s run directories are ``<run>-seed<N>-<digest>``: the run's name."""
+    match = re.fullmatch(r"(.+)-seed\d+-[0-9a-f]+", run_dir.name)
+    return match.group(1) if match else run_dir.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of quality.py (Coat)")
+    parser.add_argument("--draws", type=int, default=200, help="random 80 %% splits per run")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
+    table: dict[str, dict[str, list[float]]] = {}
+    raw = []
+    for run_dir in args.runs:
+        test = score_run(run_dir)
+        metrics = protocol_metrics(test, draws=args.draws)
+        raw.append({"run_dir": str(run_dir), "metrics": metrics})
+        row = table.setdefault(_run_name(run_dir), {})
+        for key, value in metrics.items():
+            row.setdefault(key, []).append(value)
+        if "random ranking" not in table:
+            random = random_ranking_metrics(test, draws=args.draws)
+            table["random ranking"] = {key: [value] for key, value in random.items()}
+    text = (
+        f"NDCG@{K} / Recall@{K} of the same predictions under each protocol (mean ± std over "
+        f"runs; {args.draws} random 80 % splits per run):\n\n"
+        + metrics_table(table, list(COLUMNS))
+        + "\n\n"
+        + "\n".join(f"- `{key}`: {title}" for key, title in COLUMNS.items())
+    )
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(
+            f"# Coat: the ranking protocol\n\nCommand: `python benchmarks/coat_protocol.py "
+            f"{' '.join(sys.argv[1:])}`\n\n{text}\n"
+        )
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"draws": args.draws, "runs": raw}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
