@@ -110,7 +110,8 @@ def test_the_resolved_parameters_are_what_the_run_records(tmp_path):
 
 def test_integers_are_taken_for_numbers_and_recorded_as_floats():
     params = load("objective.name=naive", "objective.params.cvr_weight=2").objective.params
-    assert params == {"cvr_weight": 2.0} and isinstance(params["cvr_weight"], float)
+    assert params["cvr_weight"] == 2.0 and isinstance(params["cvr_weight"], float)
+    assert params["ctr_trains_backbone"] is True  # the default, recorded
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
