@@ -48,10 +48,21 @@ def test_mmoe_gates_are_softmax_mixtures_of_experts():
     torch.manual_seed(0)
     mmoe = MMoE(6, ("a", "b"), num_experts=3, expert_sizes=(5,))
     x = torch.randn(4, 6)
-    experts = torch.stack([e(x) for e in mmoe.experts], dim=1)
-    weights = torch.softmax(mmoe.gates["a"](x), dim=-1)
+    # Each expert as the service reads it: its own Linear -> ReLU, from the exported tensors.
+    tensors = mmoe.serving_tensors(("a",))
+    experts = torch.stack(
+        [
+            torch.relu(
+                x @ tensors[f"mmoe.experts.{e}.layers.0.weight"].T
+                + tensors[f"mmoe.experts.{e}.layers.0.bias"]
+            )
+            for e in range(3)
+        ],
+        dim=1,
+    )
+    weights = torch.softmax(x @ tensors["mmoe.gates.a.weight"].T + tensors["mmoe.gates.a.bias"], -1)
     expected = (weights.unsqueeze(-1) * experts).sum(1)
-    assert torch.allclose(mmoe(x)["a"], expected)
+    assert torch.allclose(mmoe(x)["a"], expected, atol=1e-6)
 
 
 def test_mmoe_detached_task_trains_its_gate_only():
