@@ -155,3 +155,19 @@ def test_dot_interaction_needs_one_embedding_dim_and_says_which_features_differ(
 def test_unknown_interaction_is_a_config_error():
     with pytest.raises(ConfigError, match="model.interaction: 'cross' is not one of"):
         load_config(None, ["output_dir=x", "data.train=x", "model.interaction=cross"])
+
+
+def test_sparse_arch_output_is_the_regrouped_pooled_embeddings_in_config_order():
+    from torchrec import EmbeddingBagCollection, KeyedTensor
+
+    from trainer.model import SparseArch
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(tiny_schema()))
+    arch = SparseArch(ebc)
+    batch = tiny_batch([1, 0, 1], [0, 0, 1])
+    pooled = ebc(batch.sparse)
+    # Unsharded, the collection's keys are already in config order: no regrouping copy is made.
+    assert pooled.keys() == arch.feature_names
+    expected = KeyedTensor.regroup([pooled], [arch.feature_names])[0]
+    assert torch.equal(arch(batch.sparse), expected)
