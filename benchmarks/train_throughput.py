@@ -1,56 +1,69 @@
-"""Training throughput: the TorchRec path (1 and 2 processes) against a plain-PyTorch reference.
+"""Training throughput: ctcvr against the strongest plain-PyTorch path and the head-only limit.
 
-Run from the repository root (about a minute on 2 idle CPU cores; `--rounds 3` about 3)::
+Run from the repository root (about 4 minutes on 2 idle CPU cores with the defaults)::
 
     .venv/bin/python benchmarks/train_throughput.py
-    .venv/bin/python benchmarks/train_throughput.py --steps 30 --warmup 5 --batch-size 4096 \\
-        --out benchmarks/results
+    .venv/bin/python benchmarks/train_throughput.py --wait-idle 600 --rounds 3   # a shared machine
     .venv/bin/python benchmarks/train_throughput.py --tables small --out benchmarks/results/small
-    .venv/bin/python benchmarks/train_throughput.py --wait-idle 600 --rounds 2   # a shared machine
+    .venv/bin/python benchmarks/train_throughput.py --allocator default --out /tmp/no_tuning
 
 Outputs, under ``--out`` (default ``benchmarks/results``):
 
-- ``train_throughput.md``: a markdown table of samples/s (min / median / max over the timed
-  steps), each median's ratio to the reference median, threads, peak RSS, and the share of the
-  CPUs other processes took meanwhile; then the settings and whether torchrec_1p reached the
-  1.25x target. The same table is printed.
+- ``train_throughput.md``: one row per variant: samples/s (min / median / max over the timed
+  steps of all rounds), median step, ratios to the strongest plain path and to the head-only
+  limit, the matrix products' GFLOP/s and their share of the sgemm peak, peak RSS, and the share
+  of the CPUs other processes took meanwhile; then the sgemm peak, the settings, and each target
+  met, missed, or inconclusive (measured under outside load). The same table is printed.
 - ``train_throughput.png``: median samples/s per variant, min and max as whiskers.
-- ``train_throughput.json``: the resolved settings, the rows, and every worker's raw step times.
+- ``train_throughput.json``: the resolved settings, the rows, and every worker's raw times.
 
-The orchestrator runs three workers one after another, each a subprocess of this file:
+Each variant is a worker subprocess of this file; with ``--rounds N`` they take turns N times
+(in order, then in reverse order, and so on), so a burst of outside load is spread over all.
 
-===========  ======================================================================  ==========
-variant      command                                                                 threads
-===========  ======================================================================  ==========
-torchrec_1p  ``python train_throughput.py --worker torchrec``                        default
-torchrec_2p  ``torchrun --standalone --nproc_per_node=2 train_throughput.py          1 per rank
-             --worker torchrec`` (each rank trains ``--batch-size`` rows a step)
-reference    ``python train_throughput.py --worker reference``                       default
-===========  ======================================================================  ==========
+- ``ctcvr_1p``: the product's path, 1 process at the default threads: ``init_distributed`` ->
+  ``build_model`` on ``meta`` -> ``TrainModule`` -> ``fuse_sparse_optimizer`` (FBGEMM's row-wise
+  Adagrad inside backward, touching only the rows a batch reads) -> ``shard_model`` (DMP) ->
+  ``build_optimizer`` (Adam on the rest).
+- ``ctcvr_2p``: the same under ``torchrun --standalone --nproc_per_node=2``, one thread per rank,
+  each rank training ``--batch-size`` rows a step.
+- ``plain_sparse_adam``: the same ``CtcvrModel`` over one ``nn.EmbeddingBag(sparse=True)`` per
+  table, ``torch.optim.SparseAdam`` for the tables, Adam for the rest.
+- ``plain_adagrad``: the same with ``torch.optim.Adagrad`` (which takes sparse gradients) for the
+  tables.
+- ``plain_dense_adam`` (extra row, the former reference): the same bags with dense gradients and
+  one Adam over every parameter, so every step updates every row.
+- ``head_only``: the dense model alone (MMoE, towers, objective and Adam), fed a fixed
+  ``(B, F * D)`` input that still takes gradients: the limit of any embedding stage.
+- ``sgemm``: ``--sgemm-reps`` square float32 matmuls of ``--sgemm-size`` at the default threads:
+  this machine's peak, measured in the same run.
 
-All three train the same model (``ModelConfig(num_experts=8, expert_sizes=[256],
-tower_sizes=[128, 64])`` over 20 single-valued sparse fields of dim 16 and 2 dense features)
-with the ESMM objective through ``TrainModule``, from the same seed, on the same pool of
-synthetic batches (Zipf-distributed ids, ~4 % clicks, ~5 % of clicks convert) made before the
-timed loop.
+Every training variant runs the same ``CtcvrModel`` (``ModelConfig(num_experts=8,
+expert_sizes=[256], tower_sizes=[128, 64])`` over 20 single-valued sparse fields of dim 16 and
+2 dense features) with the ESMM objective through ``TrainModule``, from the same seed, on the
+same pool of synthetic batches (Zipf-distributed ids, ~4 % clicks, ~5 % of clicks convert) made
+before the timed loop; the dense parameters' optimizer is the product's (``dense_adam``) in every
+variant, and every worker process tunes the host allocator as the trainer does
+(``trainer.host_memory``, unless ``--allocator default``). The variants differ in the embedding
+stage only, so:
 
-- **TorchRec** is the product's path: ``init_distributed`` -> ``build_model`` on ``meta`` ->
-  ``TrainModule`` -> ``fuse_sparse_optimizer`` (row-wise Adagrad inside backward, touching only
-  the rows a batch reads) -> ``shard_model`` (table-wise / column-wise, DMP on gloo) ->
-  ``build_optimizer`` (Adam on the dense parameters).
-- **reference** is the same ``CtcvrModel`` whose sparse stage is one ``nn.EmbeddingBag`` per
-  table (:class:`EmbeddingBagArch`), trained by one ``torch.optim.Adam`` over every parameter,
-  so every step updates every embedding row.
+- **ctcvr over the strongest plain path** (the faster of ``plain_sparse_adam`` and
+  ``plain_adagrad`` in the same run) is what TorchRec and FBGEMM win over the embedding stage a
+  PyTorch user would write; with the same dense code it can only win what that stage costs there.
+- **ctcvr over the head-only limit** is what the embedding and sharding stage costs in ctcvr
+  (target: at least 0.95).
+- **GFLOP/s** counts the multiply-adds of the dense model's matrix products, forward and
+  backward, exactly (:func:`matmul_flops_per_row`; elementwise work is not counted), over the
+  whole step; its share of the sgemm peak measured in the same run, at the same threads, says how
+  well the dense model uses the machine (target for ``head_only``: at least 0.6).
+- **ctcvr_2p over ctcvr_1p**: target above 1 (2 processes ahead of 1 on the same cores).
 
 A step is forward + ``zero_grad`` + backward + ``step``, timed with ``time.perf_counter``; the
 warmup steps are not reported. With 2 processes a step lasts as long as its slowest rank and
-samples/s counts both ranks' rows (``world_size * batch / step``); the per-process figure is
-``batch / step``. Peak memory is ``ru_maxrss`` of the worker process (the largest rank).
-
-Other processes on the machine stretch the steps, so each worker also records the share of all
-CPUs that other processes took during its timed steps (from ``/proc/stat``); the table shows it
-and calls the target inconclusive above 10 %. ``--wait-idle`` waits for a quiet machine before
-each variant, and ``--rounds`` lets the variants take turns so a burst of load is shared.
+samples/s counts both ranks' rows. Peak memory is ``ru_maxrss`` of the worker process (the
+largest rank). Other processes on the machine stretch the steps, so each worker records the share
+of all CPUs other processes took during its timed steps (from ``/proc/stat``); a target whose
+variants saw more than 10 % is called inconclusive. ``--wait-idle`` waits for a quiet machine
+before each variant.
 """
 
 from __future__ import annotations
@@ -65,10 +78,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum, unique
+from itertools import pairwise
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -83,17 +98,30 @@ from trainer.distributed import (
     DistContext,
     barrier,
     build_optimizer,
+    dense_adam,
     fuse_sparse_optimizer,
     gather_objects,
     init_distributed,
     shard_model,
     shutdown_distributed,
 )
-from trainer.model import embedding_bag_configs
+from trainer.host_memory import tune_host_allocator
+from trainer.model import CtcvrModel, embedding_bag_configs
 from trainer.objectives import build_objective
 from trainer.train_module import TrainModule
 
-__all__ = ["EmbeddingBagArch", "Settings", "Variant", "bench_schema", "main", "synthetic_batches"]
+__all__ = [
+    "EmbeddingBagArch",
+    "FixedInputArch",
+    "Settings",
+    "Variant",
+    "bench_schema",
+    "main",
+    "markdown_table",
+    "matmul_flops_per_row",
+    "summarize",
+    "synthetic_batches",
+]
 
 log = logging.getLogger("train_throughput")
 
@@ -133,26 +161,37 @@ _TABLE_PRESETS: dict[str, dict[str, int]] = {
     "small": {},
 }
 _DENSE_FIELDS = ("price", "dwell_time")
+_HEADS = ("ctr", "cvr")  # ESMM's
 _EMBEDDING_DIM = 16
 _ZIPF_EXPONENT = 1.2  # id popularity ~ rank^-1.2: a few hot rows and a long tail
 _CLICK_RATE = 0.04
 _CONVERSION_RATE = 0.05  # of clicks
-_TARGET_RATIO = 1.25  # torchrec_1p median / reference median that the issue asks for
-_BUSY_SHARE = 0.10  # CPU share taken by other processes above which the table carries a warning
+_HEAD_ONLY_TARGET = 0.95  # ctcvr_1p median / head_only median
+_SGEMM_SHARE_TARGET = 0.6  # head_only GFLOP/s / sgemm GFLOP/s
+_BUSY_SHARE = 0.10  # CPU share taken by other processes above which a verdict is inconclusive
 _TICK = os.sysconf("SC_CLK_TCK")  # /proc/stat counts in these ticks per second
 
 
 @unique
 class Variant(str, Enum):
-    TORCHREC_1P = "torchrec_1p"  # the TorchRec path in one process
-    TORCHREC_2P = "torchrec_2p"  # the TorchRec path, torchrun with 2 processes of 1 thread each
-    REFERENCE = "reference"  # nn.EmbeddingBag + dense Adam over every row, one process
+    CTCVR_1P = "ctcvr_1p"  # the product's path in one process
+    CTCVR_2P = "ctcvr_2p"  # the product's path, torchrun with 2 processes of 1 thread each
+    PLAIN_SPARSE_ADAM = "plain_sparse_adam"  # EmbeddingBag(sparse=True) + SparseAdam
+    PLAIN_ADAGRAD = "plain_adagrad"  # EmbeddingBag(sparse=True) + Adagrad
+    PLAIN_DENSE_ADAM = "plain_dense_adam"  # EmbeddingBag + one Adam over every row (extra row)
+    HEAD_ONLY = "head_only"  # the dense model on a fixed input: the limit
+    SGEMM = "sgemm"  # a square matmul: the machine's peak
+
+
+# The plain paths a PyTorch user would write with sparse gradients; the faster is "the strongest".
+_PLAIN_SPARSE = (Variant.PLAIN_SPARSE_ADAM, Variant.PLAIN_ADAGRAD)
+_TRAINING = tuple(v for v in Variant if v is not Variant.SGEMM)
 
 
 @unique
-class Worker(str, Enum):
-    TORCHREC = "torchrec"  # product path: DMP, fused row-wise Adagrad, dense Adam
-    REFERENCE = "reference"  # EmbeddingBagArch, one Adam over all parameters
+class Allocator(str, Enum):
+    TUNED = "tuned"  # trainer.host_memory.tune_host_allocator(), as the trainer runs
+    DEFAULT = "default"  # the C library's defaults
 
 
 @dataclass
@@ -167,13 +206,24 @@ class Settings:
     num_experts: int = 8
     expert_sizes: list[int] = field(default_factory=lambda: [256])
     tower_sizes: list[int] = field(default_factory=lambda: [128, 64])
-    rounds: int = 1  # the variants take turns this many times; their steps are pooled
+    sgemm_size: int = 2048  # n of the n x n x n sgemm
+    sgemm_reps: int = 10  # timed sgemm calls per round
+    allocator: str = Allocator.TUNED.value  # see Allocator
+    rounds: int = 2  # the variants take turns this many times; their steps are pooled
     wait_idle: float = 0.0  # seconds to wait, before each variant, for other processes to go quiet
     variants: list[str] = field(default_factory=lambda: [v.value for v in Variant])
 
     def check(self) -> None:
         """Raises: ValueError naming the flag of an out-of-range setting."""
-        for name in ("steps", "batch_size", "pool_batches", "num_experts", "rounds"):
+        for name in (
+            "steps",
+            "batch_size",
+            "pool_batches",
+            "num_experts",
+            "rounds",
+            "sgemm_size",
+            "sgemm_reps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -213,6 +263,9 @@ class Settings:
             *map(str, self.expert_sizes),
             "--tower-sizes",
             *map(str, self.tower_sizes),
+            f"--sgemm-size={self.sgemm_size}",
+            f"--sgemm-reps={self.sgemm_reps}",
+            f"--allocator={self.allocator}",
         ]
 
     def model_config(self) -> ModelConfig:
@@ -280,26 +333,78 @@ def synthetic_batches(schema: FeatureSchema, batch_size: int, count: int, seed: 
     return batches
 
 
-# The reference -------------------------------------------------------------------------------
+# FLOPs ---------------------------------------------------------------------------------------
+
+
+def matmul_flops_per_row(
+    in_features: int,
+    num_experts: int,
+    expert_sizes: Sequence[int],
+    tower_sizes: Sequence[int],
+    heads: int = len(_HEADS),
+) -> int:
+    """FLOPs of the dense model's matrix products, forward and backward, per training row.
+
+    Counts ``2 * multiply-adds`` of every product of ``CtcvrModel`` with plain towers: the
+    experts' layers, each head's gate, the gates' mixing of the experts (a batched product of
+    ``heads x E`` weights with ``E x H`` outputs) and each head's tower down to its logit. The
+    backward pass computes two products per forward product, of the same size: the gradient of
+    the weights and the gradient of the input (every input takes gradients, the MMoE's too,
+    since the embeddings train). Elementwise work (biases, activations, softmax, the loss) is
+    not counted. Padding the first layer's width (``trainer.model.experts.INPUT_ALIGN``) is the
+    implementation's cost, not the model's, and not counted either.
+
+    Args:
+        in_features: the MMoE's input width ``D``.
+        num_experts: ``E``.
+        expert_sizes: each expert's layer widths.
+        tower_sizes: each tower's hidden widths (a logit layer follows).
+        heads: number of heads, each with a gate and a tower.
+
+    Returns:
+        FLOPs per row of a step (forward + backward).
+    """
+    experts = [in_features, *expert_sizes]
+    towers = [expert_sizes[-1], *tower_sizes, 1]
+    multiply_adds = (
+        num_experts * sum(a * b for a, b in pairwise(experts))
+        + heads * in_features * num_experts  # gates
+        + heads * num_experts * expert_sizes[-1]  # mixing
+        + heads * sum(a * b for a, b in pairwise(towers))
+    )
+    return 3 * 2 * multiply_adds  # forward, then the weights' and the input's gradients
+
+
+def _flops_per_row(settings: Settings) -> int:
+    return matmul_flops_per_row(
+        len(_SPARSE_FIELDS) * _EMBEDDING_DIM + len(_DENSE_FIELDS),
+        settings.num_experts,
+        settings.expert_sizes,
+        settings.tower_sizes,
+    )
+
+
+# Plain PyTorch and the head-only limit -------------------------------------------------------
 
 
 class EmbeddingBagArch(nn.Module):
     """Plain-PyTorch twin of ``SparseArch``: one ``nn.EmbeddingBag`` per table, fed from the KJT.
 
     Its output ``(B, F * D)`` has the features in the order of ``SparseArch``'s (the configs'
-    order), so it can replace ``CtcvrModel.sparse_arch``. With a dense optimizer every row of
-    every table is updated on each step: that cost is what the benchmark compares against.
+    order), so it can replace ``CtcvrModel.sparse_arch``.
 
     Args:
         configs: the tables, as ``embedding_bag_configs(schema)`` gives them.
+        sparse: sparse gradients (a ``torch.sparse_coo`` gradient of the rows a batch read, for
+            ``torch.optim.SparseAdam`` or ``Adagrad``) instead of dense ones (every row).
 
     Example::
 
-        arch = EmbeddingBagArch(embedding_bag_configs(schema))
+        arch = EmbeddingBagArch(embedding_bag_configs(schema), sparse=True)
         arch(batch.sparse).shape  # (B, sum of embedding dims over features)
     """
 
-    def __init__(self, configs: Sequence[EmbeddingBagConfig]) -> None:
+    def __init__(self, configs: Sequence[EmbeddingBagConfig], sparse: bool = False) -> None:
         super().__init__()
         self.bags = nn.ModuleDict()
         self.feature_tables: list[tuple[str, str]] = []  # (feature, table) in output order
@@ -310,6 +415,7 @@ class EmbeddingBagArch(nn.Module):
                 config.embedding_dim,
                 include_last_offset=True,
                 mode="mean" if config.pooling == PoolingType.MEAN else "sum",
+                sparse=sparse,
             )
             with torch.no_grad():
                 config.init_fn(bag.weight)  # TorchRec's table init: uniform(+-1/sqrt(rows))
@@ -329,19 +435,58 @@ class EmbeddingBagArch(nn.Module):
         )
 
 
+class FixedInputArch(nn.Module):
+    """The embedding stage replaced by a constant: the head-only limit's input.
+
+    Returns the same ``(B, F * D)`` tensor for every batch, as a new leaf that takes gradients,
+    so the dense model's backward computes the input's gradient as it does for embeddings, and
+    nothing else happens.
+
+    Args:
+        pooled: the input, e.g. the pooled embeddings of one batch.
+    """
+
+    def __init__(self, pooled: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pooled", pooled.detach().clone())
+        self.out_features = pooled.shape[1]
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Args: features (ignored). Returns the fixed ``(B, F * D)`` input, taking gradients."""
+        return self.pooled.detach().requires_grad_()
+
+
+class _Optimizers:
+    """Several optimizers stepped as one (the plain paths': one for the tables, one dense)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
 # Workers -------------------------------------------------------------------------------------
 
 
-def _setup_torchrec(
-    schema: FeatureSchema, settings: Settings
+def _model(schema: FeatureSchema, settings: Settings) -> CtcvrModel:
+    # Tables on meta draw no random numbers: every variant's dense layers start from the same
+    # weights, whatever it then puts in place of the tables.
+    torch.manual_seed(settings.seed)
+    return build_model(schema, settings.model_config())
+
+
+def _setup_ctcvr(
+    schema: FeatureSchema, settings: Settings, _pool: list[Batch]
 ) -> tuple[DistContext, nn.Module, object, dict]:
     # The recipe's order: process group, model on meta, sparse optimizer in backward, shard, dense.
     ctx = init_distributed("gloo", "cpu")
-    torch.manual_seed(settings.seed)
-    objective = build_objective("esmm")
-    module = TrainModule(
-        build_model(schema, settings.model_config(), objective.required_heads), objective
-    )
+    module = TrainModule(_model(schema, settings), build_objective("esmm"))
     fuse_sparse_optimizer(module, SparseOptimizerConfig())
     model = shard_model(module, ctx, ShardingConfig(backend="gloo"))
     optimizer = build_optimizer(model, DenseOptimizerConfig())
@@ -353,32 +498,77 @@ def _setup_torchrec(
     return ctx, model, optimizer, {"plan": plan}
 
 
-def _setup_reference(
-    schema: FeatureSchema, settings: Settings
+def _setup_plain(
+    variant: Variant,
+) -> Callable[[FeatureSchema, Settings, list[Batch]], tuple[DistContext, nn.Module, object, dict]]:
+    def setup(
+        schema: FeatureSchema, settings: Settings, _pool: list[Batch]
+    ) -> tuple[DistContext, nn.Module, object, dict]:
+        ctx = init_distributed("gloo", "cpu")  # a 1-rank group: results gathered as for ctcvr
+        model = _model(schema, settings)
+        sparse = variant is not Variant.PLAIN_DENSE_ADAM
+        model.sparse_arch = EmbeddingBagArch(embedding_bag_configs(schema), sparse=sparse)
+        module = TrainModule(model, build_objective("esmm"))
+        dense_config, sparse_config = DenseOptimizerConfig(), SparseOptimizerConfig()
+        if not sparse:  # one Adam over every parameter, embedding rows included
+            return ctx, module, dense_adam(module.parameters(), dense_config), {}
+        tables = list(model.sparse_arch.parameters())
+        ids = {id(t) for t in tables}
+        rest = [p for p in module.parameters() if id(p) not in ids]
+        table_optimizer = (
+            torch.optim.SparseAdam(tables, lr=sparse_config.lr, eps=sparse_config.eps)
+            if variant is Variant.PLAIN_SPARSE_ADAM
+            else torch.optim.Adagrad(tables, lr=sparse_config.lr, eps=sparse_config.eps)
+        )
+        return ctx, module, _Optimizers(table_optimizer, dense_adam(rest, dense_config)), {}
+
+    return setup
+
+
+def _setup_head_only(
+    schema: FeatureSchema, settings: Settings, _pool: list[Batch]
 ) -> tuple[DistContext, nn.Module, object, dict]:
-    ctx = init_distributed("gloo", "cpu")  # a 1-rank group: the result is gathered as for TorchRec
-    torch.manual_seed(settings.seed)
-    objective = build_objective("esmm")
-    # Built as the TorchRec worker builds it (tables on meta draw no random numbers), so the
-    # dense layers start from the same weights; then the EBC is swapped for EmbeddingBags.
-    model = build_model(schema, settings.model_config(), objective.required_heads)
-    model.sparse_arch = EmbeddingBagArch(embedding_bag_configs(schema))
-    module = TrainModule(model, objective)
-    # The product's dense optimizer and settings, over every parameter, embedding rows included.
-    config = DenseOptimizerConfig()
-    optimizer = torch.optim.Adam(
-        module.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    return ctx, module, optimizer, {}
+    ctx = init_distributed("gloo", "cpu")
+    model = _model(schema, settings)
+    model.sparse_arch = FixedInputArch(_initial_pooled(schema, settings))
+    module = TrainModule(model, build_objective("esmm"))
+    return ctx, module, dense_adam(module.parameters(), DenseOptimizerConfig()), {}
 
 
-def run_worker(worker: Worker, settings: Settings) -> None:
-    """Train ``warmup + steps`` steps; rank 0 prints one result line with every rank's times."""
+def _initial_pooled(schema: FeatureSchema, settings: Settings) -> torch.Tensor:
+    """``(B, F * D)`` values distributed as the pooled embeddings of single-valued features at
+    TorchRec's initialisation (each table's rows uniform in +-1/sqrt(rows)), without the tables."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    columns = []
+    for config in embedding_bag_configs(schema):
+        bound = 1.0 / config.num_embeddings**0.5
+        for _ in config.feature_names:
+            uniform = torch.rand(settings.batch_size, config.embedding_dim, generator=generator)
+            columns.append((2 * uniform - 1) * bound)
+    return torch.cat(columns, dim=1)
+
+
+_SETUP = {
+    Variant.CTCVR_1P: _setup_ctcvr,
+    Variant.CTCVR_2P: _setup_ctcvr,
+    Variant.PLAIN_SPARSE_ADAM: _setup_plain(Variant.PLAIN_SPARSE_ADAM),
+    Variant.PLAIN_ADAGRAD: _setup_plain(Variant.PLAIN_ADAGRAD),
+    Variant.PLAIN_DENSE_ADAM: _setup_plain(Variant.PLAIN_DENSE_ADAM),
+    Variant.HEAD_ONLY: _setup_head_only,
+}
+
+
+def run_worker(variant: Variant, settings: Settings) -> None:
+    """Run ``variant``; rank 0 prints one result line with every rank's times."""
+    if settings.allocator == Allocator.TUNED.value:
+        tune_host_allocator()
+    if variant is Variant.SGEMM:
+        print(_RESULT_PREFIX + json.dumps(_sgemm(settings)), flush=True)
+        return
     start = time.perf_counter()
     schema = bench_schema(settings.tables, settings.table_scale)
     pool = synthetic_batches(schema, settings.batch_size, settings.pool_batches, settings.seed)
-    setup = _setup_torchrec if worker is Worker.TORCHREC else _setup_reference
-    ctx, model, optimizer, extra = setup(schema, settings)
+    ctx, model, optimizer, extra = _SETUP[variant](schema, settings, pool)
     setup_s = time.perf_counter() - start
     mine = _timed_steps(model, optimizer, pool, ctx, settings)
     mine.update(rank=ctx.rank, setup_s=setup_s)
@@ -390,7 +580,6 @@ def run_worker(worker: Worker, settings: Settings) -> None:
     ranks = gather_objects(mine, ctx)
     if ranks is not None:
         result = {
-            "worker": worker.value,
             "world_size": ctx.world_size,
             "batch_size": settings.batch_size,
             "ranks": ranks,
@@ -422,22 +611,60 @@ def _timed_steps(
     losses: list[float] = []
     for step in range(settings.warmup):
         train_step(step)
-    machine, own = _cpu_ticks(), _own_cpu_s()
     timed = range(settings.warmup, settings.warmup + settings.steps)
-    step_s = [train_step(step) for step in timed]
-    machine_after = _cpu_ticks()
-    measured = machine is not None and machine_after is not None
+    with _CpuWatch() as watch:
+        step_s = [train_step(step) for step in timed]
     return {
         "step_s": step_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "threads": torch.get_num_threads(),
-        "cpu_s": _own_cpu_s() - own,  # this process's CPU time over the timed steps
-        # The whole machine's busy and elapsed CPU time over the timed steps (None off Linux).
-        "machine_busy_s": (machine_after[0] - machine[0]) / _TICK if measured else None,
-        "machine_total_s": (machine_after[1] - machine[1]) / _TICK if measured else None,
+        **watch.result,
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
+
+
+def _sgemm(settings: Settings) -> dict:
+    """``sgemm_reps`` timed ``n x n`` float32 products (after 2 untimed), at the default threads."""
+    n = settings.sgemm_size
+    generator = torch.Generator().manual_seed(settings.seed)
+    a, b = (torch.randn(n, n, generator=generator) for _ in range(2))
+    out = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    with _CpuWatch() as watch:
+        call_s = []
+        for _ in range(settings.sgemm_reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            call_s.append(time.perf_counter() - t0)
+    return {
+        "size": n,
+        "flops_per_call": 2 * n**3,
+        "world_size": 1,
+        "ranks": [{"call_s": call_s, "threads": torch.get_num_threads(), **watch.result}],
+    }
+
+
+class _CpuWatch:
+    """This process's CPU time, and the whole machine's busy and elapsed CPU time, over a block.
+
+    ``result`` holds ``cpu_s``, ``machine_busy_s`` and ``machine_total_s`` (the machine's are
+    None off Linux) once the block has run.
+    """
+
+    def __enter__(self) -> Self:
+        self._machine, self._own = _cpu_ticks(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        machine = _cpu_ticks()
+        measured = self._machine is not None and machine is not None
+        self.result = {
+            "cpu_s": _own_cpu_s() - self._own,
+            "machine_busy_s": (machine[0] - self._machine[0]) / _TICK if measured else None,
+            "machine_total_s": (machine[1] - self._machine[1]) / _TICK if measured else None,
+        }
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -462,7 +689,8 @@ def _variant_command(variant: Variant, settings: Settings) -> tuple[list[str], d
     script = str(Path(__file__).resolve())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-    if variant is Variant.TORCHREC_2P:
+    worker = [script, "--worker", variant.value, *settings.worker_args()]
+    if variant is Variant.CTCVR_2P:
         # 2 processes on 2 cores: one intra-op thread each, or they oversubscribe the cores.
         env["OMP_NUM_THREADS"] = "1"
         launcher = [
@@ -472,9 +700,8 @@ def _variant_command(variant: Variant, settings: Settings) -> tuple[list[str], d
             "--standalone",
             "--nproc_per_node=2",
         ]
-        return [*launcher, script, "--worker", Worker.TORCHREC.value, *settings.worker_args()], env
-    worker = Worker.REFERENCE if variant is Variant.REFERENCE else Worker.TORCHREC
-    return [sys.executable, script, "--worker", worker.value, *settings.worker_args()], env
+        return [*launcher, *worker], env
+    return [sys.executable, *worker], env
 
 
 def _wait_for_idle(timeout_s: float) -> None:
@@ -499,7 +726,7 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
     if settings.wait_idle > 0:
         _wait_for_idle(settings.wait_idle)
     command, env = _variant_command(variant, settings)
-    prefix = "OMP_NUM_THREADS=1 " if variant is Variant.TORCHREC_2P else ""
+    prefix = "OMP_NUM_THREADS=1 " if variant is Variant.CTCVR_2P else ""
     log.info("%s: %s%s", variant.value, prefix, " ".join(command))
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, cwd=_ROOT, capture_output=True, text=True, check=False)
@@ -514,7 +741,7 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
     result["others_cpu_share"] = _others_cpu_share(result)
     others = result["others_cpu_share"]
     log.info(
-        "%s: done in %.1f s; other processes took %s of the CPUs during the timed steps",
+        "%s: done in %.1f s; other processes took %s of the CPUs during the timed part",
         variant.value,
         time.perf_counter() - start,
         "?" if others is None else f"{others:.0%}",
@@ -523,7 +750,7 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
 
 
 def _others_cpu_share(result: dict) -> float | None:
-    """Share of all CPUs that other processes used while the worker's timed steps ran.
+    """Share of all CPUs that other processes used while the worker's timed part ran.
 
     Outside load stretches the steps, so the table reports it: the machine's busy time over
     rank 0's timed steps, minus the CPU time of every rank (their timed steps coincide).
@@ -535,44 +762,108 @@ def _others_cpu_share(result: dict) -> float | None:
     return max(0.0, main["machine_busy_s"] - own) / main["machine_total_s"]
 
 
-def summarize(runs: list[dict]) -> dict:
-    """One table row from a variant's runs (one per round).
+def summarize(runs: list[dict], flops_per_row: int) -> dict:
+    """One table row from a training variant's runs (one per round).
 
     A step lasts as long as its slowest rank; samples/s counts every rank's rows. Peak RSS is
     the largest over ranks and rounds, and so is the CPU share other processes took.
+
+    Args:
+        runs: the variant's worker results.
+        flops_per_row: :func:`matmul_flops_per_row` of the model.
     """
     world, batch = runs[0]["world_size"], runs[0]["batch_size"]
     step_s = [
         max(times) for run in runs for times in zip(*(rank["step_s"] for rank in run["ranks"]))
     ]
     rates = [world * batch / s for s in step_s]
+    median = statistics.median(rates)
     return {
         "variant": runs[0]["variant"],
         "processes": world,
         "threads": runs[0]["ranks"][0]["threads"],
         "steps": len(step_s),
         "min": min(rates),
-        "median": statistics.median(rates),
+        "median": median,
         "max": max(rates),
-        "median_per_process": statistics.median(rates) / world,
         "median_step_ms": 1000 * statistics.median(step_s),
+        "gflops": median * flops_per_row / 1e9,
         "peak_rss_mib": max(rank["peak_rss_mib"] for run in runs for rank in run["ranks"]),
-        "others_cpu_share": max((run.get("others_cpu_share") or 0.0) for run in runs),
+        "others_cpu_share": _busiest(runs),
     }
 
 
-def _embedding_rows(settings: Settings) -> int:
-    schema = bench_schema(settings.tables, settings.table_scale)
-    return sum(table.num_rows for table in schema.all_tables)
+def summarize_sgemm(runs: list[dict]) -> dict:
+    """The sgemm peak from its runs: GFLOP/s of each call; the median is the peak reported."""
+    flops = runs[0]["flops_per_call"]
+    rates = [flops / s / 1e9 for run in runs for s in run["ranks"][0]["call_s"]]
+    return {
+        "variant": Variant.SGEMM.value,
+        "size": runs[0]["size"],
+        "threads": runs[0]["ranks"][0]["threads"],
+        "calls": len(rates),
+        "min": min(rates),
+        "median": statistics.median(rates),
+        "max": max(rates),
+        "others_cpu_share": _busiest(runs),
+    }
 
 
-def _reference_median(rows: list[dict]) -> float | None:
-    return next((r["median"] for r in rows if r["variant"] == Variant.REFERENCE.value), None)
+def _busiest(runs: Iterable[dict]) -> float:
+    return max((run.get("others_cpu_share") or 0.0) for run in runs)
 
 
-def markdown_table(rows: list[dict], settings: Settings) -> str:
-    """The result table, then the settings, the 1.25x target's verdict and any contention."""
-    reference = _reference_median(rows)
+@dataclass(frozen=True)
+class Headline:
+    """The ratios the benchmark is for, each None when a variant it needs did not run.
+
+    Attributes:
+        strongest_plain: the faster of the plain sparse paths (its variant name).
+        vs_plain: ctcvr_1p median / the strongest plain path's median.
+        vs_head_only: ctcvr_1p median / head_only median.
+        head_sgemm_share: head_only GFLOP/s / the sgemm peak.
+        two_vs_one: ctcvr_2p median / ctcvr_1p median.
+    """
+
+    strongest_plain: str | None
+    vs_plain: float | None
+    vs_head_only: float | None
+    head_sgemm_share: float | None
+    two_vs_one: float | None
+
+
+def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
+    """The headline ratios from the rows (by variant name) and the sgemm peak."""
+
+    def ratio(a: str, b: str) -> float | None:
+        return rows[a]["median"] / rows[b]["median"] if a in rows and b in rows else None
+
+    plain = [rows[v.value] for v in _PLAIN_SPARSE if v.value in rows]
+    strongest = max(plain, key=lambda r: r["median"])["variant"] if plain else None
+    head = rows.get(Variant.HEAD_ONLY.value)
+    return Headline(
+        strongest_plain=strongest,
+        vs_plain=ratio(Variant.CTCVR_1P.value, strongest) if strongest else None,
+        vs_head_only=ratio(Variant.CTCVR_1P.value, Variant.HEAD_ONLY.value),
+        head_sgemm_share=head["gflops"] / sgemm["median"] if head and sgemm else None,
+        two_vs_one=ratio(Variant.CTCVR_2P.value, Variant.CTCVR_1P.value),
+    )
+
+
+def _verdict(value: float | None, met: bool, measured: Iterable[dict]) -> str:
+    if value is None:
+        return "not measured"
+    if any(r["others_cpu_share"] > _BUSY_SHARE for r in measured):
+        return "inconclusive, measured under outside load"
+    return "met" if met else "NOT met"
+
+
+def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> str:
+    """The result table, the sgemm peak, the settings and the targets' verdicts."""
+    by_name = {r["variant"]: r for r in rows}
+    head = headline(by_name, sgemm)
+    plain = by_name.get(head.strongest_plain) if head.strongest_plain else None
+    head_only = by_name.get(Variant.HEAD_ONLY.value)
     columns = (
         "path",
         "processes",
@@ -580,15 +871,16 @@ def markdown_table(rows: list[dict], settings: Settings) -> str:
         "samples/s min",
         "samples/s median",
         "samples/s max",
-        "median per process",
         "median step (ms)",
-        "x reference (median)",
+        "x strongest plain",
+        "x head-only",
+        "GFLOP/s",
+        "of sgemm peak",
         "peak RSS MiB",
         "CPU used by others",
     )
     lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
     for r in rows:
-        ratio = f"{r['median'] / reference:.2f}x" if reference else "n/a"
         cells = (
             r["variant"],
             r["processes"],
@@ -596,14 +888,23 @@ def markdown_table(rows: list[dict], settings: Settings) -> str:
             f"{r['min']:,.0f}",
             f"{r['median']:,.0f}",
             f"{r['max']:,.0f}",
-            f"{r['median_per_process']:,.0f}",
             f"{r['median_step_ms']:.1f}",
-            ratio,
+            f"{r['median'] / plain['median']:.2f}x" if plain else "n/a",
+            f"{r['median'] / head_only['median']:.2f}x" if head_only else "n/a",
+            f"{r['gflops']:.1f}",
+            f"{r['gflops'] / sgemm['median']:.2f}" if sgemm else "n/a",
             f"{r['peak_rss_mib']:,.0f}",
             f"{r['others_cpu_share']:.0%}",
         )
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     cfg = settings
+    if sgemm:
+        lines.append(
+            f"\nsgemm peak: {sgemm['median']:.1f} GFLOP/s (median of {sgemm['calls']} calls of "
+            f"{sgemm['size']} x {sgemm['size']} x {sgemm['size']} float32, "
+            f"{sgemm['min']:.1f} to {sgemm['max']:.1f}; {sgemm['threads']} threads; other "
+            f"processes took {sgemm['others_cpu_share']:.0%} of the CPUs)."
+        )
     lines += [
         "",
         (
@@ -613,20 +914,63 @@ def markdown_table(rows: list[dict], settings: Settings) -> str:
             f"({_embedding_rows(cfg):,} embedding rows: tables {cfg.tables!r}, scale "
             f"{cfg.table_scale:g}); MMoE "
             f"{cfg.num_experts} experts of {cfg.expert_sizes}, towers {cfg.tower_sizes}; ESMM; "
-            f"{os.cpu_count()} CPUs. samples/s counts the rows of all processes."
+            f"{_flops_per_row(cfg) / 1e6:.2f} MFLOP of matrix products per row; host allocator "
+            f"{cfg.allocator}; {os.cpu_count()} CPUs. samples/s counts the rows of all processes."
         ),
+        "",
+        "| target | result |",
+        "|---|---|",
     ]
-    busy = [r["variant"] for r in rows if r["others_cpu_share"] > _BUSY_SHARE]
-    single = next((r for r in rows if r["variant"] == Variant.TORCHREC_1P.value), None)
-    if single is not None and reference:
-        ratio = single["median"] / reference
-        if {Variant.TORCHREC_1P.value, Variant.REFERENCE.value} & set(busy):
-            verdict = "inconclusive, measured under outside load"
-        else:
-            verdict = "met" if ratio >= _TARGET_RATIO else "NOT met"
-        lines.append(
-            f"\nTarget torchrec_1p >= {_TARGET_RATIO}x reference: {verdict} ({ratio:.2f}x)."
+    single = by_name.get(Variant.CTCVR_1P.value)
+    double = by_name.get(Variant.CTCVR_2P.value)
+    involved = [r for r in (single, plain) if r]
+    lines.append(
+        f"| ctcvr_1p over the strongest plain path ({head.strongest_plain or 'not run'}) | "
+        + (
+            f"{head.vs_plain:.2f}x (reported as it is)"
+            + (
+                "; measured under outside load"
+                if any(r["others_cpu_share"] > _BUSY_SHARE for r in involved)
+                else ""
+            )
+            if head.vs_plain is not None
+            else "not measured"
         )
+        + " |"
+    )
+    lines.append(
+        f"| ctcvr_1p >= {_HEAD_ONLY_TARGET} x head_only | "
+        + _verdict(
+            head.vs_head_only,
+            (head.vs_head_only or 0) >= _HEAD_ONLY_TARGET,
+            [r for r in (single, head_only) if r],
+        )
+        + (f" ({head.vs_head_only:.2f}x)" if head.vs_head_only is not None else "")
+        + " |"
+    )
+    lines.append(
+        f"| head_only >= {_SGEMM_SHARE_TARGET} x the sgemm peak | "
+        + _verdict(
+            head.head_sgemm_share,
+            (head.head_sgemm_share or 0) >= _SGEMM_SHARE_TARGET,
+            [r for r in (head_only, sgemm) if r],
+        )
+        + (f" ({head.head_sgemm_share:.2f})" if head.head_sgemm_share is not None else "")
+        + " |"
+    )
+    lines.append(
+        "| ctcvr_2p ahead of ctcvr_1p | "
+        + _verdict(
+            head.two_vs_one, (head.two_vs_one or 0) > 1.0, [r for r in (single, double) if r]
+        )
+        + (f" ({head.two_vs_one:.2f}x)" if head.two_vs_one is not None else "")
+        + " |"
+    )
+    busy = [
+        r["variant"]
+        for r in [*rows, *([sgemm] if sgemm else [])]
+        if r["others_cpu_share"] > _BUSY_SHARE
+    ]
     if busy:
         lines.append(
             f"\nWarning: other processes took more than {_BUSY_SHARE:.0%} of the CPUs during "
@@ -636,6 +980,11 @@ def markdown_table(rows: list[dict], settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _embedding_rows(settings: Settings) -> int:
+    schema = bench_schema(settings.tables, settings.table_scale)
+    return sum(table.num_rows for table in schema.all_tables)
+
+
 def plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
     """Bar chart of median samples/s per variant, min and max as whiskers."""
     import matplotlib
@@ -643,24 +992,27 @@ def plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    reference = _reference_median(rows)
+    head_only = next((r for r in rows if r["variant"] == Variant.HEAD_ONLY.value), None)
     names = [
-        f"{r['variant']} ({r['processes']} proc)\n{r['median']:,.0f}/s"
-        + (f", {r['median'] / reference:.2f}x ref" if reference else "")
+        f"{r['variant']}\n{r['median']:,.0f}/s"
+        + (f"\n{r['median'] / head_only['median']:.2f}x head-only" if head_only else "")
         for r in rows
     ]
-    colors = {v.value: c for v, c in zip(Variant, ("#4c72b0", "#55a868", "#c44e52"))}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    palette = dict(
+        zip(_TRAINING, ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8c8c8c", "#937860"))
+    )
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.bar(
         names,
         [r["median"] for r in rows],
         capsize=6,
-        color=[colors[r["variant"]] for r in rows],
+        color=[palette[Variant(r["variant"])] for r in rows],
         yerr=[[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]],
     )
     ax.set_ylabel("samples/s (median; whiskers: min, max)")
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_title(
-        "Training throughput: TorchRec vs nn.EmbeddingBag + dense Adam"
+        "Training throughput: ctcvr, plain PyTorch and the head-only limit"
         + (f"\n{subtitle}" if subtitle else "")
     )
     fig.tight_layout()
@@ -668,44 +1020,51 @@ def plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
     plt.close(fig)
 
 
+def _round_order(variants: list[Variant], round_index: int) -> list[Variant]:
+    """In order on even rounds, reversed on odd ones: no variant always runs first or last."""
+    return variants if round_index % 2 == 0 else variants[::-1]
+
+
 def run_all(
     settings: Settings, out: Path, command: str = "benchmarks/train_throughput.py"
 ) -> list[dict]:
-    """Run every variant, write the table, the chart and the raw JSON; return the table rows.
-
-    With several rounds the variants take turns (A B C A B C), so a burst of outside load is
-    spread over all of them rather than landing on one.
-    """
+    """Run every variant, write the table, the chart and the raw JSON; return the table rows."""
     log.info("settings: %s", json.dumps(asdict(settings)))
     variants = [Variant(v) for v in settings.variants]
     runs: dict[Variant, list[dict]] = {v: [] for v in variants}
-    for _ in range(settings.rounds):
-        for variant in variants:
+    for index in range(settings.rounds):
+        for variant in _round_order(variants, index):
             runs[variant].append(_run_variant(variant, settings))
-    rows = [summarize(runs[v]) for v in variants]
+    flops = _flops_per_row(settings)
+    rows = [summarize(runs[v], flops) for v in variants if v is not Variant.SGEMM]
+    sgemm = summarize_sgemm(runs[Variant.SGEMM]) if Variant.SGEMM in runs else None
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows, settings)
+    table = markdown_table(rows, sgemm, settings)
     header = f"# Training throughput\n\nCommand: `.venv/bin/python {command}`\n\n"
     (out / "train_throughput.md").write_text(header + table)
     raw = {
         "command": command,
         "settings": asdict(settings),
+        "flops_per_row": flops,
         "rows": rows,
+        "sgemm": sgemm,
+        "headline": asdict(headline({r["variant"]: r for r in rows}, sgemm)),
         "runs": {v.value: runs[v] for v in variants},
     }
     (out / "train_throughput.json").write_text(json.dumps(raw, indent=1))
     subtitle = (
         f"{_embedding_rows(settings):,} embedding rows, batch {settings.batch_size} per process"
     )
-    plot(rows, out / "train_throughput.png", subtitle)
+    if rows:
+        plot(rows, out / "train_throughput.png", subtitle)
     print(table)
     log.info(
-        "wrote %s, %s and %s", *(out / f"train_throughput.{ext}" for ext in ("md", "png", "json"))
+        "wrote %s", ", ".join(str(out / f"train_throughput.{e}") for e in ("md", "png", "json"))
     )
     return rows
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
+def _parse(argv: Sequence[str] | None) -> tuple[Settings, Variant | None, Path]:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per worker")
@@ -735,6 +1094,18 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
     parser.add_argument("--expert-sizes", type=int, nargs="+", default=defaults.expert_sizes)
     parser.add_argument("--tower-sizes", type=int, nargs="*", default=defaults.tower_sizes)
     parser.add_argument(
+        "--sgemm-size", type=int, default=defaults.sgemm_size, help="n of the n x n sgemm"
+    )
+    parser.add_argument(
+        "--sgemm-reps", type=int, default=defaults.sgemm_reps, help="timed sgemm calls per round"
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=[a.value for a in Allocator],
+        default=defaults.allocator,
+        help="tuned: every worker tunes glibc's malloc as the trainer does; default: untouched",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=defaults.rounds, help="turns per variant, steps pooled"
     )
     parser.add_argument(
@@ -753,7 +1124,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
     parser.add_argument(
         "--out", type=Path, default=_ROOT / "benchmarks" / "results", help="output folder"
     )
-    parser.add_argument("--worker", choices=[w.value for w in Worker], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[v.value for v in Variant], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings(
         steps=args.steps,
@@ -766,6 +1137,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
         num_experts=args.num_experts,
         expert_sizes=args.expert_sizes,
         tower_sizes=args.tower_sizes,
+        sgemm_size=args.sgemm_size,
+        sgemm_reps=args.sgemm_reps,
+        allocator=args.allocator,
         rounds=args.rounds,
         wait_idle=args.wait_idle,
         variants=args.variants,
@@ -774,7 +1148,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Worker | None, Path]:
         settings.check()
     except ValueError as err:
         parser.error(str(err))
-    return settings, (Worker(args.worker) if args.worker else None), args.out
+    return settings, (Variant(args.worker) if args.worker else None), args.out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "barrier",
     "broadcast_from_main_",
     "build_optimizer",
+    "dense_adam",
     "dense_lr_at",
     "fuse_sparse_optimizer",
     "gather_objects",
@@ -272,11 +273,19 @@ def build_optimizer(
     updated its rows during ``backward()``.
     """
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense_optimizer = KeyedOptimizerWrapper(
-        dense,
-        lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay),
-    )
+    dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: dense_adam(params, config))
     return CombinedOptimizer([("sparse", model.fused_optimizer), ("dense", dense_optimizer)])
+
+
+def dense_adam(params: Iterable[torch.Tensor], config: DenseOptimizerConfig) -> torch.optim.Adam:
+    """The dense parameters' Adam, with ``config``'s learning rate and weight decay.
+
+    Fused (one kernel per parameter for the whole update, on CPU as on GPU) rather than
+    PyTorch's default on CPU, a loop of about ten small operations per parameter: the same
+    update to float32 rounding, in a fraction of the time. Its state has the default's keys, so
+    checkpoints of either load into the other.
+    """
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def dense_lr_at(config: DenseOptimizerConfig, step: int, steps: int) -> float:

@@ -45,6 +45,7 @@ from trainer.distributed import (
 )
 from trainer.evaluation import format_table
 from trainer.evaluation.predict import evaluate, evaluation_reader
+from trainer.host_memory import tune_host_allocator
 from trainer.objectives import LossOutput
 from trainer.pruning import density_report, format_density
 from trainer.run_dir import CheckpointDir, RunDir
@@ -82,6 +83,7 @@ class TrainRecipe:
     def setup(self) -> None:
         cfg = self.config
         quiet_library_warnings()
+        tune_host_allocator()  # before the first large tensor: each step reuses the last's memory
         self.ctx = init_distributed(cfg.sharding.backend, cfg.device)
         # The same seed on every rank: dense parameters start identical (DMP also broadcasts).
         torch.manual_seed(cfg.seed)

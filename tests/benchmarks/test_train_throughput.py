@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -10,14 +11,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from torchrec import EmbeddingBagCollection
 
 from tests.helpers import tiny_batch, tiny_schema
-from trainer.model import SparseArch, embedding_bag_configs
+from trainer.model import CtcvrModel, SparseArch, embedding_bag_configs
+from trainer.model.experts import INPUT_ALIGN
+from trainer.objectives import build_objective
+from trainer.train_module import TrainModule
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
-TINY = ["--steps", "2", "--warmup", "1", "--batch-size", "64", "--table-scale", "0.001"]
+TINY = [
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--batch-size",
+    "64",
+    "--table-scale",
+    "0.001",
+    "--rounds",
+    "1",
+    "--sgemm-size",
+    "64",
+    "--sgemm-reps",
+    "2",
+]
 
 
 def _load_benchmark():
@@ -58,6 +78,9 @@ def test_embedding_bag_arch_matches_sparse_arch():
     batch = tiny_batch([1, 0, 1, 0, 1], [1, 0, 0, 0, 1], schema)
     assert reference.out_features == sparse_arch.out_features
     torch.testing.assert_close(reference(batch.sparse), sparse_arch(batch.sparse))
+    plain = tt.EmbeddingBagArch(configs, sparse=True)  # the plain sparse paths' tables
+    plain(batch.sparse).sum().backward()
+    assert all(bag.weight.grad.is_sparse for bag in plain.bags.values())
 
 
 def test_synthetic_batches_are_reproducible_and_in_range():
@@ -80,7 +103,7 @@ def test_synthetic_batches_are_reproducible_and_in_range():
 def test_summarize_takes_the_slowest_rank_and_counts_all_rows():
     runs = [
         {
-            "variant": "torchrec_2p",
+            "variant": "ctcvr_2p",
             "world_size": 2,
             "batch_size": 100,
             "others_cpu_share": 0.02,
@@ -90,40 +113,133 @@ def test_summarize_takes_the_slowest_rank_and_counts_all_rows():
             ],
         }
     ]
-    row = tt.summarize(runs)
-    assert (
-        row["min"] == row["median"] == row["max"] == pytest.approx(1000.0)
-    )  # 2 * 100 rows / 0.2 s
-    assert row["median_per_process"] == pytest.approx(500.0)
-    assert row["peak_rss_mib"] == 70.0
+    row = tt.summarize(runs, flops_per_row=3_000_000)
+    assert row["min"] == row["median"] == row["max"] == pytest.approx(1000.0)  # 2 * 100 / 0.2 s
+    assert row["gflops"] == pytest.approx(3.0)  # 1000 rows/s * 3 MFLOP
+    assert row["peak_rss_mib"] == 70.0 and row["others_cpu_share"] == 0.02
 
 
-def test_markdown_table_reports_ratio_target_and_contention():
-    def row(variant, median, others=0.0):
-        return {
-            "variant": variant,
-            "processes": 1,
-            "threads": 2,
-            "min": median,
-            "median": median,
-            "max": median,
-            "median_per_process": median,
-            "median_step_ms": 1.0,
-            "peak_rss_mib": 1.0,
-            "others_cpu_share": others,
-        }
+def test_the_sgemm_peak_is_the_median_rate_of_its_calls():
+    runs = [
+        {"size": 1000, "flops_per_call": 2e9, "others_cpu_share": 0.0, "ranks": [run]}
+        for run in (
+            {"call_s": [0.1, 0.02], "threads": 2},  # 20 and 100 GFLOP/s
+            {"call_s": [0.04], "threads": 2},  # 50
+        )
+    ]
+    sgemm = tt.summarize_sgemm(runs)
+    assert (sgemm["min"], sgemm["median"], sgemm["max"]) == pytest.approx((20.0, 50.0, 100.0))
+    assert sgemm["calls"] == 3 and sgemm["threads"] == 2
 
+
+def _row(variant, median, gflops=0.0, others=0.0, processes=1):
+    return {
+        "variant": variant,
+        "processes": processes,
+        "threads": 2,
+        "min": median,
+        "median": median,
+        "max": median,
+        "median_step_ms": 1.0,
+        "gflops": gflops,
+        "peak_rss_mib": 1.0,
+        "others_cpu_share": others,
+    }
+
+
+def _sgemm(median, others=0.0):
+    return {
+        "variant": "sgemm",
+        "size": 2048,
+        "threads": 2,
+        "calls": 10,
+        "min": median,
+        "median": median,
+        "max": median,
+        "others_cpu_share": others,
+    }
+
+
+def test_the_headline_takes_the_faster_plain_path_and_each_target_gets_a_verdict():
     settings = tt.Settings(table_scale=0.001)
-    met = tt.markdown_table([row("torchrec_1p", 130.0), row("reference", 100.0)], settings)
-    assert "| 1.30x |" in met and "met (1.30x)" in met and "Warning" not in met
-    missed = tt.markdown_table([row("torchrec_1p", 110.0), row("reference", 100.0)], settings)
-    assert "NOT met (1.10x)" in missed
+    rows = [
+        _row("ctcvr_1p", 96.0),
+        _row("ctcvr_2p", 104.0, processes=2),
+        _row("plain_sparse_adam", 80.0),
+        _row("plain_adagrad", 90.0),
+        _row("plain_dense_adam", 30.0),
+        _row("head_only", 100.0, gflops=140.0),
+    ]
+    head = tt.headline({r["variant"]: r for r in rows}, _sgemm(200.0))
+    assert head.strongest_plain == "plain_adagrad"
+    assert head.vs_plain == pytest.approx(96 / 90) and head.vs_head_only == pytest.approx(0.96)
+    assert head.head_sgemm_share == pytest.approx(0.7) and head.two_vs_one == pytest.approx(
+        104 / 96
+    )
+    table = tt.markdown_table(rows, _sgemm(200.0), settings)
+    assert "| ctcvr_1p over the strongest plain path (plain_adagrad) | 1.07x" in table
+    assert "| ctcvr_1p >= 0.95 x head_only | met (0.96x) |" in table
+    assert "| head_only >= 0.6 x the sgemm peak | met (0.70) |" in table
+    assert "| ctcvr_2p ahead of ctcvr_1p | met (1.08x) |" in table
+    assert "| head_only | 1 | 2 | 100 | 100 | 100 | 1.0 | 1.11x | 1.00x | 140.0 | 0.70 |" in table
+    assert "Warning" not in table
+
+    slow = [_row("ctcvr_1p", 90.0), _row("head_only", 100.0, gflops=100.0)]
+    missed = tt.markdown_table(slow, _sgemm(200.0), settings)
+    assert "NOT met (0.90x)" in missed and "NOT met (0.50)" in missed
+    assert "| ctcvr_2p ahead of ctcvr_1p | not measured |" in missed
+
     busy = tt.markdown_table(
-        [row("torchrec_1p", 130.0, others=0.5), row("reference", 100.0)], settings
+        [_row("ctcvr_1p", 96.0, others=0.3), _row("head_only", 100.0, gflops=140.0)],
+        _sgemm(200.0, others=0.5),
+        settings,
     )
-    assert (
-        "inconclusive" in busy and "Warning" in busy and "torchrec_1p" in busy.split("Warning")[1]
+    assert busy.count("inconclusive, measured under outside load") == 2
+    assert "Warning" in busy and "ctcvr_1p, sgemm" in busy.split("Warning")[1]
+
+
+def _head_only_step_flops(in_width: int, batch_size: int) -> float:
+    """FLOPs of the matrix products of one training step of the head-only model, counted by
+    torch's FlopCounterMode as they run."""
+    torch.manual_seed(0)
+    pooled = torch.randn(batch_size, in_width - 2)
+    model = CtcvrModel(
+        tt.FixedInputArch(pooled),
+        num_dense=2,
+        heads=("ctr", "cvr"),
+        num_experts=3,
+        expert_sizes=(16, 8),
+        tower_sizes=(8, 4),
     )
+    module = TrainModule(model, build_objective("esmm"))
+    batch = tiny_batch([1, 0, 1, 0], [1, 0, 0, 0])
+    batch = dataclasses.replace(batch, dense=torch.randn(batch_size, 2))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = module(batch)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_the_flop_count_is_what_the_model_computes():
+    in_width = 8 * INPUT_ALIGN  # no padding: every product the model runs is the model's own
+    counted = _head_only_step_flops(in_width, batch_size=4)
+    expected = 4 * tt.matmul_flops_per_row(in_width, 3, (16, 8), (8, 4))
+    assert counted == expected
+    # By hand, per row: experts 3 * (64 * 16 + 16 * 8), gates 2 * 64 * 3, mixing 2 * 3 * 8,
+    # towers 2 * (8 * 8 + 8 * 4 + 4 * 1); times 2 FLOPs per multiply-add and 3 for the backward.
+    assert expected == 4 * 6 * (3 * (64 * 16 + 16 * 8) + 2 * 64 * 3 + 2 * 3 * 8 + 2 * 100)
+    # An odd width runs padded products: more FLOPs run than the model has.
+    assert _head_only_step_flops(in_width + 3, 4) > 4 * tt.matmul_flops_per_row(
+        in_width + 3, 3, (16, 8), (8, 4)
+    )
+
+
+def test_the_head_only_input_takes_gradients_and_never_changes():
+    arch = tt.FixedInputArch(torch.ones(3, 4))
+    first = arch(None)
+    first.sum().backward()
+    assert first.grad is not None and torch.equal(arch(None), torch.ones(3, 4))
+    assert arch.out_features == 4 and not list(arch.parameters())
 
 
 @pytest.mark.parametrize(
@@ -134,6 +250,7 @@ def test_markdown_table_reports_ratio_target_and_contention():
         (["--table-scale", "0"], "--table-scale must be > 0"),
         (["--rounds", "0"], "--rounds must be >= 1"),
         (["--wait-idle", "-1"], "--wait-idle must be >= 0"),
+        (["--sgemm-size", "0"], "--sgemm-size must be >= 1"),
     ],
 )
 def test_bad_settings_are_rejected(flags, message, capsys):
@@ -143,19 +260,26 @@ def test_bad_settings_are_rejected(flags, message, capsys):
 
 
 def test_tiny_run_writes_table_and_chart(tmp_path):
-    raw = _run(tmp_path, "torchrec_1p", "reference")
+    raw = _run(tmp_path, "ctcvr_1p", "plain_sparse_adam", "plain_dense_adam", "head_only", "sgemm")
     rows = {row["variant"]: row for row in raw["rows"]}
-    assert set(rows) == {"torchrec_1p", "reference"}
+    assert set(rows) == {"ctcvr_1p", "plain_sparse_adam", "plain_dense_adam", "head_only"}
     for row in rows.values():
         assert 0 < row["min"] <= row["median"] <= row["max"] and row["peak_rss_mib"] > 0
-    plan = raw["runs"]["torchrec_1p"][0]["plan"]
+        assert row["gflops"] == pytest.approx(row["median"] * raw["flops_per_row"] / 1e9)
+    assert raw["sgemm"]["median"] > 0 and raw["sgemm"]["size"] == 64
+    plan = raw["runs"]["ctcvr_1p"][0]["plan"]
     assert len(plan) == 20 and all("/fused/" in p for p in plan.values())  # FBGEMM fused kernels
-    assert "x reference (median)" in (tmp_path / "train_throughput.md").read_text()
+    assert raw["headline"]["strongest_plain"] == "plain_sparse_adam"
+    assert raw["headline"]["vs_head_only"] == pytest.approx(
+        rows["ctcvr_1p"]["median"] / rows["head_only"]["median"]
+    )
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "x strongest plain" in table and "sgemm peak:" in table
 
 
 @pytest.mark.distributed
 def test_tiny_run_with_two_processes(tmp_path):
-    raw = _run(tmp_path, "torchrec_2p")
+    raw = _run(tmp_path, "ctcvr_2p")
     (row,) = raw["rows"]
     assert row["processes"] == 2 and row["threads"] == 1 and row["median"] > 0
-    assert len(raw["runs"]["torchrec_2p"][0]["ranks"]) == 2
+    assert len(raw["runs"]["ctcvr_2p"][0]["ranks"]) == 2

@@ -91,8 +91,13 @@ def test_exported_weights_equal_the_checkpoint(run, tmp_path):
         torch.cat([saved[tables.format(t)] for t in ("level", "strict_cat", "words")]),
     )
     dense = load_file(out / DENSE_FILE)
+    # The checkpoint holds each layer of all experts in one (E, out, in) tensor; the artifact
+    # holds expert by expert.
     assert torch.equal(
-        dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.1.layers.0.0.weight"]
+        dense["mmoe.experts.1.layers.0.weight"], saved[prefix + "mmoe.experts.layers.0.weight"][1]
+    )
+    assert torch.equal(
+        dense["mmoe.experts.0.layers.0.bias"], saved[prefix + "mmoe.experts.layers.0.bias"][0]
     )
     assert torch.equal(
         dense["towers.cvr.layers.0.bias"], saved[prefix + "towers.cvr.hidden.layers.0.0.bias"]

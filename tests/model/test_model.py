@@ -48,10 +48,21 @@ def test_mmoe_gates_are_softmax_mixtures_of_experts():
     torch.manual_seed(0)
     mmoe = MMoE(6, ("a", "b"), num_experts=3, expert_sizes=(5,))
     x = torch.randn(4, 6)
-    experts = torch.stack([e(x) for e in mmoe.experts], dim=1)
-    weights = torch.softmax(mmoe.gates["a"](x), dim=-1)
+    # Each expert as the service reads it: its own Linear -> ReLU, from the exported tensors.
+    tensors = mmoe.serving_tensors(("a",))
+    experts = torch.stack(
+        [
+            torch.relu(
+                x @ tensors[f"mmoe.experts.{e}.layers.0.weight"].T
+                + tensors[f"mmoe.experts.{e}.layers.0.bias"]
+            )
+            for e in range(3)
+        ],
+        dim=1,
+    )
+    weights = torch.softmax(x @ tensors["mmoe.gates.a.weight"].T + tensors["mmoe.gates.a.bias"], -1)
     expected = (weights.unsqueeze(-1) * experts).sum(1)
-    assert torch.allclose(mmoe(x)["a"], expected)
+    assert torch.allclose(mmoe(x)["a"], expected, atol=1e-6)
 
 
 def test_mmoe_detached_task_trains_its_gate_only():
@@ -144,3 +155,19 @@ def test_dot_interaction_needs_one_embedding_dim_and_says_which_features_differ(
 def test_unknown_interaction_is_a_config_error():
     with pytest.raises(ConfigError, match="model.interaction: 'cross' is not one of"):
         load_config(None, ["output_dir=x", "data.train=x", "model.interaction=cross"])
+
+
+def test_sparse_arch_output_is_the_regrouped_pooled_embeddings_in_config_order():
+    from torchrec import EmbeddingBagCollection, KeyedTensor
+
+    from trainer.model import SparseArch
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(tiny_schema()))
+    arch = SparseArch(ebc)
+    batch = tiny_batch([1, 0, 1], [0, 0, 1])
+    pooled = ebc(batch.sparse)
+    # Unsharded, the collection's keys are already in config order: no regrouping copy is made.
+    assert pooled.keys() == arch.feature_names
+    expected = KeyedTensor.regroup([pooled], [arch.feature_names])[0]
+    assert torch.equal(arch(batch.sparse), expected)

@@ -72,7 +72,7 @@ def _model(option: str):
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.uniform_(-0.5, 0.5)
-            elif param.dim() == 2:
+            elif param.dim() >= 2:  # linear weights, the experts' (E, out, in) included
                 param.mul_(3.0)
     if model.partially_shared is not None:  # prune a third of each tower's weights at random
         generator = torch.Generator().manual_seed(0)

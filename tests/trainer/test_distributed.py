@@ -138,3 +138,28 @@ def test_main_rank_is_rank_zero():
     cpu = torch.device("cpu")
     assert DistContext(0, 2, 0, cpu, "gloo", cpu).is_main
     assert not DistContext(1, 2, 1, cpu, "gloo", cpu).is_main
+
+
+def test_the_dense_adam_is_fused_and_steps_as_the_default_adam_does():
+    from trainer.config import DenseOptimizerConfig
+    from trainer.distributed import dense_adam
+
+    torch.manual_seed(0)
+    shapes = [(6, 5), (6,), (1, 6)]
+    fused_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    config = DenseOptimizerConfig(lr=0.01, weight_decay=0.001)
+    fused = dense_adam(fused_params, config)
+    plain = torch.optim.Adam(plain_params, lr=0.01, weight_decay=0.001)
+    assert fused.defaults["fused"] is True
+    for _ in range(20):
+        grads = [torch.randn(s) for s in shapes]
+        for params, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(fused_params, plain_params):
+        torch.testing.assert_close(a, b)  # the same update, to float32 rounding
+    # The same state keys: a checkpoint of either optimizer loads into the other.
+    plain.load_state_dict(fused.state_dict())
+    assert set(plain.state[plain_params[0]]) == {"step", "exp_avg", "exp_avg_sq"}

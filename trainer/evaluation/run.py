@@ -15,6 +15,7 @@ from schemas import storage
 from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
 from trainer.evaluation.predict import evaluate, evaluation_reader
 from trainer.evaluation.report import report_files
+from trainer.host_memory import tune_host_allocator
 from trainer.run_dir import RunDir
 from trainer.run_model import restore_model
 
@@ -65,6 +66,7 @@ def evaluate_run(
     run = RunDir(run_dir)
     config = run.load_config()  # fails before a process group exists
     quiet_library_warnings()
+    tune_host_allocator()  # large evaluation batches reuse the previous batch's memory
     ctx = init_distributed(config.sharding.backend, config.device)
     restored = None
     try:

@@ -69,6 +69,10 @@ class SparseArch(nn.Module):
             each table's features), whatever the sharding.
         """
         pooled = self.embedding_bag_collection(features)
+        if pooled.keys() == self.feature_names:
+            # Already in config order (unsharded, or every table on one rank): regrouping would
+            # copy the values twice and their gradient twice more, and rebuild its permutation.
+            return pooled.values()
         # A sharded collection returns its features grouped by shard placement, not in config
         # order; regrouping pins the layout the MMoE's input weights were trained on, so a
         # checkpoint means the same thing on 1 rank, N ranks, and unsharded in export.

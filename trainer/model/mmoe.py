@@ -7,15 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from schemas.artifact import expert_layer, gate
+from schemas.artifact import gate
+from trainer.model.experts import Experts
 from trainer.model.exported import linear_tensors
-from trainer.model.mlp import MLP
 
 __all__ = ["MMoE"]
 
 
 class MMoE(nn.Module):
     """``E`` expert MLPs shared by all tasks; each task mixes them with its own softmax gate.
+
+    The experts are computed together (:class:`~trainer.model.experts.Experts`: one matrix
+    product per layer for all of them), the mixtures of all tasks in one ``bmm``.
 
     Args:
         in_features: input width ``D``.
@@ -48,20 +51,16 @@ class MMoE(nn.Module):
             raise ValueError(
                 f"detached_tasks {sorted(detached_tasks)} must be among tasks {list(tasks)}"
             )
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if len(set(tasks)) != len(tasks) or not tasks:
             raise ValueError(f"tasks must be distinct and non-empty, got {list(tasks)}")
-        self.experts = nn.ModuleList(
-            MLP(in_features, expert_sizes, dropout) for _ in range(num_experts)
-        )
+        self.experts = Experts(in_features, num_experts, expert_sizes, dropout)
         self.gates = nn.ModuleDict({task: nn.Linear(in_features, num_experts) for task in tasks})
-        self.out_features = expert_sizes[-1]
+        self.out_features = self.experts.out_features
         self.detached_tasks = frozenset(detached_tasks)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args: x ``(B, D)``. Returns one ``(B, H)`` mixture per task."""
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
+        experts = self.experts(x)  # (B, E, H)
         attached = [task for task in self.gates if task not in self.detached_tasks]
         detached = [task for task in self.gates if task in self.detached_tasks]
         mixtures = self._mix(x, experts, attached) | self._mix(
@@ -76,10 +75,7 @@ class MMoE(nn.Module):
         Raises:
             KeyError: a task without a gate.
         """
-        tensors: dict[str, torch.Tensor] = {}
-        for e, expert in enumerate(self.experts):
-            for layer, linear in enumerate(expert.linears):
-                tensors |= linear_tensors(expert_layer(e, layer), linear)
+        tensors = self.experts.serving_tensors()
         for task in tasks:
             tensors |= linear_tensors(gate(task), self.gates[task])
         return tensors
