@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 
 from trainer.distributed import DistContext, barrier, is_distributed
 from trainer.run_dir import CheckpointDir, CheckpointError, CheckpointMeta, RunDir
@@ -44,6 +44,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model_weights",
+    "load_training_state",
     "model_key",
     "model_tensor_specs",
     "read_model_tensors",
@@ -144,21 +145,53 @@ def load_checkpoint(
     """
     meta = checkpoint.read_meta()
     check_schema(checkpoint, meta, schema_fingerprint, "refusing to resume")
-    # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
-    # keys the target already has: a zero-gradient step creates them. The parameters it touches
-    # are overwritten by the checkpoint right after.
-    optimizer.init_state()
-    optimizer.zero_grad(set_to_none=True)
-    state = {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint.location)
-    model.load_state_dict(state[_MODEL])
-    optimizer.load_state_dict(state[_OPTIMIZER])
+    load_training_state(checkpoint, model, optimizer)
     data = checkpoint.read_rank_state(ctx.rank)
     if data is None:  # resuming with more ranks than were saved
         return meta, {}
     saved = torch.load(io.BytesIO(data), weights_only=True)
     _set_rng_state(saved["rng"])
     return meta, saved["state"]
+
+
+def load_training_state(checkpoint: CheckpointDir, model: nn.Module, optimizer: Any) -> None:
+    """Load a checkpoint's weights (model and objective) and optimizer state in place; nothing
+    of the run's progress (step, RNG, data position). Every rank must call it; the checkpoint
+    may have been written by any number of ranks (DCP reshards).
+
+    What :func:`load_checkpoint` resumes with, and what a warm start with the optimizer state
+    (``trainer.warm_start``) starts from.
+
+    Args:
+        checkpoint: a complete checkpoint.
+        model: the sharded ``TrainModule`` (DMP).
+        optimizer: its optimizer (``build_optimizer``).
+
+    Raises:
+        CheckpointError: a tensor of ``model`` or of the optimizer state that the checkpoint
+            does not hold, or holds with another shape (named).
+    """
+    # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
+    # keys the target already has: a zero-gradient step creates them. The parameters it touches
+    # are overwritten by the checkpoint right after.
+    optimizer.init_state()
+    optimizer.zero_grad(set_to_none=True)
+    state = {_MODEL: model.state_dict(), _OPTIMIZER: optimizer.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint.location)
+    except CheckpointException as err:
+        raise CheckpointError(
+            f"{checkpoint} does not hold this model's state: {_first_failure(err)}"
+        ) from None
+    model.load_state_dict(state[_MODEL])
+    optimizer.load_state_dict(state[_OPTIMIZER])
+
+
+def _first_failure(err: CheckpointException) -> str:
+    """The first rank's failure of a DCP exception, one line (DCP lists every rank's)."""
+    first = next(iter(err.failures.values()), None)  # (exception, traceback) per rank
+    text = str(first[0]).strip() if first is not None else str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_schema(
