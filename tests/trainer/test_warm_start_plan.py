@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from schemas import FeatureSchema
+from schemas import FeatureSchema, storage
 from schemas.artifact import DENSE_FILE, table_file
 from schemas.hashing import hash_ints
 from trainer.builders import build_model
@@ -358,3 +358,18 @@ def test_the_config_refuses_its_own_directory_and_a_lone_init_optimizer(tmp_path
     with pytest.raises(ConfigError, match="train.init_optimizer=true .* which is not set"):
         _config(tmp_path / "run", "train.init_optimizer=true")
     assert _config(tmp_path / "b", f"train.init_from={tmp_path / 'a'}").train.init_from
+
+
+def test_an_exported_model_on_s3_is_a_source(s3, tmp_path):
+    run = _run(tmp_path / "run", _schema())
+    export_run(run, tmp_path / "model", log=None)
+    for path in sorted(p for p in (tmp_path / "model").rglob("*") if p.is_file()):
+        relative = path.relative_to(tmp_path / "model").as_posix()
+        storage.write_bytes(s3.uri("models", "v1", relative), path.read_bytes())
+    remote, local = open_source(s3.uri("models", "v1")), open_source(str(tmp_path / "model"))
+    assert remote.kind is SourceKind.MODEL and remote.dense.keys() == local.dense.keys()
+    torch.testing.assert_close(remote.read_table("user"), local.read_table("user"), rtol=0, atol=0)
+    plan = _plan(s3.uri("models", "v1"), _schema(), _config(tmp_path / "new"))
+    assert plan.report()["source"]["location"] == s3.uri("models", "v1")
+    with pytest.raises(WarmStartError, match="no such file or directory"):
+        open_source(s3.uri("models", "v2"))

@@ -47,7 +47,7 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, ModelConfig, TowerSharing, model_config_from_dict
 from trainer.model import CtcvrModel
 from trainer.run_dir import CheckpointDir, RunDir, RunDirError
-from trainer.warm_start._layout import ModelLayout, model_layout, reference_model
+from trainer.warm_start._layout import ModelLayout, TableLayout, model_layout, reference_model
 
 __all__ = ["SourceKind", "WarmSource", "WarmStartError", "open_source"]
 
@@ -63,9 +63,54 @@ class SourceKind(str, Enum):
     MODEL = "model"  # a model directory written by trainer.export
 
 
-@dataclass
+class _CheckpointTensors:
+    """A checkpoint's model tensors, each read whole (from however many ranks' shards)."""
+
+    def __init__(self, checkpoint: CheckpointDir, specs: Mapping[str, TensorSpec]) -> None:
+        self.checkpoint = checkpoint
+        self.specs = specs
+
+    def dense(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return read_model_tensors(self.checkpoint, {key: self.specs[key] for key in keys})
+
+    def table(self, table: TableLayout) -> torch.Tensor:
+        return read_model_tensors(self.checkpoint, {table.key: self.specs[table.key]})[table.key]
+
+
+class _ModelTensors:
+    """An exported model's tensors: the dense ones as loaded, tables read (and checked) on
+    demand."""
+
+    def __init__(
+        self, root: storage.Location, manifest: Manifest, dense: Mapping[str, torch.Tensor]
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.values = dense
+
+    def dense(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {key: self.values[key] for key in keys}
+
+    def table(self, table: TableLayout) -> torch.Tensor:
+        path = table_file(table.name)
+        weight = _safetensors(self.root, self.manifest, path).get(TABLE_TENSOR)
+        if weight is None or tuple(weight.shape) != (table.rows, table.dim):
+            raise WarmStartError(
+                f"{self.root.join(path)}: expected a tensor {TABLE_TENSOR!r} of shape "
+                f"{(table.rows, table.dim)}, as its manifest says"
+            )
+        if not weight.is_floating_point():
+            raise WarmStartError(
+                f"{self.root.join(path)}: table {table.name!r} is stored as {weight.dtype} (a "
+                "quantised export?); a warm start needs float weights: start from the run or "
+                "a float export"
+            )
+        return weight
+
+
+@dataclass(frozen=True)
 class WarmSource:
-    """A previous model, its layout and a way to read its tensors.
+    """A previous model: what it is, its layout, and its tensors (read on demand).
 
     Attributes:
         kind: run, checkpoint or exported model.
@@ -75,6 +120,7 @@ class WarmSource:
         config: its resolved training config (as a dict).
         layout: the layout of its model (an exported model's: with ordinary towers).
         dense: the dense tensors it holds, by model key (an exported model: the served ones).
+        tensors: where they are read from.
         checkpoint: the checkpoint read (None for an exported model).
         version: an exported model's version id.
     """
@@ -86,54 +132,33 @@ class WarmSource:
     config: Mapping[str, Any]
     layout: ModelLayout
     dense: Mapping[str, TensorSpec]
+    tensors: _CheckpointTensors | _ModelTensors = field(repr=False)
     checkpoint: CheckpointDir | None = None
     version: str | None = None
-    _dense_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _model_root: storage.Location | None = field(default=None, repr=False)
-    _manifest: Manifest | None = field(default=None, repr=False)
 
     @property
     def objective(self) -> str:
         return str(self.config["objective"]["name"])
 
     def describe(self) -> str:
-        """``run runs/day1 (checkpoint step_00000400)``, ``model models/v3 (version v3)``."""
+        """``run runs/day1 (step_00000400, step 400)``, ``exported model models/v3 (version
+        v3, step 400)``."""
         if self.kind is SourceKind.MODEL:
             return f"exported model {self.location} (version {self.version}, step {self.step})"
         return f"{self.kind.value} {self.location} ({self.checkpoint.name}, step {self.step})"
 
     def read_dense(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Whole dense tensors by model key (all of them small)."""
-        keys = list(keys)
-        if self.kind is SourceKind.MODEL:
-            return {key: self._dense_values[key] for key in keys}
-        return read_model_tensors(self.checkpoint, {key: self.dense[key] for key in keys})
+        return self.tensors.dense(list(keys))
 
     def read_table(self, name: str) -> torch.Tensor:
-        """One whole embedding table ``(rows, dim)``, float32.
+        """One whole embedding table ``(rows, dim)``.
 
         Raises:
-            WarmStartError: the exported file fails its checksum or is not a float table.
+            WarmStartError: an exported table file fails its checksum, or is not a float table
+                of the manifest's shape.
         """
-        table = self.layout.tables[name]
-        if self.kind is not SourceKind.MODEL:
-            spec = TensorSpec((table.rows, table.dim), torch.float32)
-            return read_model_tensors(self.checkpoint, {table.key: spec})[table.key]
-        path = table_file(name)
-        tensors = _safetensors(self._model_root, self._manifest, path)
-        weight = tensors.get(TABLE_TENSOR)
-        if weight is None or tuple(weight.shape) != (table.rows, table.dim):
-            raise WarmStartError(
-                f"{self._model_root.join(path)}: expected a tensor {TABLE_TENSOR!r} of shape "
-                f"{(table.rows, table.dim)} as its manifest says"
-            )
-        if not weight.is_floating_point():
-            raise WarmStartError(
-                f"{self._model_root.join(path)}: table {name!r} is stored as {weight.dtype} "
-                "(a quantised export?); a warm start needs float weights: start from the run "
-                "or a float export"
-            )
-        return weight.float()
+        return self.tensors.table(self.layout.tables[name])
 
 
 def open_source(location: str) -> WarmSource:
@@ -199,6 +224,7 @@ def _checkpoint_source(
         config=config,
         layout=layout,
         dense={key: stored[key] for key in layout.dense},
+        tensors=_CheckpointTensors(checkpoint, stored),
         checkpoint=checkpoint,
     )
 
@@ -251,10 +277,8 @@ def _model_source(location: str, root: storage.Location) -> WarmSource:
         config=config,
         layout=model_layout(model, schema, model_config),
         dense={key: TensorSpec(tuple(state[key].shape), state[key].dtype) for key in served},
+        tensors=_ModelTensors(root, manifest, {key: state[key].detach() for key in served}),
         version=manifest.version,
-        _dense_values={key: state[key].detach().clone() for key in served},
-        _model_root=root,
-        _manifest=manifest,
     )
 
 
