@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/warm_start.py            # about 40 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/warm_start.py            # about 30 min on 2 busy CPU cores
     .venv/bin/python benchmarks/warm_start.py --quick    # smoke test, a few minutes
 
 The daily loop in small: ``trainer.data`` simulates three consecutive days (users and items
@@ -15,16 +15,18 @@ shared, newcomers every day, popularity drifting; ``--days 3``), and for every s
 3. every arm's checkpoints along the way (``--every`` steps) are evaluated on **day 3**'s test
    partition: the day the model would serve. Step 0 of the warm arms is the day-1 model itself.
 
-The expected direction, that a warm start reaches the from-scratch model's final quality in
-fewer steps, is checked, not assumed: for every metric, the first step at which a warm arm's
-mean over seeds is at least as good as the scratch arm's at the last step, or "never".
+The expected direction, that a warm start reaches the from-scratch model's quality in fewer
+steps, is checked, not assumed: for every metric, the first step at which a warm arm's mean
+over seeds is at least as good as the scratch arm's at its last step, and at its best step
+(the two differ when more steps over-fit), or "never".
 
-Outputs, under ``--out`` (default ``benchmarks/results``): ``warm_start.md`` (the settings, the
-quality of each arm at the last step, the steps a warm arm needs to match scratch, the curve of
-CTCVR AUC and CTR AUC over steps), ``warm_start.png`` (one panel per metric, one line per arm,
-mean and std over seeds) and ``warm_start.json`` (settings, every evaluation). Quality does not
-depend on machine load, only the wall time does. Run directories and evaluations are kept under
-``--work`` and reused, so an interrupted benchmark resumes where it stopped.
+Outputs, under ``--out`` (default ``benchmarks/results``), named ``warm_start`` (or
+``warm_start_<--name>``): ``.md`` (the settings, the quality of each arm at the last step, the
+steps a warm arm needs to match scratch, the curves of CTCVR AUC and CTR AUC over steps),
+``.png`` (one panel per metric, one line per arm, mean and std over seeds) and ``.json``
+(settings, every evaluation). Quality does not depend on machine load, only the wall time does.
+Run directories and evaluations are kept under ``--work`` and reused, so an interrupted
+benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ _EVAL_DIR = "eval_day3"  # in each run directory: one metrics.json per checkpoin
 class Settings:
     """Everything that determines the benchmark (written into its outputs)."""
 
-    rows: int = 300_000  # impressions per day, 20 % of them in the day's test partition
+    # Impressions per day, 20 % of them in the day's test partition: 256,000 training rows, one
+    # pass at 250 steps of 1024. A second pass over the same day over-fits (benchmarks/README.md).
+    rows: int = 320_000
     num_users: int = 20_000  # users on day 1 (3 % more arrive each later day)
     num_items: int = 10_000  # items on day 1 (5 % more each later day)
     popularity_drift: float = 0.3  # the simulator's daily log-popularity step
     data_seed: int = 0
     start: str = "2026-12-01"
-    day1_steps: int = 400  # day 1, from scratch
-    steps: int = 400  # day 2, every arm
-    every: int = 40  # checkpoint (and evaluation) interval on day 2
+    day1_steps: int = 250  # day 1, from scratch
+    steps: int = 250  # day 2, every arm
+    every: int = 25  # checkpoint (and evaluation) interval on day 2
     batch_size: int = 1024
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # model init and data order
     num_experts: int = 4
@@ -265,6 +269,28 @@ def evaluate_checkpoints(
     return results
 
 
+def movement(start_run: str, start_step: int, end_run: str, end_step: int) -> dict[str, float]:
+    """How far training moved a model: ``||w_end - w_start|| / ||w_start||`` over each part of
+    it (the embedding tables together, the experts, each head's gate and tower), read from two
+    checkpoints (a worker process)."""
+    from trainer.checkpoint import find_checkpoint, model_tensor_specs, read_model_tensors
+    from trainer.warm_start import component_of
+
+    def weights(run: str, step: int) -> dict:
+        checkpoint = find_checkpoint(RunDir(run), f"step_{step:08d}")
+        return read_model_tensors(checkpoint, model_tensor_specs(checkpoint))
+
+    start, end = weights(start_run, start_step), weights(end_run, end_step)
+    change: dict[str, float] = {}
+    size: dict[str, float] = {}
+    for key, before in start.items():
+        part = component_of(key)[0]
+        part = "embeddings" if part == "sparse_arch" else part
+        change[part] = change.get(part, 0.0) + float((end[key] - before).double().pow(2).sum())
+        size[part] = size.get(part, 0.0) + float(before.double().pow(2).sum())
+    return {part: (change[part] / size[part]) ** 0.5 for part in change if size[part] > 0}
+
+
 def steps_to_match(
     steps: list[int], warm: list[float], scratch_final: float, higher_is_better: bool
 ) -> int | None:
@@ -310,15 +336,21 @@ def curves(
     return out
 
 
-def matches(curve: dict) -> dict[str, dict[str, int | None]]:
-    """warm arm -> metric -> steps to match scratch's last step (None: never)."""
-    out: dict[str, dict[str, int | None]] = {}
+def matches(curve: dict) -> dict[str, dict[str, dict[str, int | None]]]:
+    """Which scratch step (``last``, ``best``) -> warm arm -> metric -> the steps the warm arm
+    needs to be as good (None: never)."""
+    out: dict[str, dict[str, dict[str, int | None]]] = {"last": {}, "best": {}}
     for arm in (WARM, WARM_OPTIMIZER):
-        out[arm] = {}
+        for by_arm in out.values():
+            by_arm[arm] = {}
         for metric, (_, higher) in METRICS.items():
-            final = curve[SCRATCH][metric]["mean"][-1]
+            scratch = curve[SCRATCH][metric]["mean"]
+            targets = {"last": scratch[-1], "best": max(scratch) if higher else min(scratch)}
             found = curve[arm][metric]
-            out[arm][metric] = steps_to_match(found["steps"], found["mean"], final, higher)
+            for which, target in targets.items():
+                out[which][arm][metric] = steps_to_match(
+                    found["steps"], found["mean"], target, higher
+                )
     return out
 
 
@@ -327,7 +359,13 @@ def _cell(mean: float, std: float) -> str:
 
 
 def write_markdown(
-    path: Path, settings: Settings, days: list[str], record: dict, curve: dict, found: dict
+    path: Path,
+    settings: Settings,
+    days: list[str],
+    record: dict,
+    curve: dict,
+    found: dict,
+    moved: dict[tuple[int, str], dict[str, float]],
 ) -> str:
     last = settings.steps
     day1 = record["days"][days[0]]["train"]
@@ -361,13 +399,34 @@ def write_markdown(
     )
     lines += [
         "",
-        f"## Steps on day 2 until a warm arm is as good as scratch after {last}",
+        "## Steps on day 2 until a warm arm is as good as scratch",
         "",
-        "| arm | " + " | ".join(title for title, _ in METRICS.values()) + " |",
-        "| --- | " + " | ".join("---:" for _ in METRICS) + " |",
+        "| arm | as good as scratch's | "
+        + " | ".join(title for title, _ in METRICS.values())
+        + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
-    for arm, by_metric in found.items():
-        cells = ["never" if s is None else str(s) for s in by_metric.values()]
+    for which, label in (("last", f"last step ({last})"), ("best", "best step")):
+        for arm, by_metric in found[which].items():
+            cells = ["never" if s is None else str(s) for s in by_metric.values()]
+            lines.append(f"| {arm} | {label} | " + " | ".join(cells) + " |")
+    parts = sorted({part for by_part in moved.values() for part in by_part})
+    lines += [
+        "",
+        f"## How far {last} steps on day 2 move the day-1 model (||w - w_day1|| / ||w_day1||)",
+        "",
+        "| arm | " + " | ".join(parts) + " |",
+        "| --- | " + " | ".join("---:" for _ in parts) + " |",
+    ]
+    for arm in (WARM, WARM_OPTIMIZER):
+        cells = []
+        for part in parts:
+            values = [m[part] for (_, a), m in moved.items() if a == arm and part in m]
+            cells.append(
+                _cell(float(np.mean(values)), float(np.std(values, ddof=1)))
+                if len(values) > 1
+                else f"{values[0]:.4f}"
+            )
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for metric in CURVE_METRICS:
         title = METRICS[metric][0]
@@ -402,6 +461,7 @@ def write_chart(path: Path, settings: Settings, curve: dict) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
     colors = {SCRATCH: "#999999", WARM: "#3b75af", WARM_OPTIMIZER: "#c44e52"}
+    one_pass = settings.simulator().split_rows[TRAIN_SPLIT] / settings.batch_size
     for ax, (metric, (title, _)) in zip(axes.flat, METRICS.items()):
         for arm in ARMS:
             found = curve[arm][metric]
@@ -409,12 +469,15 @@ def write_chart(path: Path, settings: Settings, curve: dict) -> None:
             ax.plot(steps, mean, marker="o", markersize=3, color=colors[arm], label=arm)
             ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.15)
         ax.axhline(curve[SCRATCH][metric]["mean"][-1], color="#999999", linestyle="--", lw=0.8)
+        if one_pass < settings.steps:  # where the second pass over day 2 begins
+            ax.axvline(one_pass, color="black", linestyle=":", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("steps on day 2")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(
         f"Warm start vs scratch: evaluated on day 3, {len(settings.seeds)} seeds, "
-        f"batch {settings.batch_size} (dashed: scratch after {settings.steps} steps)"
+        f"batch {settings.batch_size} (dashed: scratch after {settings.steps} steps; dotted: "
+        "one pass over day 2)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -438,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--popularity-drift", type=float)
     parser.add_argument("--jobs", type=int, default=2, help="runs (and evaluations) at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: auto)")
+    parser.add_argument("--name", help="output stem warm_start_<name> (default: warm_start)")
     parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=_ROOT / "runs" / "warm_start")
     args = parser.parse_args(argv)
@@ -488,11 +552,27 @@ def main(argv: list[str] | None = None) -> int:
         for arm in (WARM, WARM_OPTIMIZER):
             evaluations[(run.seed, arm)][0] = done[run][settings.day1_steps]
 
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        day1_of = {run.seed: run for run in runs["day1"]}
+        moves = {
+            (run.seed, run.arm): pool.submit(
+                movement,
+                str(day1_of[run.seed].run_dir),
+                settings.day1_steps,
+                str(run.run_dir),
+                settings.steps,
+            )
+            for run in runs["day2"]
+            if run.arm != SCRATCH
+        }
+        moved = {key: future.result() for key, future in moves.items()}
+
     curve = curves(settings, evaluations)
     found = matches(curve)
     args.out.mkdir(parents=True, exist_ok=True)
-    md, png, raw = (args.out / f"warm_start{ext}" for ext in (".md", ".png", ".json"))
-    text = write_markdown(md, settings, days, record, curve, found)
+    stem = f"warm_start_{args.name}" if args.name else "warm_start"
+    md, png, raw = (args.out / f"{stem}{ext}" for ext in (".md", ".png", ".json"))
+    text = write_markdown(md, settings, days, record, curve, found, moved)
     write_chart(png, settings, curve)
     raw.write_text(
         json.dumps(
@@ -502,11 +582,13 @@ def main(argv: list[str] | None = None) -> int:
                 "simulation": record,
                 "curves": curve,
                 "steps_to_match_scratch": found,
+                "moved_on_day2": {f"seed {seed} {arm}": m for (seed, arm), m in moved.items()},
                 "evaluations": {
                     f"seed {seed} {arm}": {str(step): m for step, m in by.items()}
                     for (seed, arm), by in evaluations.items()
                 },
-                "wall_seconds": time.perf_counter() - started,
+                # runs and evaluations reused from --work cost nothing here
+                "seconds_this_invocation": time.perf_counter() - started,
             },
             indent=2,
         )

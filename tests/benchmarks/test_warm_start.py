@@ -45,7 +45,7 @@ def test_the_arms_differ_only_by_where_they_start(tmp_path):
     assert set(warm.overrides) - set(scratch.overrides) == {f"train.init_from={day1.run_dir}"}
     assert set(warm_optimizer.overrides) - set(warm.overrides) == {"train.init_optimizer=true"}
     assert "seed=4" in scratch.overrides and len({r.run_dir for r in runs["day2"]}) == 3
-    assert settings.checkpoints == list(range(40, 401, 40))
+    assert settings.checkpoints == list(range(25, 251, 25))
 
 
 def test_bad_settings_are_named(capsys):

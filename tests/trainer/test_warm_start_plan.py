@@ -160,8 +160,8 @@ def test_input_columns_follow_the_model_input_order():
 
 
 def test_components_name_heads_and_modules():
-    assert component_of("mmoe.gates.imputation.weight") == ("head imputation", ("imputation",))
-    assert component_of("towers.ctr.head.bias") == ("head ctr", ("ctr",))
+    assert component_of("mmoe.gates.imputation.weight") == ("head 'imputation'", ("imputation",))
+    assert component_of("towers.ctr.head.bias") == ("head 'ctr'", ("ctr",))
     assert component_of("partially_shared.layers.0.linear.weight")[1] == ("cvr", "imputation")
     assert component_of("mmoe.experts.1.layers.0.0.weight") == ("experts", ())
     assert component_of("cvr_transfer.fuse.weight") == ("cvr_transfer", ())
@@ -308,9 +308,9 @@ def test_every_change_that_cannot_be_carried_is_refused_at_once(tmp_path):
     assert message.startswith(f"cannot warm-start from run {run} (step_00000005, step 5):")
     assert "table 'user': embedding dim 4 in the source, 8 here" in message
     assert "table 'hour': vocab_size in the source, hash_buckets here" in message
-    assert "head ctr: towers.ctr.hidden.layers.0.0.weight has shape (4, 8) in the source" in message
-    assert "head cvr: towers.cvr.hidden.layers.0.0.weight" in message
-    assert "head ctr: mmoe.gates.ctr.weight has shape (2, 17)" in message  # 2 experts, not 3
+    assert "head 'ctr': towers.ctr.hidden.layers.0.0.weight has shape (4, 8) in the source" in message
+    assert "head 'cvr': towers.cvr.hidden.layers.0.0.weight" in message
+    assert "head 'ctr': mmoe.gates.ctr.weight has shape (2, 17)" in message  # 2 experts, not 3
 
 
 def test_a_served_head_the_source_does_not_have_is_refused(tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from schemas import FeatureSchema
 from trainer.checkpoint import CheckpointError, load_training_state
 from trainer.config import TrainConfig
 from trainer.run_model import TrainingModel
@@ -24,7 +25,7 @@ from trainer.warm_start._source import WarmSource, WarmStartError, open_source
 __all__ = ["run_layout", "warm_start"]
 
 
-def run_layout(config: TrainConfig, schema: Any) -> ModelLayout:
+def run_layout(config: TrainConfig, schema: FeatureSchema) -> ModelLayout:
     """The layout of the model a run with ``config`` over ``schema`` trains."""
     model = reference_model(
         schema, config.model, config.objective.name, dict(config.objective.params)
@@ -33,7 +34,7 @@ def run_layout(config: TrainConfig, schema: Any) -> ModelLayout:
 
 
 def warm_start(
-    training: TrainingModel, optimizer: Any, config: TrainConfig, schema: Any
+    training: TrainingModel, optimizer: Any, config: TrainConfig, schema: FeatureSchema
 ) -> WarmStartPlan:
     """Start a new run's freshly built model from ``config.train.init_from``, in place.
 
@@ -56,9 +57,10 @@ def warm_start(
     objective_parameters = isinstance(training.objective, nn.Module) and any(
         True for _ in training.objective.parameters()
     )
+    target = run_layout(config, schema)
     plan = plan_warm_start(
         source,
-        run_layout(config, schema),
+        target,
         init_optimizer=config.train.init_optimizer,
         objective=config.objective.name,
         sparse_optimizer=config.sparse_optimizer.name,
@@ -70,7 +72,7 @@ def warm_start(
         except CheckpointError as err:
             raise WarmStartError(f"train.init_optimizer=true: {err}") from None
     else:
-        _load_weights(plan, source, training.model, run_layout(config, schema))
+        _load_weights(plan, source, training.model, target)
     return plan
 
 

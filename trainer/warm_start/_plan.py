@@ -99,7 +99,7 @@ class TensorPlan:
 
     Attributes:
         key: its model state-dict key.
-        component: the head or module it belongs to (``head ctr``, ``experts``...).
+        component: the head or module it belongs to (``head 'ctr'``, ``experts``...).
         fate: carried, remapped or initialised.
         columns: for a remapped input weight, the source column of each column (-1: new).
     """
@@ -207,14 +207,14 @@ def component_of(key: str) -> tuple[str, tuple[str, ...]]:
 
     Example::
 
-        component_of("towers.cvr.head.weight")  # ("head cvr", ("cvr",))
+        component_of("towers.cvr.head.weight")  # ("head 'cvr'", ("cvr",))
         component_of("mmoe.experts.0.layers.0.0.bias")  # ("experts", ())
     """
     parts = key.split(".")
     if parts[:2] == ["mmoe", "gates"]:
-        return f"head {parts[2]}", (parts[2],)
+        return f"head {parts[2]!r}", (parts[2],)
     if parts[0] == "towers":
-        return f"head {parts[1]}", (parts[1],)
+        return f"head {parts[1]!r}", (parts[1],)
     if parts[0] == "partially_shared":
         return "the partially shared towers", PARTIALLY_SHARED_HEADS
     if parts[:2] == ["mmoe", "experts"]:
