@@ -87,15 +87,21 @@ def _run(root: Path, schema: FeatureSchema, *overrides: str, seed: int = 0, step
     return root
 
 
-def _plan(source_location, schema: FeatureSchema, config: TrainConfig, *, init_optimizer=False):
-    objective = build_objective(config.objective.name, **config.objective.params)
+def _plan(
+    source_location,
+    schema: FeatureSchema,
+    config: TrainConfig,
+    *,
+    init_optimizer=False,
+    objective_parameters=False,
+):
     return plan_warm_start(
         open_source(str(source_location)),
         run_layout(config, schema),
         init_optimizer=init_optimizer,
         objective=config.objective.name,
         sparse_optimizer=config.sparse_optimizer.name,
-        objective_parameters=any(True for _ in getattr(objective, "parameters", list)()),
+        objective_parameters=objective_parameters,
     )
 
 
@@ -308,7 +314,9 @@ def test_every_change_that_cannot_be_carried_is_refused_at_once(tmp_path):
     assert message.startswith(f"cannot warm-start from run {run} (step_00000005, step 5):")
     assert "table 'user': embedding dim 4 in the source, 8 here" in message
     assert "table 'hour': vocab_size in the source, hash_buckets here" in message
-    assert "head 'ctr': towers.ctr.hidden.layers.0.0.weight has shape (4, 8) in the source" in message
+    assert (
+        "head 'ctr': towers.ctr.hidden.layers.0.0.weight has shape (4, 8) in the source" in message
+    )
     assert "head 'cvr': towers.cvr.hidden.layers.0.0.weight" in message
     assert "head 'ctr': mmoe.gates.ctr.weight has shape (2, 17)" in message  # 2 experts, not 3
 
@@ -321,6 +329,25 @@ def test_a_served_head_the_source_does_not_have_is_refused(tmp_path):
     export_run(run, tmp_path / "model", log=None)
     with pytest.raises(WarmStartError, match="an exported model holds its towers as ordinary"):
         _plan(tmp_path / "model", _schema(), adap_sl)
+    # From a run with the same towers, they come along, pruning masks included.
+    adap_run = _run(
+        tmp_path / "adap", _schema(), "objective.name=multi_dr", "model.tower_sharing=adap_sl"
+    )
+    plan = _plan(adap_run, _schema(), adap_sl)
+    assert {t.fate for t in plan.tensors} == {Fate.CARRIED}
+    assert any(".mask_" in t.key for t in plan.tensors)
+    assert plan.heads == {"ctr": "carried", "cvr": "carried", "imputation": "carried"}
+
+
+def test_an_objective_with_parameters_of_its_own_starts_them_fresh(tmp_path):
+    # EVI's networks exist once attached to a model; apply_warm_start reads them from there.
+    run = _run(tmp_path / "run", _schema(), "objective.name=evi")
+    new = _config(tmp_path / "new", "objective.name=evi")
+    plan = _plan(run, _schema(), new, objective_parameters=True)
+    assert plan.report()["objective_parameters"] == "initialised"
+    assert "the objective's own parameters: initialised" in plan.summary()
+    carried = _plan(run, _schema(), new, init_optimizer=True, objective_parameters=True)
+    assert carried.report()["objective_parameters"] == "carried"
 
 
 def test_an_adap_sl_run_warm_starts_an_ordinary_one_from_its_export(tmp_path):
