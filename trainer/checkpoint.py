@@ -66,6 +66,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model_weights",
+    "load_training_state",
     "model_key",
     "model_tensor_specs",
     "read_model_tensors",
@@ -170,6 +171,32 @@ def load_checkpoint(
     meta = checkpoint.read_meta()
     check_schema(checkpoint, meta, schema_fingerprint, "refusing to resume")
     check_files(checkpoint)
+    load_training_state(checkpoint, model, optimizer)
+    data = checkpoint.read_rank_state(ctx.rank)
+    if data is None:  # resuming with more ranks than were saved
+        return meta, {}
+    saved = torch.load(io.BytesIO(data), weights_only=True)
+    _set_rng_state(saved["rng"])
+    return meta, saved["state"]
+
+
+def load_training_state(checkpoint: CheckpointDir, model: nn.Module, optimizer: Any) -> None:
+    """Load a checkpoint's weights (model and objective) and optimizer state in place; nothing
+    of the run's progress (step, RNG, data position). Every rank must call it; the checkpoint
+    may have been written by any number of ranks (DCP reshards).
+
+    What :func:`load_checkpoint` resumes with, and what a warm start with the optimizer state
+    (``trainer.warm_start``) starts from.
+
+    Args:
+        checkpoint: a complete checkpoint.
+        model: the sharded ``TrainModule`` (DMP).
+        optimizer: its optimizer (``build_optimizer``).
+
+    Raises:
+        CheckpointError: a tensor of ``model`` or of the optimizer state that the checkpoint
+            does not hold, or holds with another shape (named).
+    """
     # Optimizer state (Adam's moments) is created lazily at the first step, and DCP only loads
     # keys the target already has: a zero-gradient step creates them. The parameters it touches
     # are overwritten by the checkpoint right after.
@@ -180,12 +207,6 @@ def load_checkpoint(
         dcp.load(state, storage_reader=_reader(checkpoint))
     model.load_state_dict(state[_MODEL])
     optimizer.load_state_dict(state[_OPTIMIZER])
-    data = checkpoint.read_rank_state(ctx.rank)
-    if data is None:  # resuming with more ranks than were saved
-        return meta, {}
-    saved = torch.load(io.BytesIO(data), weights_only=True)
-    _set_rng_state(saved["rng"])
-    return meta, saved["state"]
 
 
 def check_schema(

@@ -168,6 +168,14 @@ class ShardingConfig:
 
 @dataclass
 class TrainLoopConfig:
+    # Warm start (trainer.warm_start): a previous run, one of its checkpoints, or an exported
+    # model directory (path or URI) whose weights this NEW run starts from (step 0, its own
+    # data). Tables and layers it has are carried over, grown tables keep their rows, new ones
+    # are initialised as usual; warm_start.json in the run says which was which.
+    init_from: str | None = None
+    # Also carry the optimizer state (Adam moments, the sparse optimizer's accumulators): only
+    # from a run or checkpoint with the same tables, layers, objective and sparse optimizer.
+    init_optimizer: bool = False
     steps: int = 1000  # optimizer steps (each rank sees batch_size rows per step)
     log_every: int = 20  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
@@ -284,6 +292,7 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(
             f"train.checkpoint_every must be >= 0, got {config.train.checkpoint_every}"
         )
+    _check_init_from(config)
     if not config.model.expert_sizes or min(config.model.expert_sizes) < 1:
         raise ConfigError(
             f"model.expert_sizes must be positive sizes, got {config.model.expert_sizes}"
@@ -303,6 +312,31 @@ def _check(config: TrainConfig) -> None:
     if config.sharding.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(
             f"sharding.backend must be auto, gloo or nccl, got {config.sharding.backend!r}"
+        )
+
+
+def _check_init_from(config: TrainConfig) -> None:
+    """``train.init_from`` names another run's files; ``train.init_optimizer`` needs it."""
+    source = config.train.init_from
+    if source is None:
+        if config.train.init_optimizer:
+            raise ConfigError(
+                "train.init_optimizer=true carries the optimizer state of train.init_from, "
+                "which is not set"
+            )
+        return
+    try:
+        source_at, run_at = storage.resolve(source), storage.resolve(config.output_dir)
+    except storage.StorageError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    source_dir, run_dir = (f"{where.path.rstrip('/')}/" for where in (source_at, run_at))
+    if source_at.scheme == run_at.scheme and (
+        source_dir.startswith(run_dir) or run_dir.startswith(source_dir)
+    ):
+        raise ConfigError(
+            f"train.init_from={source} overlaps this run's own directory (output_dir="
+            f"{config.output_dir}): a warm start begins a new run in a new output_dir; "
+            "continue a run with --resume"
         )
 
 

@@ -352,7 +352,12 @@ def _serving_tensors(
     """The tensors of ``weights/dense.safetensors``: the checkpoint's dense part loaded into the
     model (its tables stay on ``meta``), then the model's own serving declaration."""
     model.load_state_dict({p.name: state[p.model_key] for p in dense}, strict=False)
-    return {name: t.contiguous() for name, t in model.serving_tensors().items()}
+    # Copies: serving tensors may be views into one parameter (the experts' stacked layers),
+    # and safetensors refuses tensors that share memory.
+    return {
+        name: t.clone(memory_format=torch.contiguous_format)
+        for name, t in model.serving_tensors().items()
+    }
 
 
 def _load(ckpt: CheckpointDir, params: list[_Param]) -> dict[str, torch.Tensor]:

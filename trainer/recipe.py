@@ -4,7 +4,7 @@ Read top to bottom, ``setup`` is the order things must happen in; ``train`` is t
 entry point with its command line is ``trainer.train``. The pieces live elsewhere: the sharded
 model in ``trainer.run_model``, the run directory's files in ``trainer.run_dir``, checkpoints in
 ``trainer.checkpoint``, collectives in ``trainer.distributed``, evaluation in
-``trainer.evaluation``.
+``trainer.evaluation``, a start from a previous model's weights in ``trainer.warm_start``.
 
 **Host synchronisation.** A step queues its work on the device and moves on: loss terms are
 summed on the device and read (one transfer, one collective) every ``train.log_every`` steps.
@@ -50,6 +50,7 @@ from trainer.objectives import LossOutput
 from trainer.pruning import density_report, format_density
 from trainer.run_dir import CheckpointDir, RunDir
 from trainer.run_model import build_training_model
+from trainer.warm_start import warm_start
 
 __all__ = ["TrainRecipe"]
 
@@ -105,8 +106,10 @@ class TrainRecipe:
         )
         self.batches = infinite(self.train_reader)
         self._write_run_files()
-        if self.resume:
-            self._restore()
+        # A warm-started run that has checkpoints of its own continues from them.
+        resumed = self.resume and self._restore()
+        if not resumed and cfg.train.init_from is not None:
+            self._warm_start()
 
     def _load_schema(self) -> FeatureSchema:
         """``data.schema``, else the data set's: beside the training split, or in it."""
@@ -127,10 +130,11 @@ class TrainRecipe:
         barrier(self.ctx)
         self.run.write_rank_shards(self.ctx.rank, local_shards(self.model))
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
+        """Continue from the run's latest checkpoint; False if it has none yet."""
         checkpoint = self.run.latest_checkpoint()
         if checkpoint is None:
-            return
+            return False
         meta, rank_state = load_checkpoint(
             checkpoint, self.ctx, self.model, self.optimizer, self.schema.fingerprint()
         )
@@ -142,6 +146,15 @@ class TrainRecipe:
                 f"rank {self.ctx.rank}: no data position in {checkpoint}; the data order restarts"
             )
         self._log(f"resumed from {checkpoint} at step {self.step}")
+        return True
+
+    def _warm_start(self) -> None:
+        """Start from ``train.init_from``'s weights (``trainer.warm_start``), at step 0, and
+        say what was carried, grown and initialised (the log and ``warm_start.json``)."""
+        plan = warm_start(self.sharded, self.optimizer, self.config, self.schema)
+        if self.ctx.is_main:
+            self.run.write_warm_start(plan.report())
+        self._log(plan.summary())
 
     # Training ---------------------------------------------------------------------------------
 

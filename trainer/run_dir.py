@@ -9,6 +9,8 @@
       shards/rank<R>.json          the embedding shards rank R holds (offsets and sizes)
       metrics.jsonl                one JSON line of training metrics every train.log_every steps
       pruning.json                 Adap-SL runs: the weights left per tower (trainer.pruning)
+      warm_start.json              warm-started runs: what was carried, grown and initialised
+                                   (trainer.warm_start)
       eval/metrics.json, .md       the evaluation of data.test (trainer.evaluation)
       checkpoints/step_<8 digits>/ one checkpoint: DCP files (trainer.checkpoint),
                                    meta.json (CheckpointMeta), rank<R>.pt (a rank's own state)
@@ -60,6 +62,7 @@ SHARDING_PLAN_FILE = "sharding_plan.txt"
 SHARDS_DIR = "shards"
 METRICS_LOG = "metrics.jsonl"
 PRUNING_FILE = "pruning.json"
+WARM_START_FILE = "warm_start.json"
 EVAL_DIR = "eval"
 EVAL_METRICS = "metrics"  # eval/metrics.json and eval/metrics.md
 CHECKPOINTS_DIR = "checkpoints"
@@ -285,6 +288,22 @@ class RunDir:
     def __init__(self, root: str | os.PathLike[str] | Location) -> None:
         self.root: Location = storage.resolve(root)
 
+    @classmethod
+    def holding(cls, checkpoint: str | Path) -> tuple[RunDir, str] | None:
+        """The run a checkpoint directory belongs to, and the checkpoint's name.
+
+        Args:
+            checkpoint: a path or URI that may name a checkpoint, ``RUN/checkpoints/step_<N>``.
+
+        Returns:
+            ``(RunDir(RUN), "step_<N>")``, or None if ``checkpoint`` is not named like one
+            (nothing is read: whether it exists is for :meth:`find_checkpoint` to say).
+        """
+        where = storage.resolve(checkpoint)
+        if not _CHECKPOINT_NAME.match(where.name) or where.parent.name != CHECKPOINTS_DIR:
+            return None
+        return cls(where.parent.parent.uri), where.name
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
@@ -415,6 +434,14 @@ class RunDir:
     def read_pruning(self) -> dict[str, Any] | None:
         """``pruning.json`` (``{"step", "towers"}``), or None for a run without pruning."""
         return self.read_json(PRUNING_FILE) if self.exists(PRUNING_FILE) else None
+
+    def write_warm_start(self, report: Mapping[str, Any]) -> None:
+        """``warm_start.json``: what a warm start carried, grown and initialised."""
+        self.write_json(WARM_START_FILE, dict(report))
+
+    def read_warm_start(self) -> dict[str, Any] | None:
+        """``warm_start.json``, or None for a run that started from scratch."""
+        return self.read_json(WARM_START_FILE) if self.exists(WARM_START_FILE) else None
 
     @property
     def evaluation_dir(self) -> Location:

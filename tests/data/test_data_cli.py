@@ -38,6 +38,11 @@ def test_module_entry_point_prints_help():
         "--observed-confounding",
         "--confounding",
         "--dim",
+        "--days",
+        "--start",
+        "--new-users",
+        "--new-items",
+        "--popularity-drift",
     ):
         assert option in done.stdout
 
@@ -91,6 +96,26 @@ def test_simulate_then_stats(tmp_path):
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_simulate_days_then_stats_of_one_day(tmp_path):
+    out = tmp_path / "daily"
+    args = ["simulate", "--days", "2", "--start", "2026-12-30", "--rows", "2000", "--out"]
+    args += [str(out), "--users", "300", "--items", "200", "--row-group-rows", "1000"]
+    done = runner.invoke(app, [*args, "--file-rows", "1000", "--no-progress"])
+    assert done.exit_code == 0, done.output
+    for split in ("train", "test"):  # the days run across the new year
+        assert sorted(p.name for p in (out / split).iterdir()) == [
+            "day=2026-12-30",
+            "day=2026-12-31",
+        ]
+    day_line = next(
+        line for line in done.output.splitlines() if line.startswith("train 2026-12-31")
+    )
+    assert day_line.split()[2] == "1,600"  # 2,000 rows that day less 20 % test
+    stats = runner.invoke(app, ["stats", str(out / "train"), "--filter", "day == '2026-12-31'"])
+    assert stats.exit_code == 0, stats.output
+    assert stats.output.splitlines()[1].split()[1:3] == day_line.split()[2:4]  # rows, clicks
 
 
 def test_stats_of_a_plain_log_without_schema(tmp_path):

@@ -2,6 +2,7 @@
 
 python -m trainer.data simulate --rows 1000000 --out data/sim --seed 0
 python -m trainer.data simulate --rows 1000000 --out s3://bucket/sim   # AWS_* from the environment
+python -m trainer.data simulate --days 7 --start 2026-12-01 --rows 200000 --out data/daily  # per day
 python -m trainer.data stats data/sim                 # label rates per split
 python -m trainer.data stats data/sim/train --scan    # also validate every row with the reader
 python -m trainer.data stats s3://bucket/logs --filter "day >= '2026-11-25'"   # hive partitions
@@ -64,7 +65,7 @@ _OUT_HELP = "Data set directory to write: a path or a URI (s3://bucket/prefix)."
 def simulate_command(
     out: Annotated[str, typer.Option(help=_OUT_HELP)],
     rows: Annotated[
-        int, typer.Option(help="Impressions, train and test together.")
+        int, typer.Option(help="Impressions, train and test together (per day with --days).")
     ] = _DEFAULTS.rows,
     seed: Annotated[
         int, typer.Option(help="Seed; the same seed writes the same files.")
@@ -99,10 +100,30 @@ def simulate_command(
     file_rows: Annotated[
         int, typer.Option(help="Rows per part file at most.")
     ] = _DEFAULTS.file_rows,
+    days: Annotated[
+        int,
+        typer.Option(
+            help="Consecutive days to write, --rows each, as train/day=YYYY-MM-DD/ and "
+            "test/day=YYYY-MM-DD/ partitions; 0 writes one data set without partitions."
+        ),
+    ] = _DEFAULTS.days,
+    start: Annotated[str, typer.Option(help="The first day (YYYY-MM-DD).")] = _DEFAULTS.start,
+    new_users: Annotated[
+        float, typer.Option(help="Users new each later day, as a share of --users.")
+    ] = _DEFAULTS.new_users,
+    new_items: Annotated[
+        float, typer.Option(help="Items new each later day, as a share of --items.")
+    ] = _DEFAULTS.new_items,
+    popularity_drift: Annotated[
+        float,
+        typer.Option(
+            help="Std of the daily random-walk step of every user's and item's log-popularity."
+        ),
+    ] = _DEFAULTS.popularity_drift,
     overwrite: Annotated[bool, typer.Option(help="Replace part files already in OUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Write an Ali-CCP-shaped log with true CTR / CVR and known selection bias."""
+    """Write an Ali-CCP-shaped log with true CTR / CVR and known selection bias (or N days of it)."""
     try:
         cfg = SimulatorConfig(
             rows=rows,
@@ -119,6 +140,11 @@ def simulate_command(
             item_buckets=item_buckets,
             row_group_rows=row_group_rows,
             file_rows=file_rows,
+            days=days,
+            start=start,
+            new_users=new_users,
+            new_items=new_items,
+            popularity_drift=popularity_drift,
         )
         result = simulate(cfg, out, overwrite=overwrite, progress=progress)
     except StorageError as err:
@@ -132,6 +158,16 @@ def simulate_command(
         f"conversion b0 = {result.conversion_intercept:.4f}"
     )
     typer.echo(format_summaries({**result.splits, "all": result.overall}))
+    if result.days:
+        typer.echo(
+            format_summaries(
+                {
+                    f"{split} {day}": s
+                    for day, splits in result.days.items()
+                    for split, s in splits.items()
+                }
+            )
+        )
 
 
 @app.command("stats")

@@ -7,6 +7,15 @@ Run it::
 It writes ``data/sim/schema.yaml``, ``data/sim/train/part-*.parquet``,
 ``data/sim/test/part-*.parquet`` and ``data/sim/simulation.json`` (config and intercepts).
 
+Consecutive days, as a daily log is kept::
+
+    python -m trainer.data simulate --days 7 --start 2026-12-01 --rows 200000 --out data/daily
+
+write ``--rows`` impressions per day into hive partitions, ``train/day=2026-12-01/part-*.parquet``
+... ``train/day=2026-12-07/``, and the same days under ``test/``; the trainer reads a window of them
+with ``data.filter`` (``data.train=data/daily/train data.filter="day >= '2026-12-05'"``) and tests on
+one (``data.test=data/daily/test/day=2026-12-07``).
+
 The structural model, per impression of user ``u`` and item ``i`` in context ``c``::
 
     s_ui = (iota_u + alpha_i) / sqrt(2)   user intent + item appeal, observed through x
@@ -49,14 +58,25 @@ intercepts ``a0`` and ``b0`` are found by bisection on a calibration sample, so 
 
 User and item ids are Zipf-Mandelbrot distributed; every attribute is a fixed function of the id,
 drawn once from the seed. The same seed writes the same files, bit for bit.
+
+Days. The structural model above is the same every day (one population, one pair of intercepts,
+calibrated on the first day), so the ground truth columns mean the same thing on every day; what
+drifts is who shows up. The population holds every user and item of the whole period:
+``num_users`` users and ``num_items`` items are there on the first day, and each later day adds
+``new_users * num_users`` users and ``new_items * num_items`` items with ids never seen before.
+Popularity moves: each user's and item's Zipf-Mandelbrot weight (from a rank drawn at random over
+the whole population, so a newcomer can be popular) is multiplied by ``exp(w_d)``, where ``w_d``
+is a random walk with steps ``N(0, popularity_drift ** 2)``, one step a day. A day's impressions
+draw users and items in proportion to their weights that day among those already there.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +95,17 @@ from trainer.data._dataset import (
 )
 from trainer.data.summary import LogSummary
 
-__all__ = ["SimulationResult", "SimulatorConfig", "simulate", "simulated_schema"]
+__all__ = [
+    "DAY_PARTITION",
+    "SimulationResult",
+    "SimulatorConfig",
+    "simulate",
+    "simulated_schema",
+]
 
 SIMULATION_FILE = "simulation.json"
 SPLITS = (TRAIN_SPLIT, TEST_SPLIT)  # the splits the simulator writes
+DAY_PARTITION = "day"  # the hive partition column of a simulation over days (day=YYYY-MM-DD)
 
 _K = 8  # latent dimension of the structural model (not the embedding dimension)
 _NUM_CITIES = 300
@@ -96,6 +123,7 @@ _MISSING_BRAND = 0.05  # items without a brand (null)
 # Random streams: one per purpose, so that changing one never shifts another.
 _STREAM_POPULATION, _STREAM_CALIBRATION, _STREAM_TRAIN, _STREAM_TEST = 0, 1, 2, 3
 _STREAM_INTENT = 4  # user intent and item appeal (their own stream: the rest is unchanged)
+_STREAM_DAYS = 5  # with days: popularity ranks, then one popularity step per day
 # Latent vector entries get variance 1 / sqrt(K), so a user-item dot product has unit variance;
 # the id-specific noise carries 40 % of it, the attributes (which generalise) the rest.
 _ENTRY_VARIANCE = 1.0 / math.sqrt(_K)
@@ -133,6 +161,13 @@ class SimulatorConfig:
     row_group_rows: int = 100_000  # rows per Parquet row group (one generated chunk each)
     file_rows: int = 500_000  # rows per part file at most
     calibration_rows: int = 500_000  # impressions drawn to calibrate the intercepts
+    # Consecutive days (see the module docstring): 0 writes one data set without partitions;
+    # N >= 1 writes N days of `rows` impressions each into day=YYYY-MM-DD partitions.
+    days: int = 0
+    start: str = "2026-12-01"  # the first day, ISO format
+    new_users: float = 0.03  # users new each day after the first, as a share of num_users
+    new_items: float = 0.05  # items new each day after the first, as a share of num_items
+    popularity_drift: float = 0.3  # std of the daily step of every log-popularity
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,13 +187,19 @@ class SimulatorConfig:
             "row_group_rows": self.row_group_rows >= 1,
             "file_rows": self.file_rows >= self.row_group_rows,
             "calibration_rows": self.calibration_rows >= 1_000,
+            "days": self.days >= 0,
+            "start": _is_iso_date(self.start),
+            "new_users": self.new_users >= 0.0,
+            "new_items": self.new_items >= 0.0,
+            "popularity_drift": self.popularity_drift >= 0.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(
                 f"invalid simulator config: {values} (need rows >= 2, 0 < test_fraction, ctr, "
-                "cvr < 1, file_rows >= row_group_rows, calibration_rows >= 1000, sizes >= 1)"
+                "cvr < 1, file_rows >= row_group_rows, calibration_rows >= 1000, sizes >= 1, "
+                "days, new_users, new_items, popularity_drift >= 0, start a date YYYY-MM-DD)"
             )
         if not 1 <= self.split_rows["test"] < self.rows:
             raise ValueError(
@@ -167,8 +208,32 @@ class SimulatorConfig:
 
     @property
     def split_rows(self) -> dict[str, int]:
+        """Impressions per split (per day, with ``days``)."""
         test = round(self.rows * self.test_fraction)
         return {"train": self.rows - test, "test": test}
+
+    @property
+    def day_names(self) -> list[str]:
+        """The days written, ``YYYY-MM-DD`` (none without ``days``)."""
+        first = date.fromisoformat(self.start)
+        return [(first + timedelta(days=d)).isoformat() for d in range(self.days)]
+
+    @property
+    def population(self) -> tuple[int, int]:
+        """Users and items of the whole period: the first day's and every later day's new ones."""
+        later = max(self.days - 1, 0)
+        return (
+            self.num_users + later * round(self.new_users * self.num_users),
+            self.num_items + later * round(self.new_items * self.num_items),
+        )
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except (TypeError, ValueError):
+        return False
+    return len(text) == 10  # YYYY-MM-DD exactly: partition names must sort as dates
 
 
 @dataclass(frozen=True)
@@ -178,10 +243,11 @@ class SimulationResult:
     Attributes:
         out_dir: the data set directory (a ``Path``, or the URI it was written to).
         schema: its feature schema (also in ``out_dir/schema.yaml``).
-        splits: label summary per split.
+        splits: label summary per split (over every day).
         click_intercept: calibrated ``a0``.
         conversion_intercept: calibrated ``b0``.
         seconds: wall time.
+        days: with ``days``: day (``YYYY-MM-DD``) -> split -> label summary; else empty.
     """
 
     out_dir: Path | str
@@ -190,6 +256,7 @@ class SimulationResult:
     click_intercept: float
     conversion_intercept: float
     seconds: float
+    days: dict[str, dict[str, LogSummary]] = field(default_factory=dict)
 
     @property
     def overall(self) -> LogSummary:
@@ -573,6 +640,57 @@ def _build_population(cfg: SimulatorConfig) -> _Population:
     )
 
 
+# Days: who is there, and how popular ---------------------------------------------------------------
+
+
+def _days_population(cfg: SimulatorConfig) -> _Population:
+    """The population of the whole period (``cfg.population``): the first day's users and items
+    first, then each later day's newcomers, in order of the day they appear."""
+    users, items = cfg.population
+    return _build_population(replace(cfg, num_users=users, num_items=items))
+
+
+def _first_days(total: int, first: int, per_day: int) -> np.ndarray:
+    """The day (0 = the first) each of ``total`` users or items appears: ``first`` on day 0,
+    then ``per_day`` a day."""
+    index = np.arange(total)
+    return np.where(index < first, 0, 1 + (index - first) // max(per_day, 1))
+
+
+def _zipf_log_weights(rank: np.ndarray, exponent: float, offset: float) -> np.ndarray:
+    """Log Zipf-Mandelbrot weights ``-exponent * log(rank + 1 + offset)`` (rank 0 = most popular)."""
+    return -exponent * np.log(rank + 1.0 + offset)
+
+
+def _on_days(pop: _Population, cfg: SimulatorConfig) -> Iterator[tuple[str, _Population]]:
+    """Each day's name and its population: the same people, their sampling weights that day.
+
+    Weights start from a random Zipf-Mandelbrot rank over the whole period's population (the
+    offsets of :func:`_build_users` / :func:`_build_items`), take one random-walk step a day,
+    and are zero before a user's or item's first day.
+    """
+    n_users, n_items = cfg.population
+    user_first = _first_days(n_users, cfg.num_users, round(cfg.new_users * cfg.num_users))
+    item_first = _first_days(n_items, cfg.num_items, round(cfg.new_items * cfg.num_items))
+    rng = np.random.default_rng([cfg.seed, _STREAM_DAYS])
+    user_log = _zipf_log_weights(rng.permutation(n_users), cfg.user_zipf, 50.0)
+    item_log = _zipf_log_weights(rng.permutation(n_items), cfg.item_zipf, 20.0)
+    for day, name in enumerate(cfg.day_names):
+        if day > 0:
+            step = np.random.default_rng([cfg.seed, _STREAM_DAYS, day])
+            user_log = user_log + cfg.popularity_drift * step.standard_normal(n_users)
+            item_log = item_log + cfg.popularity_drift * step.standard_normal(n_items)
+        users = replace(pop.users, cdf=_present_cdf(user_log, user_first <= day))
+        items = replace(pop.items, cdf=_present_cdf(item_log, item_first <= day))
+        yield name, replace(pop, users=users, items=items)
+
+
+def _present_cdf(log_weights: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The sampling CDF of weights ``exp(log_weights)`` over the ``present`` entries only."""
+    weights = np.where(present, np.exp(log_weights - log_weights[present].max()), 0.0)
+    return _cdf(weights)
+
+
 # Impressions ------------------------------------------------------------------------------------
 
 
@@ -771,22 +889,22 @@ def _chunk(
 
 def _write_split(
     writer: SplitWriter,
-    stream: int,
+    streams: tuple[int, ...],
+    total: int,
     pop: _Population,
     cfg: SimulatorConfig,
     intercepts: tuple[float, float],
     bar: tqdm,
 ) -> LogSummary:
-    """Draw the ``cfg.split_rows`` impressions of one split in chunks of one row group each.
+    """Draw ``total`` impressions of one split (or one day of it) in chunks of one row group each.
 
-    ``stream`` separates the splits' random numbers; a partition (a day) would be one more
-    stream and one more writer.
+    ``streams`` (seed, split stream, and the day with ``days``) separate the random numbers of
+    splits and days; each chunk adds its index.
     """
-    total = cfg.split_rows[writer.directory.name]
     with writer:
         for chunk_index, start in enumerate(range(0, total, cfg.row_group_rows)):
             n = min(cfg.row_group_rows, total - start)
-            rng = np.random.default_rng([cfg.seed, stream, chunk_index])
+            rng = np.random.default_rng([*streams, chunk_index])
             writer.write(_chunk(pop, cfg, intercepts, n, rng))
             bar.update(n)
     return writer.summary
@@ -796,6 +914,10 @@ def simulate(
     cfg: SimulatorConfig, out_dir: UriLike, *, overwrite: bool = False, progress: bool = True
 ) -> SimulationResult:
     """Write a simulated data set: ``schema.yaml``, ``train/``, ``test/``, ``simulation.json``.
+
+    With ``cfg.days`` each split holds one hive partition per day,
+    ``train/day=YYYY-MM-DD/part-*.parquet``, of ``cfg.rows`` impressions a day (split by
+    ``test_fraction``).
 
     Args:
         cfg: the simulation; with it the files are fully determined.
@@ -820,21 +942,63 @@ def simulate(
     started = time.perf_counter()
     out = prepare_dataset(out_dir, SPLITS, overwrite=overwrite)
     schema = simulated_schema(cfg.dim, cfg.user_buckets, cfg.item_buckets)
-    pop = _build_population(cfg)
-    intercepts = _calibrate(pop, cfg)
-    splits: dict[str, LogSummary] = {}
+    streams = dict(zip(SPLITS, (_STREAM_TRAIN, _STREAM_TEST), strict=True))
+    days: dict[str, dict[str, LogSummary]] = {}
     with tqdm(
-        total=cfg.rows, unit="rows", unit_scale=True, desc="simulate", disable=not progress
+        total=cfg.rows * max(cfg.days, 1),
+        unit="rows",
+        unit_scale=True,
+        desc="simulate",
+        disable=not progress,
     ) as bar:
-        for split, stream in zip(SPLITS, (_STREAM_TRAIN, _STREAM_TEST), strict=True):
-            writer = SplitWriter(out.join(split), _arrow_schema(), file_rows=cfg.file_rows)
-            splits[split] = _write_split(writer, stream, pop, cfg, intercepts, bar)
+        if cfg.days == 0:
+            pop = _build_population(cfg)
+            intercepts = _calibrate(pop, cfg)
+            splits = {
+                split: _write_split(
+                    SplitWriter(out.join(split), _arrow_schema(), file_rows=cfg.file_rows),
+                    (cfg.seed, stream),
+                    cfg.split_rows[split],
+                    pop,
+                    cfg,
+                    intercepts,
+                    bar,
+                )
+                for split, stream in streams.items()
+            }
+        else:
+            pop = _days_population(cfg)
+            intercepts: tuple[float, float] | None = None
+            for day, (name, today) in enumerate(_on_days(pop, cfg)):
+                # The first day calibrates the intercepts; the structural model never changes.
+                intercepts = intercepts or _calibrate(today, cfg)
+                days[name] = {
+                    split: _write_split(
+                        SplitWriter(
+                            out.join(split, f"{DAY_PARTITION}={name}"),
+                            _arrow_schema(),
+                            file_rows=cfg.file_rows,
+                        ),
+                        (cfg.seed, stream, day),
+                        cfg.split_rows[split],
+                        today,
+                        cfg,
+                        intercepts,
+                        bar,
+                    )
+                    for split, stream in streams.items()
+                }
+            splits = {split: _merged(s[split] for s in days.values()) for split in SPLITS}
     record = {
         "config": asdict(cfg),
         "click_intercept": intercepts[0],
         "conversion_intercept": intercepts[1],
         "splits": {name: s.as_dict() for name, s in splits.items()},
     }
+    if days:
+        record["days"] = {
+            name: {split: s.as_dict() for split, s in day.items()} for name, day in days.items()
+        }
     publish_dataset(out, schema, SIMULATION_FILE, record)
     return SimulationResult(
         out_dir=result_dir(out),
@@ -843,4 +1007,12 @@ def simulate(
         click_intercept=intercepts[0],
         conversion_intercept=intercepts[1],
         seconds=time.perf_counter() - started,
+        days=days,
     )
+
+
+def _merged(summaries: Iterable[LogSummary]) -> LogSummary:
+    total = LogSummary()
+    for summary in summaries:
+        total = total.merge(summary)
+    return total

@@ -185,6 +185,13 @@ class CtcvrModel(nn.Module):
         keys = {tables[id(p)]: key for key, p in self.named_parameters() if id(p) in tables}
         return {config.name: keys[config.name] for config in ebc.embedding_bag_configs()}
 
+    def input_weight_keys(self) -> list[str]:
+        """The ``state_dict`` keys of the weights whose last dimension is the MMoE's input:
+        pooled embeddings (tables, then each table's features), dense features, then the
+        interactions (``MMoE.input_weights``)."""
+        reading = {id(weight) for weight in self.mmoe.input_weights()}
+        return [key for key, p in self.named_parameters() if id(p) in reading]
+
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> TaskOutputs:
         """Args: sparse with one key per sparse feature; dense ``(B, N)``.
 

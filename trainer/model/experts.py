@@ -140,11 +140,13 @@ class Experts(nn.Module):
 
     def serving_tensors(self) -> dict[str, torch.Tensor]:
         """Each expert's layers as separate linear layers, under their artifact names
-        (``mmoe.experts.{e}.layers.{l}.weight`` / ``.bias``); new tensors, not views."""
+        (``mmoe.experts.{e}.layers.{l}.weight`` / ``.bias``): detached views of the stacked
+        parameters, as every module's serving tensors are (a warm start from an exported model
+        writes through them; the export copies them before saving)."""
         tensors: dict[str, torch.Tensor] = {}
         for expert in range(self.num_experts):
             for index, layer in enumerate(self.layers):
                 name = expert_layer(expert, index)
-                tensors[f"{name}.weight"] = layer.weight[expert].detach().clone()
-                tensors[f"{name}.bias"] = layer.bias[expert].detach().clone()
+                tensors[f"{name}.weight"] = layer.weight[expert].detach()
+                tensors[f"{name}.bias"] = layer.bias[expert].detach()
         return tensors

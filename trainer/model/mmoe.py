@@ -80,6 +80,13 @@ class MMoE(nn.Module):
             tensors |= linear_tensors(gate(task), self.gates[task])
         return tensors
 
+    def input_weights(self) -> list[nn.Parameter]:
+        """The weights that read the input ``x`` itself, whose last dimension is its ``D``
+        features: the experts' first layer (``(E, H, D)``, all experts in one tensor) and every
+        gate (a warm start maps their columns feature by feature when the input changes,
+        ``trainer.warm_start``)."""
+        return [self.experts.layers[0].weight] + [gate.weight for gate in self.gates.values()]
+
     def _mix(
         self, x: torch.Tensor, experts: torch.Tensor, tasks: Sequence[str]
     ) -> dict[str, torch.Tensor]:
