@@ -18,7 +18,9 @@ credentials and endpoint from the AWS environment variables). A URI is fetched f
 
 Only the newest :data:`CACHE_KEEP` entries (by last use) are kept. Every failure is an
 :class:`~serving.artifact.ArtifactError` naming the URI and what to check, so a reload that
-fails keeps the model being served.
+fails keeps the model being served; a storage fault (the store unreachable, access denied, a
+missing bucket) is its subclass :class:`StoreUnavailable`: nothing is wrong with the model, so
+a follower of a model repository tries it again later instead of refusing the version.
 
 Example::
 
@@ -43,12 +45,16 @@ from schemas.artifact import MANIFEST_FILE
 from schemas.storage import Location, StorageError
 from serving.artifact import ArtifactError
 
-__all__ = ["CACHE_KEEP", "is_remote", "local_model_dir"]
+__all__ = ["CACHE_KEEP", "StoreUnavailable", "is_remote", "local_model_dir"]
 
 CACHE_KEEP = 3  # cache entries kept: the model being served, and the ones a reload may go back to
 _CHUNK_BYTES = 4 * 2**20
 _MAX_MANIFEST_BYTES = 16 * 2**20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreUnavailable(ArtifactError):
+    """The model could not be fetched because of a storage fault, not because of its bytes."""
 
 
 def is_remote(model_dir: str | os.PathLike[str]) -> bool:
@@ -70,9 +76,10 @@ def local_model_dir(model_dir: str | os.PathLike[str], cache_dir: Path) -> Path:
 
     Raises:
         ArtifactError: no manifest (not a model directory, or an export in progress or failed),
-            a file that does not match the manifest, a storage fault (the store unreachable,
-            wrong credentials, a missing bucket), a cache directory that cannot be written; the
-            message names the URI and what to check.
+            a file that does not match the manifest, a cache directory that cannot be written;
+            the message names the URI and what to check.
+        StoreUnavailable: a storage fault (the store unreachable, wrong credentials, a missing
+            bucket), named likewise.
     """
     location = _resolve(model_dir)
     if location.scheme == "":
@@ -114,7 +121,7 @@ def _read_manifest(location: Location) -> bytes:
             )
         data = storage.read_bytes(manifest)
     except StorageError as err:
-        raise ArtifactError(f"cannot fetch model {location}: {err}") from None
+        raise StoreUnavailable(f"cannot fetch model {location}: {err}") from None
     if len(data) > _MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{manifest} is larger than {_MAX_MANIFEST_BYTES} bytes")
     return data
@@ -217,7 +224,7 @@ def _download(source: Location, target: Path, sha256: str, size: int) -> None:
                 written += len(chunk)
                 out.write(chunk)
     except StorageError as err:
-        raise ArtifactError(f"cannot fetch the model: {err}") from None
+        raise StoreUnavailable(f"cannot fetch the model: {err}") from None
     if written != size or digest.hexdigest() != sha256:
         raise ArtifactError(
             f"checksum mismatch for {source}: sha256 {digest.hexdigest()[:16]}... ({written} "

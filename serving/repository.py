@@ -32,24 +32,20 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum, unique
 from pathlib import Path
 
 from schemas.api import RepositoryStatus
-from schemas.artifact import MANIFEST_FILE
 from schemas.repository import ModelRepository, Pointer, RepositoryError
 from schemas.storage import StorageError
 from serving.artifact import ArtifactError
 from serving.config import ServingSettings
+from serving.fetch import CACHE_KEEP, StoreUnavailable, local_model_dir
 from serving.metrics import ServiceMetrics
 from serving.registry import ModelRegistry, ReloadInProgress
 from serving.scorer import Scorer
@@ -66,7 +62,6 @@ __all__ = [
 log = logging.getLogger("ctcvr.serving")
 
 STARTUP_FALLBACKS = 3  # earlier versions tried at startup when the current one cannot be loaded
-CACHE_KEEP = 3  # fetched versions kept: the served one, the one before, and a new one
 _STOP_TIMEOUT_S = 60.0
 
 
@@ -92,50 +87,19 @@ class _Refusal:
 def fetch_version(repository: ModelRepository, version: str, cache_dir: Path) -> Path:
     """The local directory of a ready version of ``repository``.
 
-    A local repository's version is used where it is. A version named by a URI is copied into
-    ``cache_dir/<version>-<manifest digest>`` once: every file is streamed from the store with
-    its checksum checked, into a hidden directory renamed into place when complete, so an
-    entry is whole or absent and processes sharing the cache share it. Only the
-    :data:`CACHE_KEEP` most recently used entries are kept.
-
-    (To be reconciled with the model-URI fetch of ``CTCVR_MODEL_DIR``: the same cache, layout
-    and guarantees.)
+    A local repository's version is used where it is. A version named by a URI is fetched as
+    any model URI is (``serving.fetch``): once into ``cache_dir``, every file's checksum checked
+    as it arrives, an entry whole or absent and shared by the processes using the cache.
 
     Raises:
-        RepositoryError: the version is not ready (rejected, incomplete, unknown), or a file
-            does not match its checksum.
-        StorageError: a storage fault.
-        OSError: the cache directory cannot be written.
+        RepositoryError: the version is not ready (rejected, incomplete, unknown).
+        ArtifactError: a file does not match its checksum, or the cache cannot be written.
+        StoreUnavailable: a storage fault while fetching (an ``ArtifactError``).
+        StorageError: a storage fault while reading the version's state.
     """
     location = repository.version_location(version)
-    if repository.is_local:
-        repository.ready_manifest(version)
-        return Path(location.path)
-    ready = repository.read_ready(version)
-    entry = cache_dir / f"{version}-{hashlib.sha256(ready.raw).hexdigest()[:16]}"
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not (entry / MANIFEST_FILE).is_file():
-        staging = cache_dir / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            repository.download(ready, staging)
-            try:
-                staging.rename(entry)
-            except OSError:
-                if not (entry / MANIFEST_FILE).is_file():  # not another process's copy
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    os.utime(entry)  # last use, for eviction
-    _evict(cache_dir, keep=entry)
-    return entry
-
-
-def _evict(cache_dir: Path, keep: Path) -> None:
-    entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[CACHE_KEEP:]:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    repository.read_ready(version)
+    return local_model_dir(str(location), cache_dir)
 
 
 class RepositoryFollower:
@@ -202,7 +166,9 @@ class RepositoryFollower:
             except (ArtifactError, RepositoryError, StorageError, OSError) as err:
                 reason = _reason(err)
                 failures.append(f"{version}: {reason}")
-                if version == pointer.version and not isinstance(err, StorageError):
+                if version == pointer.version and not isinstance(
+                    err, (StorageError, StoreUnavailable)
+                ):
                     self._refuse(pointer, reason)
                 log.error("cannot serve version %s of %s: %s", version, uri, reason)
                 continue
@@ -290,7 +256,7 @@ class RepositoryFollower:
             self.registry.reload(local)
         except ReloadInProgress:
             return PollResult.BUSY
-        except StorageError as err:
+        except (StorageError, StoreUnavailable) as err:
             self._poll_failed(f"cannot fetch {version}: {err}")
             log.warning("cannot fetch %s of %s, still serving %s: %s", version, uri, served, err)
             return PollResult.ERROR

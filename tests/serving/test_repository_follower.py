@@ -256,7 +256,7 @@ def test_fetched_versions_are_cached_once_and_evicted(s3, edge_model, edge_model
 def test_fetch_refuses_versions_that_are_not_ready(s3, edge_model, tmp_path):
     repo = ModelRepository(s3.uri("models"))
     repo.upload(corrupt_version(edge_model, tmp_path))
-    with pytest.raises(RepositoryError, match=r"checksum mismatch for s3://.*corrupt-v1"):
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for s3://.*corrupt-v1"):
         fetch_version(repo, "corrupt-v1", tmp_path / "cache")
     assert [p for p in (tmp_path / "cache").iterdir()] == []  # no half-written entry
     repo.mark_rejected("corrupt-v1", "bad")
