@@ -292,6 +292,27 @@ def live_server(
         yield url
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Wait until the service of ``proc`` at ``url`` answers ``/readyz`` with 200.
+
+    Raises:
+        RuntimeError: the process exited, or was not ready within ``timeout`` s (with the end
+            of its ``log``).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serving_process(
     args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout: float = 90.0
@@ -319,22 +340,7 @@ def serving_process(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(0.2)
+        wait_ready(proc, url, log, timeout)
         yield url
     finally:
         proc.terminate()

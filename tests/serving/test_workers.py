@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from schemas.artifact import MANIFEST_FILE
-from tests.serving.artifacts import REPO, free_port, score_over_http
+from tests.serving.artifacts import REPO, free_port, score_over_http, wait_ready
 from tests.serving.conftest import ADMIN, ADMIN_TOKEN
 
 pytestmark = pytest.mark.timeout(600)
@@ -59,7 +59,7 @@ def serving(model_dir: Path, log: Path, *args: str) -> Iterator[tuple[subprocess
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, log)
+        wait_ready(proc, url, log, timeout=180.0)
         yield proc, url
     finally:
         proc.terminate()
@@ -68,21 +68,6 @@ def serving(model_dir: Path, log: Path, *args: str) -> Iterator[tuple[subprocess
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
 
 
 def _wait_for(condition, timeout: float = 240.0) -> None:
