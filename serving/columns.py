@@ -338,9 +338,17 @@ def _inferred(
     """:func:`_numbers` of values known to hold no boolean: numpy infers each column's type in
     C, and only a column it cannot settle (a null, a float among ids, a string, an integer beyond
     int64) has its values' types checked one by one."""
+    settled = {np.dtype(np.int64)} | ({np.dtype(np.float64)} if float in allowed else set())
+    if len(columns[0]) == 1:  # one row (a ranking context): one inference for every column
+        try:
+            array = np.array(columns)
+        except ValueError:
+            array = None
+        if array is not None and array.dtype in settled and array.ndim == 2:
+            out = array.astype(dtype, copy=False)
+            return (out, None) if block else (out[0], None)
     out = np.empty((len(columns), len(columns[0])), dtype=dtype)
     present = None
-    settled = {np.dtype(np.int64)} | ({np.dtype(np.float64)} if float in allowed else set())
     for j, column in enumerate(columns):
         try:
             array = np.array(column)

@@ -303,15 +303,20 @@ def test_numpys_inference_decides_as_the_type_check_does_without_booleans(scorer
     """``booleans=False`` (no ``true``/``false`` in the body) lets numpy infer the numbers' types:
     every feature kind must come out as the value-by-value check gives it, or be refused by both."""
     for name in ("user", "tag", "price", "activity"):
-        columns = {"strict_cat": [0, 1, 2], name: values}
-        outcomes = []
-        for booleans in (True, False):
-            try:
-                read = scorer.reader.read(columns, booleans=booleans).values[name]
-                outcomes.append((read.values.tolist(), _listed(read.present)))
-            except Unreadable:
-                outcomes.append("unreadable")
-        assert outcomes[0] == outcomes[1], (name, values)
+        # three rows, and each value as a one-row request (read a kind at a time, like a context)
+        cases = [{"strict_cat": [0, 1, 2], name: values}]
+        cases += [{"strict_cat": [0], "user": [7], "tag": [v], "activity": [v]} for v in values]
+        for columns in cases:
+            outcomes = []
+            for booleans in (True, False):
+                try:
+                    read = scorer.reader.read(columns, booleans=booleans).values
+                    outcomes.append(
+                        {n: (c.values.tolist(), _listed(c.present)) for n, c in read.items()}
+                    )
+                except Unreadable:
+                    outcomes.append("unreadable")
+            assert outcomes[0] == outcomes[1], columns
 
 
 def _listed(present: np.ndarray | None) -> list[bool] | None:
