@@ -1,6 +1,6 @@
 """Serving benchmark: the HTTP service under load, and the in-process path, against the raw model.
 
-Run from the repository root on a quiet machine (about 25 minutes with the defaults)::
+Run from the repository root on a quiet machine (about 35 minutes with the defaults)::
 
     .venv/bin/python benchmarks/serving.py --wait-idle 600
     .venv/bin/python benchmarks/serving.py --model-dir runs/demo/model --int8-model-dir runs/demo/model-int8
@@ -108,7 +108,7 @@ class Settings:
     model_dir: str | None = None  # served float model; None: the demo architecture, random weights
     int8_model_dir: str | None = None  # its int8 export (with --model-dir); None: export the demo's
     out: str = "benchmarks/results"
-    forms: list[str] = field(default_factory=lambda: ["rank", "rows", "columns"])
+    forms: list[str] = field(default_factory=lambda: ["rank", "rank-columns", "rows", "columns"])
     rows: list[int] = field(default_factory=lambda: [1, 256])  # rows (candidates) per request
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])  # requests in flight
     workers: list[int] = field(default_factory=lambda: [1, 2, 4])  # service worker processes

@@ -6,7 +6,9 @@ rows are transposed (:func:`transpose`). :class:`ColumnReader` holds every value
 (every single-valued id column together, every dense column together, then each string and list
 column): a single pass over the Python values learns their types (``set(map(type, values))``, so
 a ``true`` is never taken for a ``1``), then one numpy conversion and vectorised range checks
-replace a validator call per value.
+replace a validator call per value. When the JSON text holds no ``true`` or ``false`` at all
+(:func:`may_hold_booleans`), no value can be a boolean, and numpy's own type inference, in C,
+settles the numbers of a column without that pass.
 
 The reader only says *whether* a request is valid. When it is not (:class:`Unreadable`), the
 service validates the body again with the pydantic request model, whose messages name every bad
@@ -36,7 +38,7 @@ from schemas.api import (
 )
 from schemas.features import FeatureSchema
 
-__all__ = ["Column", "ColumnReader", "Columns", "Unreadable", "transpose"]
+__all__ = ["Column", "ColumnReader", "Columns", "Unreadable", "may_hold_booleans", "transpose"]
 
 _NONE = type(None)
 _MAX_REMEMBERED = 256  # sets of dense features whose bounds a reader keeps
@@ -91,18 +93,18 @@ class ColumnReader:
         self.max_rows = max_rows
         self._bounds_of: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
-    def columns_request(self, body: Any) -> Columns:
-        """The columns of a parsed ``{"columns": {...}}`` body.
+    def columns_request(self, body: Any, *, booleans: bool = True) -> Columns:
+        """The columns of a parsed ``{"columns": {...}}`` body (``booleans``: as :meth:`read`).
 
         Raises:
             Unreadable: anything the request model should look at.
         """
         if type(body) is not dict or len(body) != 1 or "columns" not in body:
             raise Unreadable("the body is not {'columns': {...}}")
-        return self.read(body["columns"])
+        return self.read(body["columns"], booleans=booleans)
 
-    def rows_request(self, body: Any) -> Columns:
-        """The columns of a parsed ``{"rows": [...]}`` body.
+    def rows_request(self, body: Any, *, booleans: bool = True) -> Columns:
+        """The columns of a parsed ``{"rows": [...]}`` body (``booleans``: as :meth:`read`).
 
         Raises:
             Unreadable: anything the request model should look at.
@@ -112,13 +114,15 @@ class ColumnReader:
         rows = body["rows"]
         if type(rows) is not list or not 1 <= len(rows) <= self.max_rows:
             raise Unreadable(f"rows must be a list of 1 to {self.max_rows} objects")
-        return self.read(transpose(rows), rows=len(rows))
+        return self.read(transpose(rows), rows=len(rows), booleans=booleans)
 
     def read(
         self,
         columns: Mapping[str, Sequence[Any]],
         rows: int | None = None,
         required: frozenset[str] | None = None,
+        *,
+        booleans: bool = True,
     ) -> Columns:
         """Check and convert every column.
 
@@ -128,6 +132,9 @@ class ColumnReader:
                 the length of the columns, which must then be given.
             required: the features that must be given; default: every one under ``oov: error``
                 (a ranking request's parts require what the other part does not give).
+            booleans: whether a value may be a boolean; False when the JSON text holds no
+                ``true`` or ``false`` (:func:`may_hold_booleans`), which lets numpy's own type
+                inference check numbers.
 
         Raises:
             Unreadable: an unknown or missing required feature, columns of different or
@@ -154,9 +161,9 @@ class ColumnReader:
             else:
                 (ids if rule.kind is ValueKind.INT else numbers).append(rule)
         if ids:
-            out.update(_id_block(ids, columns))
+            out.update(_id_block(ids, columns, booleans))
         if numbers:
-            out.update(_float_block(numbers, columns, *self._bounds(numbers)))
+            out.update(_float_block(numbers, columns, *self._bounds(numbers), booleans))
         return Columns(rows, out)
 
     def _bounds(self, rules: list[FeatureRule]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,13 +199,14 @@ def transpose(rows: list[Any]) -> dict[str, Sequence[Any]]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
-def _id_block(rules: list[FeatureRule], columns: Mapping[str, Sequence[Any]]) -> dict[str, Column]:
+def _id_block(
+    rules: list[FeatureRule], columns: Mapping[str, Sequence[Any]], booleans: bool
+) -> dict[str, Column]:
     """Single-valued id columns of several features, checked and converted at once."""
     # Only JSON integers: 1.0 is a valid id too, but the request model converts it (it is rare).
     nullable = [not rule.strict for rule in rules]
-    ints, present = _numbers(
-        [columns[rule.name] for rule in rules], {int}, any(nullable), np.int64, block=True
-    )
+    values = [columns[rule.name] for rule in rules]
+    ints, present = _numbers(values, {int}, any(nullable), np.int64, block=True, booleans=booleans)
     if present is not None and not all(nullable):
         for j, rule in enumerate(rules):
             if rule.strict and not present[j].all():
@@ -216,11 +224,13 @@ def _float_block(
     columns: Mapping[str, Sequence[Any]],
     low: np.ndarray,
     high: np.ndarray,
+    booleans: bool,
 ) -> dict[str, Column]:
     """Dense columns of several features, checked (against ``(k, 1)`` bounds) and converted at
     once."""
+    values = [columns[rule.name] for rule in rules]
     floats, present = _numbers(
-        [columns[rule.name] for rule in rules], {float, int}, True, np.float64, block=True
+        values, {float, int}, True, np.float64, block=True, booleans=booleans
     )
     inside = (floats >= low) & (floats <= high)  # False for NaN
     if not (inside if present is None else inside | ~present).all():
@@ -294,11 +304,15 @@ def _numbers(
     dtype: type[np.generic],
     *,
     block: bool = False,
+    booleans: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``values`` as a ``dtype`` array (0 where null) and where they are present.
 
-    ``values`` is one column, or with ``block`` a list of columns of one length (2-D out).
+    ``values`` is one column, or with ``block`` a list of columns of one length (2-D out);
+    ``booleans``: whether a value may be a boolean (see :meth:`ColumnReader.read`).
     """
+    if not booleans:
+        return _inferred(values if block else [values], allowed, nullable, dtype, block)
     types = set(map(type, chain.from_iterable(values) if block else values))
     # bool is not int here: true and false are refused
     try:
@@ -312,3 +326,49 @@ def _numbers(
     except OverflowError:  # an int beyond int64 (or float64)
         raise Unreadable("a number out of range") from None
     raise Unreadable(f"values of types {sorted(t.__name__ for t in types)}")
+
+
+def _inferred(
+    columns: Sequence[Sequence[Any]],
+    allowed: set[type],
+    nullable: bool,
+    dtype: type[np.generic],
+    block: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_numbers` of values known to hold no boolean: numpy infers each column's type in
+    C, and only a column it cannot settle (a null, a float among ids, a string, an integer beyond
+    int64) has its values' types checked one by one."""
+    settled = {np.dtype(np.int64)} | ({np.dtype(np.float64)} if float in allowed else set())
+    if len(columns[0]) == 1:  # one row (a ranking context): one inference for every column
+        try:
+            array = np.array(columns)
+        except ValueError:
+            array = None
+        if array is not None and array.dtype in settled and array.ndim == 2:
+            out = array.astype(dtype, copy=False)
+            return (out, None) if block else (out[0], None)
+    out = np.empty((len(columns), len(columns[0])), dtype=dtype)
+    present = None
+    for j, column in enumerate(columns):
+        try:
+            array = np.array(column)
+        except ValueError:  # lists of different lengths among the values
+            raise Unreadable("values of types list and others") from None
+        if array.dtype in settled and array.ndim == 1:  # without booleans: ints (or numbers)
+            out[j] = array
+            continue
+        out[j], mask = _numbers(column, allowed, nullable, dtype)
+        if mask is not None:
+            if present is None:
+                present = np.ones(out.shape, dtype=bool)
+            present[j] = mask
+    if block:
+        return out, present
+    return out[0], None if present is None else present[0]
+
+
+def may_hold_booleans(body: bytes) -> bool:
+    """Whether a JSON text may hold a boolean: it does not when neither ``true`` nor ``false``
+    occurs in it, even inside a string (a search at memory speed, against a type check per
+    value)."""
+    return b"true" in body or b"false" in body

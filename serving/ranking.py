@@ -122,8 +122,9 @@ class RankReader:
         self._candidate_only = scopes[FeatureScope.CANDIDATE]
         self._either = scopes[FeatureScope.ANY]
 
-    def read(self, body: Any) -> RankValues:
-        """Check and convert a parsed ``{"context": ..., "candidates": ...}`` body.
+    def read(self, body: Any, *, booleans: bool = True) -> RankValues:
+        """Check and convert a parsed ``{"context": ..., "candidates": ...}`` body
+        (``booleans``: as :meth:`~serving.columns.ColumnReader.read`).
 
         Raises:
             Misplaced: features given where the schema does not allow them, required ones
@@ -153,8 +154,10 @@ class RankReader:
             raise Misplaced(errors)
         none: frozenset[str] = frozenset()  # placement checked what each part must give
         return RankValues(
-            context=self.columns.read({k: [v] for k, v in context.items()}, 1, none),
-            candidates=self.columns.read(columns, rows, none),
+            context=self.columns.read(
+                {k: [v] for k, v in context.items()}, 1, none, booleans=booleans
+            ),
+            candidates=self.columns.read(columns, rows, none, booleans=booleans),
             form=form,
             top_k=top_k,
             order_by=RankOrder(order_by or RankOrder.PCTCVR),

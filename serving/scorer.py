@@ -43,7 +43,7 @@ from schemas.api import (
 )
 from schemas.features import FeatureScope
 from serving.artifact import Artifact
-from serving.columns import ColumnReader, Columns, Unreadable
+from serving.columns import ColumnReader, Columns, Unreadable, may_hold_booleans
 from serving.features import RowError
 from serving.model import Features, RankFeatures
 from serving.ranking import (
@@ -112,7 +112,7 @@ class Scorer:
         """
         read = self.reader.rows_request if form is RequestForm.ROWS else self.reader.columns_request
         try:
-            return read(orjson.loads(body))
+            return read(orjson.loads(body), booleans=may_hold_booleans(body))
         except (orjson.JSONDecodeError, Unreadable):
             pass  # the request model says what is wrong, or converts what is unusual but valid
         model = self.request_model if form is RequestForm.ROWS else self.columns_model
@@ -153,7 +153,7 @@ class Scorer:
                 without ``top_k``.
         """
         try:
-            return self.rank_reader.read(orjson.loads(body))
+            return self.rank_reader.read(orjson.loads(body), booleans=may_hold_booleans(body))
         except (orjson.JSONDecodeError, Unreadable):
             pass  # the request model says what is wrong, or converts what is unusual but valid
         except Misplaced as err:

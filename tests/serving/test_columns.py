@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas.rules import map_values, string_rows
 from serving.artifact import load_artifact
-from serving.columns import ColumnReader, Unreadable, transpose
+from serving.columns import ColumnReader, Unreadable, may_hold_booleans, transpose
 from serving.features import StringRows
 from serving.scorer import RequestForm, RequestInvalid, Scorer
 from tests.serving.artifacts import edge_schema
@@ -142,7 +142,7 @@ def _check_agreement(scorer: Scorer, form: RequestForm, body: dict) -> None:
     read = scorer.reader.rows_request if form is RequestForm.ROWS else scorer.reader.columns_request
     model = scorer.request_model if form is RequestForm.ROWS else scorer.columns_model
     try:
-        fast = read(orjson.loads(raw))
+        fast = read(orjson.loads(raw), booleans=may_hold_booleans(raw))
     except (orjson.JSONDecodeError, Unreadable):
         fast = None
     try:
@@ -277,3 +277,54 @@ def test_in_process_rows_are_checked_like_a_request(scorer, edge_model):
     np.testing.assert_array_equal(via_rows.single[:MAX_ROWS], via_columns.single)
     with pytest.raises(Unreadable):
         featurizer([{"strict_cat": 0, "user": True}])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1, 2, 3],
+        [1, None, 3],
+        [None, None, None],
+        [1, 2.0, 3],
+        [1, 1.5, 3],
+        [2**63, -1, 0],
+        [2**64, 1, 0],
+        [-(2**63) - 1, 1, 0],
+        [5, [1], 2],
+        [[1], [2, 3], [4]],
+        [[1, 2], [3, 4], [5, 6]],
+        [1, "2", 3],
+        [1, {}, 3],
+        [0.5, 2.5e-42, 1e39],
+        [3.3e38, -3.3e38, 7],
+    ],
+)
+def test_numpys_inference_decides_as_the_type_check_does_without_booleans(scorer, values):
+    """``booleans=False`` (no ``true``/``false`` in the body) lets numpy infer the numbers' types:
+    every feature kind must come out as the value-by-value check gives it, or be refused by both."""
+    for name in ("user", "tag", "price", "activity"):
+        # three rows, and each value as a one-row request (read a kind at a time, like a context)
+        cases = [{"strict_cat": [0, 1, 2], name: values}]
+        cases += [{"strict_cat": [0], "user": [7], "tag": [v], "activity": [v]} for v in values]
+        for columns in cases:
+            outcomes = []
+            for booleans in (True, False):
+                try:
+                    read = scorer.reader.read(columns, booleans=booleans).values
+                    outcomes.append(
+                        {n: (c.values.tolist(), _listed(c.present)) for n, c in read.items()}
+                    )
+                except Unreadable:
+                    outcomes.append("unreadable")
+            assert outcomes[0] == outcomes[1], columns
+
+
+def _listed(present: np.ndarray | None) -> list[bool] | None:
+    return None if present is None else present.tolist()
+
+
+def test_a_body_without_true_or_false_holds_no_boolean():
+    assert may_hold_booleans(b'{"rows": [{"a": true}]}')
+    assert may_hold_booleans(b'{"rows": [{"a": false}]}')
+    assert may_hold_booleans(b'{"rows": [{"a": "untrue"}]}')  # a string: the careful check runs
+    assert not may_hold_booleans(b'{"rows": [{"a": 1, "b": "x", "c": null}]}')

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas.api import RankResponse
 from serving.artifact import load_artifact
-from serving.columns import Unreadable
+from serving.columns import Unreadable, may_hold_booleans
 from serving.model import RankFeatures
 from serving.ranking import Misplaced, top_indices
 from serving.scorer import RequestInvalid, Scorer
@@ -404,7 +404,7 @@ def _scores(scorer: Scorer, values) -> np.ndarray:
 def test_the_fast_path_accepts_exactly_what_the_rank_model_accepts(scorer, body):
     raw = json.dumps(body, allow_nan=True).encode()
     try:
-        fast = scorer.rank_reader.read(orjson.loads(raw))
+        fast = scorer.rank_reader.read(orjson.loads(raw), booleans=may_hold_booleans(raw))
     except (orjson.JSONDecodeError, Unreadable, Misplaced):
         fast = None
     try:
