@@ -39,7 +39,7 @@ Each variant is a worker subprocess of this file; with ``--rounds N`` they take 
 
 The dense head's compute paths, run only when named in ``--variants``, each measured against
 ``head_only`` in the same run (a second table: ratio per round, compile time, last loss, and
-whether it pays, that is is at least 1.10x ``head_only`` in every round):
+whether it pays, that is, is at least 1.10x ``head_only`` in every round):
 
 - ``head_only_compile``: ``head_only`` under ``torch.compile`` (inductor, default mode); it
   compiles in the first warmup step, whose time is reported apart.
