@@ -50,6 +50,8 @@ whether it pays, that is, is at least 1.10x ``head_only`` in every round):
   "bf16"``, which sends the float32 products to oneDNN instead of MKL; without AMX oneDNN keeps
   float32 math, so this is oneDNN's float32 matmul against MKL's.
 - ``bf16_gemm``: the sgemm in bfloat16: the peak the bf16 path is also compared with.
+- ``ctcvr_1p_bf16``: ``ctcvr_1p`` with the training setting this kept, ``train.precision=bf16``
+  (``TrainModule(..., autocast_dtype=torch.bfloat16)``), measured against ``ctcvr_1p``.
 
 Every training variant runs the same ``CtcvrModel`` (``ModelConfig(num_experts=8,
 expert_sizes=[256], tower_sizes=[128, 64])`` over 20 single-valued sparse fields of dim 16 and
@@ -95,6 +97,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum, unique
+from functools import partial
 from itertools import chain, pairwise
 from pathlib import Path
 from typing import Self
@@ -203,11 +206,19 @@ class Variant(str, Enum):
     HEAD_ONLY_BF16 = "head_only_bf16"  # head_only's forward under CPU autocast to bfloat16
     HEAD_ONLY_ONEDNN = "head_only_onednn"  # head_only's float32 products by oneDNN, not MKL
     BF16_GEMM = "bf16_gemm"  # the sgemm in bfloat16: the bf16 variants' peak
+    CTCVR_1P_BF16 = "ctcvr_1p_bf16"  # ctcvr_1p with train.precision=bf16, against ctcvr_1p
 
 
 # The plain paths a PyTorch user would write with sparse gradients; the faster is "the strongest".
 _PLAIN_SPARSE = (Variant.PLAIN_SPARSE_ADAM, Variant.PLAIN_ADAGRAD)
-_HEAD_PATHS = (Variant.HEAD_ONLY_COMPILE, Variant.HEAD_ONLY_BF16, Variant.HEAD_ONLY_ONEDNN)
+_HEAD_PATHS = (
+    Variant.HEAD_ONLY_COMPILE,
+    Variant.HEAD_ONLY_BF16,
+    Variant.HEAD_ONLY_ONEDNN,
+    Variant.CTCVR_1P_BF16,
+)
+# What each head path is measured against: the same code in float32.
+_REFERENCE = {v: Variant.HEAD_ONLY for v in _HEAD_PATHS} | {Variant.CTCVR_1P_BF16: Variant.CTCVR_1P}
 _PEAKS = {Variant.SGEMM: torch.float32, Variant.BF16_GEMM: torch.bfloat16}  # gemm dtype
 _DEFAULT = tuple(v for v in Variant if v not in _HEAD_PATHS and v is not Variant.BF16_GEMM)
 _TRAINING = tuple(v for v in Variant if v not in _PEAKS)
@@ -508,11 +519,14 @@ def _model(schema: FeatureSchema, settings: Settings) -> CtcvrModel:
 
 
 def _setup_ctcvr(
-    schema: FeatureSchema, settings: Settings, _pool: list[Batch]
+    schema: FeatureSchema,
+    settings: Settings,
+    _pool: list[Batch],
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[DistContext, nn.Module, object, dict]:
     # The recipe's order: process group, model on meta, sparse optimizer in backward, shard, dense.
     ctx = init_distributed("gloo", "cpu")
-    module = TrainModule(_model(schema, settings), build_objective("esmm"))
+    module = TrainModule(_model(schema, settings), build_objective("esmm"), autocast_dtype)
     fuse_sparse_optimizer(module, SparseOptimizerConfig())
     model = shard_model(module, ctx, ShardingConfig(backend="gloo"))
     optimizer = build_optimizer(model, DenseOptimizerConfig())
@@ -619,6 +633,7 @@ def _setup_head_only_onednn(
 _SETUP = {
     Variant.CTCVR_1P: _setup_ctcvr,
     Variant.CTCVR_2P: _setup_ctcvr,
+    Variant.CTCVR_1P_BF16: partial(_setup_ctcvr, autocast_dtype=torch.bfloat16),
     Variant.PLAIN_SPARSE_ADAM: _setup_plain(Variant.PLAIN_SPARSE_ADAM),
     Variant.PLAIN_ADAGRAD: _setup_plain(Variant.PLAIN_ADAGRAD),
     Variant.PLAIN_DENSE_ADAM: _setup_plain(Variant.PLAIN_DENSE_ADAM),
@@ -1061,39 +1076,45 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
     return "\n".join(lines) + "\n"
 
 
-_BF16_PATHS = (Variant.HEAD_ONLY_BF16,)
+_BF16_PATHS = (Variant.HEAD_ONLY_BF16, Variant.CTCVR_1P_BF16)
 
 
-def head_path_verdict(path: dict, head_only: dict) -> str:
-    """Whether a head path pays: ahead of head_only by ``_PAYS`` in every round of the run."""
-    if max(path["others_cpu_share"], head_only["others_cpu_share"]) > _BUSY_SHARE:
+def head_path_verdict(path: dict, reference: dict) -> str:
+    """Whether a head path pays: ahead of its float32 reference (head_only, or ctcvr_1p) by
+    ``_PAYS`` in every round of the run."""
+    if max(path["others_cpu_share"], reference["others_cpu_share"]) > _BUSY_SHARE:
         return "inconclusive, measured under outside load"
-    if min(_round_ratios(path, head_only)) >= _PAYS:
+    if min(_round_ratios(path, reference)) >= _PAYS:
         return f"pays (>= {_PAYS:.2f}x in every round)"
     return f"does not pay (< {_PAYS:.2f}x in some round)"
 
 
-def _round_ratios(path: dict, head_only: dict) -> list[float]:
-    return [a / b for a, b in zip(path["round_medians"], head_only["round_medians"])]
+def _round_ratios(path: dict, reference: dict) -> list[float]:
+    return [a / b for a, b in zip(path["round_medians"], reference["round_medians"])]
 
 
 def head_paths_table(rows: list[dict], sgemm: dict | None, bf16_gemm: dict | None) -> str:
-    """The dense head's compute paths against head_only in the same run, or "" if none ran.
+    """The dense head's compute paths against their float32 reference in the same run (head_only,
+    or ctcvr_1p for ctcvr_1p_bf16), or "" if none ran beside its reference.
 
     The GFLOP/s count the same products as head_only's (:func:`matmul_flops_per_row`), so the
     shares of the float32 sgemm peak compare; the bf16 paths' share of the bf16 gemm peak is
     given too when that peak was measured.
     """
     by_name = {r["variant"]: r for r in rows}
-    head = by_name.get(Variant.HEAD_ONLY.value)
-    paths = [by_name[v.value] for v in _HEAD_PATHS if v.value in by_name]
-    if head is None or not paths:
+    pairs = [
+        (by_name[v.value], by_name[_REFERENCE[v].value])
+        for v in _HEAD_PATHS
+        if v.value in by_name and _REFERENCE[v].value in by_name
+    ]
+    if not pairs:
         return ""
     columns = (
         "path",
+        "against",
         "samples/s median",
-        "x head_only",
-        "x head_only per round",
+        "x against",
+        "x against per round",
         "GFLOP/s",
         "of sgemm peak",
         "of bf16 gemm peak",
@@ -1105,24 +1126,15 @@ def head_paths_table(rows: list[dict], sgemm: dict | None, bf16_gemm: dict | Non
     lines = [
         "\n## The dense head's compute paths\n",
         "| " + " | ".join(columns) + " |",
-        "|---" + "|---:" * (len(columns) - 2) + "|---|",
+        "|---|---" + "|---:" * (len(columns) - 3) + "|---|",
     ]
-    for r in [head, *paths]:
-        bf16 = Variant(r["variant"]) in _BF16_PATHS
-        cells = (
-            r["variant"],
-            f"{r['median']:,.0f}",
-            f"{r['median'] / head['median']:.2f}x",
-            ", ".join(f"{x:.2f}x" for x in _round_ratios(r, head)),
-            f"{r['gflops']:.1f}",
-            f"{r['gflops'] / sgemm['median']:.2f}" if sgemm else "n/a",
-            f"{r['gflops'] / bf16_gemm['median']:.2f}" if bf16 and bf16_gemm else "-",
-            f"{r['first_step_s']:.1f}" if r["first_step_s"] is not None else "n/a",
-            f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "n/a",
-            f"{r['others_cpu_share']:.0%}",
-            "reference" if r is head else head_path_verdict(r, head),
-        )
-        lines.append("| " + " | ".join(cells) + " |")
+    shown: set[str] = set()
+    for path, reference in pairs:
+        for r in (reference, path):
+            if r["variant"] in shown:
+                continue
+            shown.add(r["variant"])
+            lines.append("| " + " | ".join(_head_path_cells(r, reference, sgemm, bf16_gemm)) + " |")
     if bf16_gemm:
         lines.append(
             f"\nbf16 gemm peak: {bf16_gemm['median']:.1f} GFLOP/s (median of {bf16_gemm['calls']} "
@@ -1136,6 +1148,26 @@ def head_paths_table(rows: list[dict], sgemm: dict | None, bf16_gemm: dict | Non
         "in every path."
     )
     return "\n".join(lines) + "\n"
+
+
+def _head_path_cells(
+    r: dict, reference: dict, sgemm: dict | None, bf16_gemm: dict | None
+) -> tuple[str, ...]:
+    bf16 = Variant(r["variant"]) in _BF16_PATHS
+    return (
+        r["variant"],
+        "-" if r is reference else reference["variant"],
+        f"{r['median']:,.0f}",
+        f"{r['median'] / reference['median']:.2f}x",
+        ", ".join(f"{x:.2f}x" for x in _round_ratios(r, reference)),
+        f"{r['gflops']:.1f}",
+        f"{r['gflops'] / sgemm['median']:.2f}" if sgemm else "n/a",
+        f"{r['gflops'] / bf16_gemm['median']:.2f}" if bf16 and bf16_gemm else "-",
+        f"{r['first_step_s']:.1f}" if r["first_step_s"] is not None else "n/a",
+        f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "n/a",
+        f"{r['others_cpu_share']:.0%}",
+        "reference" if r is reference else head_path_verdict(r, reference),
+    )
 
 
 def _embedding_rows(settings: Settings) -> int:

@@ -292,9 +292,8 @@ def test_tiny_run_with_two_processes(tmp_path):
 def test_the_head_paths_and_the_bf16_peak_run_only_when_named():
     default = tt.Settings().variants
     assert "head_only" in default and "sgemm" in default
-    assert not {"head_only_compile", "head_only_bf16", "head_only_onednn", "bf16_gemm"} & set(
-        default
-    )
+    opt_in = {"head_only_compile", "head_only_bf16", "head_only_onednn", "bf16_gemm"}
+    assert not (opt_in | {"ctcvr_1p_bf16"}) & set(default)
     assert len(default) == 7  # the headline's variants, unchanged
 
 
@@ -331,14 +330,19 @@ def test_the_head_paths_table_compares_with_head_only_and_the_right_peak():
         _path("head_only", 100.0, 100.0),
         _path("head_only_bf16", 120.0, 120.0),
         _path("head_only_compile", 90.0, 110.0),
+        _path("ctcvr_1p_bf16", 99.0, 99.0),
     ]
     assert tt.head_paths_table(rows[:2], _sgemm(200.0), None) == ""  # no head path ran
+    assert tt.head_paths_table(rows[2:], _sgemm(200.0), None) == ""  # no reference ran
     table = tt.head_paths_table(rows, _sgemm(200.0), _sgemm(400.0) | {"variant": "bf16_gemm"})
     lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    assert "ctcvr_1p" not in lines
+    # The product path with bf16 is measured against the product path in float32.
+    assert "| ctcvr_1p | - | 90 | 1.00x |" in lines["ctcvr_1p"]
+    assert "| ctcvr_1p_bf16 | ctcvr_1p | 99 | 1.10x | 1.10x, 1.10x |" in lines["ctcvr_1p_bf16"]
     assert "| 1.20x | 1.20x, 1.20x | 120.0 | 0.60 | 0.30 |" in lines["head_only_bf16"]
     assert "| 0.90x, 1.10x | 90.0 | 0.45 | - |" in lines["head_only_compile"]  # float32: no bf16
     assert lines["head_only"].endswith("| reference |") and "bf16 gemm peak: 400.0" in table
+    assert "| head_only_bf16 | head_only | 120 |" in table
 
 
 def test_bf16_autocast_runs_the_products_in_bf16_and_counts_the_same_flops():
@@ -354,11 +358,29 @@ def test_bf16_autocast_runs_the_products_in_bf16_and_counts_the_same_flops():
 
 def test_tiny_run_of_the_bf16_and_onednn_paths(tmp_path):
     # head_only_compile is left out: inductor's first compile takes about 40 s on 2 cores.
-    raw = _run(tmp_path, "head_only", "head_only_bf16", "head_only_onednn", "sgemm", "bf16_gemm")
+    raw = _run(
+        tmp_path,
+        "head_only",
+        "head_only_bf16",
+        "head_only_onednn",
+        "ctcvr_1p",
+        "ctcvr_1p_bf16",
+        "sgemm",
+        "bf16_gemm",
+    )
     rows = {row["variant"]: row for row in raw["rows"]}
-    assert set(rows) == {"head_only", "head_only_bf16", "head_only_onednn"}
+    assert rows.keys() == {
+        "head_only",
+        "head_only_bf16",
+        "head_only_onednn",
+        "ctcvr_1p",
+        "ctcvr_1p_bf16",
+    }
+    assert rows["ctcvr_1p_bf16"]["last_loss"] == pytest.approx(
+        rows["ctcvr_1p"]["last_loss"], rel=0.05
+    )
     assert raw["bf16_gemm"]["variant"] == "bf16_gemm" and raw["bf16_gemm"]["median"] > 0
-    for row in rows.values():
-        assert row["last_loss"] == pytest.approx(rows["head_only"]["last_loss"], rel=0.05)
+    for name in ("head_only_bf16", "head_only_onednn"):
+        assert rows[name]["last_loss"] == pytest.approx(rows["head_only"]["last_loss"], rel=0.05)
     table = (tmp_path / "train_throughput.md").read_text()
     assert "## The dense head's compute paths" in table and "bf16 gemm peak:" in table
