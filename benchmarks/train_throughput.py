@@ -37,6 +37,22 @@ Each variant is a worker subprocess of this file; with ``--rounds N`` they take 
 - ``sgemm``: ``--sgemm-reps`` square float32 matmuls of ``--sgemm-size`` at the default threads:
   this machine's peak, measured in the same run.
 
+The dense head's compute paths, run only when named in ``--variants``, each measured against
+``head_only`` in the same run (a second table: ratio per round, compile time, last loss, and
+whether it pays, that is, is at least 1.10x ``head_only`` in every round):
+
+- ``head_only_compile``: ``head_only`` under ``torch.compile`` (inductor, default mode); it
+  compiles in the first warmup step, whose time is reported apart.
+- ``head_only_bf16``: ``head_only`` with its forward under ``torch.autocast("cpu",
+  dtype=torch.bfloat16)``: the products in bfloat16 (oneDNN's bf16 kernels), float32 weights
+  and Adam.
+- ``head_only_onednn``: ``head_only`` with ``torch.backends.mkldnn.matmul.fp32_precision =
+  "bf16"``, which sends the float32 products to oneDNN instead of MKL; without AMX oneDNN keeps
+  float32 math, so this is oneDNN's float32 matmul against MKL's.
+- ``bf16_gemm``: the sgemm in bfloat16: the peak the bf16 path is also compared with.
+- ``ctcvr_1p_bf16``: ``ctcvr_1p`` with the training setting this kept, ``train.precision=bf16``
+  (``TrainModule(..., autocast_dtype=torch.bfloat16)``), measured against ``ctcvr_1p``.
+
 Every training variant runs the same ``CtcvrModel`` (``ModelConfig(num_experts=8,
 expert_sizes=[256], tower_sizes=[128, 64])`` over 20 single-valued sparse fields of dim 16 and
 2 dense features) with the ESMM objective through ``TrainModule``, from the same seed, on the
@@ -81,7 +97,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum, unique
-from itertools import pairwise
+from functools import partial
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import Self
 
@@ -111,11 +128,14 @@ from trainer.objectives import build_objective
 from trainer.train_module import TrainModule
 
 __all__ = [
+    "BFloat16Autocast",
     "EmbeddingBagArch",
     "FixedInputArch",
     "Settings",
     "Variant",
     "bench_schema",
+    "head_path_verdict",
+    "head_paths_table",
     "main",
     "markdown_table",
     "matmul_flops_per_row",
@@ -181,11 +201,28 @@ class Variant(str, Enum):
     PLAIN_DENSE_ADAM = "plain_dense_adam"  # EmbeddingBag + one Adam over every row (extra row)
     HEAD_ONLY = "head_only"  # the dense model on a fixed input: the limit
     SGEMM = "sgemm"  # a square matmul: the machine's peak
+    # The dense head's compute paths, measured against head_only (not run by default):
+    HEAD_ONLY_COMPILE = "head_only_compile"  # head_only under torch.compile (inductor)
+    HEAD_ONLY_BF16 = "head_only_bf16"  # head_only's forward under CPU autocast to bfloat16
+    HEAD_ONLY_ONEDNN = "head_only_onednn"  # head_only's float32 products by oneDNN, not MKL
+    BF16_GEMM = "bf16_gemm"  # the sgemm in bfloat16: the bf16 variants' peak
+    CTCVR_1P_BF16 = "ctcvr_1p_bf16"  # ctcvr_1p with train.precision=bf16, against ctcvr_1p
 
 
 # The plain paths a PyTorch user would write with sparse gradients; the faster is "the strongest".
 _PLAIN_SPARSE = (Variant.PLAIN_SPARSE_ADAM, Variant.PLAIN_ADAGRAD)
-_TRAINING = tuple(v for v in Variant if v is not Variant.SGEMM)
+_HEAD_PATHS = (
+    Variant.HEAD_ONLY_COMPILE,
+    Variant.HEAD_ONLY_BF16,
+    Variant.HEAD_ONLY_ONEDNN,
+    Variant.CTCVR_1P_BF16,
+)
+# What each head path is measured against: the same code in float32.
+_REFERENCE = {v: Variant.HEAD_ONLY for v in _HEAD_PATHS} | {Variant.CTCVR_1P_BF16: Variant.CTCVR_1P}
+_PEAKS = {Variant.SGEMM: torch.float32, Variant.BF16_GEMM: torch.bfloat16}  # gemm dtype
+_DEFAULT = tuple(v for v in Variant if v not in _HEAD_PATHS and v is not Variant.BF16_GEMM)
+_TRAINING = tuple(v for v in Variant if v not in _PEAKS)
+_PAYS = 1.10  # a head path pays when faster than head_only by this factor in every round
 
 
 @unique
@@ -211,7 +248,7 @@ class Settings:
     allocator: str = Allocator.TUNED.value  # see Allocator
     rounds: int = 2  # the variants take turns this many times; their steps are pooled
     wait_idle: float = 0.0  # seconds to wait, before each variant, for other processes to go quiet
-    variants: list[str] = field(default_factory=lambda: [v.value for v in Variant])
+    variants: list[str] = field(default_factory=lambda: [v.value for v in _DEFAULT])
 
     def check(self) -> None:
         """Raises: ValueError naming the flag of an out-of-range setting."""
@@ -482,11 +519,14 @@ def _model(schema: FeatureSchema, settings: Settings) -> CtcvrModel:
 
 
 def _setup_ctcvr(
-    schema: FeatureSchema, settings: Settings, _pool: list[Batch]
+    schema: FeatureSchema,
+    settings: Settings,
+    _pool: list[Batch],
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[DistContext, nn.Module, object, dict]:
     # The recipe's order: process group, model on meta, sparse optimizer in backward, shard, dense.
     ctx = init_distributed("gloo", "cpu")
-    module = TrainModule(_model(schema, settings), build_objective("esmm"))
+    module = TrainModule(_model(schema, settings), build_objective("esmm"), autocast_dtype)
     fuse_sparse_optimizer(module, SparseOptimizerConfig())
     model = shard_model(module, ctx, ShardingConfig(backend="gloo"))
     optimizer = build_optimizer(model, DenseOptimizerConfig())
@@ -548,13 +588,59 @@ def _initial_pooled(schema: FeatureSchema, settings: Settings) -> torch.Tensor:
     return torch.cat(columns, dim=1)
 
 
+def _setup_head_only_compiled(
+    schema: FeatureSchema, settings: Settings, pool: list[Batch]
+) -> tuple[DistContext, nn.Module, object, dict]:
+    # Inductor compiles forward and backward at the first step, a warmup step: the compile time
+    # is the first step's (reported), never a timed one's. The fused Adam step stays eager.
+    ctx, module, optimizer, extra = _setup_head_only(schema, settings, pool)
+    return ctx, torch.compile(module), optimizer, extra
+
+
+class BFloat16Autocast(nn.Module):
+    """Runs ``module``'s forward under CPU autocast to bfloat16.
+
+    The parameters stay float32 (Adam updates them in float32); the products autocast lists run
+    in bfloat16 on casts of them, and the backward runs each product in the forward's dtype.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: object) -> object:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.module(*args)
+
+
+def _setup_head_only_bf16(
+    schema: FeatureSchema, settings: Settings, pool: list[Batch]
+) -> tuple[DistContext, nn.Module, object, dict]:
+    ctx, module, optimizer, extra = _setup_head_only(schema, settings, pool)
+    return ctx, BFloat16Autocast(module), optimizer, extra
+
+
+def _setup_head_only_onednn(
+    schema: FeatureSchema, settings: Settings, pool: list[Batch]
+) -> tuple[DistContext, nn.Module, object, dict]:
+    # Routes every float32 mm/addmm/bmm/baddbmm to oneDNN (MKL's sgemm otherwise), allowing it
+    # bfloat16 math. On a CPU without AMX oneDNN keeps float32 math (ONEDNN_VERBOSE=1 shows its
+    # brg_matmul:avx512_core f32 kernel with attr-fpmath:bf16): oneDNN against MKL in float32.
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    return _setup_head_only(schema, settings, pool)
+
+
 _SETUP = {
     Variant.CTCVR_1P: _setup_ctcvr,
     Variant.CTCVR_2P: _setup_ctcvr,
+    Variant.CTCVR_1P_BF16: partial(_setup_ctcvr, autocast_dtype=torch.bfloat16),
     Variant.PLAIN_SPARSE_ADAM: _setup_plain(Variant.PLAIN_SPARSE_ADAM),
     Variant.PLAIN_ADAGRAD: _setup_plain(Variant.PLAIN_ADAGRAD),
     Variant.PLAIN_DENSE_ADAM: _setup_plain(Variant.PLAIN_DENSE_ADAM),
     Variant.HEAD_ONLY: _setup_head_only,
+    Variant.HEAD_ONLY_COMPILE: _setup_head_only_compiled,
+    Variant.HEAD_ONLY_BF16: _setup_head_only_bf16,
+    Variant.HEAD_ONLY_ONEDNN: _setup_head_only_onednn,
 }
 
 
@@ -562,8 +648,8 @@ def run_worker(variant: Variant, settings: Settings) -> None:
     """Run ``variant``; rank 0 prints one result line with every rank's times."""
     if settings.allocator == Allocator.TUNED.value:
         tune_host_allocator()
-    if variant is Variant.SGEMM:
-        print(_RESULT_PREFIX + json.dumps(_sgemm(settings)), flush=True)
+    if variant in _PEAKS:
+        print(_RESULT_PREFIX + json.dumps(_gemm(settings, _PEAKS[variant])), flush=True)
         return
     start = time.perf_counter()
     schema = bench_schema(settings.tables, settings.table_scale)
@@ -609,13 +695,13 @@ def _timed_steps(
 
     model.train()
     losses: list[float] = []
-    for step in range(settings.warmup):
-        train_step(step)
+    warmup_s = [train_step(step) for step in range(settings.warmup)]
     timed = range(settings.warmup, settings.warmup + settings.steps)
     with _CpuWatch() as watch:
         step_s = [train_step(step) for step in timed]
     return {
         "step_s": step_s,
+        "warmup_s": warmup_s,  # the first one holds torch.compile's compile time
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "threads": torch.get_num_threads(),
         **watch.result,
@@ -624,12 +710,13 @@ def _timed_steps(
     }
 
 
-def _sgemm(settings: Settings) -> dict:
-    """``sgemm_reps`` timed ``n x n`` float32 products (after 2 untimed), at the default threads."""
+def _gemm(settings: Settings, dtype: torch.dtype = torch.float32) -> dict:
+    """``sgemm_reps`` timed ``n x n`` products in ``dtype`` (after 2 untimed), at the default
+    threads."""
     n = settings.sgemm_size
     generator = torch.Generator().manual_seed(settings.seed)
-    a, b = (torch.randn(n, n, generator=generator) for _ in range(2))
-    out = torch.empty(n, n)
+    a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     with _CpuWatch() as watch:
@@ -773,11 +860,10 @@ def summarize(runs: list[dict], flops_per_row: int) -> dict:
         flops_per_row: :func:`matmul_flops_per_row` of the model.
     """
     world, batch = runs[0]["world_size"], runs[0]["batch_size"]
-    step_s = [
-        max(times) for run in runs for times in zip(*(rank["step_s"] for rank in run["ranks"]))
-    ]
-    rates = [world * batch / s for s in step_s]
+    step_s = [_slowest_rank(run, "step_s") for run in runs]
+    rates = [world * batch / s for s in chain.from_iterable(step_s)]
     median = statistics.median(rates)
+    first_steps = [times[0] for run in runs if (times := _slowest_rank(run, "warmup_s"))]
     return {
         "variant": runs[0]["variant"],
         "processes": world,
@@ -786,19 +872,29 @@ def summarize(runs: list[dict], flops_per_row: int) -> dict:
         "min": min(rates),
         "median": median,
         "max": max(rates),
-        "median_step_ms": 1000 * statistics.median(step_s),
+        "median_step_ms": 1000 * statistics.median(chain.from_iterable(step_s)),
         "gflops": median * flops_per_row / 1e9,
         "peak_rss_mib": max(rank["peak_rss_mib"] for run in runs for rank in run["ranks"]),
         "others_cpu_share": _busiest(runs),
+        # Each round's median samples/s: a head path pays only if it is ahead in every round.
+        "round_medians": [statistics.median(world * batch / s for s in times) for times in step_s],
+        # The first warmup step, slowest over rounds: torch.compile compiles in it.
+        "first_step_s": max(first_steps, default=None),
+        "last_loss": runs[0]["ranks"][0].get("last_loss"),
     }
 
 
-def summarize_sgemm(runs: list[dict]) -> dict:
-    """The sgemm peak from its runs: GFLOP/s of each call; the median is the peak reported."""
+def _slowest_rank(run: dict, key: str) -> list[float]:
+    """Each step's time in ``run``: its slowest rank's (ranks wait for each other)."""
+    return [max(times) for times in zip(*(rank.get(key, []) for rank in run["ranks"]))]
+
+
+def summarize_sgemm(runs: list[dict], variant: Variant = Variant.SGEMM) -> dict:
+    """A gemm peak from its runs: GFLOP/s of each call; the median is the peak reported."""
     flops = runs[0]["flops_per_call"]
     rates = [flops / s / 1e9 for run in runs for s in run["ranks"][0]["call_s"]]
     return {
-        "variant": Variant.SGEMM.value,
+        "variant": variant.value,
         "size": runs[0]["size"],
         "threads": runs[0]["ranks"][0]["threads"],
         "calls": len(rates),
@@ -980,6 +1076,100 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
     return "\n".join(lines) + "\n"
 
 
+_BF16_PATHS = (Variant.HEAD_ONLY_BF16, Variant.CTCVR_1P_BF16)
+
+
+def head_path_verdict(path: dict, reference: dict) -> str:
+    """Whether a head path pays: ahead of its float32 reference (head_only, or ctcvr_1p) by
+    ``_PAYS`` in every round of the run."""
+    if max(path["others_cpu_share"], reference["others_cpu_share"]) > _BUSY_SHARE:
+        return "inconclusive, measured under outside load"
+    if min(_round_ratios(path, reference)) >= _PAYS:
+        return f"pays (>= {_PAYS:.2f}x in every round)"
+    return f"does not pay (< {_PAYS:.2f}x in some round)"
+
+
+def _round_ratios(path: dict, reference: dict) -> list[float]:
+    return [a / b for a, b in zip(path["round_medians"], reference["round_medians"])]
+
+
+def head_paths_table(rows: list[dict], sgemm: dict | None, bf16_gemm: dict | None) -> str:
+    """The dense head's compute paths against their float32 reference in the same run (head_only,
+    or ctcvr_1p for ctcvr_1p_bf16), or "" if none ran beside its reference.
+
+    The GFLOP/s count the same products as head_only's (:func:`matmul_flops_per_row`), so the
+    shares of the float32 sgemm peak compare; the bf16 paths' share of the bf16 gemm peak is
+    given too when that peak was measured.
+    """
+    by_name = {r["variant"]: r for r in rows}
+    pairs = [
+        (by_name[v.value], by_name[_REFERENCE[v].value])
+        for v in _HEAD_PATHS
+        if v.value in by_name and _REFERENCE[v].value in by_name
+    ]
+    if not pairs:
+        return ""
+    columns = (
+        "path",
+        "against",
+        "samples/s median",
+        "x against",
+        "x against per round",
+        "GFLOP/s",
+        "of sgemm peak",
+        "of bf16 gemm peak",
+        "first step (s)",
+        "last loss",
+        "CPU used by others",
+        "verdict",
+    )
+    lines = [
+        "\n## The dense head's compute paths\n",
+        "| " + " | ".join(columns) + " |",
+        "|---|---" + "|---:" * (len(columns) - 3) + "|---|",
+    ]
+    shown: set[str] = set()
+    for path, reference in pairs:
+        for r in (reference, path):
+            if r["variant"] in shown:
+                continue
+            shown.add(r["variant"])
+            lines.append("| " + " | ".join(_head_path_cells(r, reference, sgemm, bf16_gemm)) + " |")
+    if bf16_gemm:
+        lines.append(
+            f"\nbf16 gemm peak: {bf16_gemm['median']:.1f} GFLOP/s (median of {bf16_gemm['calls']} "
+            f"calls of {bf16_gemm['size']} x {bf16_gemm['size']} x {bf16_gemm['size']} bfloat16, "
+            f"{bf16_gemm['min']:.1f} to {bf16_gemm['max']:.1f}; other processes took "
+            f"{bf16_gemm['others_cpu_share']:.0%} of the CPUs)."
+        )
+    lines.append(
+        "\nfirst step: the first warmup step (slowest round), compile time included for "
+        "head_only_compile; last loss: round 1's last timed step, same data and initial weights "
+        "in every path."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _head_path_cells(
+    r: dict, reference: dict, sgemm: dict | None, bf16_gemm: dict | None
+) -> tuple[str, ...]:
+    bf16 = Variant(r["variant"]) in _BF16_PATHS
+    return (
+        r["variant"],
+        "-" if r is reference else reference["variant"],
+        f"{r['median']:,.0f}",
+        f"{r['median'] / reference['median']:.2f}x",
+        ", ".join(f"{x:.2f}x" for x in _round_ratios(r, reference)),
+        f"{r['gflops']:.1f}",
+        f"{r['gflops'] / sgemm['median']:.2f}" if sgemm else "n/a",
+        f"{r['gflops'] / bf16_gemm['median']:.2f}" if bf16 and bf16_gemm else "-",
+        f"{r['first_step_s']:.1f}" if r["first_step_s"] is not None else "n/a",
+        f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "n/a",
+        f"{r['others_cpu_share']:.0%}",
+        "reference" if r is reference else head_path_verdict(r, reference),
+    )
+
+
 def _embedding_rows(settings: Settings) -> int:
     schema = bench_schema(settings.tables, settings.table_scale)
     return sum(table.num_rows for table in schema.all_tables)
@@ -998,9 +1188,8 @@ def plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
         + (f"\n{r['median'] / head_only['median']:.2f}x head-only" if head_only else "")
         for r in rows
     ]
-    palette = dict(
-        zip(_TRAINING, ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8c8c8c", "#937860"))
-    )
+    colours = ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8c8c8c", "#937860", "#8172b3")
+    palette = {v: colours[i % len(colours)] for i, v in enumerate(_TRAINING)}
     fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.bar(
         names,
@@ -1036,10 +1225,13 @@ def run_all(
         for variant in _round_order(variants, index):
             runs[variant].append(_run_variant(variant, settings))
     flops = _flops_per_row(settings)
-    rows = [summarize(runs[v], flops) for v in variants if v is not Variant.SGEMM]
-    sgemm = summarize_sgemm(runs[Variant.SGEMM]) if Variant.SGEMM in runs else None
+    rows = [summarize(runs[v], flops) for v in variants if v not in _PEAKS]
+    sgemm, bf16_gemm = (
+        summarize_sgemm(runs[v], v) if v in runs else None
+        for v in (Variant.SGEMM, Variant.BF16_GEMM)
+    )
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows, sgemm, settings)
+    table = markdown_table(rows, sgemm, settings) + head_paths_table(rows, sgemm, bf16_gemm)
     header = f"# Training throughput\n\nCommand: `.venv/bin/python {command}`\n\n"
     (out / "train_throughput.md").write_text(header + table)
     raw = {
@@ -1048,6 +1240,7 @@ def run_all(
         "flops_per_row": flops,
         "rows": rows,
         "sgemm": sgemm,
+        "bf16_gemm": bf16_gemm,
         "headline": asdict(headline({r["variant"]: r for r in rows}, sgemm)),
         "runs": {v.value: runs[v] for v in variants},
     }
@@ -1119,7 +1312,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Settings, Variant | None, Path]:
         nargs="+",
         choices=[v.value for v in Variant],
         default=defaults.variants,
-        help="variants to run, in this order (default: all)",
+        help="variants to run, in this order (default: all but the head paths and bf16_gemm)",
     )
     parser.add_argument(
         "--out", type=Path, default=_ROOT / "benchmarks" / "results", help="output folder"

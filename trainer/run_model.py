@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torchrec.distributed import DistributedModelParallel
 
 from schemas import FeatureSchema
 from trainer.builders import build_model
 from trainer.checkpoint import check_schema, find_checkpoint, load_model_weights
-from trainer.config import TrainConfig
+from trainer.config import Precision, TrainConfig
 from trainer.distributed import DistContext, fuse_sparse_optimizer, shard_model
 from trainer.model import CtcvrModel
 from trainer.objectives import Objective, build_objective, detached_heads, model_structure
@@ -101,7 +102,8 @@ def build_training_model(
         if model.partially_shared is not None
         else None
     )
-    module = TrainModule(model, objective)
+    bf16 = config.train.precision == Precision.BF16.value
+    module = TrainModule(model, objective, autocast_dtype=torch.bfloat16 if bf16 else None)
     # The sparse optimizer must be attached before sharding, which fuses it into the kernels.
     fuse_sparse_optimizer(module, config.sparse_optimizer)
     return TrainingModel(shard_model(module, ctx, config.sharding), objective, pruner)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -19,21 +21,39 @@ class TrainModule(nn.Module):
     (TorchRec's ``DLRMTrain`` pattern). The objective's ``attach(model)`` builds its own learned
     parameters, if it has any (see ``Objective``); as a submodule of this module they are
     sharded, optimised and checkpointed with the model.
+
+    Args:
+        model: the model.
+        objective: its training objective.
+        autocast_dtype: ``None``: float32. ``torch.bfloat16``: the training forward (model and
+            objective) runs under ``torch.autocast`` to it, so the matrix products run in
+            bfloat16 while the parameters stay float32; autocast keeps the losses' reductions
+            in float32. Evaluation (``eval()``) always runs in float32.
     """
 
-    def __init__(self, model: CtcvrModel, objective: Objective) -> None:
+    def __init__(
+        self, model: CtcvrModel, objective: Objective, autocast_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
+        self.autocast_dtype = autocast_dtype
         objective.attach(model)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[LossOutput, TaskOutputs]]:
-        outputs = self.model(batch.sparse, batch.dense)
         if not self.training:
+            outputs = self.model(batch.sparse, batch.dense)
             return torch.zeros(()), (LossOutput(torch.zeros(())), outputs.detach())
-        loss = self._with_head_l2(self.objective(outputs, batch))
+        with self._autocast(batch.dense.device.type):
+            outputs = self.model(batch.sparse, batch.dense)
+            loss = self._with_head_l2(self.objective(outputs, batch))
         terms = {name: value.detach() for name, value in loss.terms.items()}
         return loss.total, (LossOutput(loss.total.detach(), terms), outputs.detach())
+
+    def _autocast(self, device_type: str) -> AbstractContextManager:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def _with_head_l2(self, loss: LossOutput) -> LossOutput:
         """Add ``coefficient * sum of squares`` of a head's own parameters (its MMoE gate and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -283,3 +284,103 @@ def test_tiny_run_with_two_processes(tmp_path):
     (row,) = raw["rows"]
     assert row["processes"] == 2 and row["threads"] == 1 and row["median"] > 0
     assert len(raw["runs"]["ctcvr_2p"][0]["ranks"]) == 2
+
+
+# The dense head's compute paths ---------------------------------------------------------------
+
+
+def test_the_head_paths_and_the_bf16_peak_run_only_when_named():
+    default = tt.Settings().variants
+    assert "head_only" in default and "sgemm" in default
+    opt_in = {"head_only_compile", "head_only_bf16", "head_only_onednn", "bf16_gemm"}
+    assert not (opt_in | {"ctcvr_1p_bf16"}) & set(default)
+    assert len(default) == 7  # the headline's variants, unchanged
+
+
+def test_summarize_keeps_each_rounds_median_and_the_first_step():
+    def run(step_s, warmup_s):
+        ranks = [{"step_s": step_s, "warmup_s": warmup_s, "threads": 2, "peak_rss_mib": 1.0}]
+        return {"variant": "head_only_compile", "world_size": 1, "batch_size": 100, "ranks": ranks}
+
+    row = tt.summarize([run([0.1, 0.1, 0.2], [30.0, 0.1]), run([0.2], [40.0, 0.2])], 1)
+    assert row["round_medians"] == pytest.approx([1000.0, 500.0])
+    assert row["first_step_s"] == 40.0  # the slowest round's: compile time included
+    assert tt.summarize([run([0.1], [])], 1)["first_step_s"] is None  # no warmup steps
+
+
+def _path(variant, *round_medians, others=0.0):
+    row = _row(variant, statistics.median(round_medians), gflops=round_medians[0], others=others)
+    return row | {"round_medians": list(round_medians), "first_step_s": 1.0, "last_loss": 0.5}
+
+
+def test_a_head_path_pays_only_if_ahead_by_a_tenth_in_every_round():
+    head = _path("head_only", 100.0, 100.0)
+    assert tt.head_path_verdict(_path("head_only_bf16", 120.0, 111.0), head).startswith("pays")
+    # 1.15x over both rounds pooled, but 1.05x in one: not consistent, does not pay.
+    assert tt.head_path_verdict(_path("head_only_bf16", 125.0, 105.0), head).startswith(
+        "does not pay"
+    )
+    busy = _path("head_only_bf16", 150.0, 150.0, others=0.2)
+    assert tt.head_path_verdict(busy, head).startswith("inconclusive")
+
+
+def test_the_head_paths_table_compares_with_head_only_and_the_right_peak():
+    rows = [
+        _path("ctcvr_1p", 90.0, 90.0),
+        _path("head_only", 100.0, 100.0),
+        _path("head_only_bf16", 120.0, 120.0),
+        _path("head_only_compile", 90.0, 110.0),
+        _path("ctcvr_1p_bf16", 99.0, 99.0),
+    ]
+    assert tt.head_paths_table(rows[:2], _sgemm(200.0), None) == ""  # no head path ran
+    assert tt.head_paths_table(rows[2:], _sgemm(200.0), None) == ""  # no reference ran
+    table = tt.head_paths_table(rows, _sgemm(200.0), _sgemm(400.0) | {"variant": "bf16_gemm"})
+    lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    # The product path with bf16 is measured against the product path in float32.
+    assert "| ctcvr_1p | - | 90 | 1.00x |" in lines["ctcvr_1p"]
+    assert "| ctcvr_1p_bf16 | ctcvr_1p | 99 | 1.10x | 1.10x, 1.10x |" in lines["ctcvr_1p_bf16"]
+    assert "| 1.20x | 1.20x, 1.20x | 120.0 | 0.60 | 0.30 |" in lines["head_only_bf16"]
+    assert "| 0.90x, 1.10x | 90.0 | 0.45 | - |" in lines["head_only_compile"]  # float32: no bf16
+    assert lines["head_only"].endswith("| reference |") and "bf16 gemm peak: 400.0" in table
+    assert "| head_only_bf16 | head_only | 120 |" in table
+
+
+def test_bf16_autocast_runs_the_products_in_bf16_and_counts_the_same_flops():
+    in_width = 8 * INPUT_ALIGN
+    linear = tt.BFloat16Autocast(torch.nn.Linear(4, 3))
+    out = linear(torch.randn(2, 4))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and linear.module.weight.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        counted = _head_only_step_flops(in_width, batch_size=4)
+    assert counted == 4 * tt.matmul_flops_per_row(in_width, 3, (16, 8), (8, 4))
+
+
+def test_tiny_run_of_the_bf16_and_onednn_paths(tmp_path):
+    # head_only_compile is left out: inductor's first compile takes about 40 s on 2 cores.
+    raw = _run(
+        tmp_path,
+        "head_only",
+        "head_only_bf16",
+        "head_only_onednn",
+        "ctcvr_1p",
+        "ctcvr_1p_bf16",
+        "sgemm",
+        "bf16_gemm",
+    )
+    rows = {row["variant"]: row for row in raw["rows"]}
+    assert rows.keys() == {
+        "head_only",
+        "head_only_bf16",
+        "head_only_onednn",
+        "ctcvr_1p",
+        "ctcvr_1p_bf16",
+    }
+    assert rows["ctcvr_1p_bf16"]["last_loss"] == pytest.approx(
+        rows["ctcvr_1p"]["last_loss"], rel=0.05
+    )
+    assert raw["bf16_gemm"]["variant"] == "bf16_gemm" and raw["bf16_gemm"]["median"] > 0
+    for name in ("head_only_bf16", "head_only_onednn"):
+        assert rows[name]["last_loss"] == pytest.approx(rows["head_only"]["last_loss"], rel=0.05)
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "## The dense head's compute paths" in table and "bf16 gemm peak:" in table

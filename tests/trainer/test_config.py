@@ -121,3 +121,10 @@ def test_every_shipped_config_validates_and_keeps_its_values(path):
     params = config.objective.params
     assert set(params) == set(param_names(OBJECTIVES[config.objective.name].params_type))
     assert {key: params[key] for key in given} == given
+
+
+def test_the_training_precision_is_float32_unless_bf16_is_asked_for():
+    assert load().train.precision == "float32"
+    assert load("train.precision=bf16").train.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not one of \['float32', "):
+        load("train.precision=fp16")
