@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -86,12 +85,7 @@ def run(settings: tt.Settings, names: list[str], cycles: int, block: int, warmup
         batch = pool[steps[name] % len(pool)]
         steps[name] += 1
         with context():
-            t0 = time.perf_counter()
-            loss, _ = module(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            elapsed = time.perf_counter() - t0
+            elapsed, loss = tt.timed_step(module, optimizer, batch)
         losses[name].append(loss.item())
         return elapsed
 

@@ -676,6 +676,19 @@ def run_worker(variant: Variant, settings: Settings) -> None:
     shutdown_distributed()
 
 
+def timed_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer | _Optimizers, batch: Batch
+) -> tuple[float, torch.Tensor]:
+    """One training step (forward, ``zero_grad``, backward, ``step``) and its seconds on the
+    clock; the loss, to be read off the clock."""
+    t0 = time.perf_counter()
+    loss, _ = model(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - t0, loss
+
+
 def _timed_steps(
     model: nn.Module, optimizer, pool: list[Batch], ctx: DistContext, settings: Settings
 ) -> dict:
@@ -684,12 +697,7 @@ def _timed_steps(
     def train_step(step: int) -> float:
         # Ranks read different batches of the one pool, as data-parallel ranks read different rows.
         batch = pool[(step * ctx.world_size + ctx.rank) % len(pool)]
-        t0 = time.perf_counter()
-        loss, _ = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        elapsed = time.perf_counter() - t0
+        elapsed, loss = timed_step(model, optimizer, batch)
         losses.append(loss.item())  # off the clock: on a GPU this would be a sync point
         return elapsed
 
