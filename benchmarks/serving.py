@@ -453,6 +453,7 @@ def service(model_dir: Path, log: Path, workers: int, threads: int) -> Iterator[
             if time.monotonic() > deadline:
                 raise RuntimeError(f"service not ready after 120 s:\n{log.read_text()}")
             time.sleep(0.2)
+        _wait_until_settled(proc.pid, deadline)
         yield url, proc.pid
     finally:
         proc.terminate()
@@ -461,6 +462,20 @@ def service(model_dir: Path, log: Path, workers: int, threads: int) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _wait_until_settled(pid: int, deadline: float, busy_s: float = 0.05) -> None:
+    """Wait until service ``pid`` and its workers use under ``busy_s`` CPU seconds in a second:
+    ``/readyz`` answers as soon as one worker has its model, while the others may still be
+    loading theirs, which would load the machine during the first measurements."""
+    used = process_cpu_s(pid, tree=True)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = process_cpu_s(pid, tree=True)
+        if now - used < busy_s:
+            return
+        used = now
+    raise RuntimeError(f"service {pid} still busy {busy_s} CPU s per second after starting")
 
 
 def _batch_stats(url: str) -> tuple[float, float]:

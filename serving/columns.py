@@ -369,6 +369,11 @@ def _inferred(
 
 def may_hold_booleans(body: bytes) -> bool:
     """Whether a JSON text may hold a boolean: it does not when neither ``true`` nor ``false``
-    occurs in it, even inside a string (a search at memory speed, against a type check per
-    value)."""
+    occurs in it, even inside a string.
+
+    The search (about 1.2 ns a byte here) pays where the text is mostly values: columns. Rows and
+    candidate objects repeat every feature name beside each value, so there the type check per
+    value is cheaper than searching the text, and the scorer skips the search (measured on
+    256-row bodies: objects 40 us faster with the type check, columns 15-90 us faster with the
+    search)."""
     return b"true" in body or b"false" in body

@@ -112,7 +112,8 @@ class Scorer:
         """
         read = self.reader.rows_request if form is RequestForm.ROWS else self.reader.columns_request
         try:
-            return read(orjson.loads(body), booleans=may_hold_booleans(body))
+            booleans = form is RequestForm.ROWS or may_hold_booleans(body)  # see may_hold_booleans
+            return read(orjson.loads(body), booleans=booleans)
         except (orjson.JSONDecodeError, Unreadable):
             pass  # the request model says what is wrong, or converts what is unusual but valid
         model = self.request_model if form is RequestForm.ROWS else self.columns_model
@@ -153,7 +154,9 @@ class Scorer:
                 without ``top_k``.
         """
         try:
-            return self.rank_reader.read(orjson.loads(body), booleans=may_hold_booleans(body))
+            parsed = orjson.loads(body)
+            booleans = not _candidate_columns(parsed) or may_hold_booleans(body)
+            return self.rank_reader.read(parsed, booleans=booleans)
         except (orjson.JSONDecodeError, Unreadable):
             pass  # the request model says what is wrong, or converts what is unusual but valid
         except Misplaced as err:
@@ -308,3 +311,9 @@ def _capped(items: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
             }
         )
     return items
+
+
+def _candidate_columns(body: Any) -> bool:
+    """Whether a parsed ranking body gives its candidates as columns (see
+    :func:`~serving.columns.may_hold_booleans`)."""
+    return type(body) is dict and type(body.get("candidates")) is dict

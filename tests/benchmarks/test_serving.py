@@ -64,6 +64,32 @@ def test_process_cpu_counts_a_process_and_its_children():
         child.communicate(b"\n", timeout=120)
 
 
+def test_a_service_counts_as_started_once_its_workers_stop_loading():
+    # a "service" whose worker child busies a core for about 2 s after the parent is up
+    worker = "import time; t = time.monotonic()\\nwhile time.monotonic() - t < 2: pass\\ninput()"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.run([sys.executable, '-c', '{worker}'])",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        start = time.monotonic()
+        sb._wait_until_settled(parent.pid, start + 60)
+        assert time.monotonic() - start >= 1.5  # it waited for the worker to go quiet
+        with pytest.raises(RuntimeError, match="still busy"):  # a worker that never settles
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                sb._wait_until_settled(spinner.pid, time.monotonic() + 2.5)
+            finally:
+                spinner.kill()
+                spinner.wait()
+    finally:
+        parent.communicate(b"\n", timeout=60)
+
+
 def test_every_form_carries_the_same_impressions():
     rows = [
         {"user": u, "item": i, "price": float(i), "hour": 3 + u}

@@ -142,14 +142,15 @@ def _check_agreement(scorer: Scorer, form: RequestForm, body: dict) -> None:
     read = scorer.reader.rows_request if form is RequestForm.ROWS else scorer.reader.columns_request
     model = scorer.request_model if form is RequestForm.ROWS else scorer.columns_model
     try:
-        fast = read(orjson.loads(raw), booleans=may_hold_booleans(raw))
-    except (orjson.JSONDecodeError, Unreadable):
-        fast = None
-    try:
         validated = model.model_validate_json(raw)
     except ValidationError:
         validated = None
-    if fast is not None:  # the reader accepts only what the model accepts, with the same values
+    for booleans in {True, may_hold_booleans(raw)}:  # the type check per value, or numpy's
+        try:
+            fast = read(orjson.loads(raw), booleans=booleans)
+        except (orjson.JSONDecodeError, Unreadable):
+            continue
+        # the reader accepts only what the model accepts, with the same values
         assert validated is not None, body
         slow = read({form.value: getattr(validated, form.value)})
         for a, b in zip(_features(scorer, fast), _features(scorer, slow), strict=True):

@@ -404,24 +404,11 @@ def _scores(scorer: Scorer, values) -> np.ndarray:
 def test_the_fast_path_accepts_exactly_what_the_rank_model_accepts(scorer, body):
     raw = json.dumps(body, allow_nan=True).encode()
     try:
-        fast = scorer.rank_reader.read(orjson.loads(raw), booleans=may_hold_booleans(raw))
-    except (orjson.JSONDecodeError, Unreadable, Misplaced):
-        fast = None
-    try:
         validated = scorer.rank_model.model_validate_json(raw)
     except ValidationError:
         validated = None
-    if fast is not None:  # the reader accepts only what the model accepts, with the same values
-        assert validated is not None, body
-        slow = scorer.rank_reader.read(validated.model_dump(mode="json", exclude_none=True))
-        assert (fast.top_k, fast.order_by, fast.form) == (slow.top_k, slow.order_by, slow.form)
-        try:
-            a = _scores(scorer, fast)
-        except RequestInvalid:  # out of float32 range after normalisation: both refuse
-            with pytest.raises(RequestInvalid):
-                _scores(scorer, slow)
-            return
-        np.testing.assert_allclose(a, _scores(scorer, slow), atol=1e-6, rtol=0)
+    for booleans in {True, may_hold_booleans(raw)}:  # the type check per value, or numpy's
+        _check_fast_path(scorer, raw, booleans, validated)
     if validated is None:
         with pytest.raises(RequestInvalid):
             scorer.parse_rank(raw)
@@ -433,6 +420,24 @@ def test_the_fast_path_accepts_exactly_what_the_rank_model_accepts(scorer, body)
 
 
 _PLACEMENT = {"feature_twice", "missing", "missing_top_k"}  # what JSON Schema cannot say
+
+
+def _check_fast_path(scorer, raw: bytes, booleans: bool, validated) -> None:
+    """The reader accepts only what the rank model accepts, with the same scores."""
+    try:
+        fast = scorer.rank_reader.read(orjson.loads(raw), booleans=booleans)
+    except (orjson.JSONDecodeError, Unreadable, Misplaced):
+        return
+    assert validated is not None, raw
+    slow = scorer.rank_reader.read(validated.model_dump(mode="json", exclude_none=True))
+    assert (fast.top_k, fast.order_by, fast.form) == (slow.top_k, slow.order_by, slow.form)
+    try:
+        a = _scores(scorer, fast)
+    except RequestInvalid:  # out of float32 range after normalisation: both refuse
+        with pytest.raises(RequestInvalid):
+            _scores(scorer, slow)
+        return
+    np.testing.assert_allclose(a, _scores(scorer, slow), atol=1e-6, rtol=0)
 
 
 def test_valid_rank_requests_take_the_fast_path(scorer, scoped_edge_model, monkeypatch):
