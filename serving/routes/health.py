@@ -1,8 +1,9 @@
 """Liveness, readiness and Prometheus metrics (no authentication: probes and scrapers).
 
 The probes are ``async def``: they only read what is in memory, and FastAPI would run a plain
-``def`` in its thread pool, a hop that costs more than the answer (GET /healthz in process: 290
-against 133 us). ``/metrics`` renders every series and stays in the pool.
+``def`` in its thread pool, a hop that costs more than the answer (GET /healthz through the app
+in process: 320-470 us as ``def``, 70 us as ``async def``). ``/metrics`` renders every series and
+stays in the pool.
 """
 
 from __future__ import annotations
