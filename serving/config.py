@@ -20,7 +20,7 @@ variable                        default          meaning
 ``CTCVR_MAX_BODY_BYTES``        ``4194304``      largest request body (413 beyond)
 ``CTCVR_BATCH_MAX_ROWS``        ``4096``         most rows per model call
 ``CTCVR_BATCH_MAX_WAIT_MS``     ``2.0``          how long a request waits for others to batch with
-``CTCVR_BATCH_MIN_ROWS``        ``64``           a batch this large runs without waiting for others
+``CTCVR_BATCH_MIN_ROWS``        ``64``           a batch this large runs in the worker at once; smaller on the loop
 ``CTCVR_MAX_QUEUE_ROWS``        ``65536``        rows allowed to wait for the model (503 beyond)
 ``CTCVR_REQUEST_TIMEOUT_S``     ``10.0``         longest wait for a score (503 beyond)
 ``CTCVR_TORCH_THREADS``         ``1``            intra-op threads of the model call

@@ -62,9 +62,10 @@ async def score(
     Raises:
         HTTPException: 422 for an invalid body, 503 when overloaded or out of time.
     """
-    # The routes are async although torch blocks: they never run the model. The request is
-    # parsed and mapped here (small bodies on the loop, large ones in the thread pool); the
-    # micro-batcher's worker thread runs the model, and the route awaits its slice holding no
+    # The routes are async although torch blocks. The request is parsed and mapped here (small
+    # bodies on the loop, large ones in the thread pool); the micro-batcher scores it with the
+    # others of this loop pass (a few rows: on the loop, once this pass's requests are queued)
+    # or in its worker thread (larger batches), and the route awaits its slice holding no
     # thread.
     scorer, batcher = scoring.scorer, scoring.batcher
     try:
@@ -73,7 +74,7 @@ async def score(
                 prepared = prepare(scorer, body)
             else:
                 prepared = await run_in_threadpool(prepare, scorer, body)
-            ticket = batcher.submit(scorer, inputs(prepared))
+            ticket = batcher.enqueue(scorer, inputs(prepared))
         result = await batcher.wait(ticket, timeout=scoring.settings.request_timeout_s)
     except RequestInvalid as err:
         raise HTTPException(422, detail=err.errors) from None

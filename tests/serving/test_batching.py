@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,11 +26,13 @@ class GatedScorer:
         self.gate.set()
         self.entered = threading.Event()  # set once the worker is inside a model call
         self.calls: list[int] = []
+        self.threads: list[str] = []  # the thread of each model call
 
     def predict(self, features):
         self.entered.set()
         self.gate.wait(10)
         self.calls.append(features.size)
+        self.threads.append(threading.current_thread().name)
         return self._scorer.predict(features)
 
 
@@ -218,3 +221,98 @@ def test_ranking_requests_batch_with_their_kind_only(batcher, scorer, inputs, ed
     # the worker's calls: the first rows; two rankings of one split; one of another split; the
     # last ranking (the split again, but after another kind: arrival order is kept); the rows
     assert gated.calls == [2, 8, 1, 3, 2]
+
+
+# Small requests on the event loop -------------------------------------------------------------
+
+
+def _on_a_loop(batcher: MicroBatcher, requests) -> list:
+    """Start ``batcher`` on a new event loop, enqueue ``requests`` ((scorer, features) pairs) in
+    one loop pass and await every result (or the exception it raised), in order."""
+
+    async def main():
+        batcher.start()
+        try:
+            tickets = []
+            for scorer, features in requests:
+                try:
+                    tickets.append(batcher.enqueue(scorer, features))
+                except Overloaded as err:
+                    tickets.append(err)
+            results = []
+            for ticket in tickets:
+                try:
+                    results.append(
+                        ticket
+                        if isinstance(ticket, Exception)
+                        else await MicroBatcher.wait(ticket, timeout=10)
+                    )
+                except Exception as err:  # noqa: BLE001 - the test checks which
+                    results.append(err)
+            return results
+        finally:
+            batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_small_requests_of_one_loop_pass_share_a_model_call_on_the_loop(scorer, inputs, edge_model):
+    gated = GatedScorer(scorer)
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.05, max_queue_rows=1000, min_rows=16)
+    sizes = [1, 3, 2, 5]
+    starts = [0, 1, 4, 6]
+    results = _on_a_loop(
+        batcher, [(gated, inputs(k, k + n)) for k, n in zip(starts, sizes, strict=True)]
+    )
+    assert gated.calls == [11]  # one call for the pass's 11 rows
+    assert gated.threads == [threading.current_thread().name]  # asyncio.run's loop: this thread
+    for k, n, result in zip(starts, sizes, results, strict=True):
+        np.testing.assert_allclose(result.scores, edge_model.expected[k : k + n], atol=1e-5)
+    assert batcher.queued_rows == 0
+
+
+def test_small_requests_adding_up_to_min_rows_and_large_ones_go_to_the_worker(scorer, inputs):
+    gated = GatedScorer(scorer)
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=1000, min_rows=8)
+    results = _on_a_loop(batcher, [(gated, inputs(0, 5)), (gated, inputs(5, 10))])
+    assert [r.scores.shape for r in results] == [(5, 3), (5, 3)]
+    assert gated.calls == [10] and gated.threads == ["ctcvr-batcher"]  # together, in the worker
+    gated.calls.clear(), gated.threads.clear()
+    _on_a_loop(batcher, [(gated, inputs(0, 8))])  # min_rows on its own: straight to the worker
+    assert gated.calls == [8] and gated.threads == ["ctcvr-batcher"]
+
+
+def test_a_loop_pass_keeps_order_and_never_mixes_models(scorer, inputs, edge_model):
+    a, b = GatedScorer(scorer, "A"), GatedScorer(scorer, "B")
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=1000, min_rows=64)
+    order = [a, b, b, a, a, b]
+    results = _on_a_loop(batcher, [(s, inputs(k, k + 2)) for k, s in enumerate(order)])
+    for k, (s, result) in enumerate(zip(order, results, strict=True)):
+        assert result.version == s.version
+        np.testing.assert_allclose(result.scores, edge_model.expected[k : k + 2], atol=1e-5)
+    assert a.calls == [2, 4] and b.calls == [4, 2]  # runs of one model merged, in order
+
+
+def test_a_failing_model_call_on_the_loop_fails_its_requests_only(scorer, inputs):
+    class Broken(GatedScorer):
+        def predict(self, features):
+            raise RuntimeError("boom")
+
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=1000)
+    broken, fine = Broken(scorer), GatedScorer(scorer)
+    first, second, third = _on_a_loop(
+        batcher, [(broken, inputs(0, 1)), (broken, inputs(1, 2)), (fine, inputs(2, 4))]
+    )
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert third.scores.shape == (2, 3) and fine.calls == [2]
+    assert batcher.queued_rows == 0
+
+
+def test_the_loop_path_counts_waiting_rows_against_the_queue_bound(scorer, inputs):
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=4)
+    results = _on_a_loop(batcher, [(scorer, inputs(0, 3)), (scorer, inputs(3, 5))])
+    assert results[0].scores.shape == (3, 3)
+    assert isinstance(results[1], Overloaded)  # 3 rows waiting in the pass, 2 more exceed 4
+    assert batcher.queued_rows == 0
+    with pytest.raises(Overloaded, match="not accepting requests"):
+        batcher.enqueue(scorer, inputs(0, 1))
