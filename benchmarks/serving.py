@@ -359,9 +359,9 @@ def _help(module: str) -> str:
     ).stdout
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None, repo: Path = REPO) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     return env
 
 
@@ -428,17 +428,19 @@ def _free_port() -> int:
 
 
 @contextmanager
-def service(model_dir: Path, log: Path, workers: int, threads: int) -> Iterator[tuple[str, int]]:
-    """``python -m serving`` (``--workers N`` above 1) on a free loopback port; yields its URL and
-    pid once it is ready."""
+def service(
+    model_dir: Path, log: Path, workers: int, threads: int, repo: Path = REPO
+) -> Iterator[tuple[str, int]]:
+    """``python -m serving`` of checkout ``repo`` (``--workers N`` above 1) on a free loopback
+    port; yields its URL and pid once it is ready."""
     import httpx
 
     port = _free_port()
     command = [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--port", str(port)]
     command += ["--log-level", "warning"] + (["--workers", str(workers)] if workers > 1 else [])
-    env = _env({"OMP_NUM_THREADS": "1", "CTCVR_TORCH_THREADS": str(threads)})
+    env = _env({"OMP_NUM_THREADS": "1", "CTCVR_TORCH_THREADS": str(threads)}, repo)
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -1,0 +1,199 @@
+"""Two versions of the service against each other, their load cells taking turns.
+
+``serving.py`` measures one version; on a machine whose host slows it by a third from one hour
+to the next, two of its runs do not compare. Here the service of a base revision (checked out
+into a temporary git worktree) and the service of the working tree run side by side on the same
+model, each idle while the other is measured, and every cell runs ``--pairs`` times against
+each, in alternating order, so each pair saw the same outside load. Run from the repository
+root::
+
+    .venv/bin/python benchmarks/serving_ab.py --base bb3bc0e --name small_on_loop
+
+Writes ``results/serving_ab/<name>.{md,json}``: per cell (form, rows per request, concurrency,
+worker processes), each version's median requests/s and p50 / p99 latency over the pairs, the
+median of the per-pair ratios (this tree over the base), and the largest CPU share other
+processes took; a cell whose pairs saw other processes above 10 % of the CPUs reads
+"inconclusive".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving as bench  # benchmarks/serving.py: the load generator and helpers
+
+REPO = bench.REPO
+
+
+@contextmanager
+def checkout(revision: str):
+    """A detached git worktree of ``revision``, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ctcvr-ab-") as tmp:
+        path = Path(tmp) / "base"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), revision],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+        )
+        try:
+            yield path
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(path)],
+                check=False,
+                cwd=REPO,
+                capture_output=True,
+            )
+
+
+def parse_cell(text: str) -> tuple[str, int, int, int]:
+    """``form:rows:concurrency:workers``, e.g. ``rank:1:8:1``."""
+    form, rows, clients, workers = text.split(":")
+    if form not in bench.FORMS:
+        raise argparse.ArgumentTypeError(f"unknown form {form!r}; one of {sorted(bench.FORMS)}")
+    return form, int(rows), int(clients), int(workers)
+
+
+def summarise(cell: tuple[str, int, int, int], runs: dict[str, list[dict]]) -> dict:
+    base, this = runs["base"], runs["this tree"]
+    rates = {k: [r["rows_per_s"] / cell[1] for r in v] for k, v in runs.items()}
+    others = max(r["cpu"]["others"] or 0.0 for v in runs.values() for r in v)
+    return {
+        "form": cell[0],
+        "rows": cell[1],
+        "concurrency": cell[2],
+        "workers": cell[3],
+        **{
+            f"{k} {m}": statistics.median(r[key] for r in v)
+            for k, v in runs.items()
+            for m, key in (("p50_ms", "p50_ms"), ("p99_ms", "p99_ms"))
+        },
+        **{f"{k} requests_per_s": statistics.median(v) for k, v in rates.items()},
+        "ratio": statistics.median(t / b for t, b in zip(rates["this tree"], rates["base"])),
+        "ratios": [t / b for t, b in zip(rates["this tree"], rates["base"])],
+        "errors": sum(r["errors"] for r in base + this),
+        "others": others,
+    }
+
+
+def markdown(rows: list[dict], base: str, settings: dict) -> str:
+    lines = [
+        f"# The service of the working tree against {base}, cells taking turns",
+        "",
+        (
+            "| form | rows | concurrency | workers | req/s base | req/s this | x base (median of "
+            "pairs) | p99 ms base | p99 ms this | p50 ms base | p50 ms this | errors "
+            "| others (max) | verdict |"
+        ),
+        "| --- |" + " ---: |" * 12 + " --- |",
+    ]
+    for r in rows:
+        busy = r["others"] > bench.BUSY_SHARE
+        lines.append(
+            f"| {r['form']} | {r['rows']} | {r['concurrency']} | {r['workers']} "
+            f"| {r['base requests_per_s']:,.0f} | {r['this tree requests_per_s']:,.0f} "
+            f"| {r['ratio']:.2f}x ({min(r['ratios']):.2f}-{max(r['ratios']):.2f}) "
+            f"| {r['base p99_ms']:.2f} | {r['this tree p99_ms']:.2f} "
+            f"| {r['base p50_ms']:.2f} | {r['this tree p50_ms']:.2f} | {r['errors']} "
+            f"| {r['others']:.0%} | {'inconclusive: others above 10 %' if busy else 'measured'} |"
+        )
+    lines += [
+        "",
+        (
+            f"{settings['pairs']} pairs per cell, {settings['duration']} s measured after "
+            f"{settings['warmup']} s warmup per run; the two versions' runs alternate (base first "
+            "in even pairs). Requests/s, p50 and p99 are medians over the pairs; latency from the "
+            "first byte sent to the last byte received. Model: the demo architecture with random "
+            "weights (as `serving.py`), float tables; service defaults, 1 torch thread."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision to compare with")
+    parser.add_argument("--name", required=True, help="results/serving_ab/<name>.{md,json}")
+    parser.add_argument(
+        "--cells",
+        type=parse_cell,
+        nargs="+",
+        default=[parse_cell(c) for c in ("rank:1:1:1", "rank:1:8:1", "rank:1:8:2", "rows:1:8:1")]
+        + [parse_cell("rank:256:32:1")],
+        help="form:rows:concurrency:workers",
+    )
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--out", default="benchmarks/results/serving_ab")
+    args = parser.parse_args(argv)
+    settings = bench.Settings(duration=args.duration, warmup=args.warmup)
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ctcvr-ab-") as tmp, checkout(args.base) as base:
+        work = Path(tmp)
+        rows, schema_path = bench._request_rows(work, 20_000, None)
+        model = bench._export(bench._demo_run(work, schema_path), work / "model", "float")
+        from schemas import load_schema
+
+        context = bench.context_names(load_schema(schema_path))
+        files = {}
+        for form, size, _, _ in args.cells:
+            files[form, size] = work / f"bodies_{form}_{size}.jsonl"
+            pool = bench.request_bodies(rows, size, 64, form, context)
+            files[form, size].write_text("\n".join(b.decode() for b in pool) + "\n")
+        results = []
+        with ExitStack() as stack:
+            services = {
+                (name, count): stack.enter_context(
+                    bench.service(model, work / f"{name}-{count}.log", count, 1, repo=repo)
+                )
+                for name, repo in (("base", base), ("this tree", REPO))
+                for count in sorted({c[3] for c in args.cells})
+            }
+            for cell in args.cells:
+                form, size, clients, count = cell
+                runs: dict[str, list[dict]] = {"base": [], "this tree": []}
+                for pair in range(args.pairs):
+                    order = ["base", "this tree"] if pair % 2 == 0 else ["this tree", "base"]
+                    for name in order:
+                        url, pid = services[name, count]
+                        runs[name].append(
+                            bench._cell(
+                                url, pid, files[form, size], form, size, clients, count, settings
+                            )
+                        )
+                summary = summarise(cell, runs)
+                results.append(summary)
+                print(
+                    f"[ab] {form} {size} rows c{clients} w{count}: {summary['ratio']:.2f}x req/s, "
+                    f"p99 {summary['base p99_ms']:.1f} -> {summary['this tree p99_ms']:.1f} ms, "
+                    f"others {summary['others']:.0%}",
+                    flush=True,
+                )
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", args.base],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    record = {"base": revision, "settings": vars(args) | {"cells": args.cells}, "cells": results}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+    text = markdown(results, revision, {"pairs": args.pairs, **vars(args)})
+    (out / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""benchmarks/serving_ab.py: cells parsed, pairs compared side by side, busy cells flagged."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "serving_ab.py"
+
+
+def _load_benchmark():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports serving.py from beside it
+    spec = importlib.util.spec_from_file_location("serving_ab", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ab = _load_benchmark()
+
+
+def _run(rows_per_s: float, p99: float, others: float, errors: int = 0) -> dict:
+    return {
+        "rows_per_s": rows_per_s,
+        "p50_ms": p99 / 2,
+        "p99_ms": p99,
+        "errors": errors,
+        "cpu": {"others": others},
+    }
+
+
+def test_a_cell_names_form_rows_concurrency_and_workers():
+    assert ab.parse_cell("rank:256:32:2") == ("rank", 256, 32, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown form 'ranks'"):
+        ab.parse_cell("ranks:1:8:1")
+
+
+def test_the_ratio_is_the_median_of_ratios_within_pairs():
+    # The host slowed both versions in the second pair: per-pair ratios 1.5, 1.25, 1.2 (median
+    # 1.25), while the ratio of the medians (300 / 200) would be 1.5.
+    cell = ("rank", 2, 8, 1)
+    runs = {
+        "base": [_run(400, 10.0, 0.02), _run(200, 30.0, 0.03), _run(500, 8.0, 0.01)],
+        "this tree": [_run(600, 9.0, 0.02), _run(250, 20.0, 0.04, errors=1), _run(600, 7.0, 0.0)],
+    }
+    summary = ab.summarise(cell, runs)
+    assert summary["base requests_per_s"] == 200  # 400 rows/s at 2 rows a request
+    assert summary["this tree requests_per_s"] == 300
+    assert summary["ratios"] == pytest.approx([1.5, 1.25, 1.2])
+    assert summary["ratio"] == pytest.approx(1.25)
+    assert summary["base p99_ms"] == 10.0 and summary["this tree p99_ms"] == 9.0
+    assert summary["errors"] == 1
+    assert summary["others"] == 0.04
+
+
+def test_a_cell_that_other_processes_slowed_reads_inconclusive():
+    cell = ("rows", 1, 8, 1)
+    quiet = ab.summarise(
+        cell, {"base": [_run(100, 5.0, 0.02)], "this tree": [_run(120, 4.0, 0.05)]}
+    )
+    busy = ab.summarise(cell, {"base": [_run(100, 5.0, 0.12)], "this tree": [_run(120, 4.0, 0.0)]})
+    text = ab.markdown([quiet, busy], "abc1234", {"pairs": 1, "duration": 2.0, "warmup": 0.5})
+    quiet_line, busy_line = [line for line in text.splitlines() if line.startswith("| rows |")]
+    assert "1.20x (1.20-1.20)" in quiet_line and quiet_line.endswith("| measured |")
+    assert busy_line.endswith("| 12% | inconclusive: others above 10 % |")
+    assert "against abc1234" in text
