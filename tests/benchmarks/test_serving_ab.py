@@ -14,7 +14,6 @@ SCRIPT = ROOT / "benchmarks" / "serving_ab.py"
 
 
 def _load_benchmark():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports serving.py from beside it
     spec = importlib.util.spec_from_file_location("serving_ab", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -70,3 +69,9 @@ def test_a_cell_that_other_processes_slowed_reads_inconclusive():
     assert "1.20x (1.20-1.20)" in quiet_line and quiet_line.endswith("| measured |")
     assert busy_line.endswith("| 12% | inconclusive: others above 10 % |")
     assert "against abc1234" in text
+
+
+def test_loading_it_leaves_the_service_package_importable():
+    import serving.config  # benchmarks/serving.py once shadowed it, failing every later import
+
+    assert Path(serving.config.__file__).parent == ROOT / "serving"
