@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# after the repository's packages: benchmarks/serving.py must not shadow the service's package
+sys.path.append(str(Path(__file__).resolve().parent))
 import train_throughput as tt
 
 from trainer.config import DenseOptimizerConfig

@@ -15,7 +15,6 @@ SCRIPT = ROOT / "benchmarks" / "head_paths_ab.py"
 
 
 def _load_benchmark():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports train_throughput from beside it
     spec = importlib.util.spec_from_file_location("head_paths_ab", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
