@@ -13,7 +13,8 @@ Outputs, under ``--out`` (default ``benchmarks/results``):
   steps of all rounds), median step, ratios to the strongest plain path and to the head-only
   limit, the matrix products' GFLOP/s and their share of the sgemm peak, peak RSS, and the share
   of the CPUs other processes took meanwhile; then the sgemm peak, the settings, and each target
-  met, missed, or inconclusive (measured under outside load). The same table is printed.
+  met, missed, or inconclusive (measured under outside load, or on a host whose speed varied).
+  The same table is printed.
 - ``train_throughput.png``: median samples/s per variant, min and max as whiskers.
 - ``train_throughput.json``: the resolved settings, the rows, and every worker's raw times.
 
@@ -79,7 +80,9 @@ samples/s counts both ranks' rows. Peak memory is ``ru_maxrss`` of the worker pr
 largest rank). Other processes on the machine stretch the steps, so each worker records the share
 of all CPUs other processes took during its timed steps (from ``/proc/stat``); a target whose
 variants saw more than 10 % is called inconclusive. ``--wait-idle`` waits for a quiet machine
-before each variant.
+before each variant. A virtual machine's host can also take the CPUs without any process or the
+steal counter showing it: the sgemm's calls then run at different speeds, and when its slowest
+call is below 80 % of its median every target is called inconclusive too.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ __all__ = [
     "bench_schema",
     "head_path_verdict",
     "head_paths_table",
+    "host_was_steady",
     "main",
     "markdown_table",
     "matmul_flops_per_row",
@@ -189,6 +193,10 @@ _CONVERSION_RATE = 0.05  # of clicks
 _HEAD_ONLY_TARGET = 0.95  # ctcvr_1p median / head_only median
 _SGEMM_SHARE_TARGET = 0.6  # head_only GFLOP/s / sgemm GFLOP/s
 _BUSY_SHARE = 0.10  # CPU share taken by other processes above which a verdict is inconclusive
+# The sgemm's slowest call below this share of its median: the host's speed varied during the run
+# (a VM's host can take CPU time that /proc shows neither as other processes nor as steal), and
+# ratios between variants run at different times are not trusted. Quiet runs here: 0.86, 0.94.
+_STEADY_HOST_SHARE = 0.80
 _TICK = os.sysconf("SC_CLK_TCK")  # /proc/stat counts in these ticks per second
 
 
@@ -954,12 +962,23 @@ def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
     )
 
 
-def _verdict(value: float | None, met: bool, measured: Iterable[dict]) -> str:
+def _verdict(
+    value: float | None, met: bool, measured: Iterable[dict], sgemm: dict | None = None
+) -> str:
     if value is None:
         return "not measured"
     if any(r["others_cpu_share"] > _BUSY_SHARE for r in measured):
         return "inconclusive, measured under outside load"
+    if sgemm is not None and not host_was_steady(sgemm):
+        return "inconclusive, the host's speed varied (see the sgemm line)"
     return "met" if met else "NOT met"
+
+
+def host_was_steady(sgemm: dict) -> bool:
+    """Whether the sgemm's calls ran at a steady speed: the slowest at least
+    ``_STEADY_HOST_SHARE`` of the median. The same products at the same size should take the
+    same time; when they do not, with no other process to blame, the host took the CPUs away."""
+    return sgemm["min"] >= _STEADY_HOST_SHARE * sgemm["median"]
 
 
 def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> str:
@@ -1035,6 +1054,8 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             + (
                 "; measured under outside load"
                 if any(r["others_cpu_share"] > _BUSY_SHARE for r in involved)
+                else "; the host's speed varied"
+                if sgemm and not host_was_steady(sgemm)
                 else ""
             )
             if head.vs_plain is not None
@@ -1048,6 +1069,7 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             head.vs_head_only,
             (head.vs_head_only or 0) >= _HEAD_ONLY_TARGET,
             [r for r in (single, head_only) if r],
+            sgemm,
         )
         + (f" ({head.vs_head_only:.2f}x)" if head.vs_head_only is not None else "")
         + " |"
@@ -1058,6 +1080,7 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             head.head_sgemm_share,
             (head.head_sgemm_share or 0) >= _SGEMM_SHARE_TARGET,
             [r for r in (head_only, sgemm) if r],
+            sgemm,
         )
         + (f" ({head.head_sgemm_share:.2f})" if head.head_sgemm_share is not None else "")
         + " |"
@@ -1065,7 +1088,10 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
     lines.append(
         "| ctcvr_2p ahead of ctcvr_1p | "
         + _verdict(
-            head.two_vs_one, (head.two_vs_one or 0) > 1.0, [r for r in (single, double) if r]
+            head.two_vs_one,
+            (head.two_vs_one or 0) > 1.0,
+            [r for r in (single, double) if r],
+            sgemm,
         )
         + (f" ({head.two_vs_one:.2f}x)" if head.two_vs_one is not None else "")
         + " |"
@@ -1080,6 +1106,13 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             f"\nWarning: other processes took more than {_BUSY_SHARE:.0%} of the CPUs during "
             f"{', '.join(busy)}; those steps were stretched. Rerun on an idle machine "
             "(see --wait-idle)."
+        )
+    if sgemm and not host_was_steady(sgemm):
+        lines.append(
+            f"\nWarning: the host's speed varied: the same sgemm ran at {sgemm['min']:.1f} to "
+            f"{sgemm['max']:.1f} GFLOP/s (the slowest call below {_STEADY_HOST_SHARE:.0%} of the "
+            "median) while other processes were quiet; the variants ran at different speeds of "
+            "the machine, so the verdicts are inconclusive. Rerun later."
         )
     return "\n".join(lines) + "\n"
 

@@ -199,6 +199,27 @@ def test_the_headline_takes_the_faster_plain_path_and_each_target_gets_a_verdict
     assert "Warning" in busy and "ctcvr_1p, sgemm" in busy.split("Warning")[1]
 
 
+def test_an_unsteady_host_makes_every_timing_verdict_inconclusive():
+    settings = tt.Settings(table_scale=0.001)
+    rows = [
+        _row("ctcvr_1p", 96.0),
+        _row("ctcvr_2p", 104.0, processes=2),
+        _row("plain_adagrad", 90.0),
+        _row("head_only", 100.0, gflops=140.0),
+    ]
+    steady = _sgemm(200.0) | {"min": 161.0, "max": 230.0}  # slowest call 0.805 of the median
+    assert tt.host_was_steady(steady)
+    assert "Warning" not in tt.markdown_table(rows, steady, settings)
+
+    unsteady = _sgemm(200.0) | {"min": 118.0, "max": 240.0}  # 0.59: the host took the CPUs
+    assert not tt.host_was_steady(unsteady)
+    table = tt.markdown_table(rows, unsteady, settings)
+    assert table.count("inconclusive, the host's speed varied (see the sgemm line)") == 3
+    assert "| ctcvr_2p ahead of ctcvr_1p | inconclusive, the host's speed varied" in table
+    assert "(plain_adagrad) | 1.07x (reported as it is); the host's speed varied |" in table
+    assert "the same sgemm ran at 118.0 to 240.0 GFLOP/s" in table.split("Warning")[1]
+
+
 def _head_only_step_flops(in_width: int, batch_size: int) -> float:
     """FLOPs of the matrix products of one training step of the head-only model, counted by
     torch's FlopCounterMode as they run."""
