@@ -40,6 +40,30 @@ def test_a_verdict_is_given_only_on_a_quiet_machine():
     assert sb.verdict(True, []).startswith("inconclusive")
 
 
+def test_a_host_whose_speed_moved_between_rounds_makes_verdicts_inconclusive():
+    def model(precision, rows, rate, round_):
+        return {
+            "mode": "model",
+            "precision": precision,
+            "rows": rows,
+            "rows_per_s": rate,
+            "round": round_,
+        }
+
+    steady = [model("float", 256, 212_000, 0), model("float", 256, 170_000, 1)]  # 0.80
+    steady += [{**model("float", 256, 90_000, 0), "mode": "in-process rank"}]  # not the model
+    assert sb.host_unsteadiness(steady) is None
+    assert sb.host_unsteadiness([model("float", 256, 100.0, 0)]) is None  # one round: no spread
+    moved = [*steady, model("int8", 1, 3_000, 0), model("int8", 1, 2_000, 1)]
+    why = sb.host_unsteadiness(moved)
+    assert why == "the raw model ran at 2,000 to 3,000 rows/s between rounds, int8, 1 rows"
+    quiet = [("cell a", 0.02)]
+    assert sb.verdict(True, quiet, why) == f"inconclusive: the host's speed varied ({why})"
+    assert sb.verdict(False, [("cell a", 0.5)], why).startswith(
+        "inconclusive: other processes took"
+    )  # outside load is named first
+
+
 def test_cpu_shares_leave_out_our_own_processes():
     tick = sb.TICK
     start = sb.CpuWindow((100 * tick, 400 * tick), {"service": 10.0, "load generator": 1.0})
