@@ -101,7 +101,7 @@ PRECISIONS = ("float", "int8")
 BUSY_SHARE = 0.10  # other processes' CPU share above which a verdict is inconclusive
 # The raw model's slowest round below this share of its fastest: the host's speed varied (a VM's
 # host can take the CPUs without any process or the steal counter showing it), and the verdicts
-# are not trusted. Quiet runs here: 0.89 (bb3bc0e's reference run).
+# are not trusted. bb3bc0e's reference run: 0.84 (1 row) and 0.89 (256 rows).
 STEADY_HOST_SHARE = 0.80
 TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these ticks per second
 TARGET_IN_PROCESS = 0.8  # rank form in process, 256 rows, x the raw model's rows/s
