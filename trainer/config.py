@@ -100,6 +100,9 @@ class DataConfig:
     schema: str | None = None  # schema YAML; default: schema.yaml in the train path's parent
     batch_size: int = 2048  # per rank
     shuffle_buffer: int = 65_536  # rows held for shuffling (bounds memory)
+    # > 0: shuffle by group (the schema's group column, e.g. the user) in runs of at most this
+    # many rows, so a batch holds a few users' rows: what objective.params.pairwise_weight needs.
+    group_rows: int = 0
     eval_batch_size: int = 8192
     # > 0: the test set is a random-exposure protocol (Coat, Yahoo! R3: see
     # trainer.data.converters.mnar); evaluation adds per-user NDCG@k and Recall@k of pCVR
@@ -294,6 +297,10 @@ def _check(config: TrainConfig) -> None:
             PartitionFilter.parse(config.data.filter)
         except FilterError as err:
             raise ConfigError(f"data.filter: {err}") from None
+    if config.data.group_rows < 0:
+        raise ConfigError(
+            f"data.group_rows must be >= 0 (0: rows shuffled alone), got {config.data.group_rows}"
+        )
     if config.data.ranking_k < 0:
         raise ConfigError(
             f"data.ranking_k must be >= 0 (0: no ranking metrics), got {config.data.ranking_k}"

@@ -99,6 +99,7 @@ class TrainRecipe:
             batch_size=cfg.data.batch_size,
             shuffle=True,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            group_rows=cfg.data.group_rows,
             seed=cfg.seed,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,

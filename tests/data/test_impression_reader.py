@@ -14,6 +14,7 @@ import torch
 from schemas.rules import map_values
 from trainer.data import DataError, ImpressionReader, infinite
 from trainer.data.batch import TRUTH_COLUMNS
+from trainer.data.reader import group_runs_order
 
 _M64 = (1 << 64) - 1
 
@@ -261,6 +262,81 @@ def test_infinite_fails_when_an_epoch_has_no_batch(
     reader = ImpressionReader(path, tiny_schema, batch_size=4, drop_last=True)
     with pytest.raises(DataError, match="no batch in a whole epoch"):
         next(infinite(reader))
+
+
+def _stretches(sequence):
+    """The maximal stretches of equal values, as (value, length)."""
+    out = []
+    for value in sequence:
+        if out and out[-1][0] == value:
+            out[-1][1] += 1
+        else:
+            out.append([value, 1])
+    return [tuple(s) for s in out]
+
+
+def test_group_runs_order_keeps_groups_together_in_runs_of_at_most_run_rows():
+    sizes = [7, 3, 10, 1, 4]
+    group = np.repeat(np.arange(len(sizes)) * 10, sizes)
+    np.random.default_rng(5).shuffle(group)
+    order = group_runs_order(group, 4, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(len(group)))  # every row once
+    for value, size in zip(np.arange(len(sizes)) * 10, sizes, strict=True):
+        stretches = [n for g, n in _stretches(group[order].tolist()) if g == value]
+        assert sum(stretches) == size
+        assert len(stretches) <= math.ceil(size / 4)  # cut into runs; adjacent runs may touch
+    again = group_runs_order(group, 4, np.random.default_rng(0))
+    assert again.tolist() == order.tolist()
+    assert group_runs_order(group, 4, np.random.default_rng(1)).tolist() != order.tolist()
+    # A run as long as the largest group: each group is one stretch.
+    whole = _stretches(group[group_runs_order(group, 10, np.random.default_rng(2))].tolist())
+    assert sorted(n for _, n in whole) == sorted(sizes)
+
+
+@pytest.fixture
+def grouped_log(tmp_path, tiny_columns, write_parquet):
+    """200 rows in 20 groups of 10 (rid = row // 10); a row's index is expm1 of its price."""
+    columns = tiny_columns(200)
+    columns["rid"] = pa.array([r // 10 for r in range(200)], pa.int64())
+    return write_parquet(tmp_path / "g.parquet", columns, [50, 50, 50, 50])
+
+
+def test_group_rows_batches_hold_a_few_whole_groups_and_every_row_once(grouped_log, tiny_schema):
+    reader = ImpressionReader(
+        grouped_log, tiny_schema, batch_size=16, shuffle_buffer=1000, group_rows=10, seed=0
+    )
+    batches = list(reader)
+    rows = [round(math.expm1(v)) for b in batches for v in b.dense[:, 0].tolist()]
+    assert sorted(rows) == list(range(200))
+    groups = [int(g) for b in batches for g in b.group]
+    assert sorted(n for _, n in _stretches(groups)) == [10] * 20  # each group one stretch
+    assert all(len(set(b.group.tolist())) <= 3 for b in batches)  # 16 rows span <= 3 runs
+    assert groups != sorted(groups)  # the groups' order is shuffled
+    # Rows still move whole: the labels follow the row index.
+    click = [float(r % 3 == 0) for r in rows]
+    assert [c for b in batches for c in b.click.tolist()] == click
+
+
+def test_group_rows_needs_a_group_column_and_shuffling(grouped_log, tiny_schema_data):
+    from schemas.features import FeatureSchema
+
+    with pytest.raises(ValueError, match="group_rows must be >= 0"):
+        ImpressionReader(
+            grouped_log, FeatureSchema.from_dict(tiny_schema_data), batch_size=4, group_rows=-1
+        )
+    with pytest.raises(ValueError, match="shuffled reading only"):
+        ImpressionReader(
+            grouped_log,
+            FeatureSchema.from_dict(tiny_schema_data),
+            batch_size=4,
+            shuffle=False,
+            group_rows=4,
+        )
+    del tiny_schema_data["group"]
+    with pytest.raises(ValueError, match="names no group column"):
+        ImpressionReader(
+            grouped_log, FeatureSchema.from_dict(tiny_schema_data), batch_size=4, group_rows=4
+        )
 
 
 def test_from_dataset_shuffles_train_only(small_sim):

@@ -128,3 +128,10 @@ def test_the_training_precision_is_float32_unless_bf16_is_asked_for():
     assert load("train.precision=bf16").train.precision == "bf16"
     with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not one of \['float32', "):
         load("train.precision=fp16")
+
+
+def test_grouped_reading_is_off_unless_asked_for_and_never_negative():
+    assert load().data.group_rows == 0
+    assert load("data.group_rows=64").data.group_rows == 64
+    with pytest.raises(ConfigError, match=r"data.group_rows must be >= 0 .*got -1"):
+        load("data.group_rows=-1")

@@ -80,6 +80,13 @@ class ImpressionReader(IterableDataset[Batch]):
     and drained in bulk, so it peaks at about ``shuffle_buffer + max(batch_size,
     shuffle_buffer // 2)`` rows plus one row group.
 
+    With ``group_rows`` the buffer is shuffled by group instead of by row: the rows of one group
+    (the schema's group column, e.g. the user) come out together, in runs of at most
+    ``group_rows`` rows, runs in random order and rows in random order within a run. A batch
+    then holds a few groups' rows, which a within-group loss needs (a pairwise ranking term
+    compares a user's items with each other; random batches of a large log rarely hold two
+    rated items of one user).
+
     Args:
         paths: a directory of ``*.parquet`` files, a file, or a list of either, as local paths
             or storage URIs (``s3://bucket/logs``, see :mod:`schemas.storage`). A directory of
@@ -91,6 +98,8 @@ class ImpressionReader(IterableDataset[Batch]):
         shuffle_buffer: rows held to shuffle across row groups; 0 shuffles within row groups
             only. Default 200_000.
         seed: base seed of the shuffle. Default 0.
+        group_rows: > 0: shuffle in runs of at most this many rows of one group (see above);
+            needs a schema with a group column and ``shuffle``. Default 0 (rows shuffled alone).
         drop_last: drop the last partial batch of each epoch (counted in ``stats.rows_dropped``)
             instead of yielding it. Default False.
         with_truth: read the ground-truth columns: None reads them if every file has them,
@@ -107,8 +116,9 @@ class ImpressionReader(IterableDataset[Batch]):
             truth in only some files, an invalid filter or one that selects no file.
         StorageError: a missing bucket, denied access, an unreachable store (also while
             iterating, after the store's retries).
-        ValueError: a non-positive ``batch_size``, a negative ``shuffle_buffer``, an invalid
-            ``rank`` / ``world_size``.
+        ValueError: a non-positive ``batch_size``, a negative ``shuffle_buffer`` or
+            ``group_rows``, ``group_rows`` without a group column or without ``shuffle``, an
+            invalid ``rank`` / ``world_size``.
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class ImpressionReader(IterableDataset[Batch]):
         shuffle: bool = True,
         shuffle_buffer: int = 200_000,
         seed: int = 0,
+        group_rows: int = 0,
         drop_last: bool = False,
         with_truth: bool | None = None,
         rank: int | None = None,
@@ -131,11 +142,20 @@ class ImpressionReader(IterableDataset[Batch]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if group_rows < 0:
+            raise ValueError(f"group_rows must be >= 0, got {group_rows}")
+        if group_rows and schema.group is None:
+            raise ValueError(
+                f"group_rows={group_rows} shuffles by group, but the schema names no group column"
+            )
+        if group_rows and not shuffle:
+            raise ValueError(f"group_rows={group_rows} applies to shuffled reading only")
         self.schema = schema
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.group_rows = group_rows
         self.drop_last = drop_last
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.filter = filter
@@ -266,14 +286,14 @@ class ImpressionReader(IterableDataset[Batch]):
             held += len(chunk)
             if held < drain_at:
                 continue
-            buffer = _mix(Rows.concat(pending), rng)
+            buffer = self._mix(Rows.concat(pending), rng)
             ready = (held - keep) // size * size
             for start in range(0, ready, size):
                 yield buffer.slice(start, start + size)
             pending, held = [buffer.slice(ready, held)], held - ready
         if not held:
             return
-        buffer = _mix(Rows.concat(pending), rng)
+        buffer = self._mix(Rows.concat(pending), rng)
         tail = held % size
         for start in range(0, held - tail, size):
             yield buffer.slice(start, start + size)
@@ -281,6 +301,13 @@ class ImpressionReader(IterableDataset[Batch]):
             self.stats.rows_dropped += tail
         elif tail:
             yield buffer.slice(held - tail, held)
+
+    def _mix(self, rows: Rows, rng: np.random.Generator | None) -> Rows:
+        if rng is None:
+            return rows
+        if self.group_rows:
+            return rows.take(group_runs_order(rows.group, self.group_rows, rng))
+        return rows.take(rng.permutation(len(rows)))
 
     def _to_batch(self, rows: Rows) -> Batch:
         n = len(rows)
@@ -320,12 +347,26 @@ class ImpressionReader(IterableDataset[Batch]):
             f"{type(self).__name__}(files={len(self.files)}, rows={self.num_rows:,}, "
             f"rank={self.rank}/{self.world_size}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, shuffle_buffer={self.shuffle_buffer}, seed={self.seed}, "
-            f"truth={self.with_truth}" + (f", filter={self.filter!r})" if self.filter else ")")
+            + (f"group_rows={self.group_rows}, " if self.group_rows else "")
+            + f"truth={self.with_truth}"
+            + (f", filter={self.filter!r})" if self.filter else ")")
         )
 
 
-def _mix(rows: Rows, rng: np.random.Generator | None) -> Rows:
-    return rows if rng is None else rows.take(rng.permutation(len(rows)))
+def group_runs_order(group: np.ndarray, run: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of ``len(group)`` rows that keeps each group's rows together in runs of at
+    most ``run`` rows: rows shuffled within their group, each group cut into runs, the runs
+    shuffled. Every row appears exactly once."""
+    order = rng.permutation(len(group))
+    order = order[np.argsort(group[order], kind="stable")]  # by group, random within a group
+    position = np.arange(len(order))
+    new_group = np.ones(len(order), dtype=bool)
+    new_group[1:] = group[order][1:] != group[order][:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, position, 0))
+    new_run = new_group | ((position - group_start) % run == 0)
+    run_id = np.cumsum(new_run) - 1
+    run_key = rng.permutation(run_id[-1] + 1) if len(order) else run_id
+    return order[np.argsort(run_key[run_id], kind="stable")]
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
