@@ -42,6 +42,10 @@ Paper vs code:
 - ``ctcvr_weight`` (default 0) adds ESMM's CTCVR task, the "additional task" Section 3.7 allows.
 - ``e_hat = softplus(imputation logit)``: the imputation head predicts the error directly, as in
   ``multi_dr.py`` (the authors' code imputes a label ``y_tilde`` and uses ``BCE(r_hat, y_tilde)``).
+- ``pairwise_weight`` (default 0) adds the within-user pairwise ranking term of ``ranking.py``,
+  not in the paper. With it, rows are usually read grouped by user (``data.group_rows``), which
+  makes each batch ``D(k)`` of Eq. 13 a few users' rows: the batch normaliser is then per group
+  of users rather than per random sample.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from trainer.objectives.estimators import (
     prediction_error,
 )
 from trainer.objectives.params import NON_NEGATIVE, check_params, param
+from trainer.objectives.ranking import RankingParams, with_pairwise_term
 
 __all__ = ["BadrObjective", "BadrParams"]
 
@@ -85,6 +90,7 @@ class BadrParams:
         imputation_weight: weight of ``L_BADR-e`` (Eq. 32/36) in that sum (1).
         ctcvr_weight: weight of ESMM's CTCVR task, the "additional task" Section 3.7 allows
             (0: not used).
+        ranking: the pairwise ranking group (``pairwise_weight``, ``ranking.py``; 0: not used).
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
@@ -95,6 +101,7 @@ class BadrParams:
     imputation_weight: float = param(1.0, NON_NEGATIVE)
     ctcvr_weight: float = param(0.0, NON_NEGATIVE)
     imputation: ImputationParams = field(default_factory=ImputationParams)
+    ranking: RankingParams = field(default_factory=RankingParams)
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -142,4 +149,4 @@ class BadrObjective:
         if self.params.ctcvr_weight > 0:
             terms["ctcvr"] = ctcvr_loss(outputs, batch)
             total = total + self.params.ctcvr_weight * terms["ctcvr"]
-        return LossOutput(total=total, terms=terms)
+        return with_pairwise_term(LossOutput(total, terms), self.params.ranking, outputs, batch)

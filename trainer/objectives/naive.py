@@ -17,12 +17,15 @@ Two forms, by ``ctr_trains_backbone``:
   observed ratings: badr.txt Table 3, adap-sl.txt Table 1). The CTR head still trains, on those
   features, so the model serves pCTR like any other; it changes nothing the CVR head computes.
   Its gap to the multi-task form is what the shared backbone alone gives, before any debiasing.
+
+``pairwise_weight`` (default 0) adds the within-user pairwise ranking term of ``ranking.py``
+(BPR's criterion on the clicked rows), which the papers' naive baseline does not have.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -33,6 +36,7 @@ from trainer.model.structure import ModelStructure
 from trainer.objectives.base import LossOutput
 from trainer.objectives.functional import bce_with_logits, masked_mean
 from trainer.objectives.params import NON_NEGATIVE, check_params, param
+from trainer.objectives.ranking import RankingParams, with_pairwise_term
 
 __all__ = ["NaiveObjective", "NaiveParams"]
 
@@ -47,6 +51,7 @@ class NaiveParams:
         ctr_trains_backbone: let the CTR loss train the shared embeddings and experts (the
             multi-task baseline, default); false: the single-task naive CVR model, whose every
             parameter learns from the click-space CVR loss alone (see the module docstring).
+        ranking: the pairwise ranking group (``pairwise_weight``, ``ranking.py``; 0: not used).
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
@@ -54,14 +59,15 @@ class NaiveParams:
 
     cvr_weight: float = param(1.0, NON_NEGATIVE)
     ctr_trains_backbone: bool = param(True)
+    ranking: RankingParams = field(default_factory=RankingParams)
 
     def __post_init__(self) -> None:
         check_params(self)
 
 
 class NaiveObjective:
-    """``L = mean_D BCE(pCTR, o) + cvr_weight * mean_O BCE(pCVR, r)``; with
-    ``ctr_trains_backbone=False`` the first term trains the CTR gate and tower only.
+    """``L = mean_D BCE(pCTR, o) + cvr_weight * mean_O BCE(pCVR, r)`` (+ ``pairwise_weight *
+    L_pair``); with ``ctr_trains_backbone=False`` the first term trains the CTR gate and tower only.
 
     Args:
         params: the hyper-parameters (``NaiveParams``).
@@ -87,4 +93,5 @@ class NaiveObjective:
         ctr = bce_with_logits(outputs.logits["ctr"], batch.click).mean()
         cvr = masked_mean(bce_with_logits(outputs.logits["cvr"], batch.conversion), batch.click)
         total = ctr + self.params.cvr_weight * cvr
-        return LossOutput(total=total, terms={"ctr": ctr, "cvr": cvr})
+        loss = LossOutput(total=total, terms={"ctr": ctr, "cvr": cvr})
+        return with_pairwise_term(loss, self.params.ranking, outputs, batch)
