@@ -206,6 +206,9 @@ class Settings:
     final_lr_scale: float = 0.05  # the dense lr decays linearly to dense_lr * final_lr_scale
     weight_decay: float = 0.0  # Adam's L2 on the MMoE and towers
     sparse_lr: float = 0.05  # row-wise Adagrad on the embeddings
+    # data.group_rows: > 0 reads the training rows grouped by user, in runs of at most this many
+    # (what an objective's pairwise_weight needs); 0 shuffles rows alone
+    group_rows: int = 0
     objective_params: dict[str, dict[str, str]] = field(
         default_factory=dict
     )  # objective -> key -> value
@@ -225,6 +228,8 @@ class Settings:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        if self.group_rows < 0:
+            raise ValueError(f"--group-rows must be >= 0, got {self.group_rows}")
         if not 0.0 <= self.validation < 1.0:
             raise ValueError(f"--validation must be in [0, 1), got {self.validation}")
         if (self.validation or not self.attributes) and not self.is_coat:
@@ -275,6 +280,8 @@ class Settings:
             *([f"model.interaction={self.interaction}"] if self.interaction != "none" else []),
             f"dense_optimizer.lr={self.dense_lr}",
             f"dense_optimizer.weight_decay={self.weight_decay}",
+            # 0 is the trainer's default and goes unsaid
+            *([f"data.group_rows={self.group_rows}"] if self.group_rows else []),
             # 1 (constant) is the trainer's default and goes unsaid
             *(
                 [f"dense_optimizer.final_lr_scale={self.final_lr_scale}"]
@@ -648,7 +655,13 @@ def write_markdown(
             if settings.final_lr_scale != 1.0
             else ", constant"
         )
-        + f"), row-wise Adagrad lr {settings.sparse_lr}. "
+        + f"), row-wise Adagrad lr {settings.sparse_lr}"
+        + (
+            f", training rows read grouped by user in runs of at most {settings.group_rows}"
+            if settings.group_rows
+            else ""
+        )
+        + ". "
         f"Each objective's hyper-parameters are those of its config ({', '.join(config_names)})"
         + (f", with overrides {settings.objective_params}" if settings.objective_params else "")
         + ".",
@@ -938,6 +951,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--sparse-lr", type=float)
     parser.add_argument(
+        "--group-rows",
+        type=int,
+        help="read training rows grouped by user, in runs of at most this many "
+        "(data.group_rows; for objective-param <run>.pairwise_weight)",
+    )
+    parser.add_argument(
         "--validation",
         type=float,
         help="coat: hold out this share of the training pairs "
@@ -1010,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparse_lr",
         "final_lr_scale",
         "validation",
+        "group_rows",
     ):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
