@@ -54,6 +54,8 @@ def test_bad_settings_are_named():
         quality.Settings(objectives=["naive", "nope"]).check()
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         quality.Settings(steps=0).check()
+    with pytest.raises(ValueError, match="--group-rows must be >= 0, got -1"):
+        quality.Settings(group_rows=-1).check()
     with pytest.raises(ValueError, match="expected OBJECTIVE.KEY=VALUE"):
         quality._parse_objective_params(["tau=0.1"])
     assert quality._parse_objective_params(["multi_ipw.tau=0.1", "multi_ipw.cvr_weight=2"]) == {
@@ -176,6 +178,9 @@ def test_coat_overrides_ask_for_the_ranking_protocol_and_validation_evaluates_va
     assert "data.ranking_k=5" in overrides and f"data.test={tmp_path / 'test'}" in overrides
     settings.validation = 0.2
     assert f"data.test={tmp_path / 'valid'}" in settings.overrides(tmp_path, "naive", 3)
+    assert not any(o.startswith("data.group_rows") for o in overrides)
+    settings.group_rows = 64
+    assert "data.group_rows=64" in settings.overrides(tmp_path, "naive", 3)
     with pytest.raises(ValueError, match="--validation and --ids-only apply to --data coat only"):
         quality.Settings(validation=0.2).check()
 
