@@ -144,10 +144,10 @@ def create_app(
     )
     metrics.track_queue(lambda: app.state.batcher.queued_rows)
 
-    api = Depends(require_api_token)
-    app.include_router(score.router, prefix=API_PREFIX, dependencies=[api])
-    app.include_router(rank.router, prefix=API_PREFIX, dependencies=[api])
-    app.include_router(model.router, prefix=API_PREFIX, dependencies=[api])
+    # The score routes check the API token in their one dependency (serving.deps.ScoringDep).
+    app.include_router(score.router, prefix=API_PREFIX)
+    app.include_router(rank.router, prefix=API_PREFIX)
+    app.include_router(model.router, prefix=API_PREFIX, dependencies=[Depends(require_api_token)])
     app.include_router(admin.router)
     app.include_router(health.router)
     app.add_exception_handler(Exception, _internal_error)

@@ -12,11 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from schemas.api import ErrorResponse, ValidationErrorResponse
 from serving.batching import BatchResult, Overloaded, ScoringTimeout
-from serving.deps import Scoring
+from serving.deps import BEARER_SECURITY, Scoring
 from serving.model import Features, RankFeatures
 from serving.scorer import RequestInvalid, Scorer
 
-__all__ = ["RESPONSES", "refuse_non_finite", "request_body", "score"]
+__all__ = ["RESPONSES", "operation_extra", "refuse_non_finite", "score"]
 
 Prepared = TypeVar("Prepared")
 
@@ -44,20 +44,22 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def request_body(schema: str) -> dict[str, Any]:
-    """The request body documented with the loaded model's request schema (see serving.main):
-    the body is parsed by the scorer, not by FastAPI."""
+def operation_extra(schema: str) -> dict[str, Any]:
+    """What a score route's OpenAPI operation says beyond its signature: the request body, with
+    the loaded model's request schema (see serving.main; the scorer parses the body, not
+    FastAPI), and the bearer token (which ``ScoringDep`` checks)."""
     ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    body = {"required": True, "content": {"application/json": {"schema": ref}}}
+    return {"requestBody": body, **BEARER_SECURITY}
 
 
 async def score(
-    body: bytes,
+    scoring: Scoring,
     prepare: Callable[[Scorer, bytes], Prepared],
     inputs: Callable[[Prepared], Features | RankFeatures],
-    scoring: Scoring,
 ) -> tuple[Prepared, BatchResult]:
-    """Validate and map ``body`` (``prepare``), queue its model ``inputs`` and await the scores.
+    """Validate and map the request's body (``prepare``), queue its model ``inputs`` and await
+    the scores.
 
     Raises:
         HTTPException: 422 for an invalid body, 503 when overloaded or out of time.
@@ -67,7 +69,7 @@ async def score(
     # others of this loop pass (a few rows: on the loop, once this pass's requests are queued)
     # or in its worker thread (larger batches), and the route awaits its slice holding no
     # thread.
-    scorer, batcher = scoring.scorer, scoring.batcher
+    body, scorer, batcher = scoring.body, scoring.scorer, scoring.batcher
     try:
         with batcher.expecting():  # batches forming now wait for this request
             if len(body) <= _INLINE_PARSE_BYTES:

@@ -7,10 +7,10 @@ import orjson
 from fastapi import APIRouter, Response
 
 from schemas.api import RankResponse
-from serving.deps import RawJsonBody, ScoringDep
+from serving.deps import ScoringDep
 from serving.model import RankFeatures
 from serving.ranking import RankInputs, top_indices
-from serving.routes._scoring import RESPONSES, refuse_non_finite, request_body, score
+from serving.routes._scoring import RESPONSES, operation_extra, refuse_non_finite, score
 from serving.scorer import Scorer
 
 __all__ = ["router"]
@@ -23,10 +23,10 @@ router = APIRouter(tags=["rank"])
     response_model=RankResponse,
     response_model_exclude_none=True,
     summary="Score and rank the candidates of one context",
-    openapi_extra=request_body("RankRequest"),
+    openapi_extra=operation_extra("RankRequest"),
     responses=RESPONSES,
 )
-async def rank(body: RawJsonBody, scoring: ScoringDep) -> Response:
+async def rank(scoring: ScoringDep) -> Response:
     """Scores every candidate of a ranking call: the features of the user and the request are
     given once (`context`), those of each item per candidate (`candidates`: one object per
     candidate, or one list per feature), as each feature's `scope` in the model's schema says
@@ -38,7 +38,7 @@ async def rank(body: RawJsonBody, scoring: ScoringDep) -> Response:
     Errors name `["body", "context", <feature>]`, `["body", "candidates", <candidate>, <feature>]`
     or, for columns, `["body", "candidates", <feature>, <candidate>]`.
     """
-    prepared, result = await score(body, Scorer.prepare_rank, _features, scoring)
+    prepared, result = await score(scoring, Scorer.prepare_rank, _features)
     refuse_non_finite(result.scores, lambda i: ["candidates", i])
     pctr, pcvr, pctcvr = result.scores.T.tolist()
     payload = {"model_version": result.version, "pctr": pctr, "pcvr": pcvr, "pctcvr": pctcvr}

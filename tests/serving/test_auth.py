@@ -98,3 +98,29 @@ def test_production_accepts_long_tokens():
         environment="production", api_token=API_TOKEN, admin_token=ADMIN_TOKEN
     )
     assert settings.environment.value == "production"
+
+
+def test_openapi_says_which_routes_need_the_bearer_token(client):
+    spec = client.get("/openapi.json").json()
+    scheme = spec["components"]["securitySchemes"]["HTTPBearer"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    for path, method in (
+        ("/v1/score", "post"),
+        ("/v1/score/columns", "post"),
+        ("/v1/rank", "post"),
+        ("/v1/model", "get"),
+    ):
+        assert spec["paths"][path][method]["security"] == [{"HTTPBearer": []}], path
+    for path in ("/healthz", "/readyz"):
+        assert "security" not in spec["paths"][path]["get"], path
+
+
+def test_the_score_routes_check_the_token_before_the_body(make_client):
+    client = make_client(api_token=API_TOKEN)
+    for path in ("/v1/score", "/v1/score/columns", "/v1/rank"):
+        response = client.post(path, content=b"rows=1", headers={"Content-Type": "text/plain"})
+        assert response.status_code == 401, path
+        response = client.post(
+            path, content=b"rows=1", headers={"Content-Type": "text/plain", **AUTH}
+        )
+        assert response.status_code == 415, path
