@@ -75,7 +75,9 @@ class BatchResult:
 class _Pending:
     scorer: Scorer
     features: Features | RankFeatures
-    future: Future = field(default_factory=Future)
+    # a thread-safe future for requests submitted from any thread; an asyncio one (cheaper to
+    # settle and await: no wake-up of the loop through its self-pipe) for those enqueued on it
+    future: Future | asyncio.Future = field(default_factory=Future)
 
     @property
     def size(self) -> int:
@@ -136,6 +138,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._carry: _Pending | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._on_loop: list[_Pending] = []  # small requests waiting for this loop pass to end
 
     @property
@@ -146,8 +149,9 @@ class MicroBatcher:
         """Start the worker; called on an event loop, small requests are scored on it."""
         try:
             self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
         except RuntimeError:
-            self._loop = None
+            self._loop = self._loop_thread = None
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ctcvr-batcher", daemon=True)
             self._thread.start()
@@ -195,7 +199,7 @@ class MicroBatcher:
             return self.submit(scorer, features)
         if self._thread is None:
             raise Overloaded("the service is not accepting requests (starting or stopping)")
-        pending = _Pending(scorer, features)
+        pending = _Pending(scorer, features, self._loop.create_future())
         self._admit(pending)
         if not self._on_loop:
             self._loop.call_soon(self._score_loop_pass)
@@ -230,15 +234,18 @@ class MicroBatcher:
                     self._queue.put(item)
 
     @staticmethod
-    async def wait(future: Future, timeout: float) -> BatchResult:
+    async def wait(future: Future | asyncio.Future, timeout: float) -> BatchResult:
         """Await an enqueued or submitted request's scores without holding a thread.
 
         Raises:
             ScoringTimeout: no result within ``timeout`` seconds.
         """
+        if isinstance(future, Future):
+            future = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:  # wait_for cancelled the future: the worker skips it if not started
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:  # the future is cancelled: its batch skips it if not started
             raise ScoringTimeout(f"no result within {timeout:g} s") from None
 
     @staticmethod
@@ -320,13 +327,13 @@ class MicroBatcher:
         with self._lock:
             self._queued_rows -= sum(p.size for p in batch)
         for p in batch:
-            if p.future.set_running_or_notify_cancel():
-                p.future.set_exception(err)
+            if _start(p.future):
+                self._settle(p.future, error=err)
 
     def _execute(self, batch: list[_Pending]) -> None:
         with self._lock:
             self._queued_rows -= sum(p.size for p in batch)
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        live = [p for p in batch if _start(p.future)]
         if not live:
             return
         scorer = live[0].scorer
@@ -337,11 +344,47 @@ class MicroBatcher:
         except Exception as err:  # handed to each request, which answers 500 without details
             log.exception("scoring failed for a batch of %d request(s)", len(live))
             for p in live:
-                p.future.set_exception(err)
+                self._settle(p.future, error=err)
             return
         if self.on_batch is not None:
             self.on_batch(features.size, time.perf_counter() - start)
         end = 0
         for p in live:
             start, end = end, end + p.size
-            p.future.set_result(BatchResult(scores[start:end], scorer.version))
+            self._settle(p.future, BatchResult(scores[start:end], scorer.version))
+
+    def _settle(
+        self,
+        future: Future | asyncio.Future,
+        result: BatchResult | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        """Hand a request its scores or error: an asyncio future through its loop when this is
+        the worker thread (a batch of small requests that reached ``min_rows`` together)."""
+        if isinstance(future, Future):
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+        elif threading.get_ident() == self._loop_thread:
+            _settle_on_loop(future, result, error)
+        else:
+            future.get_loop().call_soon_threadsafe(_settle_on_loop, future, result, error)
+
+
+def _start(future: Future | asyncio.Future) -> bool:
+    """Whether a request is still waiting for its scores (False once its wait timed out)."""
+    if isinstance(future, Future):
+        return future.set_running_or_notify_cancel()
+    return not future.cancelled()
+
+
+def _settle_on_loop(
+    future: asyncio.Future, result: BatchResult | None, error: Exception | None
+) -> None:
+    if future.done():  # cancelled since: its wait timed out
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

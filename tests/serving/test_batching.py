@@ -316,3 +316,27 @@ def test_the_loop_path_counts_waiting_rows_against_the_queue_bound(scorer, input
     assert batcher.queued_rows == 0
     with pytest.raises(Overloaded, match="not accepting requests"):
         batcher.enqueue(scorer, inputs(0, 1))
+
+
+def test_a_small_request_that_stopped_waiting_on_the_loop_is_not_scored(scorer, inputs):
+    gated = GatedScorer(scorer)
+    batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, max_queue_rows=1000, min_rows=16)
+
+    async def main():
+        never = asyncio.get_running_loop().create_future()
+        with pytest.raises(ScoringTimeout):
+            await MicroBatcher.wait(never, timeout=0)
+        assert never.cancelled()  # what a wait that timed out leaves behind
+        batcher.start()
+        try:
+            impatient = batcher.enqueue(gated, inputs(0, 1))
+            patient = batcher.enqueue(gated, inputs(1, 3))
+            impatient.cancel()  # its wait timed out before the loop pass
+            return await MicroBatcher.wait(patient, timeout=10)
+        finally:
+            batcher.stop()
+
+    result = asyncio.run(main())
+    assert result.scores.shape == (2, 3)
+    assert gated.calls == [2]  # the pass scored the request still waiting, alone
+    assert batcher.queued_rows == 0
