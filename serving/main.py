@@ -43,12 +43,11 @@ from serving.metrics import MetricsMiddleware, ServiceMetrics
 from serving.registry import ModelRegistry
 from serving.repository import RepositoryFollower, follow_repository
 from serving.routes import admin, health, model, rank, score
+from serving.routes._scoring import API_PREFIX
 
 __all__ = ["create_app", "worker_app"]
 
 log = logging.getLogger("ctcvr.serving")
-
-API_PREFIX = "/v1"
 
 # A request allocates and frees thousands of containers (its parsed JSON): with Python's default
 # threshold (700) that starts a young garbage collection every few hundred, and every so often a
@@ -144,9 +143,11 @@ def create_app(
     )
     metrics.track_queue(lambda: app.state.batcher.queued_rows)
 
-    # The score routes check the API token in their one dependency (serving.deps.ScoringDep).
-    app.include_router(score.router, prefix=API_PREFIX)
-    app.include_router(rank.router, prefix=API_PREFIX)
+    # The score routes check the API token in their one dependency (serving.deps.ScoringDep),
+    # and are the app's own routes rather than an included router's: an inclusion would serve
+    # them with FastAPI's generic handler instead of ScoringRoute's direct one. First, as they
+    # take most of the requests (routes are matched in order).
+    app.router.routes[:0] = [*score.router.routes, *rank.router.routes]
     app.include_router(model.router, prefix=API_PREFIX, dependencies=[Depends(require_api_token)])
     app.include_router(admin.router)
     app.include_router(health.router)

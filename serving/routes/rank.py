@@ -10,12 +10,20 @@ from schemas.api import RankResponse
 from serving.deps import ScoringDep
 from serving.model import RankFeatures
 from serving.ranking import RankInputs, top_indices
-from serving.routes._scoring import RESPONSES, operation_extra, refuse_non_finite, score
+from serving.routes._scoring import (
+    API_PREFIX,
+    RESPONSES,
+    ScoringRoute,
+    operation_extra,
+    refuse_non_finite,
+    score,
+)
 from serving.scorer import Scorer
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["rank"])
+# registered on the app itself, for ScoringRoute's direct handler (see it)
+router = APIRouter(prefix=API_PREFIX, tags=["rank"], route_class=ScoringRoute)
 
 
 @router.post(

@@ -10,12 +10,20 @@ from schemas.api import ScoreColumnsResponse, ScoreResponse
 from serving.batching import BatchResult
 from serving.deps import Scoring, ScoringDep
 from serving.model import Features
-from serving.routes._scoring import RESPONSES, operation_extra, refuse_non_finite, score
+from serving.routes._scoring import (
+    API_PREFIX,
+    RESPONSES,
+    ScoringRoute,
+    operation_extra,
+    refuse_non_finite,
+    score,
+)
 from serving.scorer import RequestForm, Scorer
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["score"])
+# registered on the app itself, for ScoringRoute's direct handler (see it)
+router = APIRouter(prefix=API_PREFIX, tags=["score"], route_class=ScoringRoute)
 
 
 @router.post(
