@@ -1,5 +1,6 @@
-"""What the scoring routes share: validating a body off or on the event loop, waiting for the
-micro-batcher's scores, and the error responses they document."""
+"""What the scoring routes share: their route class (a handler without FastAPI's generic
+per-request work), validating a body off or on the event loop, waiting for the micro-batcher's
+scores, and the error responses they document."""
 
 from __future__ import annotations
 
