@@ -50,13 +50,15 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +72,8 @@ import pyarrow.fs as pafs
 
 if TYPE_CHECKING:
     import fsspec
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -411,6 +415,7 @@ def fsspec_options(uri: UriLike) -> dict[str, Any]:
         return {}
     settings = S3Settings.from_env()
     region = settings.region or ("us-east-1" if settings.endpoint else None)
+    _report_orphaned_connection_errors_briefly()
     return {
         "endpoint_url": settings.endpoint,
         "client_kwargs": {"region_name": region} if region else {},
@@ -437,6 +442,43 @@ def _aio_session(settings: S3Settings) -> Any:
         if session is None:
             session = _SESSIONS[key] = AioSession()
         return session
+
+
+def _report_orphaned_connection_errors_briefly() -> None:
+    """Log a connection error left in an orphaned aiohttp task as one line, not a traceback.
+
+    When a store becomes unreachable while a request's body waits for ``100-continue``, aiohttp
+    (3.14) keeps the connection error in the task that writes the body, which nobody awaits, and
+    asyncio logs it at garbage collection as "Task exception was never retrieved" with a
+    traceback. The request itself already failed with that error, which reaches the caller as a
+    :class:`StorageError` naming the URI; the orphan's copy is only noise on stderr. Every other
+    exception on fsspec's loop still goes to the loop's own handler.
+    """
+    import fsspec.asyn
+
+    loop = fsspec.asyn.get_loop()
+    with _FILESYSTEMS_LOCK:
+        previous = loop.get_exception_handler()
+        if getattr(previous, "func", None) is _handle_loop_exception:
+            return
+        loop.set_exception_handler(functools.partial(_handle_loop_exception, previous=previous))
+
+
+def _handle_loop_exception(
+    loop: Any, context: dict[str, Any], previous: Callable[..., None] | None = None
+) -> None:
+    if "future" in context and _is_connection_error(context.get("exception")):
+        _log.debug("%s: %r", context.get("message"), context["exception"])
+    elif previous is not None:
+        previous(loop, context)
+    else:
+        loop.default_exception_handler(context)
+
+
+def _is_connection_error(error: BaseException | None) -> bool:
+    from aiohttp import ClientConnectionError
+
+    return isinstance(error, ClientConnectionError)
 
 
 def fsspec_filesystem(

@@ -3,15 +3,20 @@ each storage fault as one clear StorageError."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import ClientConnectionResetError
 
 from schemas import storage
 from schemas.storage import Kind, S3Settings, StorageError, WriteConflict
@@ -136,6 +141,39 @@ def test_fsspec_options_carry_endpoint_region_and_retries(monkeypatch):
     assert storage.fsspec_options("s3://other/x")["session"] is options["session"]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
     assert storage.fsspec_options("s3://bucket/ckpt")["session"] is not options["session"]
+
+
+def _orphan_a_failed_task(loop, error: BaseException) -> None:
+    """A task on ``loop`` that fails with ``error`` and that nobody awaits, collected."""
+
+    async def fail():
+        raise error
+
+    async def spawn():
+        task = asyncio.ensure_future(fail())
+        while not task.done():
+            await asyncio.sleep(0)
+
+    asyncio.run_coroutine_threadsafe(spawn(), loop).result(timeout=10)
+    gc.collect()
+
+
+def test_a_connection_error_orphaned_on_the_fsspec_loop_is_one_line_not_a_traceback(caplog):
+    # aiohttp leaves a body writer's connection error in a task nobody awaits when the store
+    # goes away mid-request; the request's own error reaches the caller, the copy is noise.
+    storage.fsspec_options("s3://bucket/ckpt")
+    loop = fsspec.asyn.get_loop()
+    with caplog.at_level(logging.DEBUG):
+        _orphan_a_failed_task(loop, ClientConnectionResetError("Cannot write to closing transport"))
+    orphan = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert orphan and all(r.levelno == logging.DEBUG and not r.exc_info for r in orphan)
+    assert "Cannot write to closing transport" in orphan[0].getMessage()
+
+    # Anything else keeps asyncio's own report, traceback and all.
+    caplog.clear()
+    _orphan_a_failed_task(loop, ValueError("a real bug"))
+    [report] = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert report.levelno == logging.ERROR and report.exc_info[0] is ValueError
 
 
 # The same operations on every backend ------------------------------------------------------------
