@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 
@@ -26,6 +26,7 @@ __all__ = [
     "operation_extra",
     "refuse_non_finite",
     "score",
+    "scoring_router",
 ]
 
 Prepared = TypeVar("Prepared")
@@ -101,6 +102,13 @@ class ScoringRoute(APIRoute):
                 f"the route no other dependency (got parameters {list(parameters)}, "
                 f"dependencies {[getattr(c, '__name__', c) for c in calls]})"
             )
+
+
+def scoring_router(tag: str) -> APIRouter:
+    """A router of score routes under the versioned API, each a :class:`ScoringRoute` documenting
+    the scoring errors. The app registers its routes itself, so that they keep the route class's
+    direct handler (an inclusion would rebuild them with FastAPI's own)."""
+    return APIRouter(prefix=API_PREFIX, tags=[tag], route_class=ScoringRoute, responses=RESPONSES)
 
 
 def operation_extra(schema: str) -> dict[str, Any]:

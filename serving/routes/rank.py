@@ -4,26 +4,18 @@ out in request order, and optionally the indices of the ``top_k`` best."""
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from schemas.api import RankResponse
 from serving.deps import ScoringDep
 from serving.model import RankFeatures
 from serving.ranking import RankInputs, top_indices
-from serving.routes._scoring import (
-    API_PREFIX,
-    RESPONSES,
-    ScoringRoute,
-    operation_extra,
-    refuse_non_finite,
-    score,
-)
+from serving.routes._scoring import operation_extra, refuse_non_finite, score, scoring_router
 from serving.scorer import Scorer
 
 __all__ = ["router"]
 
-# registered on the app itself, for ScoringRoute's direct handler (see it)
-router = APIRouter(prefix=API_PREFIX, tags=["rank"], route_class=ScoringRoute)
+router = scoring_router("rank")
 
 
 @router.post(
@@ -32,7 +24,6 @@ router = APIRouter(prefix=API_PREFIX, tags=["rank"], route_class=ScoringRoute)
     response_model_exclude_none=True,
     summary="Score and rank the candidates of one context",
     openapi_extra=operation_extra("RankRequest"),
-    responses=RESPONSES,
 )
 async def rank(scoring: ScoringDep) -> Response:
     """Scores every candidate of a ranking call: the features of the user and the request are

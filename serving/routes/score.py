@@ -4,26 +4,18 @@ one per row, in order; the same model and rules, rows or columns."""
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from schemas.api import ScoreColumnsResponse, ScoreResponse
 from serving.batching import BatchResult
 from serving.deps import Scoring, ScoringDep
 from serving.model import Features
-from serving.routes._scoring import (
-    API_PREFIX,
-    RESPONSES,
-    ScoringRoute,
-    operation_extra,
-    refuse_non_finite,
-    score,
-)
+from serving.routes._scoring import operation_extra, refuse_non_finite, score, scoring_router
 from serving.scorer import RequestForm, Scorer
 
 __all__ = ["router"]
 
-# registered on the app itself, for ScoringRoute's direct handler (see it)
-router = APIRouter(prefix=API_PREFIX, tags=["score"], route_class=ScoringRoute)
+router = scoring_router("score")
 
 
 @router.post(
@@ -31,7 +23,6 @@ router = APIRouter(prefix=API_PREFIX, tags=["score"], route_class=ScoringRoute)
     response_model=ScoreResponse,
     summary="Score impressions",
     openapi_extra=operation_extra("ScoreRequest"),
-    responses=RESPONSES,
 )
 async def score_rows(scoring: ScoringDep) -> Response:
     """Scores a batch of impressions, one object of raw feature values per impression (see the
@@ -55,7 +46,6 @@ async def score_rows(scoring: ScoringDep) -> Response:
     response_model=ScoreColumnsResponse,
     summary="Score impressions given column by column",
     openapi_extra=operation_extra("ScoreColumnsRequest"),
-    responses=RESPONSES,
 )
 async def score_columns(scoring: ScoringDep) -> Response:
     """Scores a batch of impressions given as one list of raw values per feature, one entry per
