@@ -476,8 +476,10 @@ def _handle_loop_exception(
 
 
 def _is_connection_error(error: BaseException | None) -> bool:
-    from aiohttp import ClientConnectionError
-
+    try:
+        from aiohttp import ClientConnectionError
+    except ImportError:  # an fsspec filesystem that does not use aiohttp
+        return False
     return isinstance(error, ClientConnectionError)
 
 
