@@ -19,7 +19,10 @@ single-valued features of a dim at once (a table's ids plus its row offset). Wit
 its float32 ``scale`` and float32 ``offset`` (little-endian), and the value is
 ``scale * q + offset``, within ``scale / 2`` of the float weight. This is the row layout that
 torch's built-in FBGEMM kernel (``quantized::embedding_bag_byte_rowwise_offsets``) reads, so the
-service dequantises only the rows a request reads, inside the lookup itself. Format 1
+service dequantises only the rows a request reads, inside the lookup itself. With ``int4`` it is
+uint8 ``(rows, ceil(D / 2) + 4)``: the codes (0..15) two a byte, element ``2 i`` in the low
+nibble of byte ``i`` (an odd ``D`` leaves the last high nibble 0), then a float16 ``scale`` and
+float16 ``offset``, the layout of ``quantized::embedding_bag_4bit_rowwise_offsets``. Format 1
 (one ``(num_rows, dim)`` float32 file per table) is still served, copied into memory.
 
 Tensor names in ``weights/dense.safetensors``. Every tensor belongs to a linear layer, named by
@@ -69,6 +72,7 @@ __all__ = [
     "DENSE_FILE",
     "FORMAT",
     "FORMAT_VERSION",
+    "INT4_ROW_EXTRA_BYTES",
     "INT8_ROW_EXTRA_BYTES",
     "MANIFEST_FILE",
     "READABLE_FORMAT_VERSIONS",
@@ -105,6 +109,7 @@ MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "weights/dense.safetensors"
 TABLE_TENSOR = "weight"  # the one tensor of each embedding file
 INT8_ROW_EXTRA_BYTES = 8  # an int8 row's float32 scale and offset, after its codes
+INT4_ROW_EXTRA_BYTES = 4  # an int4 row's float16 scale and offset, after its packed codes
 SERVED_HEADS = ("ctr", "cvr")
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -276,6 +281,7 @@ class ModelSpec(_Frozen):
 class Quantization(str, Enum):
     NONE = "none"  # float32 rows
     INT8 = "int8"  # row-wise 8-bit codes with a float32 scale and offset per row
+    INT4 = "int4"  # row-wise 4-bit codes, two a byte, with a float16 scale and offset per row
 
 
 class TableRows(_Frozen):
@@ -295,15 +301,18 @@ class EmbeddingFile(_Frozen):
     tables: tuple[TableRows, ...] = Field(min_length=1)
 
     def tensor_shape(self, quantization: Quantization) -> tuple[int, int]:
-        """Shape of the file's one tensor ``weight``: ``(rows, D)`` float32, or for int8
-        ``(rows, D + 8)`` uint8 (codes, then scale and offset)."""
+        """Shape of the file's one tensor ``weight``: ``(rows, D)`` float32, for int8
+        ``(rows, D + 8)`` uint8 (codes, then scale and offset), for int4
+        ``(rows, ceil(D / 2) + 4)`` uint8 (codes two a byte, then scale and offset)."""
         if quantization is Quantization.INT8:
             return (self.num_rows, self.dim + INT8_ROW_EXTRA_BYTES)
+        if quantization is Quantization.INT4:
+            return (self.num_rows, (self.dim + 1) // 2 + INT4_ROW_EXTRA_BYTES)
         return (self.num_rows, self.dim)
 
     def tensor_bytes(self, quantization: Quantization) -> int:
         rows, width = self.tensor_shape(quantization)
-        return rows * width * (1 if quantization is Quantization.INT8 else 4)
+        return rows * width * (4 if quantization is Quantization.NONE else 1)
 
 
 class EmbeddingLayout(_Frozen):

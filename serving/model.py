@@ -7,7 +7,7 @@ arranged for few, large operations, because a request of a few rows costs what i
 operations costs:
 
 * the embedding tables are one matrix of rows per embedding dim (``serving.tables``: float32 or
-  row-wise int8, memory-mapped from the model directory's file of that dim, or, for a format 1
+  row-wise int8 or int4, memory-mapped from the model directory's file of that dim, or, for a format 1
   directory, copied together), so all single-valued features of a dim are one lookup
   (``(B, S)`` ids plus each table's row offset); list features pool their bags from the same
   rows (sum or mean; an empty bag gives zeros);

@@ -11,6 +11,9 @@ tables in the page cache, and the kernel reads in only the pages requests touch.
   offset; lookups run torch's built-in FBGEMM kernel for this layout
   (``quantized::embedding_bag_byte_rowwise_offsets``), which dequantises only the rows it reads,
   inside the gather, a single-valued feature being a bag of one row.
+* :class:`Int4Rows`: ``(rows, ceil(D / 2) + 4)`` uint8, each row ``D`` 4-bit codes two a byte,
+  then its float16 scale and offset; lookups run
+  ``quantized::embedding_bag_4bit_rowwise_offsets`` the same way.
 
 Example::
 
@@ -21,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from schemas.artifact import (
+    INT4_ROW_EXTRA_BYTES,
     INT8_ROW_EXTRA_BYTES,
     TABLE_TENSOR,
     EmbeddingFile,
@@ -36,7 +41,7 @@ from schemas.artifact import (
     Quantization,
 )
 
-__all__ = ["EmbeddingRows", "FloatRows", "Int8Rows", "open_embedding_file"]
+__all__ = ["EmbeddingRows", "FloatRows", "Int4Rows", "Int8Rows", "open_embedding_file"]
 
 _CHECK_ROWS = 1 << 16  # rows checked for finiteness at a time (bounds the temporaries)
 
@@ -75,17 +80,19 @@ class FloatRows:
         return F.embedding_bag(values, self.weight, offsets, mode=pooling.value)
 
 
-class Int8Rows:
-    """Row-wise 8-bit rows: ``scale * code + offset`` per row.
+class _RowwiseQuantized:
+    """Row-wise quantised rows: ``scale * code + offset`` per row, the scale and offset after the
+    row's codes; lookups run the layout's FBGEMM kernel, which dequantises only the rows it
+    reads."""
 
-    Args:
-        rows: ``(rows, D + 8)`` uint8: ``D`` codes, then the float32 scale and offset.
-    """
+    extra_bytes: int  # the scale and offset after each row's codes
+    scale_dtype: torch.dtype
+    kernel: Callable[..., torch.Tensor]  # FBGEMM's embedding bag of the layout (sum pooling)
 
-    def __init__(self, rows: torch.Tensor) -> None:
+    def __init__(self, rows: torch.Tensor, dim: int) -> None:
         self.rows = rows
         self.num_rows = rows.shape[0]
-        self.dim = rows.shape[1] - INT8_ROW_EXTRA_BYTES
+        self.dim = dim
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -94,7 +101,7 @@ class Int8Rows:
 
     def pool(self, values: torch.Tensor, offsets: torch.Tensor, pooling: Pooling) -> torch.Tensor:
         pooled = self._sum(values, offsets)
-        if pooling is Pooling.MEAN:  # the kernel only sums
+        if pooling is Pooling.MEAN:  # the kernels only sum
             ends = torch.cat([offsets[1:], offsets.new_tensor([values.numel()])])
             pooled /= (ends - offsets).clamp_(min=1).unsqueeze(1)
         return pooled
@@ -102,24 +109,62 @@ class Int8Rows:
     def _sum(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         # (weight, indices, offsets, scale_grad_by_freq, mode=sum, pruned_weights,
         #  per_sample_weights, compressed_indices_mapping, include_last_offset)
-        return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-            self.rows, values, offsets, False, 0, False, None, None, False
-        )
+        out = self.kernel(self.rows, values, offsets, False, 0, False, None, None, False)
+        return out if out.shape[1] == self.dim else out[:, : self.dim]  # int4's padding code
 
     def scale_offset(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(rows, 2)`` float32 scale and offset of rows ``start:stop`` (a copy)."""
-        return self.rows[start:stop, self.dim :].contiguous().view(torch.float32)
+        stored = self.rows[start:stop, self.rows.shape[1] - self.extra_bytes :].contiguous()
+        return stored.view(self.scale_dtype).to(torch.float32)
+
+    def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``(rows, D)`` uint8 codes of rows ``start:stop``."""
+        return self.rows[start:stop, : self.dim]
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(rows, D)`` float32 values of rows ``start:stop`` (a copy)."""
         scale_offset = self.scale_offset(start, stop)
-        codes = self.rows[start:stop, : self.dim].to(torch.float32)
+        codes = self.codes(start, stop).to(torch.float32)
         return torch.addcmul(scale_offset[:, 1:], codes, scale_offset[:, :1])
+
+
+class Int8Rows(_RowwiseQuantized):
+    """Row-wise 8-bit rows.
+
+    Args:
+        rows: ``(rows, D + 8)`` uint8: ``D`` codes, then the float32 scale and offset.
+    """
+
+    extra_bytes = INT8_ROW_EXTRA_BYTES
+    scale_dtype = torch.float32
+    kernel = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+
+
+class Int4Rows(_RowwiseQuantized):
+    """Row-wise 4-bit rows.
+
+    Args:
+        rows: ``(rows, ceil(D / 2) + 4)`` uint8: ``D`` codes two a byte (element ``2 i`` in the
+            low nibble of byte ``i``; with an odd ``D`` the last high nibble is padding), then
+            the float16 scale and offset.
+        dim: ``D``.
+    """
+
+    extra_bytes = INT4_ROW_EXTRA_BYTES
+    scale_dtype = torch.float16
+    kernel = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+
+    def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        packed = self.rows[start:stop, : (self.dim + 1) // 2]
+        return torch.stack([packed & 15, packed >> 4], dim=2).flatten(1)[:, : self.dim]
+
+
+_QUANTIZED = {Quantization.INT8: Int8Rows, Quantization.INT4: Int4Rows}
 
 
 def open_embedding_file(
     path: Path, file: EmbeddingFile, quantization: Quantization
-) -> FloatRows | Int8Rows:
+) -> FloatRows | Int8Rows | Int4Rows:
     """Map one embedding file into memory and check it.
 
     Args:
@@ -140,24 +185,25 @@ def open_embedding_file(
             tensor = handle.get_tensor(TABLE_TENSOR)
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    dtype = torch.uint8 if quantization is Quantization.INT8 else torch.float32
+    dtype = torch.float32 if quantization is Quantization.NONE else torch.uint8
     shape = file.tensor_shape(quantization)
     if tensor.dtype != dtype or tuple(tensor.shape) != shape:
         raise ValueError(
             f"{path}: tensor {TABLE_TENSOR!r} is {tensor.dtype} {tuple(tensor.shape)}; the "
             f"manifest's layout ({quantization.value}) needs {dtype} {shape}"
         )
-    rows = Int8Rows(tensor) if quantization is Quantization.INT8 else FloatRows(tensor)
+    quantized = _QUANTIZED.get(quantization)
+    rows = FloatRows(tensor) if quantized is None else quantized(tensor, file.dim)
     _check_finite(path, rows)
     return rows
 
 
-def _check_finite(path: Path, rows: FloatRows | Int8Rows) -> None:
-    """Every float of the file is finite (an int8 row's scale also >= 0), checked in blocks so
-    that no temporary grows with the table."""
+def _check_finite(path: Path, rows: FloatRows | Int8Rows | Int4Rows) -> None:
+    """Every float of the file is finite (a quantised row's scale also >= 0), checked in blocks
+    so that no temporary grows with the table."""
     for start in range(0, rows.num_rows, _CHECK_ROWS):
         stop = start + _CHECK_ROWS
-        if isinstance(rows, Int8Rows):
+        if isinstance(rows, _RowwiseQuantized):
             values = rows.scale_offset(start, stop)
             bad = ~torch.isfinite(values).all(dim=1) | (values[:, 0] < 0)
         else:
@@ -166,7 +212,7 @@ def _check_finite(path: Path, rows: FloatRows | Int8Rows) -> None:
             row = start + int(bad.nonzero()[0])
             what = (
                 "a NaN or inf scale or offset, or a negative scale"
-                if isinstance(rows, Int8Rows)
+                if isinstance(rows, _RowwiseQuantized)
                 else "NaN or inf values"
             )
             raise ValueError(f"{path}: row {row} holds {what}")

@@ -23,7 +23,8 @@ one at a time, each gathered whole from however many ranks' shards wrote it, app
 file of its embedding dim (``trainer.embedding_files``: one file per dim, the layout the service
 memory-maps) and released, so that no two tables are ever in memory at once. ``--quantize int8``
 stores the rows with row-wise 8-bit quantisation (codes plus a float32 scale and offset per row,
-about 4x smaller for wide rows; see ``schemas.artifact``). The manifest
+about 4x smaller for wide rows; see ``schemas.artifact``), ``--quantize int4`` with 4-bit codes
+two a byte plus a float16 scale and offset (about 8x smaller for wide rows). The manifest
 records the version id, the source run and step, the schema fingerprint, the model spec, the
 run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
 renamed into place when complete, so a service watching or reloading ``--out`` never sees half
@@ -484,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quantize",
         choices=[q.value for q in Quantization],
         default=Quantization.NONE.value,
-        help="embedding rows as float32 (none, default) or row-wise 8-bit codes with a float32 "
-        "scale and offset per row (int8)",
+        help="embedding rows as float32 (none, default), row-wise 8-bit codes with a float32 "
+        "scale and offset per row (int8), or row-wise 4-bit codes with a float16 scale and offset "
+        "per row (int4)",
     )
     parser.add_argument(
         "--keep",

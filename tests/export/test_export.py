@@ -300,9 +300,36 @@ def test_command_line(run, tmp_path):
     assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
-    """``--quantize int8``: the manifest says so, each dim's file holds (rows, D + 8) uint8, and
-    every value decodes to within half its row's quantisation step of the checkpoint's."""
+def _decoded_int8(stored: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of int8 rows ``(N, D + 8)`` and each row's error bound: half a step plus float32
+    rounding."""
+    eps = torch.finfo(torch.float32).eps
+    assert stored.shape[1] == dim + 8
+    scale, offset = stored[:, dim:].contiguous().view(torch.float32).unbind(1)
+    values = scale.unsqueeze(1) * stored[:, :dim].float() + offset.unsqueeze(1)
+    return values, scale / 2 + 2 * eps * (offset.abs() + 255 * scale)
+
+
+def _decoded_int4(stored: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of int4 rows ``(N, ceil(D / 2) + 4)`` and each row's error bound: half a step,
+    the float16 rounding of the row's minimum, float32 rounding."""
+    eps = torch.finfo(torch.float32).eps
+    width = (dim + 1) // 2
+    assert stored.shape[1] == width + 4
+    packed = stored[:, :width].long()
+    codes = torch.stack([packed % 16, packed // 16], dim=2).flatten(1)[:, :dim].float()
+    scale, offset = stored[:, width:].contiguous().view(torch.float16).float().unbind(1)
+    values = scale.unsqueeze(1) * codes + offset.unsqueeze(1)
+    return values, scale / 2 + offset.abs() * 2**-10 + 2 * eps * (offset.abs() + 15 * scale)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "decoded"), [("int8", _decoded_int8), ("int4", _decoded_int4)]
+)
+def test_a_quantised_export_stores_every_table_within_half_a_step(run, tmp_path, quantize, decoded):
+    """``--quantize int8`` / ``int4``: the manifest says so, each dim's file holds uint8 rows of
+    the layout's width, and every value decodes to within half its row's quantisation step of
+    the checkpoint's."""
     result = subprocess.run(
         [
             sys.executable,
@@ -313,7 +340,7 @@ def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
             "--out",
             str(tmp_path / "model"),
             "--quantize",
-            "int8",
+            quantize,
         ],
         cwd=REPO,
         capture_output=True,
@@ -321,18 +348,15 @@ def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(int8: " in result.stdout
+    assert f"({quantize}: " in result.stdout
     manifest = Manifest.model_validate_json((tmp_path / "model" / MANIFEST_FILE).read_text())
-    assert manifest.quantization is Quantization.INT8
-    assert manifest.embeddings == embedding_layout(manifest.model, Quantization.INT8)
+    assert manifest.quantization is Quantization(quantize)
+    assert manifest.embeddings == embedding_layout(manifest.model, Quantization(quantize))
     saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
-    eps = torch.finfo(torch.float32).eps
     for file in manifest.embeddings.files:
         stored = load_file(tmp_path / "model" / file.path)["weight"]
-        assert stored.dtype == torch.uint8 and stored.shape == (file.num_rows, file.dim + 8)
-        scale, offset = stored[:, file.dim :].contiguous().view(torch.float32).unbind(1)
-        values = scale.unsqueeze(1) * stored[:, : file.dim].float() + offset.unsqueeze(1)
-        bound = scale / 2 + 2 * eps * (offset.abs() + 255 * scale)  # + float32 rounding
+        assert stored.dtype == torch.uint8 and stored.shape[0] == file.num_rows
+        values, bound = decoded(stored, file.dim)
         for table in file.tables:
             rows = slice(table.row_offset, table.row_offset + table.num_rows)
             weight = saved[
@@ -340,17 +364,20 @@ def test_int8_export_stores_every_table_within_half_a_step(run, tmp_path):
             ]
             error = (values[rows] - weight).abs().max(dim=1).values
             assert (error <= bound[rows]).all(), table.name
+
+
+def test_an_unknown_quantisation_is_refused(run, tmp_path):
     wrong = subprocess.run(
         [sys.executable, "-m", "trainer.export", "--run", str(run), "--out", str(tmp_path / "x")]
-        + ["--quantize", "int4"],
+        + ["--quantize", "int2"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert wrong.returncode == 2 and "invalid choice: 'int4'" in wrong.stderr
-    with pytest.raises(ExportError, match=r"quantize must be one of \['none', 'int8'\]"):
-        export_run(run, tmp_path / "y", quantize="int4", log=None)
+    assert wrong.returncode == 2 and "invalid choice: 'int2'" in wrong.stderr
+    with pytest.raises(ExportError, match=r"quantize must be one of \['none', 'int8', 'int4'\]"):
+        export_run(run, tmp_path / "y", quantize="int2", log=None)
 
 
 ADAP_SL = (

@@ -114,8 +114,8 @@ def _change_a_table_dim(manifest: dict) -> None:
             ),
         ),
         (
-            lambda m: m["embeddings"].update(quantization="int4"),
-            r"embeddings.quantization: Input should be 'none' or 'int8'",
+            lambda m: m["embeddings"].update(quantization="int2"),
+            r"embeddings.quantization: Input should be 'none', 'int8' or 'int4'",
         ),
         (lambda m: m.update(format="other"), "is not a ctcvr-model manifest"),
         (lambda m: m["files"].pop(DENSE_FILE), "no checksum for"),

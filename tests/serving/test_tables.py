@@ -1,5 +1,6 @@
 """Embedding rows in the service: memory-mapped from the model directory (format 2), row-wise
-int8 read by torch's kernel, format 1 directories still served, and bad files refused."""
+int8 and int4 read by torch's kernels, format 1 directories still served, and bad files
+refused."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from schemas.artifact import (
     table_file,
 )
 from serving.artifact import ArtifactError, load_artifact
-from serving.tables import FloatRows, Int8Rows
-from trainer.embedding_files import quantize_int8_rows, write_embedding_file
+from serving.tables import FloatRows, Int4Rows, Int8Rows
+from trainer.embedding_files import quantize_int4_rows, quantize_int8_rows, write_embedding_file
 from trainer.export import export_run
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -41,6 +42,19 @@ def int8_model(edge_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def int4_model(edge_model, tmp_path_factory) -> Path:
+    """The edge model's run exported with int4 tables."""
+    out = tmp_path_factory.mktemp("int4") / "model"
+    export_run(edge_model.run, out, quantize="int4", log=None)
+    return out
+
+
+@pytest.fixture(params=["int8", "int4"])
+def quantized_model(request) -> tuple[Quantization, Path]:
+    return Quantization(request.param), request.getfixturevalue(f"{request.param}_model")
+
+
 def _mapped_files() -> list[tuple[int, int, str]]:
     """(start, end, path) of every file mapping of this process."""
     out = []
@@ -52,9 +66,9 @@ def _mapped_files() -> list[tuple[int, int, str]]:
     return out
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "int8"])
-def test_the_served_rows_are_the_files_pages_not_a_copy(edge_model, int8_model, quantized):
-    model_dir = int8_model if quantized else edge_model.model
+@pytest.mark.parametrize("quantized", [None, "int8", "int4"], ids=["float32", "int8", "int4"])
+def test_the_served_rows_are_the_files_pages_not_a_copy(request, edge_model, quantized):
+    model_dir = request.getfixturevalue(f"{quantized}_model") if quantized else edge_model.model
     artifact = load_artifact(model_dir)
     maps = _mapped_files()
     for file in artifact.manifest.embeddings.files:
@@ -65,7 +79,7 @@ def test_the_served_rows_are_the_files_pages_not_a_copy(edge_model, int8_model, 
         assert any(s <= pointer < e and p == path for s, e, p in maps), (file.path, pointer)
 
 
-def _quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int8_quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scale and offset of ``quantize_int8_rows(weight)``, read back from the bytes."""
     rows = quantize_int8_rows(weight)
     dim = weight.shape[1]
@@ -79,32 +93,81 @@ def _dequantization_bound(scale: torch.Tensor, offset: torch.Tensor) -> torch.Te
     return scale / 2 + 2 * EPS32 * (offset.abs() + 255 * scale)
 
 
-def test_int8_rows_are_within_half_a_step_of_the_float_rows():
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(500, 16, generator=generator) * torch.logspace(-6, 4, 500).unsqueeze(1)
-    weight[0] = 0.25  # a constant row: scale 0, exact
-    weight[1] = torch.linspace(-1, 1, 16)  # the extremes are codes 0 and 255, exact
-    codes, scale, offset = _quantized(weight)
-    values = scale.unsqueeze(1) * codes + offset.unsqueeze(1)
-    error = (values - weight).abs().max(dim=1).values
-    assert (error <= _dequantization_bound(scale, offset)).all()
-    assert error[0] == 0 and scale[0] == 0
-    assert (codes[1, [0, -1]] == torch.tensor([0.0, 255.0])).all()
-    assert (codes >= 0).all() and (codes <= 255).all()
-    # the bound is tight: some element of the random rows is off by nearly half a step
-    assert (error[2:] / (scale[2:] / 2)).max() > 0.9
-
-
 def test_int8_rows_refuse_a_range_beyond_float32():
     with pytest.raises(ValueError, match="row 1: its range does not fit a float32 scale"):
         quantize_int8_rows(torch.tensor([[0.0, 1.0], [-3e38, 3e38]]))
 
 
-def test_the_int8_kernel_reads_the_stored_layout():
-    """Int8Rows' lookups (torch's FBGEMM kernel) equal the stored rows dequantised by hand."""
+def _int4_quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and offset of ``quantize_int4_rows(weight)``, unpacked from the bytes."""
+    rows = quantize_int4_rows(weight)
+    half = weight.shape[1] // 2
+    low_nibbles, high_nibbles = rows[:, :half] % 16, rows[:, :half] // 16
+    codes = torch.empty(weight.shape, dtype=torch.float32)
+    codes[:, 0::2], codes[:, 1::2] = low_nibbles, high_nibbles  # element 2 i low, 2 i + 1 high
+    scale_offset = rows[:, half:].contiguous().view(torch.float16).to(torch.float32)
+    return codes, scale_offset[:, 0], scale_offset[:, 1]
+
+
+def _int4_dequantization_bound(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per row: half a step, the float16 rounding of the row's minimum into ``offset`` (2**-11
+    of it, bounded here through ``offset`` itself), and the float32 rounding of
+    ``scale * q + offset`` (values up to ``|offset| + 15 * scale``)."""
+    return scale / 2 + offset.abs() * 2**-10 + 2 * EPS32 * (offset.abs() + 15 * scale)
+
+
+@pytest.mark.parametrize(
+    ("decode", "bound", "levels", "magnitudes"),
+    [
+        (_int8_quantized, _dequantization_bound, 255, (-6, 4)),
+        (_int4_quantized, _int4_dequantization_bound, 15, (-3, 3)),  # within float16's range
+    ],
+    ids=["int8", "int4"],
+)
+def test_quantised_rows_are_within_half_a_step_of_the_float_rows(decode, bound, levels, magnitudes):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 16, generator=generator) * torch.logspace(*magnitudes, 500)[:, None]
+    weight[0] = 0.25  # a constant row (also a float16 value): scale 0, exact
+    weight[1] = torch.linspace(-1, 1, 16)  # the extremes are the lowest and highest codes
+    codes, scale, offset = decode(weight)
+    values = scale.unsqueeze(1) * codes + offset.unsqueeze(1)
+    error = (values - weight).abs().max(dim=1).values
+    assert (error <= bound(scale, offset)).all()
+    assert error[0] == 0 and scale[0] == 0
+    assert (codes[1, [0, -1]] == torch.tensor([0.0, levels])).all()
+    assert (codes >= 0).all() and (codes <= levels).all()
+    # the bound is tight: some element of the random rows is off by nearly half a step
+    assert (error[2:] / (scale[2:] / 2)).max() > 0.9
+
+
+def test_int4_rows_of_an_odd_dim_pad_their_last_byte():
+    weight = torch.tensor([[0.0, 1.0, 15.0], [2.0, 2.0, 2.0]])
+    rows = quantize_int4_rows(weight)
+    assert rows.shape == (2, 2 + 4)
+    assert rows[0, :2].tolist() == [0 | 1 << 4, 15]  # codes 0, 1, 15 and a 0 of padding
+    torch.testing.assert_close(Int4Rows(rows, 3).dequantize(), weight, rtol=0, atol=0)
+
+
+def test_int4_rows_refuse_values_beyond_float16():
+    with pytest.raises(ValueError, match="row 1: its values do not fit a float16"):
+        quantize_int4_rows(torch.tensor([[0.0, 1.0], [-7e4, 1.0]]), first_row=0)
+
+
+@pytest.mark.parametrize(
+    ("rows_class", "quantize", "dim"),
+    [
+        (Int8Rows, quantize_int8_rows, 6),
+        (Int4Rows, quantize_int4_rows, 6),
+        (Int4Rows, quantize_int4_rows, 5),
+    ],
+    ids=["int8", "int4", "int4-odd-dim"],
+)
+def test_the_quantised_kernels_read_the_stored_layout(rows_class, quantize, dim):
+    """Lookups (torch's FBGEMM kernels) equal the stored rows dequantised by hand."""
     generator = torch.Generator().manual_seed(1)
-    rows = Int8Rows(quantize_int8_rows(torch.randn(50, 6, generator=generator)))
+    rows = rows_class(quantize(torch.randn(50, dim, generator=generator)), dim)
     values = rows.dequantize()
+    assert values.shape == (50, dim)
     ids = torch.randint(0, 50, (7, 3), generator=generator)
     torch.testing.assert_close(rows.lookup(ids), F.embedding(ids, values), rtol=0, atol=1e-6)
     bags = torch.tensor([4, 9, 9, 0, 49, 3])
@@ -152,6 +215,9 @@ def test_an_embedding_file_is_written_one_table_at_a_time(tmp_path):
         if quantization is Quantization.INT8:
             assert stored.dtype == torch.uint8 and stored.shape == (10, 12)
             assert torch.equal(stored, quantize_int8_rows(expected))
+        elif quantization is Quantization.INT4:
+            assert stored.dtype == torch.uint8 and stored.shape == (10, 6)
+            assert torch.equal(stored, quantize_int4_rows(expected))
         else:
             assert torch.equal(stored, expected)
 
@@ -230,21 +296,28 @@ def _score_bounds(model, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     )
 
 
-def test_int8_scores_stay_within_the_bounds_the_quantisation_step_allows(edge_model, int8_model):
+_BOUNDS = {Quantization.INT8: _dequantization_bound, Quantization.INT4: _int4_dequantization_bound}
+
+
+def test_quantised_scores_stay_within_the_bounds_the_quantisation_step_allows(
+    edge_model, quantized_model
+):
     """Parity with the float model at a tolerance derived from the quantisation step: every
     embedding value is within half its row's step of the float one, so the MMoE input is within
     the pooled bounds, and interval arithmetic through the model gives each score's range. The
     range is rigorous but loose (interval arithmetic widens it layer by layer); the sharp check
     of the quantisation itself is the half-step test of the rows above."""
-    float_artifact, int8_artifact = load_artifact(edge_model.model), load_artifact(int8_model)
+    quantization, model_dir = quantized_model
+    float_artifact, quantized_artifact = load_artifact(edge_model.model), load_artifact(model_dir)
     features = float_artifact.featurizer(edge_model.rows)
     float_scores = float_artifact.model.predict(features)
-    int8_scores = int8_artifact.model.predict(features)
-    model = int8_artifact.model
+    quantized_scores = quantized_artifact.model.predict(features)
+    model = quantized_artifact.model
     bounds = {}
     for dim, rows in model._rows.items():
         scale, offset = rows.scale_offset().unbind(1)
-        bounds[dim] = _dequantization_bound(scale, offset).unsqueeze(1).expand(-1, dim).contiguous()
+        bound = _BOUNDS[quantization](scale, offset)
+        bounds[dim] = bound.unsqueeze(1).expand(-1, dim).contiguous()
     with torch.inference_mode():
         x = model.inputs(*model.arguments(features))
         radius = _float_model_input_bounds(model, features, bounds)
@@ -255,10 +328,12 @@ def test_int8_scores_stay_within_the_bounds_the_quantisation_step_allows(edge_mo
     assert (float_scores >= interval[..., 0] - rounding).all()
     assert (float_scores <= interval[..., 1] + rounding).all()
     width = interval[..., 1] - interval[..., 0]
-    # the check has teeth: the bounds are far narrower than the scores' spread, and int8 differs
-    assert width.mean(axis=0).max() < 0.05 * np.ptp(float_scores, axis=0).min()
-    assert np.abs(int8_scores - float_scores).max() > 0
-    np.testing.assert_allclose(int8_scores, float_scores, atol=width.max() + rounding)
+    # the check has teeth: the bounds are far narrower than the scores' spread (int4's step is
+    # 17 times int8's, and so are its bounds), and the quantised scores differ
+    share = 0.05 if quantization is Quantization.INT8 else 0.25
+    assert width.mean(axis=0).max() < share * np.ptp(float_scores, axis=0).min()
+    assert np.abs(quantized_scores - float_scores).max() > 0
+    np.testing.assert_allclose(quantized_scores, float_scores, atol=width.max() + rounding)
 
 
 def _row_bytes(path: Path) -> int:
@@ -268,18 +343,24 @@ def _row_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - header
 
 
-def test_int8_rows_take_d_plus_8_bytes_instead_of_4d(edge_model, int8_model):
+def test_quantised_rows_take_d_plus_8_or_half_d_plus_4_bytes_instead_of_4d(
+    edge_model, quantized_model
+):
+    quantization, model_dir = quantized_model
     float_manifest = load_artifact(edge_model.model).manifest
-    int8_manifest = load_artifact(int8_model).manifest
-    assert int8_manifest.quantization is Quantization.INT8
+    packed_manifest = load_artifact(model_dir).manifest
+    assert packed_manifest.quantization is quantization
     assert float_manifest.quantization is Quantization.NONE
     for plain, packed in zip(
-        float_manifest.embeddings.files, int8_manifest.embeddings.files, strict=True
+        float_manifest.embeddings.files, packed_manifest.embeddings.files, strict=True
     ):
+        row_bytes = (
+            packed.dim + 8 if quantization is Quantization.INT8 else (packed.dim + 1) // 2 + 4
+        )
         assert _row_bytes(edge_model.model / plain.path) == plain.num_rows * plain.dim * 4
-        assert _row_bytes(int8_model / packed.path) == packed.num_rows * (packed.dim + 8)
+        assert _row_bytes(model_dir / packed.path) == packed.num_rows * row_bytes
         assert plain.tensor_bytes(Quantization.NONE) == _row_bytes(edge_model.model / plain.path)
-        assert packed.tensor_bytes(Quantization.INT8) == _row_bytes(int8_model / packed.path)
+        assert packed.tensor_bytes(quantization) == _row_bytes(model_dir / packed.path)
 
 
 def _rehash(model_dir: Path, name: str) -> None:
