@@ -1,4 +1,4 @@
-"""benchmarks/quantization.py on a tiny run: both exports, the quality and speed tables."""
+"""benchmarks/quantization.py on a tiny run: the three exports, the quality and speed tables."""
 
 from __future__ import annotations
 
@@ -36,12 +36,21 @@ def test_a_tiny_run_reports_bytes_quality_and_speed(tmp_path):
     assert result["bytes"] == {
         "float32": sum(n * d * 4 for d, n in rows.items()),
         "int8": sum(n * (d + 8) for d, n in rows.items()),
+        "int4": sum(n * ((d + 1) // 2 + 4) for d, n in rows.items()),
     }
-    for key in ("ctr_auc", "cvr_auc", "ctcvr_auc"):
-        assert abs(result["quality"]["int8"][key] - result["quality"]["float32"][key]) < 0.05
+    for quantization in ("int8", "int4"):
+        for key in ("ctr_auc", "cvr_auc", "ctcvr_auc"):
+            quantized, plain = (
+                result["quality"][quantization][key],
+                result["quality"]["float32"][key],
+            )
+            assert abs(quantized - plain) < 0.05
+        assert 0 < result["max_score_difference"][quantization] < 0.1
     assert {(r["variant"], r["rows_per_call"]) for r in result["speed"]} == {
-        (v, b) for v in ("float32 mmap", "float32 copied", "int8") for b in (1, 16)
+        (v, b) for v in ("float32 mmap", "float32 copied", "int8", "int4") for b in (1, 16)
     }
     text = (out / "quantization.md").read_text()
-    assert "| AUC within 0.001 |" in text and "| int8 tables >= 3.5x smaller |" in text
+    for quantization in ("int8", "int4"):
+        assert f"| {quantization} AUC within 0.001 |" in text
+        assert f"| {quantization} tables >= 3.5x smaller |" in text
     assert (out / "quantization.png").stat().st_size > 0
