@@ -70,6 +70,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from schemas.artifact import Quantization
 from schemas.features import (
     FeatureSchema,
     FeatureScope,
@@ -304,6 +305,9 @@ class ModelInfo(BaseModel):
     schema_name: str
     schema_fingerprint: str
     heads: list[str]
+    quantization: Quantization = Field(
+        description="how the embedding rows are stored: none (float32), int8 or int4"
+    )
     source: dict[str, Any]
     metrics: dict[str, float | None]
     features: list[FeatureInfo]

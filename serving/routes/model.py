@@ -37,6 +37,7 @@ async def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request)
         schema_name=scorer.artifact.schema.name,
         schema_fingerprint=manifest.schema_fingerprint,
         heads=list(manifest.model.heads),
+        quantization=manifest.quantization,
         source=manifest.source.model_dump(mode="json"),
         metrics=manifest.metrics,
         features=scorer.features_info(),

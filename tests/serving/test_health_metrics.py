@@ -38,6 +38,7 @@ def test_model_metadata(client, edge_model):
     info = client.get("/v1/model").json()
     assert info["version"] == edge_model.version
     assert info["schema_name"] == "edge" and info["heads"] == ["ctr", "cvr"]
+    assert info["quantization"] == "none"
     assert info["source"]["step"] == 7 and info["source"]["checkpoint"] == "step_00000007"
     assert info["metrics"] == {"ctr_auc": 0.61, "cvr_gauc": None, "impressions": 240.0}
     features = {f["name"]: f for f in info["features"]}

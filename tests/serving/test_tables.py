@@ -336,6 +336,20 @@ def test_quantised_scores_stay_within_the_bounds_the_quantisation_step_allows(
     np.testing.assert_allclose(quantized_scores, float_scores, atol=width.max() + rounding)
 
 
+def test_the_service_scores_with_quantised_tables_and_says_so(
+    make_client, edge_model, quantized_model
+):
+    quantization, model_dir = quantized_model
+    client = make_client(model_dir=model_dir)
+    assert client.get("/v1/model").json()["quantization"] == quantization.value
+    expected = load_artifact(model_dir)
+    scores = expected.model.predict(expected.featurizer(edge_model.rows[:4]))
+    response = client.post("/v1/score", json={"rows": edge_model.rows[:4]})
+    assert response.status_code == 200, response.text
+    served = [[s["pctr"], s["pcvr"], s["pctcvr"]] for s in response.json()["scores"]]
+    np.testing.assert_allclose(served, scores, rtol=0, atol=1e-6)
+
+
 def _row_bytes(path: Path) -> int:
     """Bytes of a safetensors file after its header: the stored rows."""
     with open(path, "rb") as stream:
