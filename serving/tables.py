@@ -133,6 +133,7 @@ class Int8Rows(_RowwiseQuantized):
 
     Args:
         rows: ``(rows, D + 8)`` uint8: ``D`` codes, then the float32 scale and offset.
+        dim: ``D``.
     """
 
     extra_bytes = INT8_ROW_EXTRA_BYTES
