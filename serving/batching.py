@@ -29,7 +29,8 @@ dropped or scored by a model whose schema it was not checked against.
 
 Ranking requests (:class:`~serving.model.RankFeatures`) batch too: with each other, when they
 take the same features from their contexts (each request's context row is broadcast to its own
-candidates), never with rows of ``/v1/score``.
+candidates), never with rows of ``/v1/score``. A ranking request of one candidate is one row
+(``Scorer.featurize_rank``) and batches with the rows.
 """
 
 from __future__ import annotations

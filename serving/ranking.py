@@ -35,7 +35,7 @@ from schemas.api import RankOrder, feature_rules
 from schemas.features import FeatureSchema, FeatureScope
 from serving.columns import ColumnReader, Columns, Unreadable, transpose
 from serving.features import RowError
-from serving.model import RankFeatures
+from serving.model import Features, RankFeatures
 
 __all__ = [
     "CandidatesForm",
@@ -88,9 +88,10 @@ class RankValues:
 
 @dataclass(frozen=True)
 class RankInputs:
-    """A ranking request ready to score: model inputs, and what to answer besides the scores."""
+    """A ranking request ready to score: model inputs (one row for a single candidate), and
+    what to answer besides the scores."""
 
-    features: RankFeatures
+    features: Features | RankFeatures
     top_k: int | None
     order_by: RankOrder
 
@@ -153,11 +154,18 @@ class RankReader:
         if errors:
             raise Misplaced(errors)
         none: frozenset[str] = frozenset()  # placement checked what each part must give
+        context_columns = {k: [v] for k, v in context.items()}
+        if _one_entry(columns):  # one candidate: both parts read as one row (placement kept
+            # them apart), then split
+            row = self.columns.read({**context_columns, **columns}, 1, none, booleans=booleans)
+            context_values = Columns(1, {k: row.values[k] for k in context_columns})
+            candidate_values = Columns(1, {k: row.values[k] for k in columns})
+        else:
+            context_values = self.columns.read(context_columns, 1, none, booleans=booleans)
+            candidate_values = self.columns.read(columns, rows, none, booleans=booleans)
         return RankValues(
-            context=self.columns.read(
-                {k: [v] for k, v in context.items()}, 1, none, booleans=booleans
-            ),
-            candidates=self.columns.read(columns, rows, none, booleans=booleans),
+            context=context_values,
+            candidates=candidate_values,
             form=form,
             top_k=top_k,
             order_by=RankOrder(order_by or RankOrder.PCTCVR),
@@ -254,6 +262,12 @@ def top_indices(scores: np.ndarray, k: int, order_by: RankOrder) -> list[int]:
 
 def _error(loc: tuple[str | int, ...], msg: str, type_: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "msg": msg, "type": type_}
+
+
+def _one_entry(columns: Mapping[str, Any]) -> bool:
+    """Whether the candidates' first column holds one entry (the reader checks the others)."""
+    first = next(iter(columns.values()), None)
+    return type(first) in (list, tuple) and len(first) == 1
 
 
 def _where(

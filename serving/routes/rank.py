@@ -8,7 +8,7 @@ from fastapi import Response
 
 from schemas.api import RankResponse
 from serving.deps import ScoringDep
-from serving.model import RankFeatures
+from serving.model import Features, RankFeatures
 from serving.ranking import RankInputs, top_indices
 from serving.routes._scoring import operation_extra, refuse_non_finite, score, scoring_router
 from serving.scorer import Scorer
@@ -46,5 +46,5 @@ async def rank(scoring: ScoringDep) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
 
-def _features(prepared: RankInputs) -> RankFeatures:
+def _features(prepared: RankInputs) -> Features | RankFeatures:
     return prepared.features

@@ -206,8 +206,8 @@ def test_ranking_requests_batch_with_their_kind_only(batcher, scorer, inputs, ed
     queued = [
         ranking(0, 5, split),
         ranking(5, 8, split),
-        ranking(8, 9, ("user",)),
-        ranking(9, 12, split),
+        ranking(8, 10, ("user",)),
+        ranking(10, 13, split),
     ]
     tickets = [batcher.submit(gated, r.features) for r in queued]
     plain = batcher.submit(gated, inputs(12, 14))
@@ -220,7 +220,7 @@ def test_ranking_requests_batch_with_their_kind_only(batcher, scorer, inputs, ed
     assert MicroBatcher.result(plain, 10).scores.shape == (2, 3)
     # the worker's calls: the first rows; two rankings of one split; one of another split; the
     # last ranking (the split again, but after another kind: arrival order is kept); the rows
-    assert gated.calls == [2, 8, 1, 3, 2]
+    assert gated.calls == [2, 8, 2, 3, 2]
 
 
 # Small requests on the event loop -------------------------------------------------------------

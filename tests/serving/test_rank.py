@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from schemas.api import RankResponse
 from serving.artifact import load_artifact
 from serving.columns import Unreadable, may_hold_booleans
-from serving.model import RankFeatures
+from serving.model import Features, RankFeatures
 from serving.ranking import Misplaced, top_indices
 from serving.scorer import RequestInvalid, Scorer
 from tests.serving.artifacts import EDGE_SCOPES, as_columns
@@ -130,12 +130,12 @@ def test_the_model_broadcasts_each_request_context_to_its_own_candidates(scoped_
     scorer = Scorer(load_artifact(scoped_edge_model.model), max_rows=64)
     rows = scoped_edge_model.rows
     parts, expected = [], []
-    for start, size in ((0, 7), (7, 1), (8, 30)):
+    for start, size in ((0, 7), (7, 2), (9, 30)):
         body, same = ranking(rows[start : start + size], CONTEXT)
         parts.append(scorer.prepare_rank(orjson.dumps(body)).features)
         expected.append(scorer.predict(scorer.prepare(orjson.dumps({"rows": same}))))
     batch = RankFeatures.concat(parts)
-    assert batch.counts.tolist() == [7, 1, 30] and batch.size == 38
+    assert batch.counts.tolist() == [7, 2, 30] and batch.size == 39
     np.testing.assert_allclose(scorer.predict(batch), np.concatenate(expected), atol=1e-6)
     with pytest.raises(ValueError, match="share from_context"):
         RankFeatures.concat([parts[0], RankFeatures(**{**vars(parts[1]), "from_context": ()})])
@@ -143,6 +143,26 @@ def test_the_model_broadcasts_each_request_context_to_its_own_candidates(scoped_
         scorer.artifact.model.predict_ranking(
             RankFeatures(**{**vars(parts[1]), "from_context": ("nope",)})
         )
+
+
+@pytest.mark.parametrize("form", ["objects", "columns"])
+def test_one_candidate_is_the_row_it_stands_for(scoped, scoped_edge_model, form):
+    """A single candidate and its context are one impression: they map to the row /v1/score
+    maps (plain inputs, which batch with rows), with the very same scores."""
+    scorer = Scorer(load_artifact(scoped_edge_model.model), max_rows=8)
+    rows = scoped_edge_model.rows[:60]  # nulls, absent keys, OOV ids, long lists, strings
+    for row in rows:
+        body, same = ranking([row], CONTEXT, form)
+        features = scorer.prepare_rank(orjson.dumps(body)).features
+        assert isinstance(features, Features)
+        expected = scorer.predict(scorer.prepare(orjson.dumps({"rows": same})))
+        np.testing.assert_array_equal(scorer.predict(features), expected)
+    body, same = ranking(rows[:1], CONTEXT, form)
+    body["top_k"] = 1
+    response = scoped.post("/v1/rank", json=body)
+    assert response.json()["top"] == [0]
+    expected = row_scores(scoped.post("/v1/score", json={"rows": same}))
+    np.testing.assert_allclose(rank_scores(response), expected, atol=1e-6, rtol=0)
 
 
 # top_k ------------------------------------------------------------------------------------------
@@ -322,6 +342,15 @@ def test_the_featurizer_names_the_context_or_the_candidate(scoped_edge_model):
     with pytest.raises(RequestInvalid) as err:
         scorer.featurize_rank(columns)
     assert err.value.errors[1]["loc"] == ["body", "candidates", "raw", 1]
+    # one candidate: mapped as one row with its context, errors still named where given
+    one = dataclasses.replace(values, candidates=Columns(1, {"raw": Column(np.array([np.inf]))}))
+    for form, where in [(CandidatesForm.OBJECTS, [0, "raw"]), (CandidatesForm.COLUMNS, ["raw", 0])]:
+        with pytest.raises(RequestInvalid) as err:
+            scorer.featurize_rank(dataclasses.replace(one, form=form))
+        assert [(e["loc"], e["type"]) for e in err.value.errors] == [
+            (["body", "context", "strict_cat"], "out_of_vocabulary"),
+            (["body", "candidates", *where], "finite_number"),
+        ]
 
 
 def test_openapi_documents_the_ranking_request_of_the_served_schema(scoped):
