@@ -210,18 +210,33 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"ctcvr/attempt_{attempt}", store)
 
 
-def fuse_sparse_optimizer(model: nn.Module, config: SparseOptimizerConfig) -> None:
+_GPU_ONLY_SPARSE_OPTIMIZERS = frozenset({SparseOptimizer.ADAM})
+
+
+def fuse_sparse_optimizer(
+    model: nn.Module, config: SparseOptimizerConfig, device: torch.device
+) -> None:
     """Attach the sparse optimizer to every embedding table, to run inside the backward pass.
 
     TorchRec's sharded tables then update only the rows a batch touched (FBGEMM fused kernels)
     instead of a dense optimizer stepping every row. Call before :func:`shard_model`.
+
+    Raises:
+        ValueError: an optimizer FBGEMM has no kernel for on ``device`` (Adam on the CPU).
     """
+    name = SparseOptimizer(config.name)
+    if name in _GPU_ONLY_SPARSE_OPTIMIZERS and device.type == "cpu":
+        on_cpu = [o.value for o in SparseOptimizer if o not in _GPU_ONLY_SPARSE_OPTIMIZERS]
+        raise ValueError(
+            f"sparse_optimizer.name {name.value!r} needs GPUs (FBGEMM has no CPU kernel for "
+            f"it); on CPU use one of {on_cpu}"
+        )
     optimizer_class, kwargs = {
         SparseOptimizer.ROWWISE_ADAGRAD: (RowWiseAdagrad, {"lr": config.lr, "eps": config.eps}),
         SparseOptimizer.ADAGRAD: (torch.optim.Adagrad, {"lr": config.lr, "eps": config.eps}),
         SparseOptimizer.ADAM: (torch.optim.Adam, {"lr": config.lr, "eps": config.eps}),
         SparseOptimizer.SGD: (torch.optim.SGD, {"lr": config.lr}),
-    }[SparseOptimizer(config.name)]
+    }[name]
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             apply_optimizer_in_backward(optimizer_class, module.parameters(), kwargs)

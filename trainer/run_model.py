@@ -105,7 +105,7 @@ def build_training_model(
     bf16 = config.train.precision == Precision.BF16.value
     module = TrainModule(model, objective, autocast_dtype=torch.bfloat16 if bf16 else None)
     # The sparse optimizer must be attached before sharding, which fuses it into the kernels.
-    fuse_sparse_optimizer(module, config.sparse_optimizer)
+    fuse_sparse_optimizer(module, config.sparse_optimizer, ctx.device)
     return TrainingModel(shard_model(module, ctx, config.sharding), objective, pruner)
 
 

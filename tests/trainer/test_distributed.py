@@ -163,3 +163,25 @@ def test_the_dense_adam_is_fused_and_steps_as_the_default_adam_does():
     # The same state keys: a checkpoint of either optimizer loads into the other.
     plain.load_state_dict(fused.state_dict())
     assert set(plain.state[plain_params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_a_sparse_optimizer_without_a_cpu_kernel_is_refused_on_cpu_naming_the_key():
+    from torchrec import EmbeddingBagCollection
+
+    from tests.helpers import tiny_schema
+    from trainer.config import SparseOptimizerConfig
+    from trainer.distributed import fuse_sparse_optimizer
+    from trainer.model import embedding_bag_configs
+
+    def tables() -> EmbeddingBagCollection:
+        return EmbeddingBagCollection(embedding_bag_configs(tiny_schema()), device="meta")
+
+    adam = SparseOptimizerConfig(name="adam")
+    with pytest.raises(ValueError, match="sparse_optimizer.name 'adam' needs GPUs.*'adagrad'"):
+        fuse_sparse_optimizer(tables(), adam, torch.device("cpu"))
+    on_gpu = tables()
+    fuse_sparse_optimizer(on_gpu, adam, torch.device("cuda"))  # attached, for FBGEMM's GPU kernel
+    assert all(hasattr(p, "_in_backward_optimizers") for p in on_gpu.parameters())
+    on_cpu = tables()
+    fuse_sparse_optimizer(on_cpu, SparseOptimizerConfig(name="adagrad"), torch.device("cpu"))
+    assert all(hasattr(p, "_in_backward_optimizers") for p in on_cpu.parameters())
