@@ -53,6 +53,10 @@ whether it pays, that is, is at least 1.10x ``head_only`` in every round):
 - ``bf16_gemm``: the sgemm in bfloat16: the peak the bf16 path is also compared with.
 - ``ctcvr_1p_bf16``: ``ctcvr_1p`` with the training setting this kept, ``train.precision=bf16``
   (``TrainModule(..., autocast_dtype=torch.bfloat16)``), measured against ``ctcvr_1p``.
+- ``ctcvr_1p_adagrad``: ``ctcvr_1p`` with ``sparse_optimizer.name=adagrad`` (FBGEMM's fused
+  Adagrad with an accumulator per element, D times the row-wise state) instead of row-wise
+  Adagrad, measured against ``ctcvr_1p``: FBGEMM runs another CPU update kernel for each, and on
+  some CPUs the row-wise one is most of what the embedding stage costs (``benchmarks/README.md``).
 
 Every training variant runs the same ``CtcvrModel`` (``ModelConfig(num_experts=8,
 expert_sizes=[256], tower_sizes=[128, 64])`` over 20 single-valued sparse fields of dim 16 and
@@ -112,7 +116,13 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from schemas import FeatureSchema
 from trainer.builders import build_model
-from trainer.config import DenseOptimizerConfig, ModelConfig, ShardingConfig, SparseOptimizerConfig
+from trainer.config import (
+    DenseOptimizerConfig,
+    ModelConfig,
+    ShardingConfig,
+    SparseOptimizer,
+    SparseOptimizerConfig,
+)
 from trainer.data.batch import Batch
 from trainer.distributed import (
     DistContext,
@@ -215,6 +225,9 @@ class Variant(str, Enum):
     HEAD_ONLY_ONEDNN = "head_only_onednn"  # head_only's float32 products by oneDNN, not MKL
     BF16_GEMM = "bf16_gemm"  # the sgemm in bfloat16: the bf16 variants' peak
     CTCVR_1P_BF16 = "ctcvr_1p_bf16"  # ctcvr_1p with train.precision=bf16, against ctcvr_1p
+    # ctcvr_1p with sparse_optimizer.name=adagrad (an accumulator per element, not per row),
+    # against ctcvr_1p: FBGEMM runs another CPU update kernel for it (benchmarks/README.md)
+    CTCVR_1P_ADAGRAD = "ctcvr_1p_adagrad"
 
 
 # The plain paths a PyTorch user would write with sparse gradients; the faster is "the strongest".
@@ -224,9 +237,13 @@ _HEAD_PATHS = (
     Variant.HEAD_ONLY_BF16,
     Variant.HEAD_ONLY_ONEDNN,
     Variant.CTCVR_1P_BF16,
+    Variant.CTCVR_1P_ADAGRAD,
 )
-# What each head path is measured against: the same code in float32.
-_REFERENCE = {v: Variant.HEAD_ONLY for v in _HEAD_PATHS} | {Variant.CTCVR_1P_BF16: Variant.CTCVR_1P}
+# What each path is measured against: the same code in float32, with row-wise Adagrad.
+_REFERENCE = {v: Variant.HEAD_ONLY for v in _HEAD_PATHS} | {
+    Variant.CTCVR_1P_BF16: Variant.CTCVR_1P,
+    Variant.CTCVR_1P_ADAGRAD: Variant.CTCVR_1P,
+}
 _PEAKS = {Variant.SGEMM: torch.float32, Variant.BF16_GEMM: torch.bfloat16}  # gemm dtype
 _DEFAULT = tuple(v for v in Variant if v not in _HEAD_PATHS and v is not Variant.BF16_GEMM)
 _TRAINING = tuple(v for v in Variant if v not in _PEAKS)
@@ -531,11 +548,12 @@ def _setup_ctcvr(
     settings: Settings,
     _pool: list[Batch],
     autocast_dtype: torch.dtype | None = None,
+    sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD,
 ) -> tuple[DistContext, nn.Module, object, dict]:
     # The recipe's order: process group, model on meta, sparse optimizer in backward, shard, dense.
     ctx = init_distributed("gloo", "cpu")
     module = TrainModule(_model(schema, settings), build_objective("esmm"), autocast_dtype)
-    fuse_sparse_optimizer(module, SparseOptimizerConfig())
+    fuse_sparse_optimizer(module, SparseOptimizerConfig(name=sparse_optimizer.value), ctx.device)
     model = shard_model(module, ctx, ShardingConfig(backend="gloo"))
     optimizer = build_optimizer(model, DenseOptimizerConfig())
     plan = {
@@ -642,6 +660,7 @@ _SETUP = {
     Variant.CTCVR_1P: _setup_ctcvr,
     Variant.CTCVR_2P: _setup_ctcvr,
     Variant.CTCVR_1P_BF16: partial(_setup_ctcvr, autocast_dtype=torch.bfloat16),
+    Variant.CTCVR_1P_ADAGRAD: partial(_setup_ctcvr, sparse_optimizer=SparseOptimizer.ADAGRAD),
     Variant.PLAIN_SPARSE_ADAM: _setup_plain(Variant.PLAIN_SPARSE_ADAM),
     Variant.PLAIN_ADAGRAD: _setup_plain(Variant.PLAIN_ADAGRAD),
     Variant.PLAIN_DENSE_ADAM: _setup_plain(Variant.PLAIN_DENSE_ADAM),
@@ -1165,7 +1184,7 @@ def head_paths_table(rows: list[dict], sgemm: dict | None, bf16_gemm: dict | Non
         "verdict",
     )
     lines = [
-        "\n## The dense head's compute paths\n",
+        "\n## Paths against their reference: the dense head's compute, the sparse optimizer\n",
         "| " + " | ".join(columns) + " |",
         "|---|---" + "|---:" * (len(columns) - 3) + "|---|",
     ]
