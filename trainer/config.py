@@ -195,8 +195,9 @@ class TrainLoopConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted
     evaluate: bool = True  # evaluate data.test at the end
     progress: bool = True  # tqdm bar on rank 0
-    # See Precision. bf16 trained the benchmark's model 1.6x as fast on an avx512_bf16 CPU
-    # (benchmarks/README.md), its losses within bfloat16's rounding of float32's; opt-in.
+    # See Precision. bf16 trained the benchmark's model 1.6x as fast on an avx512_bf16 CPU and
+    # 1.9x with AMX (benchmarks/README.md), its losses within bfloat16's rounding of float32's;
+    # opt-in.
     precision: str = Precision.FLOAT32.value
 
 
