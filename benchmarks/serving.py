@@ -46,9 +46,11 @@ What runs:
    the service's torch thread count and garbage-collector threshold: ``model``, the raw
    ``ScoringModel.predict`` on the same impressions already mapped to ids; ``rank model``,
    ``predict_ranking`` on mapped ranking requests (the context's inputs computed once per
-   request: what the rank form saves besides parsing); and each form's whole path from the
-   request bytes (``Scorer.prepare`` or ``Scorer.prepare_rank``, then ``predict``). The modes
-   take turns in short slices, so outside load falls on all of them alike.
+   request: what the rank form saves besides parsing); each form's whole path from the
+   request bytes (``Scorer.prepare`` or ``Scorer.prepare_rank``, then ``predict``); and, for the
+   rank forms, ``prepare <form>``: the request handling alone (``Scorer.prepare_rank``, no
+   model), so the report can set the whole path against the sum of its parts. The modes take
+   turns in short slices, so outside load falls on all of them alike.
 
 **Honest numbers on a shared machine.** Every cell records, from ``/proc``, the CPU time of the
 load generator, of the service (every worker) and of this process, and the machine's busy time
@@ -594,6 +596,9 @@ class InProcess:
                     self.modes[f"in-process {form}", size] = lambda k, p=requests: scorer.predict(
                         scorer.prepare_rank(p[k % len(p)]).features
                     )
+                    self.modes[f"prepare {form}", size] = lambda k, p=requests: scorer.prepare_rank(
+                        p[k % len(p)]
+                    )
                 else:
                     request_form = RequestForm(form)
                     self.modes[f"in-process {form}", size] = lambda k, p=requests, f=request_form: (
@@ -701,6 +706,7 @@ def run(settings: Settings) -> dict:
         "cpus": os.cpu_count(),
         "skipped": skipped,
         "raw": summarise_raw(raw),
+        "alternation": alternation(summarise_raw(raw)),
         "cells": summarise_cells(cells, summarise_raw(raw)),
         "raw_rounds": raw,
         "rounds": cells,
@@ -798,6 +804,48 @@ def summarise_raw(rounds: list[dict]) -> list[dict]:
                 "rows_per_s_max": max(rates),
                 "vs_raw_model": statistics.median(ratios) if ratios else None,
                 "others_cpu": _max_share(r["others_cpu"] for r in mine),
+            }
+        )
+    return out
+
+
+def alternation(raw: list[dict]) -> list[dict]:
+    """Per precision, rank form and size: microseconds a request for its handling alone
+    (``prepare <form>``: request bytes to model inputs), for the ranking model alone (``rank
+    model``), and for the two in sequence (``in-process <form>``), from the median rates. In
+    sequence the whole costs more than the sum of its parts alone: each part alone repeats one
+    code path, which keeps its code and data in the CPU's caches (our reading; these VMs expose
+    no cache counters)."""
+
+    def us(precision: str, mode: str, size: int) -> float | None:
+        rate = next(
+            (
+                r["rows_per_s"]
+                for r in raw
+                if (r["precision"], r["mode"], r["rows"]) == (precision, mode, size)
+            ),
+            None,
+        )
+        return None if rate is None else size / rate * 1e6
+
+    out = []
+    for r in raw:
+        if not r["mode"].startswith("prepare "):
+            continue
+        form, precision, size = r["mode"].removeprefix("prepare "), r["precision"], r["rows"]
+        alone = (us(precision, r["mode"], size), us(precision, "rank model", size))
+        whole = us(precision, f"in-process {form}", size)
+        if None in alone or whole is None:
+            continue
+        out.append(
+            {
+                "precision": precision,
+                "form": form,
+                "rows": size,
+                "handling_us": alone[0],
+                "model_us": alone[1],
+                "whole_us": whole,
+                "whole_over_sum": whole / sum(alone),
             }
         )
     return out
@@ -1014,6 +1062,28 @@ def markdown(report: dict) -> str:
             f"| {r['precision']} | {r['mode']} | {r['rows']} | {r['rows_per_s']:,.0f} "
             f"| {r['rows_per_s_min']:,.0f}..{r['rows_per_s_max']:,.0f} | {ratio} | {_pct(r['others_cpu'])} |"
         )
+    if report.get("alternation"):
+        lines += [
+            "",
+            (
+                "The ranking path's parts alone and in sequence (microseconds a request, from "
+                "the median rates above). Alone, each part repeats one code path, which keeps its "
+                "code and data in the CPU's caches; in sequence each finds less of them there (our "
+                "reading: these VMs expose no cache counters)."
+            ),
+            "",
+            (
+                "| precision | form | rows | handling alone | ranking model alone | sum | in sequence "
+                "| in sequence / sum |"
+            ),
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for a in report["alternation"]:
+            lines.append(
+                f"| {a['precision']} | {a['form']} | {a['rows']} | {a['handling_us']:,.0f} "
+                f"| {a['model_us']:,.0f} | {a['handling_us'] + a['model_us']:,.0f} "
+                f"| {a['whole_us']:,.0f} | {a['whole_over_sum']:.2f}x |"
+            )
     lines += ["", "| target | value | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['value']} | {t['verdict']} |" for t in report["targets"]]
     if report["skipped"]:

@@ -135,6 +135,24 @@ def test_every_form_carries_the_same_impressions():
         assert candidates == {n: [c[n] for c in rank["candidates"]] for n in ("item", "price")}
 
 
+def test_the_whole_ranking_path_is_set_against_the_sum_of_its_parts():
+    def rate(mode, rows_per_s, size=256):
+        return {"precision": "float", "mode": mode, "rows": size, "rows_per_s": rows_per_s}
+
+    raw = [
+        rate("model", 400_000.0),
+        rate("rank model", 640_000.0),  # 400 us a request of 256
+        rate("prepare rank-columns", 1_024_000.0),  # 250 us
+        rate("in-process rank-columns", 256_000.0),  # 1,000 us
+        rate("prepare rank", 512_000.0),  # no whole path measured: left out
+    ]
+    (row,) = sb.alternation(raw)
+    assert (row["form"], row["rows"]) == ("rank-columns", 256)
+    assert row["handling_us"] == pytest.approx(250.0) and row["model_us"] == pytest.approx(400.0)
+    assert row["whole_us"] == pytest.approx(1000.0)
+    assert row["whole_over_sum"] == pytest.approx(1000 / 650)
+
+
 def test_a_tiny_run_writes_its_report(tmp_path):
     """The whole benchmark, small: a demo model, a service, the in-process modes, every form;
     worker counts and int8 run when the service and the exporter offer them, else are listed as
@@ -155,6 +173,10 @@ def test_a_tiny_run_writes_its_report(tmp_path):
     assert all(c["others_cpu"] is not None and c["loadgen_cpu"] > 0 for c in report["cells"])
     modes = {(r["precision"], r["mode"], r["rows"]) for r in report["raw"]}
     assert ("float", "model", 8) in modes and ("float", "in-process rank", 8) in modes
+    assert ("float", "prepare rank-columns", 8) in modes
+    assert {(a["form"], a["rows"]) for a in report["alternation"] if a["precision"] == "float"} == {
+        (f, n) for f in ("rank", "rank-columns") for n in (1, 8)
+    }
     workers = {c["workers"] for c in report["cells"]}
     assert workers == {1, 2} or any("2 workers" in s for s in report["skipped"])
     targets = {t["target"]: t for t in report["targets"]}
