@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torchrec import KeyedJaggedTensor
@@ -57,3 +61,14 @@ def outputs_from_probs(**probs) -> TaskOutputs:
             for head, ps in probs.items()
         }
     )
+
+
+def load_benchmark(script: Path, name: str) -> ModuleType:
+    """Import a ``benchmarks/`` script as module ``name`` (registered before it runs: dataclasses
+    look their module up while the file executes). ``name`` must not shadow a package of ours
+    (``serving``)."""
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

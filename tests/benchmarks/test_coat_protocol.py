@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import load_benchmark
 from trainer.evaluation.predictions import Predictions
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "coat_protocol.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("coat_protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-coat_protocol = _load()
+coat_protocol = load_benchmark(SCRIPT, "coat_protocol")
 
 
 def rated(scores, labels, users) -> object:

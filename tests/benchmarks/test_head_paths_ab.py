@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "head_paths_ab.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("head_paths_ab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ab = _load_benchmark()
+ab = load_benchmark(SCRIPT, "head_paths_ab")
 
 
 def test_each_cycle_compares_steps_that_ran_side_by_side():

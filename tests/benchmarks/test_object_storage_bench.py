@@ -3,24 +3,16 @@ end-to-end test's, tests/test_object_storage_e2e.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
+
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "object_storage.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("object_storage_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark(SCRIPT, "object_storage_bench")
 
 
 def _settings(tmp_path):

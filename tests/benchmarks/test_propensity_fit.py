@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "propensity_fit.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("propensity_fit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-propensity_fit = _load()
+propensity_fit = load_benchmark(SCRIPT, "propensity_fit")
 
 # Two impressions: a likely click that converts often, an unlikely one that converts rarely.
 TRUE_CTR = np.array([0.2, 0.01])

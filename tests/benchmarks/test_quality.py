@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "quality.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_benchmark()
+quality = load_benchmark(SCRIPT, "quality")
 
 
 def test_every_objective_has_a_simulated_config():

@@ -3,7 +3,6 @@ score the same impressions in every form, and a tiny real run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,19 +13,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "serving.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("serving_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-sb = _load_benchmark()
+sb = load_benchmark(SCRIPT, "serving_benchmark")
 
 
 def test_a_verdict_is_given_only_on_a_quiet_machine():

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "serving_ab.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("serving_ab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ab = _load_benchmark()
+ab = load_benchmark(SCRIPT, "serving_ab")
 
 
 def _run(rows_per_s: float, p99: float, others: float, errors: int = 0) -> dict:

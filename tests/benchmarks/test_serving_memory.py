@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "serving_memory.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("serving_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sm = _load_benchmark()
+sm = load_benchmark(SCRIPT, "serving_memory")
 
 
 def _result(variant: str, workers: int, pss: float, files: float) -> dict:

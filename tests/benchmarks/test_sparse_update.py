@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,19 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "sparse_update.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("sparse_update", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-su = _load_benchmark()
+su = load_benchmark(SCRIPT, "sparse_update")
 
 
 @pytest.mark.parametrize(

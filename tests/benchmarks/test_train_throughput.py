@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -15,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchrec import EmbeddingBagCollection
 
-from tests.helpers import tiny_batch, tiny_schema
+from tests.helpers import load_benchmark, tiny_batch, tiny_schema
 from trainer.model import CtcvrModel, SparseArch, embedding_bag_configs
 from trainer.model.experts import INPUT_ALIGN
 from trainer.objectives import build_objective
@@ -41,15 +40,7 @@ TINY = [
 ]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-tt = _load_benchmark()
+tt = load_benchmark(SCRIPT, "train_throughput")
 
 
 def _run(tmp_path: Path, *variants: str) -> dict:
