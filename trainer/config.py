@@ -64,8 +64,8 @@ class ShardingType(str, Enum):
 @unique
 class SparseOptimizer(str, Enum):
     ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row: TorchRec's default, least memory
-    ADAGRAD = "adagrad"
-    ADAM = "adam"
+    ADAGRAD = "adagrad"  # one accumulator per element: D times the state
+    ADAM = "adam"  # GPUs only: FBGEMM has no CPU kernel for it (refused at start on CPU)
     SGD = "sgd"
 
 
