@@ -35,10 +35,10 @@ import argparse
 import sys
 
 from schemas.storage import StorageError
-from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.recipe import TrainRecipe
+from trainer.run_dir import RunDirError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = TrainRecipe.from_files(args.config, args.overrides, resume=args.resume)
-    except (ConfigError, CheckpointError, ValueError) as err:
+    except (ConfigError, RunDirError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         recipe.train()
-    except (StorageError, CheckpointError, DataError) as err:
+    # RunDirError covers CheckpointError and the run directory's own reads and writes (e.g. of
+    # checkpoints/latest while a checkpoint is saved) cut off by a storage fault.
+    except (StorageError, RunDirError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -255,3 +255,28 @@ def test_a_truncated_meta_json_on_s3_is_named(s3):
     run.set_latest(checkpoint)
     with pytest.raises(CheckpointError, match=rf"^{checkpoint.file('meta.json')}: not valid JSON"):
         run.latest_checkpoint().read_meta()
+
+
+def test_a_run_directory_fault_mid_training_ends_the_run_with_an_error_line(
+    tmp_path, monkeypatch, capsys
+):
+    # What an outage between checking and reading checkpoints/latest does while a checkpoint is
+    # saved (the read fails with RunDirError): here made certain by a pointer that is not text.
+    from trainer import train
+    from trainer.recipe import TrainRecipe
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+
+    class SavingRecipe:
+        def train(self) -> None:
+            run.delete_old_checkpoints(keep=2)  # as save_checkpoint does after a save
+
+        def cleanup(self) -> None:
+            pass
+
+    monkeypatch.setattr(TrainRecipe, "from_files", lambda *args, **kwargs: SavingRecipe())
+    assert train.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {tmp_path / 'run' / 'checkpoints' / 'latest'}: ")
