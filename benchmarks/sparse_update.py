@@ -182,14 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--out", default=defaults.out)
     args = parser.parse_args(argv)
+    if args.batch < 2 or args.rows < args.batch:
+        parser.error(
+            f"need 2 <= --batch <= --rows (distinct rows read), got {args.batch}, {args.rows}"
+        )
+    if min(args.dims) < 1 or min(args.threads) < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--dims, --threads and --steps must be positive, --warmup not negative")
     settings = Settings(
-        rows=args.rows,
-        batch=args.batch,
-        dims=tuple(args.dims),
-        threads=tuple(args.threads),
-        warmup=args.warmup,
-        steps=args.steps,
-        out=args.out,
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
     )
     result = run(settings)
     out = Path(settings.out)

@@ -64,3 +64,17 @@ def test_tiny_run_writes_every_cell(tmp_path):
     assert all(c["backward_ms"] > 0 and c["dim"] == 4 for c in raw["cells"])
     table = (tmp_path / "sparse_update.md").read_text()
     assert "| rowwise_adagrad | 4 | 1 |" in table and (tmp_path / "sparse_update.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "1"], "need 2 <= --batch <= --rows"),
+        (["--rows", "10", "--batch", "64"], "need 2 <= --batch <= --rows"),
+        (["--dims", "0"], "must be positive"),
+    ],
+)
+def test_settings_it_cannot_measure_are_refused_naming_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit):
+        su.main(args)
+    assert message in capsys.readouterr().err
