@@ -13,6 +13,10 @@ Run from the repository root::
     .venv/bin/python benchmarks/quality.py --data coat                # 5 seeds, ~1 h on 2 cores
     .venv/bin/python benchmarks/quality.py --data coat --ids-only --name coat_ids  # ids only, as the papers
     .venv/bin/python benchmarks/quality.py --data coat --validation 0.2 --name coat_valid  # tuning
+    .venv/bin/python benchmarks/quality.py --data coat --validation 0.2 --validation-from test \
+        --name coat_valid_random                # tuning on random-exposure ratings, as BADR's paper
+    .venv/bin/python benchmarks/quality.py --data coat --validation 0.2 --validation-from test \
+        --report-test --name coat_badr_split    # then the test run on the other 80 %
 
 Data sets (``--data``):
 
@@ -25,7 +29,10 @@ Data sets (``--data``):
   NDCG@5 and Recall@5 of pCVR (``data.ranking_k=5``) and the test log loss, printed beside the
   papers' published numbers. ``--validation F`` holds out a share F of the training pairs and
   evaluates on them instead of the test set: the way to tune hyper-parameters without ever
-  looking at the test set.
+  looking at the test set. ``--validation-from test`` draws that share from the
+  random-exposure ratings instead (the BADR paper's split: tuned on 20 % of them, tested on
+  the other 80 %); ``--report-test`` then evaluates the same runs' settings on the test set
+  less the held-out share.
 
 Each run (``--objectives``) is trained once per seed (``--seeds``) with ``python -m trainer.train --config
 trainer/configs/<objective>_<data>.yaml``, overriding the data, the model, the optimizers and
@@ -87,6 +94,7 @@ if str(_ROOT) not in sys.path:  # run as a script from anywhere
 
 from schemas.layout import TEST_SPLIT, TRAIN_SPLIT, VALID_SPLIT
 from trainer.data.converters import CONVERSION_FILE, MnarConfig, convert_coat
+from trainer.data.converters.mnar import VALIDATION_SOURCES
 from trainer.data.simulator import SIMULATION_FILE, SimulatorConfig, simulate
 from trainer.evaluation import compute_metrics, metrics_table
 from trainer.objectives import OBJECTIVES, param_names
@@ -182,8 +190,14 @@ class Settings:
     observed_confounding: float = 1.0  # simulator's user intent / item appeal weight (its default)
     dim: int = 16  # embedding dimension of every feature (simulator / converter schema)
     validation: float = (
-        0.0  # Coat: > 0 holds out this share of the training pairs and evaluates there
+        0.0  # Coat: > 0 holds out this share of validation_from's pairs and evaluates there
     )
+    # Coat: the split the validation share is drawn from: "train" (the self-selected pairs) or
+    # "test" (the random-exposure ratings, the BADR paper's validation set; test keeps the rest)
+    validation_from: str = TRAIN_SPLIT
+    # Coat: with a validation split, evaluate on what is left of the test set instead (the one
+    # test run after tuning)
+    report_test: bool = False
     attributes: bool = (
         True  # Coat: user and item attribute fields besides the ids (False: ids only)
     )
@@ -222,6 +236,15 @@ class Settings:
     def is_coat(self) -> bool:
         return self.data == DataSet.COAT.value
 
+    @property
+    def tunes(self) -> bool:
+        """Whether the runs are evaluated on the validation split (not comparable with papers)."""
+        return self.validation > 0 and not self.report_test
+
+    @property
+    def evaluated_split(self) -> str:
+        return VALID_SPLIT if self.tunes else TEST_SPLIT
+
     def check(self) -> None:
         for name in ("rows", "steps", "batch_size", "num_experts", "dim"):
             if getattr(self, name) < 1:
@@ -234,6 +257,13 @@ class Settings:
             raise ValueError(f"--validation must be in [0, 1), got {self.validation}")
         if (self.validation or not self.attributes) and not self.is_coat:
             raise ValueError("--validation and --ids-only apply to --data coat only")
+        if self.validation_from not in VALIDATION_SOURCES:
+            raise ValueError(
+                f"--validation-from must be one of {list(VALIDATION_SOURCES)}, "
+                f"got {self.validation_from!r}"
+            )
+        if (self.report_test or self.validation_from != TRAIN_SPLIT) and not self.validation:
+            raise ValueError("--report-test and --validation-from need --validation")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
         unknown = sorted(set(self.objectives) - set(default_runs()))
@@ -262,12 +292,16 @@ class Settings:
 
     def coat(self) -> MnarConfig:
         return MnarConfig(
-            threshold=3.0, dim=self.dim, validation_fraction=self.validation, name="coat"
+            threshold=3.0,
+            dim=self.dim,
+            validation_fraction=self.validation,
+            validation_from=self.validation_from,
+            name="coat",
         )
 
     def overrides(self, data_dir: Path, objective: str, seed: int) -> list[str]:
         """The ``key=value`` config overrides of one run (everything but the objective's config)."""
-        evaluated = VALID_SPLIT if self.validation else TEST_SPLIT
+        evaluated = self.evaluated_split
         overrides = [
             f"data.train={data_dir / TRAIN_SPLIT}",
             f"data.test={data_dir / evaluated}",
@@ -635,8 +669,7 @@ def write_markdown(
         data_lines = _simulated_lines(settings, record, floor, text, truth)
     config_names = sorted({_config_name(n, settings.data) for n in settings.objectives})
     lines = [
-        f"# Quality benchmark: {settings.data}"
-        + (" (validation split)" if settings.validation else ""),
+        f"# Quality benchmark: {settings.data}" + (" (validation split)" if settings.tunes else ""),
         "",
         (
             f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Run time "
@@ -731,7 +764,7 @@ def _simulated_lines(
 def coat_table(table: dict, settings: Settings) -> str:
     """Our metrics (mean ± std) beside each method's published AUC / NDCG@5 / Recall@5 (test set
     only: validation numbers are not comparable with them)."""
-    if settings.validation:
+    if settings.tunes:
         return metrics_table(table, list(COAT_COLUMNS))
     k = RANKING_K
     rows: dict[str, dict[str, object]] = {}
@@ -749,17 +782,30 @@ def coat_table(table: dict, settings: Settings) -> str:
     return metrics_table(rows, [*COAT_COLUMNS, *published_columns])
 
 
+def _evaluated_split_text(settings: Settings, evaluated: dict) -> str:
+    """What the Coat runs were evaluated on, for the table's caption."""
+    ratings = f"{evaluated['rows']:,} ratings, {evaluated['cvr_on_clicks']:.1%} >= 3"
+    if not settings.validation:
+        return f"the random-exposure test set ({ratings})"
+    if settings.validation_from == TEST_SPLIT:
+        held_out = f"{settings.validation:.0%} of the random-exposure ratings"
+        if settings.tunes:
+            return f"the validation split ({held_out}, drawn at random: {ratings})"
+        return f"the random-exposure test set less its validation split of {held_out} ({ratings})"
+    if settings.tunes:
+        return (
+            f"the validation split ({settings.validation:.0%} of the training pairs held out, "
+            f"{evaluated['rows']:,} pairs, {evaluated['clicks']:,} rated; metrics on the rated ones)"
+        )
+    return f"the random-exposure test set ({ratings}; {settings.validation:.0%} of the training pairs held out)"
+
+
 def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
     train, evaluated = (
         conversion["splits"][TRAIN_SPLIT],
-        conversion["splits"][VALID_SPLIT if settings.validation else TEST_SPLIT],
+        conversion["splits"][settings.evaluated_split],
     )
-    where = (
-        f"the validation split ({settings.validation:.0%} of the training pairs held out, "
-        f"{evaluated['rows']:,} pairs, {evaluated['clicks']:,} rated; metrics on the rated ones)"
-        if settings.validation
-        else f"the random-exposure test set ({evaluated['rows']:,} ratings, {evaluated['cvr_on_clicks']:.1%} >= 3)"
-    )
+    where = _evaluated_split_text(settings, evaluated)
     best = max(table, key=lambda name: np.nanmean(table[name]["cvr_auc"]))
     best_auc = float(np.nanmean(table[best]["cvr_auc"]))
     features = (
@@ -777,7 +823,7 @@ def _coat_lines(settings: Settings, conversion: dict, table: dict) -> list[str]:
         "",
         coat_table(table, settings),
     ]
-    if settings.validation:
+    if settings.tunes:
         return lines
     lines += [
         "",
@@ -845,9 +891,7 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=colors)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
         ax.set_title(title)
-        marks = (
-            _published_marks(names, column) if settings.is_coat and not settings.validation else []
-        )
+        marks = _published_marks(names, column) if settings.is_coat and not settings.tunes else []
         for marker, label, xs, ys in marks:
             ax.scatter(xs, ys, marker=marker, color="#c44e52", zorder=3, label=label)
         if marks:
@@ -872,7 +916,7 @@ def write_chart(path: Path, table: dict, settings: Settings, floor: dict | None)
     if settings.is_coat:
         split = (
             f"validation split {settings.validation:.0%}"
-            if settings.validation
+            if settings.tunes
             else "random-exposure test"
         )
         ids = "" if settings.attributes else ", ids only"
@@ -963,6 +1007,18 @@ def main(argv: list[str] | None = None) -> int:
         "and evaluate on it instead of the test set (for tuning)",
     )
     parser.add_argument(
+        "--validation-from",
+        choices=VALIDATION_SOURCES,
+        help="coat: draw the validation share from the training pairs (default) or from the "
+        "random-exposure test ratings (the BADR paper's validation set; the test keeps the rest)",
+    )
+    parser.add_argument(
+        "--report-test",
+        action="store_true",
+        help="coat, with --validation: evaluate on the test set (less the validation share "
+        "when it is drawn from it) instead of the validation split: the test run after tuning",
+    )
+    parser.add_argument(
         "--ids-only",
         action="store_true",
         help="coat: user and item ids only, no attributes "
@@ -1012,6 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
         data_seed=args.data_seed,
     )
     settings.attributes = not args.ids_only
+    settings.report_test = args.report_test
     if args.seeds:
         settings.seeds = args.seeds
     if args.objectives:
@@ -1029,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparse_lr",
         "final_lr_scale",
         "validation",
+        "validation_from",
         "group_rows",
     ):
         if getattr(args, name) is not None:

@@ -178,6 +178,28 @@ def test_coat_overrides_ask_for_the_ranking_protocol_and_validation_evaluates_va
         quality.Settings(validation=0.2).check()
 
 
+def test_validation_from_the_test_ratings_tunes_on_valid_and_reports_the_rest(tmp_path):
+    settings = quality.Settings.for_data("coat", validation=0.2, validation_from="test")
+    settings.check()
+    assert settings.coat().validation_from == "test" and settings.coat().validation_fraction == 0.2
+    assert f"data.test={tmp_path / 'valid'}" in settings.overrides(tmp_path, "naive", 3)
+    assert settings.tunes
+    settings.report_test = True
+    assert f"data.test={tmp_path / 'test'}" in settings.overrides(tmp_path, "naive", 3)
+    assert not settings.tunes  # the published numbers go beside it again
+    evaluated = {"rows": 3_700, "cvr_on_clicks": 0.4}
+    assert "test set less its validation split of 20% of the random-exposure ratings" in (
+        quality._evaluated_split_text(settings, evaluated)
+    )
+    for bad, message in (
+        ({"validation_from": "valid", "validation": 0.2}, "--validation-from must be one of"),
+        ({"validation_from": "test"}, "need --validation"),
+        ({"report_test": True}, "need --validation"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            quality.Settings.for_data("coat", **bad).check()
+
+
 def test_quick_coat_run_prints_the_published_numbers_beside_ours(tmp_path):
     proc = subprocess.run(
         [

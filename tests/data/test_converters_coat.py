@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -130,6 +131,37 @@ def test_validation_split_is_a_seeded_share_of_pairs_independent_of_chunking(
     assert pairs(tmp_path / "c") != pairs(tmp_path / "a") and reseeded.splits["test"].rows == 4_640
 
 
+def test_a_validation_split_from_the_test_ratings_leaves_train_whole(tmp_path: Path) -> None:
+    """``validation_from="test"``: valid/ is a seeded share of the random-exposure ratings (the
+    BADR paper's Coat validation set), test/ the rest, train/ every pair as without a split."""
+    cfg = MnarConfig(name="coat", validation_fraction=0.2, validation_from="test", seed=5)
+    result = write_mnar_dataset(read_coat(), tmp_path / "a", cfg)
+    assert result.splits["train"].rows == 87_000 and result.splits["train"].clicks == 6_960
+    valid, test = (pq.read_table(tmp_path / "a" / split) for split in ("valid", "test"))
+    assert valid.num_rows + test.num_rows == 4_640 and 0.17 < valid.num_rows / 4_640 < 0.23
+    raw = _raw("test.ascii")
+
+    def rated(table: pa.Table) -> dict[tuple[int, int], bool]:
+        user, item = table.column("user_id").to_numpy(), table.column("item_id").to_numpy()
+        assert table.column("click").to_numpy().all() and (raw[user, item] > 0).all()
+        conversion = table.column("conversion").to_numpy()
+        np.testing.assert_array_equal(conversion, raw[user, item] >= 3)
+        return dict(zip(zip(user.tolist(), item.tolist()), conversion.tolist()))
+
+    held_out, kept = rated(valid), rated(test)
+    assert not held_out.keys() & kept.keys() and len(held_out) + len(kept) == 4_640
+    assert sum(held_out.values()) + sum(kept.values()) == 1_862
+    assert len({user for user, _ in held_out}) > 250  # drawn over all ratings, not by user
+    again = write_mnar_dataset(read_coat(), tmp_path / "b", cfg)
+    assert again.splits["valid"].rows == valid.num_rows
+    assert rated(pq.read_table(tmp_path / "b" / "valid")) == held_out
+
+
+def test_validation_from_must_name_a_split() -> None:
+    with pytest.raises(ValueError, match=r"validation_from='valid'.*\['train', 'test'\]"):
+        MnarConfig(validation_fraction=0.2, validation_from="valid")
+
+
 def test_an_existing_conversion_is_not_overwritten_silently(coat: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert_coat(coat)
@@ -235,3 +267,26 @@ def test_ids_only_keeps_user_and_item_ids(tmp_path: Path) -> None:
     assert [f.scope.value for f in result.schema.sparse] == ["context", "candidate"]
     assert pq.read_table(tmp_path / "ids" / "train").num_rows == 87_000
     assert json.loads((tmp_path / "ids" / "conversion.json").read_text())["attributes"] is False
+
+
+def test_cli_names_a_bad_validation_source_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trainer.data.__main__ import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "coat",
+            "--out",
+            str(tmp_path / "c"),
+            "--validation-fraction",
+            "0.2",
+            "--validation-from",
+            "valid",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "validation_from='valid'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()

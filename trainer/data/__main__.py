@@ -240,6 +240,13 @@ ValidationFraction = Annotated[
         help="Share of the user x item pairs moved from train/ into valid/ (for tuning; 0: none)."
     ),
 ]
+ValidationFrom = Annotated[
+    str,
+    typer.Option(
+        help="Where valid/ is drawn from: 'train' (the self-selected pairs) or 'test' (the "
+        "random-exposure ratings, as the BADR paper splits Coat's; test/ keeps the rest)."
+    ),
+]
 Seed = Annotated[int, typer.Option(help="Seed of the validation split.")]
 
 
@@ -252,6 +259,7 @@ def convert_coat_command(
     threshold: Threshold = 3.0,
     dim: Dim = _MNAR.dim,
     validation_fraction: ValidationFraction = 0.0,
+    validation_from: ValidationFrom = _MNAR.validation_from,
     seed: Seed = 0,
     attributes: Annotated[
         bool, typer.Option(help="Add the user and item attributes (--no-attributes: ids only).")
@@ -259,14 +267,19 @@ def convert_coat_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Coat: every user x item pair, click = rated, conversion = rating >= 3; random-exposure test."""
-    cfg = MnarConfig(
-        threshold=threshold,
-        dim=dim,
-        validation_fraction=validation_fraction,
-        seed=seed,
-        name="coat",
-    )
-    _report(out, lambda: convert_coat(out, src, cfg, attributes=attributes, overwrite=overwrite))
+
+    def run() -> ConversionResult:  # a bad option is reported like a bad file, not a traceback
+        cfg = MnarConfig(
+            threshold=threshold,
+            dim=dim,
+            validation_fraction=validation_fraction,
+            validation_from=validation_from,
+            seed=seed,
+            name="coat",
+        )
+        return convert_coat(out, src, cfg, attributes=attributes, overwrite=overwrite)
+
+    _report(out, run)
 
 
 @convert_app.command("ratings")
@@ -302,6 +315,7 @@ def convert_ratings_command(
     name: Annotated[str, typer.Option(help="Schema name.")] = _MNAR.name,
     dim: Dim = _MNAR.dim,
     validation_fraction: ValidationFraction = 0.0,
+    validation_from: ValidationFrom = _MNAR.validation_from,
     seed: Seed = 0,
     strict: Strict = False,
     overwrite: Overwrite = False,
@@ -320,6 +334,7 @@ def convert_ratings_command(
             threshold=threshold,
             dim=dim,
             validation_fraction=validation_fraction,
+            validation_from=validation_from,
             seed=seed,
             name=name,
         )

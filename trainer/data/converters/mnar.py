@@ -173,6 +173,9 @@ class RatingsSource:
     malformed: MalformedLines = field(default_factory=MalformedLines)
 
 
+VALIDATION_SOURCES = (TRAIN_SPLIT, TEST_SPLIT)  # the splits valid/ may be drawn from
+
+
 @dataclass(frozen=True)
 class MnarConfig:
     """How ratings become impressions.
@@ -183,7 +186,11 @@ class MnarConfig:
 
     threshold: float = 3.0  # conversion = rating >= threshold
     dim: int = 16  # embedding dimension of every feature in the schema
-    validation_fraction: float = 0.0  # share of user x item pairs moved from train/ to valid/
+    validation_fraction: float = 0.0  # share of pairs moved to valid/ (from validation_from)
+    # where valid/ is drawn from: "train" (the self-selected pairs: tuning never sees a
+    # random-exposure rating) or "test" (the random-exposure ratings, as the BADR paper splits
+    # Coat's: test/ keeps the rest)
+    validation_from: str = TRAIN_SPLIT
     seed: int = 0  # seeds the validation split (nothing else is random)
     name: str = "mnar_ratings"  # schema name
     row_group_rows: int = 200_000  # rows per row group, about (whole users per group)
@@ -194,6 +201,7 @@ class MnarConfig:
             "threshold": math.isfinite(self.threshold),
             "dim": self.dim >= 1,
             "validation_fraction": 0.0 <= self.validation_fraction < 1.0,
+            "validation_from": self.validation_from in VALIDATION_SOURCES,
             "row_group_rows": self.row_group_rows >= 1,
             "file_rows": self.file_rows >= 1,
         }
@@ -202,7 +210,8 @@ class MnarConfig:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(
                 f"invalid MNAR conversion config: {values} (need a finite threshold, dim >= 1, "
-                "0 <= validation_fraction < 1, row_group_rows and file_rows >= 1)"
+                f"0 <= validation_fraction < 1, validation_from one of {list(VALIDATION_SOURCES)}, "
+                "row_group_rows and file_rows >= 1)"
             )
 
 
@@ -501,18 +510,32 @@ def write_mnar_dataset(
 def _write_splits(
     rows: _Rows, space: _Space, cfg: MnarConfig, writers: dict[str, SplitWriter]
 ) -> None:
-    """Train (and valid): every pair, whole users at a time; test: the random-exposure ratings."""
+    """Train: every pair, whole users at a time; test: the random-exposure ratings; valid: a
+    seeded share of the pairs of ``cfg.validation_from``'s split, moved out of it."""
+    held_out_of = cfg.validation_from if cfg.validation_fraction > 0 else None
     for lin, click, rating in _train_blocks(space, cfg.row_group_rows):
-        table = rows(lin, click, rating)
-        if cfg.validation_fraction > 0:
-            held_out = pa.array(_validation_mask(lin, cfg))
-            writers["valid"].write(table.filter(held_out))
-            table = table.filter(pc.invert(held_out))
-        writers["train"].write(table)
+        _write_split(rows(lin, click, rating), lin, cfg, writers, TRAIN_SPLIT, held_out_of)
     for start in range(0, len(space.test_pairs), cfg.row_group_rows):
         lin = space.test_pairs[start : start + cfg.row_group_rows]
         ratings = space.test_ratings[start : start + cfg.row_group_rows]
-        writers["test"].write(rows(lin, np.ones(len(lin), dtype=np.int8), ratings))
+        table = rows(lin, np.ones(len(lin), dtype=np.int8), ratings)
+        _write_split(table, lin, cfg, writers, TEST_SPLIT, held_out_of)
+
+
+def _write_split(
+    table: pa.Table,
+    lin: np.ndarray,
+    cfg: MnarConfig,
+    writers: dict[str, SplitWriter],
+    split: str,
+    held_out_of: str | None,
+) -> None:
+    """Write ``table`` to ``split``, less the validation share when valid/ is drawn from it."""
+    if split == held_out_of:
+        held_out = pa.array(_validation_mask(lin, cfg))
+        writers[VALID_SPLIT].write(table.filter(held_out))
+        table = table.filter(pc.invert(held_out))
+    writers[split].write(table)
 
 
 def _record(source: RatingsSource, cfg: MnarConfig, space: _Space) -> dict[str, object]:
