@@ -27,6 +27,10 @@ Each variant is a worker subprocess of this file; with ``--rounds N`` they take 
   ``build_optimizer`` (Adam on the rest).
 - ``ctcvr_2p``: the same under ``torchrun --standalone --nproc_per_node=2``, one thread per rank,
   each rank training ``--batch-size`` rows a step.
+- ``ctcvr_1p_pair``: two ``ctcvr_1p`` processes of one thread each at once, each its own
+  1-rank group (no collective), timed side by side (:class:`Partner`) and counted as
+  ``ctcvr_2p`` is: what 2 processes could gain over 1 on these cores if their collectives cost
+  nothing, the ceiling of ``ctcvr_2p`` here.
 - ``plain_sparse_adam``: the same ``CtcvrModel`` over one ``nn.EmbeddingBag(sparse=True)`` per
   table, ``torch.optim.SparseAdam`` for the tables, Adam for the rest.
 - ``plain_adagrad``: the same with ``torch.optim.Adagrad`` (which takes sparse gradients) for the
@@ -76,7 +80,8 @@ stage only, so:
   backward, exactly (:func:`matmul_flops_per_row`; elementwise work is not counted), over the
   whole step; its share of the sgemm peak measured in the same run, at the same threads, says how
   well the dense model uses the machine (target for ``head_only``: at least 0.6).
-- **ctcvr_2p over ctcvr_1p**: target above 1 (2 processes ahead of 1 on the same cores).
+- **ctcvr_2p over ctcvr_1p**: target above 1 (2 processes ahead of 1 on the same cores); the
+  line also gives ``ctcvr_1p_pair`` over ``ctcvr_1p``, the most the target could be.
 
 A step is forward + ``zero_grad`` + backward + ``step``, timed with ``time.perf_counter``; the
 warmup steps are not reported. With 2 processes a step lasts as long as its slowest rank and
@@ -100,6 +105,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -144,6 +150,7 @@ __all__ = [
     "BFloat16Autocast",
     "EmbeddingBagArch",
     "FixedInputArch",
+    "Partner",
     "Settings",
     "Variant",
     "bench_schema",
@@ -208,12 +215,17 @@ _BUSY_SHARE = 0.10  # CPU share taken by other processes above which a verdict i
 # ratios between variants run at different times are not trusted. Quiet runs here: 0.86, 0.94.
 _STEADY_HOST_SHARE = 0.80
 _TICK = os.sysconf("SC_CLK_TCK")  # /proc/stat counts in these ticks per second
+_PAIR = 2  # processes of ctcvr_1p_pair
+_PAIR_DIR_ENV = "CTCVR_BENCH_PAIR_DIR"  # the directory a pair's workers meet in (Partner)
 
 
 @unique
 class Variant(str, Enum):
     CTCVR_1P = "ctcvr_1p"  # the product's path in one process
     CTCVR_2P = "ctcvr_2p"  # the product's path, torchrun with 2 processes of 1 thread each
+    # two ctcvr_1p processes of 1 thread each at once, each its own group: ctcvr_2p without
+    # collectives, its ceiling on this machine
+    CTCVR_1P_PAIR = "ctcvr_1p_pair"
     PLAIN_SPARSE_ADAM = "plain_sparse_adam"  # EmbeddingBag(sparse=True) + SparseAdam
     PLAIN_ADAGRAD = "plain_adagrad"  # EmbeddingBag(sparse=True) + Adagrad
     PLAIN_DENSE_ADAM = "plain_dense_adam"  # EmbeddingBag + one Adam over every row (extra row)
@@ -245,6 +257,7 @@ _REFERENCE = {v: Variant.HEAD_ONLY for v in _HEAD_PATHS} | {
     Variant.CTCVR_1P_ADAGRAD: Variant.CTCVR_1P,
 }
 _PEAKS = {Variant.SGEMM: torch.float32, Variant.BF16_GEMM: torch.bfloat16}  # gemm dtype
+_ONE_THREAD = (Variant.CTCVR_2P, Variant.CTCVR_1P_PAIR)  # 2 processes, a core each
 _DEFAULT = tuple(v for v in Variant if v not in _HEAD_PATHS and v is not Variant.BF16_GEMM)
 _TRAINING = tuple(v for v in Variant if v not in _PEAKS)
 _PAYS = 1.10  # a head path pays when faster than head_only by this factor in every round
@@ -659,6 +672,7 @@ def _setup_head_only_onednn(
 _SETUP = {
     Variant.CTCVR_1P: _setup_ctcvr,
     Variant.CTCVR_2P: _setup_ctcvr,
+    Variant.CTCVR_1P_PAIR: _setup_ctcvr,
     Variant.CTCVR_1P_BF16: partial(_setup_ctcvr, autocast_dtype=torch.bfloat16),
     Variant.CTCVR_1P_ADAGRAD: partial(_setup_ctcvr, sparse_optimizer=SparseOptimizer.ADAGRAD),
     Variant.PLAIN_SPARSE_ADAM: _setup_plain(Variant.PLAIN_SPARSE_ADAM),
@@ -730,19 +744,60 @@ def _timed_steps(
 
     model.train()
     losses: list[float] = []
+    partner = Partner.from_env()
     warmup_s = [train_step(step) for step in range(settings.warmup)]
-    timed = range(settings.warmup, settings.warmup + settings.steps)
+    if partner:
+        partner.wait("ready")
+    end = settings.warmup + settings.steps
     with _CpuWatch() as watch:
-        step_s = [train_step(step) for step in timed]
+        step_s = [train_step(step) for step in range(settings.warmup, end)]
+    first_loss, last_loss = losses[0], losses[-1]
+    if partner:  # train on, untimed, while the other process still times its steps
+        partner.arrive("done")
+        while not partner.all_arrived("done"):
+            train_step(end)
     return {
         "step_s": step_s,
         "warmup_s": warmup_s,  # the first one holds torch.compile's compile time
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "threads": torch.get_num_threads(),
         **watch.result,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "first_loss": first_loss,
+        "last_loss": last_loss,
     }
+
+
+class Partner:
+    """Keeps a ``ctcvr_1p_pair`` worker in step with the other process of its pair, through
+    marker files in a directory both share (``_PAIR_DIR_ENV``): both start their timed steps
+    together, and the first to finish trains on until the other is done, so every timed step
+    runs beside the other process's.
+
+    Raises:
+        TimeoutError: (``wait``) the other process did not arrive within ``timeout_s``.
+    """
+
+    def __init__(self, directory: Path, name: str, timeout_s: float = 600.0) -> None:
+        self.directory, self.name, self.timeout_s = directory, name, timeout_s
+
+    @classmethod
+    def from_env(cls) -> Partner | None:
+        directory = os.environ.get(_PAIR_DIR_ENV)
+        return cls(Path(directory), name=str(os.getpid())) if directory else None
+
+    def arrive(self, stage: str) -> None:
+        (self.directory / f"{stage}-{self.name}").touch()
+
+    def all_arrived(self, stage: str) -> bool:
+        return len(list(self.directory.glob(f"{stage}-*"))) >= _PAIR
+
+    def wait(self, stage: str) -> None:
+        self.arrive(stage)
+        deadline = time.monotonic() + self.timeout_s
+        while not self.all_arrived(stage):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the other process of the pair never reached {stage!r}")
+            time.sleep(0.005)
 
 
 def _gemm(settings: Settings, dtype: torch.dtype = torch.float32) -> dict:
@@ -812,9 +867,10 @@ def _variant_command(variant: Variant, settings: Settings) -> tuple[list[str], d
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     worker = [script, "--worker", variant.value, *settings.worker_args()]
-    if variant is Variant.CTCVR_2P:
+    if variant in _ONE_THREAD:
         # 2 processes on 2 cores: one intra-op thread each, or they oversubscribe the cores.
         env["OMP_NUM_THREADS"] = "1"
+    if variant is Variant.CTCVR_2P:
         launcher = [
             sys.executable,
             "-m",
@@ -848,17 +904,16 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
     if settings.wait_idle > 0:
         _wait_for_idle(settings.wait_idle)
     command, env = _variant_command(variant, settings)
-    prefix = "OMP_NUM_THREADS=1 " if variant is Variant.CTCVR_2P else ""
+    prefix = "OMP_NUM_THREADS=1 " if variant in _ONE_THREAD else ""
     log.info("%s: %s%s", variant.value, prefix, " ".join(command))
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, cwd=_ROOT, capture_output=True, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{variant.value} worker failed (exit {proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if variant is Variant.CTCVR_1P_PAIR:
+        result = _run_pair(command, env)
+    else:
+        proc = subprocess.run(
+            command, env=env, cwd=_ROOT, capture_output=True, text=True, check=False
         )
-    result = json.loads(lines[-1][len(_RESULT_PREFIX) :])
+        result = _worker_result(variant, proc.returncode, proc.stdout, proc.stderr)
     result.update(variant=variant.value, command=prefix + " ".join(command))
     result["others_cpu_share"] = _others_cpu_share(result)
     others = result["others_cpu_share"]
@@ -869,6 +924,45 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
         "?" if others is None else f"{others:.0%}",
     )
     return result
+
+
+def _run_pair(command: list[str], env: dict[str, str]) -> dict:
+    """Two workers of ``command`` at once, meeting in a fresh directory (:class:`Partner`); one
+    result whose ranks are the two processes (a step counted as long as the slower one's, as
+    for ctcvr_2p's ranks)."""
+    with tempfile.TemporaryDirectory(prefix="ctcvr-pair-") as meeting:
+        env = {**env, _PAIR_DIR_ENV: meeting}
+        procs = [
+            subprocess.Popen(
+                command,
+                env=env,
+                cwd=_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(_PAIR)
+        ]
+        outputs = [proc.communicate() for proc in procs]
+    results = [
+        _worker_result(Variant.CTCVR_1P_PAIR, proc.returncode, out, err)
+        for proc, (out, err) in zip(procs, outputs, strict=True)
+    ]
+    return {**results[0], "world_size": _PAIR, "ranks": [r["ranks"][0] for r in results]}
+
+
+def _worker_result(variant: Variant, returncode: int, stdout: str, stderr: str) -> dict:
+    """The result line a worker printed.
+
+    Raises:
+        RuntimeError: the worker failed or printed none, with the ends of its output.
+    """
+    lines = [line for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+    if returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{variant.value} worker failed (exit {returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len(_RESULT_PREFIX) :])
 
 
 def _others_cpu_share(result: dict) -> float | None:
@@ -954,6 +1048,8 @@ class Headline:
         vs_head_only: ctcvr_1p median / head_only median.
         head_sgemm_share: head_only GFLOP/s / the sgemm peak.
         two_vs_one: ctcvr_2p median / ctcvr_1p median.
+        pair_vs_one: ctcvr_1p_pair median / ctcvr_1p median: what 2 processes of 1 thread
+            could gain over 1 of 2 threads without any collective (ctcvr_2p's ceiling).
     """
 
     strongest_plain: str | None
@@ -961,6 +1057,7 @@ class Headline:
     vs_head_only: float | None
     head_sgemm_share: float | None
     two_vs_one: float | None
+    pair_vs_one: float | None = None
 
 
 def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
@@ -978,6 +1075,7 @@ def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
         vs_head_only=ratio(Variant.CTCVR_1P.value, Variant.HEAD_ONLY.value),
         head_sgemm_share=head["gflops"] / sgemm["median"] if head and sgemm else None,
         two_vs_one=ratio(Variant.CTCVR_2P.value, Variant.CTCVR_1P.value),
+        pair_vs_one=ratio(Variant.CTCVR_1P_PAIR.value, Variant.CTCVR_1P.value),
     )
 
 
@@ -1113,6 +1211,11 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             sgemm,
         )
         + (f" ({head.two_vs_one:.2f}x)" if head.two_vs_one is not None else "")
+        + (
+            f"; without collectives (ctcvr_1p_pair) 2 processes reach {head.pair_vs_one:.2f}x"
+            if head.pair_vs_one is not None
+            else ""
+        )
         + " |"
     )
     busy = [

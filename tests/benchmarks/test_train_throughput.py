@@ -179,6 +179,12 @@ def test_the_headline_takes_the_faster_plain_path_and_each_target_gets_a_verdict
     assert "| ctcvr_1p >= 0.95 x head_only | met (0.96x) |" in table
     assert "| head_only >= 0.6 x the sgemm peak | met (0.70) |" in table
     assert "| ctcvr_2p ahead of ctcvr_1p | met (1.08x) |" in table
+    with_pair = tt.markdown_table(
+        [*rows, _row("ctcvr_1p_pair", 106.0, processes=2)], _sgemm(200.0), settings
+    )
+    assert "met (1.08x); without collectives (ctcvr_1p_pair) 2 processes reach 1.10x |" in (
+        with_pair
+    )
     assert "| head_only | 1 | 2 | 100 | 100 | 100 | 1.0 | 1.11x | 1.00x | 140.0 | 0.70 |" in table
     assert "Warning" not in table
 
@@ -291,6 +297,27 @@ def test_tiny_run_writes_table_and_chart(tmp_path):
     assert "x strongest plain" in table and "sgemm peak:" in table
 
 
+def test_tiny_run_of_the_pair_times_two_one_thread_processes_side_by_side(tmp_path):
+    raw = _run(tmp_path, "ctcvr_1p", "ctcvr_1p_pair")
+    pair = next(r for r in raw["rows"] if r["variant"] == "ctcvr_1p_pair")
+    assert pair["processes"] == 2 and pair["threads"] == 1 and pair["median"] > 0
+    ranks = raw["runs"]["ctcvr_1p_pair"][0]["ranks"]
+    assert len(ranks) == 2 and all(len(rank["step_s"]) == 2 for rank in ranks)
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "without collectives (ctcvr_1p_pair) 2 processes reach" in table
+
+
+def test_a_pair_worker_waits_for_its_partner_and_names_the_stage_it_missed(tmp_path):
+    first, second = tt.Partner(tmp_path, "a", 0.05), tt.Partner(tmp_path, "b", 0.05)
+    with pytest.raises(TimeoutError, match="never reached 'ready'"):
+        first.wait("ready")  # alone: the other process never came
+    second.wait("ready")  # returns at once: the first one's marker is there
+    first.arrive("done")
+    assert not first.all_arrived("done")
+    second.arrive("done")
+    assert first.all_arrived("done") and second.all_arrived("done")
+
+
 @pytest.mark.distributed
 def test_tiny_run_with_two_processes(tmp_path):
     raw = _run(tmp_path, "ctcvr_2p")
@@ -307,7 +334,7 @@ def test_the_head_paths_and_the_bf16_peak_run_only_when_named():
     assert "head_only" in default and "sgemm" in default
     opt_in = {"head_only_compile", "head_only_bf16", "head_only_onednn", "bf16_gemm"}
     assert not (opt_in | {"ctcvr_1p_bf16", "ctcvr_1p_adagrad"}) & set(default)
-    assert len(default) == 7  # the headline's variants, unchanged
+    assert len(default) == 8  # the headline's variants and ctcvr_2p's ceiling
 
 
 def test_summarize_keeps_each_rounds_median_and_the_first_step():
