@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import Result
 
 from trainer.data.converters import COAT_DIR, ConversionError, MnarConfig, convert_coat
 from trainer.data.converters.coat import read_coat
@@ -232,24 +233,16 @@ def test_a_missing_coat_file_is_named(tmp_path: Path) -> None:
         convert_coat(tmp_path / "out", src)
 
 
-def test_cli_converts_the_shipped_coat(tmp_path: Path) -> None:
+def _convert_coat_cli(out: Path, *flags: str) -> Result:
     from typer.testing import CliRunner
 
     from trainer.data.__main__ import app
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "convert",
-            "coat",
-            "--out",
-            str(tmp_path / "c"),
-            "--validation-fraction",
-            "0.1",
-            "--dim",
-            "8",
-        ],
-    )
+    return CliRunner().invoke(app, ["convert", "coat", "--out", str(out), *flags])
+
+
+def test_cli_converts_the_shipped_coat(tmp_path: Path) -> None:
+    result = _convert_coat_cli(tmp_path / "c", "--validation-fraction", "0.1", "--dim", "8")
     assert result.exit_code == 0, result.output
     assert "malformed lines: none" in result.output and "test    4,640   4,640" in result.output
     assert "dim: 8" in (tmp_path / "c" / "schema.yaml").read_text()
@@ -270,22 +263,8 @@ def test_ids_only_keeps_user_and_item_ids(tmp_path: Path) -> None:
 
 
 def test_cli_names_a_bad_validation_source_without_a_traceback(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from trainer.data.__main__ import app
-
-    result = CliRunner().invoke(
-        app,
-        [
-            "convert",
-            "coat",
-            "--out",
-            str(tmp_path / "c"),
-            "--validation-fraction",
-            "0.2",
-            "--validation-from",
-            "valid",
-        ],
+    result = _convert_coat_cli(
+        tmp_path / "c", "--validation-fraction", "0.2", "--validation-from", "valid"
     )
     assert result.exit_code == 1
     assert "validation_from='valid'" in result.output and "Traceback" not in result.output
