@@ -102,6 +102,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -929,25 +930,30 @@ def _run_variant(variant: Variant, settings: Settings) -> dict:
 def _run_pair(command: list[str], env: dict[str, str]) -> dict:
     """Two workers of ``command`` at once, meeting in a fresh directory (:class:`Partner`); one
     result whose ranks are the two processes (a step counted as long as the slower one's, as
-    for ctcvr_2p's ranks)."""
+    for ctcvr_2p's ranks). When one fails, the other is stopped rather than left waiting for
+    it at the meeting."""
     with tempfile.TemporaryDirectory(prefix="ctcvr-pair-") as meeting:
         env = {**env, _PAIR_DIR_ENV: meeting}
-        procs = [
-            subprocess.Popen(
-                command,
-                env=env,
-                cwd=_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(_PAIR)
+        logs = [(Path(meeting) / f"out-{i}", Path(meeting) / f"err-{i}") for i in range(_PAIR)]
+        procs = []
+        for out, err in logs:  # files, not pipes: a chatty worker cannot block on a full pipe
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                procs.append(
+                    subprocess.Popen(command, env=env, cwd=_ROOT, stdout=stdout, stderr=stderr)
+                )
+        while any(proc.poll() is None for proc in procs):
+            if any(proc.returncode not in (None, 0) for proc in procs):
+                for proc in procs:
+                    proc.kill()
+            time.sleep(0.1)
+        outputs = list(zip(procs, logs, strict=True))
+        # the worker that failed on its own is the one to report, not the partner stopped for it
+        for proc, (out, err) in sorted(outputs, key=lambda o: o[0].returncode == -signal.SIGKILL):
+            _worker_result(Variant.CTCVR_1P_PAIR, proc.returncode, out.read_text(), err.read_text())
+        results = [
+            _worker_result(Variant.CTCVR_1P_PAIR, 0, out.read_text(), err.read_text())
+            for _, (out, err) in outputs
         ]
-        outputs = [proc.communicate() for proc in procs]
-    results = [
-        _worker_result(Variant.CTCVR_1P_PAIR, proc.returncode, out, err)
-        for proc, (out, err) in zip(procs, outputs, strict=True)
-    ]
     return {**results[0], "world_size": _PAIR, "ranks": [r["ranks"][0] for r in results]}
 
 

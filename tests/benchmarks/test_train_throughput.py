@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -316,6 +318,20 @@ def test_a_pair_worker_waits_for_its_partner_and_names_the_stage_it_missed(tmp_p
     assert not first.all_arrived("done")
     second.arrive("done")
     assert first.all_arrived("done") and second.all_arrived("done")
+
+
+def test_a_failing_pair_worker_stops_its_partner_and_is_the_one_reported(tmp_path):
+    # The first worker to start exits 3 at once; the second would wait a minute for it.
+    script = (
+        "import os, sys, time\n"
+        f"try:\n    os.mkdir({str(tmp_path / 'first')!r})\n"
+        "except FileExistsError:\n    time.sleep(60)\n    sys.exit(0)\n"
+        "print('no luck', file=sys.stderr)\nsys.exit(3)\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)exit 3\).*no luck"):
+        tt._run_pair([sys.executable, "-c", script], dict(os.environ))
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.distributed
