@@ -163,6 +163,7 @@ __all__ = [
     "matmul_flops_per_row",
     "summarize",
     "synthetic_batches",
+    "wait_stopping_on_failure",
 ]
 
 log = logging.getLogger("train_throughput")
@@ -941,11 +942,7 @@ def _run_pair(command: list[str], env: dict[str, str]) -> dict:
                 procs.append(
                     subprocess.Popen(command, env=env, cwd=_ROOT, stdout=stdout, stderr=stderr)
                 )
-        while any(proc.poll() is None for proc in procs):
-            if any(proc.returncode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-            time.sleep(0.1)
+        wait_stopping_on_failure(procs)
         outputs = list(zip(procs, logs, strict=True))
         # the worker that failed on its own is the one to report, not the partner stopped for it
         for proc, (out, err) in sorted(outputs, key=lambda o: o[0].returncode == -signal.SIGKILL):
@@ -955,6 +952,16 @@ def _run_pair(command: list[str], env: dict[str, str]) -> dict:
             for _, (out, err) in outputs
         ]
     return {**results[0], "world_size": _PAIR, "ranks": [r["ranks"][0] for r in results]}
+
+
+def wait_stopping_on_failure(procs: Sequence[subprocess.Popen]) -> None:
+    """Wait until every process has ended; once one fails, kill the others (a pair's partner
+    would otherwise wait for it)."""
+    while None in (codes := [proc.poll() for proc in procs]):  # poll every one, each time
+        if any(code not in (None, 0) for code in codes):
+            for proc in procs:
+                proc.kill()
+        time.sleep(0.1)
 
 
 def _worker_result(variant: Variant, returncode: int, stdout: str, stderr: str) -> dict:

@@ -320,13 +320,26 @@ def test_a_pair_worker_waits_for_its_partner_and_names_the_stage_it_missed(tmp_p
     assert first.all_arrived("done") and second.all_arrived("done")
 
 
+def test_waiting_on_a_pair_stops_the_others_once_one_fails_whatever_its_place():
+    for failing_last in (True, False):
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        failer = [sys.executable, "-c", "import sys; sys.exit(3)"]
+        order = [sleeper, failer] if failing_last else [failer, sleeper]
+        procs = [subprocess.Popen(command) for command in order]
+        started = time.monotonic()
+        tt.wait_stopping_on_failure(procs)
+        assert time.monotonic() - started < 30
+        assert sorted(proc.returncode for proc in procs) == [-9, 3]
+
+
 def test_a_failing_pair_worker_stops_its_partner_and_is_the_one_reported(tmp_path):
-    # The first worker to start exits 3 at once; the second would wait a minute for it.
+    # The second worker to start exits 3 at once; the first waits a minute for it (the case a
+    # loop that stops polling at the first running worker would miss).
     script = (
         "import os, sys, time\n"
         f"try:\n    os.mkdir({str(tmp_path / 'first')!r})\n"
-        "except FileExistsError:\n    time.sleep(60)\n    sys.exit(0)\n"
-        "print('no luck', file=sys.stderr)\nsys.exit(3)\n"
+        "except FileExistsError:\n    print('no luck', file=sys.stderr)\n    sys.exit(3)\n"
+        "time.sleep(60)\n"
     )
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)exit 3\).*no luck"):
