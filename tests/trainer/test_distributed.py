@@ -134,6 +134,39 @@ def test_with_one_rank_the_helpers_do_not_communicate(monkeypatch):
     assert [c[0] for c in group.calls] == ["init_process_group"]
 
 
+@pytest.fixture
+def one_rank_group():
+    """A real 1-rank gloo group as this process's default group, taken down after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_dense_parameters_are_wrapped_in_ddp_only_when_there_are_ranks_to_sync_with(
+    world_size, one_rank_group
+):
+    # The sharding environment's world size is what the wrapper decides on; DDP then really
+    # wraps over the 1-rank group (TorchRec's ShardingEnv would build a device mesh of that
+    # size: the two fields the wrapper reads stand in). The real DMP of 1 and 2 ranks runs in
+    # the recipe tests, whose checkpoints move between the two.
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainer.distributed import DataParallelAcrossRanks
+
+    dmp = torch.nn.Module()  # what the wrapper reads of a DMP: the module it wraps
+    dmp._dmp_wrapped_module = dense = torch.nn.Linear(3, 1)
+    env = SimpleNamespace(world_size=world_size, process_group=one_rank_group)
+    DataParallelAcrossRanks().wrap(dmp, env, torch.device("cpu"))
+    if world_size == 1:
+        assert dmp._dmp_wrapped_module is dense
+    else:
+        assert isinstance(dmp._dmp_wrapped_module, DistributedDataParallel)
+        assert dmp._dmp_wrapped_module.module is dense
+
+
 def test_main_rank_is_rank_zero():
     cpu = torch.device("cpu")
     assert DistContext(0, 2, 0, cpu, "gloo", cpu).is_main
