@@ -36,6 +36,7 @@ from schemas.features import FeatureSchema, FeatureScope
 from serving.columns import ColumnReader, Columns, Unreadable, transpose
 from serving.features import RowError
 from serving.model import Features, RankFeatures
+from serving.typed_json import RankObjects
 
 __all__ = [
     "CandidatesForm",
@@ -138,13 +139,9 @@ class RankReader:
         top_k, order_by = body.get("top_k"), body.get("order_by")
         if type(context) is not dict:
             raise Unreadable("context must be an object")
-        if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= self.max_rows):
-            raise Unreadable(f"top_k must be an integer in [1, {self.max_rows}]")
-        if order_by is not None and (type(order_by) is not str or order_by not in _ORDERS):
-            raise Unreadable(f"order_by must be one of {sorted(_ORDERS)}")
+        self._check_options(top_k, order_by)
         if type(candidates) is list:
-            if not 1 <= len(candidates) <= self.max_rows:
-                raise Unreadable(f"candidates must be a list of 1 to {self.max_rows} objects")
+            self._check_count(len(candidates))
             form, columns, rows = CandidatesForm.OBJECTS, transpose(candidates), len(candidates)
         elif type(candidates) is dict:
             form, columns, rows = CandidatesForm.COLUMNS, candidates, None
@@ -153,10 +150,64 @@ class RankReader:
         errors = self.placement(context, columns, candidates, form, top_k, order_by)
         if errors:
             raise Misplaced(errors)
+        return self._values(context, columns, rows, form, top_k, order_by, booleans)
+
+    def read_objects(self, request: RankObjects) -> RankValues:
+        """Check and convert a request of candidate objects decoded by
+        :class:`~serving.typed_json.ObjectBodies` (its values hold no booleans).
+
+        Raises:
+            Unreadable: anything :meth:`read` refuses, misplaced features included (:meth:`read`
+                names them by candidate).
+        """
+        candidates = request.candidates
+        self._check_options(request.top_k, request.order_by)
+        self._check_count(candidates.rows)
+        form = CandidatesForm.COLUMNS  # placement only says whether, from the columns
+        if self.placement(
+            request.context,
+            candidates.columns,
+            candidates.columns,
+            form,
+            request.top_k,
+            request.order_by,
+        ):
+            raise Unreadable("features given where they may not be")
+        return self._values(
+            request.context,
+            candidates.columns,
+            candidates.rows,
+            CandidatesForm.OBJECTS,
+            request.top_k,
+            request.order_by,
+            booleans=False,
+        )
+
+    def _check_options(self, top_k: Any, order_by: Any) -> None:
+        if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= self.max_rows):
+            raise Unreadable(f"top_k must be an integer in [1, {self.max_rows}]")
+        if order_by is not None and (type(order_by) is not str or order_by not in _ORDERS):
+            raise Unreadable(f"order_by must be one of {sorted(_ORDERS)}")
+
+    def _check_count(self, rows: int) -> None:
+        if not 1 <= rows <= self.max_rows:
+            raise Unreadable(f"candidates must be a list of 1 to {self.max_rows} objects")
+
+    def _values(
+        self,
+        context: dict[str, Any],
+        columns: Mapping[str, Any],
+        rows: int | None,
+        form: CandidatesForm,
+        top_k: int | None,
+        order_by: str | None,
+        booleans: bool,
+    ) -> RankValues:
+        """Both parts read, once placement has checked what each must give."""
         none: frozenset[str] = frozenset()  # placement checked what each part must give
         context_columns = {k: [v] for k, v in context.items()}
-        if _one_entry(columns):  # one candidate: both parts read as one row (placement kept
-            # them apart), then split
+        if _one_entry(columns):
+            # one candidate: both parts read as one row (placement kept them apart), then split
             row = self.columns.read({**context_columns, **columns}, 1, none, booleans=booleans)
             context_values = Columns(1, {k: row.values[k] for k in context_columns})
             candidate_values = Columns(1, {k: row.values[k] for k in columns})

@@ -6,10 +6,13 @@ against the model's feature rules and ``Scorer.featurize(columns)`` maps them to
 mapped inputs. The service parses and maps in the request's thread, and the micro-batcher
 scores several requests' inputs in one model call.
 
-Parsing takes the fast path first: ``orjson`` and the vectorised :class:`~serving.columns.ColumnReader`.
-Only a body it refuses goes through the pydantic request model of its form, which names every bad
-value (or, for what is unusual but valid, such as an id written ``1.0``, converts it), so both
-paths accept the same requests with the same values and refuse them with the same messages.
+Parsing takes the fast path first: a body of row objects is decoded against the feature rules
+by msgspec (:class:`~serving.typed_json.ObjectBodies`), a body of columns by ``orjson``, and
+either is checked by the vectorised :class:`~serving.columns.ColumnReader`. A body of objects the
+typed decoder refuses takes the ``orjson`` path next, and only a body that path refuses goes
+through the pydantic request model of its form, which names every bad value (or, for what is
+unusual but valid, such as an id written ``1.0``, converts it), so the paths accept the same
+requests with the same values and refuse them with the same messages.
 
 Ranking requests (one context, many candidates) have their own three steps:
 ``Scorer.parse_rank``, ``Scorer.featurize_rank`` (the context mapped once) and
@@ -54,6 +57,7 @@ from serving.ranking import (
     misplaced,
     rank_error_items,
 )
+from serving.typed_json import ObjectBodies
 
 __all__ = ["RequestForm", "RequestInvalid", "Scorer", "row_errors"]
 
@@ -93,6 +97,7 @@ class Scorer:
         self.rank_model: type[BaseModel] = rank_request_model(artifact.schema, max_rows)
         self.reader = ColumnReader(artifact.schema, max_rows)
         self.rank_reader = RankReader(artifact.schema, max_rows)
+        self.objects = ObjectBodies(artifact.schema)
         schema = artifact.schema
         # every feature in one fixed order: the features a ranking batch takes from its contexts
         self._names = tuple(schema.sparse_names + schema.dense_names)
@@ -110,6 +115,12 @@ class Scorer:
                 lengths, an unknown feature, a value of the wrong type, NaN or infinity, a string
                 too long, an int beyond int64, a value out of its feature's range.
         """
+        if form is RequestForm.ROWS:
+            try:
+                rows = self.objects.rows(body)
+                return self.reader.read(rows.columns, rows.rows, booleans=False)
+            except Unreadable:
+                pass  # the untyped path, then the request model
         read = self.reader.rows_request if form is RequestForm.ROWS else self.reader.columns_request
         try:
             booleans = form is RequestForm.ROWS or may_hold_booleans(body)  # see may_hold_booleans
@@ -153,6 +164,10 @@ class Scorer:
                 in both places; a required feature (``oov: error``) given nowhere; ``order_by``
                 without ``top_k``.
         """
+        try:
+            return self.rank_reader.read_objects(self.objects.rank(body))
+        except Unreadable:
+            pass  # candidates as columns, or what the untyped path names or converts
         try:
             parsed = orjson.loads(body)
             booleans = not _candidate_columns(parsed) or may_hold_booleans(body)

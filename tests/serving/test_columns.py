@@ -1,5 +1,6 @@
-"""The fast path (orjson + the vectorised column reader) against the pydantic request models it
-stands in for, the row transposition, and the string-row cache."""
+"""The fast paths (msgspec's typed decoding of row objects, orjson; the vectorised column reader)
+against the pydantic request models they stand in for, the row transposition, and the string-row
+cache."""
 
 from __future__ import annotations
 
@@ -145,9 +146,15 @@ def _check_agreement(scorer: Scorer, form: RequestForm, body: dict) -> None:
         validated = model.model_validate_json(raw)
     except ValidationError:
         validated = None
-    for booleans in {True, may_hold_booleans(raw)}:  # the type check per value, or numpy's
+    fast_paths = [
+        lambda booleans=booleans: read(orjson.loads(raw), booleans=booleans)
+        for booleans in {True, may_hold_booleans(raw)}  # the type check per value, or numpy's
+    ]
+    if form is RequestForm.ROWS:  # the typed decoder's columns, read without a type check
+        fast_paths.append(lambda: _typed_rows(scorer, raw))
+    for fast_path in fast_paths:
         try:
-            fast = read(orjson.loads(raw), booleans=booleans)
+            fast = fast_path()
         except (orjson.JSONDecodeError, Unreadable):
             continue
         # the reader accepts only what the model accepts, with the same values
@@ -160,6 +167,11 @@ def _check_agreement(scorer: Scorer, form: RequestForm, body: dict) -> None:
     else:
         with pytest.raises(RequestInvalid):
             scorer.parse(raw, form)
+
+
+def _typed_rows(scorer: Scorer, raw: bytes):
+    rows = scorer.objects.rows(raw)
+    return scorer.reader.read(rows.columns, rows.rows, booleans=False)
 
 
 @settings(

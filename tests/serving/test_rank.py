@@ -437,7 +437,10 @@ def test_the_fast_path_accepts_exactly_what_the_rank_model_accepts(scorer, body)
     except ValidationError:
         validated = None
     for booleans in {True, may_hold_booleans(raw)}:  # the type check per value, or numpy's
-        _check_fast_path(scorer, raw, booleans, validated)
+        _check_fast_path(scorer, raw, validated, lambda b=booleans: _untyped(scorer, raw, b))
+    _check_fast_path(  # candidate objects decoded by msgspec, read without a type check
+        scorer, raw, validated, lambda: scorer.rank_reader.read_objects(scorer.objects.rank(raw))
+    )
     if validated is None:
         with pytest.raises(RequestInvalid):
             scorer.parse_rank(raw)
@@ -451,10 +454,14 @@ def test_the_fast_path_accepts_exactly_what_the_rank_model_accepts(scorer, body)
 _PLACEMENT = {"feature_twice", "missing", "missing_top_k"}  # what JSON Schema cannot say
 
 
-def _check_fast_path(scorer, raw: bytes, booleans: bool, validated) -> None:
-    """The reader accepts only what the rank model accepts, with the same scores."""
+def _untyped(scorer, raw: bytes, booleans: bool):
+    return scorer.rank_reader.read(orjson.loads(raw), booleans=booleans)
+
+
+def _check_fast_path(scorer, raw: bytes, validated, fast_path) -> None:
+    """A fast path accepts only what the rank model accepts, with the same scores."""
     try:
-        fast = scorer.rank_reader.read(orjson.loads(raw), booleans=booleans)
+        fast = fast_path()
     except (orjson.JSONDecodeError, Unreadable, Misplaced):
         return
     assert validated is not None, raw
