@@ -6,9 +6,10 @@ rows are transposed (:func:`transpose`). :class:`ColumnReader` holds every value
 (every single-valued id column together, every dense column together, then each string and list
 column): a single pass over the Python values learns their types (``set(map(type, values))``, so
 a ``true`` is never taken for a ``1``), then one numpy conversion and vectorised range checks
-replace a validator call per value. When the JSON text holds no ``true`` or ``false`` at all
-(:func:`may_hold_booleans`), no value can be a boolean, and numpy's own type inference, in C,
-settles the numbers of a column without that pass.
+replace a validator call per value. When no value can be a boolean, numpy's own type inference,
+in C, settles the numbers of a column without that pass: when the JSON text holds no ``true`` or
+``false`` at all (:func:`may_hold_booleans`), and for the row objects that
+:class:`~serving.typed_json.ObjectBodies` has decoded against the same rules.
 
 The reader only says *whether* a request is valid. When it is not (:class:`Unreadable`), the
 service validates the body again with the pydantic request model, whose messages name every bad
@@ -133,8 +134,8 @@ class ColumnReader:
             required: the features that must be given; default: every one under ``oov: error``
                 (a ranking request's parts require what the other part does not give).
             booleans: whether a value may be a boolean; False when the JSON text holds no
-                ``true`` or ``false`` (:func:`may_hold_booleans`), which lets numpy's own type
-                inference check numbers.
+                ``true`` or ``false`` (:func:`may_hold_booleans`) or a typed decoder refused
+                them, which lets numpy's own type inference check numbers.
 
         Raises:
             Unreadable: an unknown or missing required feature, columns of different or
@@ -375,5 +376,6 @@ def may_hold_booleans(body: bytes) -> bool:
     candidate objects repeat every feature name beside each value, so there the type check per
     value is cheaper than searching the text, and the scorer skips the search (measured on
     256-row bodies: objects 40 us faster with the type check, columns 15-90 us faster with the
-    search)."""
+    search). Ordinary bodies of objects do not come here: msgspec types them
+    (:mod:`serving.typed_json`)."""
     return b"true" in body or b"false" in body
