@@ -943,13 +943,14 @@ def _run_pair(command: list[str], env: dict[str, str]) -> dict:
                     subprocess.Popen(command, env=env, cwd=_ROOT, stdout=stdout, stderr=stderr)
                 )
         wait_stopping_on_failure(procs)
-        outputs = list(zip(procs, logs, strict=True))
-        # the worker that failed on its own is the one to report, not the partner stopped for it
-        for proc, (out, err) in sorted(outputs, key=lambda o: o[0].returncode == -signal.SIGKILL):
-            _worker_result(Variant.CTCVR_1P_PAIR, proc.returncode, out.read_text(), err.read_text())
+        # The worker that failed on its own is read first, so it is the one reported, not the
+        # partner stopped for it (the sort is stable: with no failure the order is the launch's).
+        outputs = sorted(
+            zip(procs, logs, strict=True), key=lambda o: o[0].returncode == -signal.SIGKILL
+        )
         results = [
-            _worker_result(Variant.CTCVR_1P_PAIR, 0, out.read_text(), err.read_text())
-            for _, (out, err) in outputs
+            _worker_result(Variant.CTCVR_1P_PAIR, proc.returncode, out.read_text(), err.read_text())
+            for proc, (out, err) in outputs
         ]
     return {**results[0], "world_size": _PAIR, "ranks": [r["ranks"][0] for r in results]}
 
