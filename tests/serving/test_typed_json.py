@@ -36,11 +36,16 @@ def _without(row: dict, names) -> dict:
     return {k: v for k, v in row.items() if k not in names}
 
 
-def test_valid_bodies_of_objects_take_the_typed_path(scorer, scoped_edge_model, monkeypatch):
+def test_valid_bodies_of_objects_take_the_typed_path_and_score_as_columns_do(
+    scorer, scoped_edge_model, monkeypatch
+):
     rows = scoped_edge_model.rows[:MAX_ROWS]  # nulls, absent keys, OOV ids, lists, strings
     body = _ranking(rows)
-    expected_rows = scorer.predict(scorer.prepare(orjson.dumps({"rows": rows})))
-    expected_rank = scorer.predict(scorer.prepare_rank(orjson.dumps(body)).features)
+    # expected: the same impressions as columns, which the typed decoder never reads
+    by_columns = orjson.dumps({"columns": as_columns(rows)})
+    expected_rows = scorer.predict(scorer.prepare(by_columns, RequestForm.COLUMNS))
+    rank_columns = orjson.dumps({**body, "candidates": as_columns(body["candidates"])})
+    expected_rank = scorer.predict(scorer.prepare_rank(rank_columns).features)
 
     def refuse(*args, **kwargs):
         raise AssertionError("an untyped path was taken")
@@ -50,19 +55,10 @@ def test_valid_bodies_of_objects_take_the_typed_path(scorer, scoped_edge_model, 
     for model in (scorer.request_model, scorer.rank_model):
         monkeypatch.setattr(model, "model_validate_json", refuse)
     rows_features = scorer.prepare(orjson.dumps({"rows": rows}))
-    np.testing.assert_array_equal(scorer.predict(rows_features), expected_rows)
+    np.testing.assert_allclose(scorer.predict(rows_features), expected_rows, atol=1e-6, rtol=0)
     ranked = scorer.prepare_rank(orjson.dumps({**body, "top_k": 3, "order_by": "pcvr"}))
     assert (ranked.top_k, ranked.order_by.value) == (3, "pcvr")
-    np.testing.assert_array_equal(scorer.predict(ranked.features), expected_rank)
-
-
-def test_the_typed_path_scores_as_the_columns_form(scorer, scoped_edge_model):
-    rows = scoped_edge_model.rows[:MAX_ROWS]
-    by_rows = scorer.prepare(orjson.dumps({"rows": rows}))
-    by_columns = scorer.prepare(orjson.dumps({"columns": as_columns(rows)}), RequestForm.COLUMNS)
-    np.testing.assert_allclose(
-        scorer.predict(by_rows), scorer.predict(by_columns), atol=1e-6, rtol=0
-    )
+    np.testing.assert_allclose(scorer.predict(ranked.features), expected_rank, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
