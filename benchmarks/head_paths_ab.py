@@ -30,9 +30,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent))
 import train_throughput as tt
 
+from schemas.host_memory import tune_host_allocator
 from trainer.config import DenseOptimizerConfig
 from trainer.distributed import dense_adam
-from trainer.host_memory import tune_host_allocator
 from trainer.objectives import build_objective
 from trainer.train_module import TrainModule
 

@@ -10,7 +10,8 @@ Outputs, under ``--out`` (default ``benchmarks/results``):
 
 - ``serving.md``: one row per cell (model precision, worker processes, request form, rows per
   request, concurrency): rows/s and requests/s (median over rounds, with min and max), p50 / p99
-  latency, errors, rows per model call (one worker only: each worker counts its own), the ratio
+  latency, errors, rows per model call (one worker only: each worker counts its own), the
+  service's page faults per scored row (the most over rounds: ~0 once its memory is reused), the ratio
   to the raw model's rows/s of the same round, and beside it the CPU shares of the load
   generator, of the service and of every other process during the cell; then the in-process
   table (the raw model, and each form validated, mapped and scored without HTTP), then each
@@ -152,9 +153,8 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()  # fields from the state on (comm may hold spaces)
 
 
-def process_cpu_s(pid: int, tree: bool = False) -> float:
-    """CPU seconds (user + system) of process ``pid``, with ``tree`` of its live descendants too
-    (a service's worker processes)."""
+def _processes(pid: int, tree: bool) -> set[int]:
+    """``pid``, with ``tree`` its live descendants too (a service's worker processes)."""
     pids = {pid}
     if tree:
         parents: dict[int, list[int]] = {}
@@ -167,12 +167,28 @@ def process_cpu_s(pid: int, tree: bool = False) -> float:
                 if child not in pids:
                     pids.add(child)
                     todo.append(child)
+    return pids
+
+
+def _stat_total(pid: int, tree: bool, columns: tuple[int, ...]) -> int:
     total = 0
-    for p in pids:
+    for p in _processes(pid, tree):
         fields = _stat(p)
         if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+            total += sum(int(fields[k]) for k in columns)
+    return total
+
+
+def process_cpu_s(pid: int, tree: bool = False) -> float:
+    """CPU seconds (user + system) of process ``pid``, with ``tree`` of its live descendants too
+    (a service's worker processes)."""
+    return _stat_total(pid, tree, (11, 12)) / TICK  # utime, stime
+
+
+def process_minor_faults(pid: int, tree: bool = False) -> int:
+    """Minor page faults of process ``pid`` (and, with ``tree``, its live descendants): pages
+    the kernel mapped on first touch, such as the fresh memory of a tensor."""
+    return _stat_total(pid, tree, (7,))  # minflt
 
 
 @dataclass(frozen=True)
@@ -282,8 +298,10 @@ async def _load(args: argparse.Namespace, bodies: list[bytes]) -> dict:
     async def window() -> None:  # the CPU accounting covers the measured seconds only
         await asyncio.sleep(args.warmup)
         out["cpu_start"] = CpuWindow.now(_ours(args.server_pid))
+        out["faults_start"] = process_minor_faults(args.server_pid, tree=True)
         await asyncio.sleep(args.duration)
         out["cpu_end"] = CpuWindow.now(_ours(args.server_pid))
+        out["faults_end"] = process_minor_faults(args.server_pid, tree=True)
 
     await asyncio.gather(
         window(),
@@ -297,6 +315,7 @@ async def _load(args: argparse.Namespace, bodies: list[bytes]) -> dict:
         "errors": out["errors"],
         "seconds": max(out["last"] - out["measure_from"], 1e-9),
         "cpu": out["cpu_start"].shares(out["cpu_end"]),
+        "service_faults": out["faults_end"] - out["faults_start"],
     }
 
 
@@ -526,6 +545,8 @@ def _cell(
         "p50_ms": 1000 * _percentile(lat, 0.50),
         "p99_ms": 1000 * _percentile(lat, 0.99),
         "mean_batch_rows": batch,
+        # pages the service faulted in per scored row: ~0 once its memory is reused
+        "faults_per_row": load["service_faults"] / max(len(lat) * size, 1),
         "cpu": load["cpu"],
     }
 
@@ -886,6 +907,7 @@ def summarise_cells(cells: list[dict], raw: list[dict]) -> list[dict]:
                 "errors": sum(c["errors"] for c in mine),
                 "requests": sum(c["requests"] for c in mine),
                 "mean_batch_rows": statistics.mean(batches) if batches else None,
+                "faults_per_row": max(c["faults_per_row"] for c in mine),
                 "vs_raw_model": median / model[precision, size]
                 if (precision, size) in model
                 else None,
@@ -1035,9 +1057,9 @@ def markdown(report: dict) -> str:
         (
             "| precision | workers | form | rows/request | concurrency | rows/s (median) "
             "| min..max | requests/s | p50 ms | p99 ms | errors | rows per model call "
-            "| vs raw model | CPU: load generator | CPU: service | CPU: others |"
+            "| page faults per row | vs raw model | CPU: load generator | CPU: service | CPU: others |"
         ),
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- |" + " ---: |" * 14,
     ]
     for c in report["cells"]:
         batch = "–" if c["mean_batch_rows"] is None else f"{c['mean_batch_rows']:.1f}"
@@ -1046,7 +1068,7 @@ def markdown(report: dict) -> str:
             f"| {c['precision']} | {c['workers']} | {c['form']} | {c['rows']} | {c['concurrency']} "
             f"| {c['rows_per_s']:,.0f} | {c['rows_per_s_min']:,.0f}..{c['rows_per_s_max']:,.0f} "
             f"| {c['requests_per_s']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {c['errors']} "
-            f"| {batch} | {ratio} | {_pct(c['loadgen_cpu'])} | {_pct(c['service_cpu'])} "
+            f"| {batch} | {c['faults_per_row']:.3f} | {ratio} | {_pct(c['loadgen_cpu'])} | {_pct(c['service_cpu'])} "
             f"| {_pct(c['others_cpu'])} |"
         )
     lines += [

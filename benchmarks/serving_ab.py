@@ -4,15 +4,19 @@
 to the next, two of its runs do not compare. Here the service of a base revision (checked out
 into a temporary git worktree) and the service of the working tree run side by side on the same
 model, each idle while the other is measured, and every cell runs ``--pairs`` times against
-each, in alternating order, so each pair saw the same outside load. Run from the repository
-root::
+each, in alternating order, so each pair saw the same outside load. With ``--restart`` every
+run starts a service of its own instead, which samples what varies from one start to the next
+(such as how the C allocator's heaps settle) instead of keeping one start's draw. Run from the
+repository root::
 
     .venv/bin/python benchmarks/serving_ab.py --base bb3bc0e --name small_on_loop
+    .venv/bin/python benchmarks/serving_ab.py --base 4f27091 --name kept_memory \
+        --cells rank:256:32:1 --precision int8 --restart
 
 Writes ``results/serving_ab/<name>.{md,json}``: per cell (form, rows per request, concurrency,
-worker processes), each version's median requests/s and p50 / p99 latency over the pairs, the
-median of the per-pair ratios (this tree over the base), and the largest CPU share other
-processes took; a cell whose pairs saw other processes above 10 % of the CPUs reads
+worker processes), each version's median requests/s, p50 / p99 latency and page faults per scored
+row over the pairs, the median of the per-pair ratios (this tree over the base), and the largest
+CPU share other processes took; a cell whose pairs saw other processes above 10 % of the CPUs reads
 "inconclusive".
 """
 
@@ -87,7 +91,7 @@ def summarise(cell: tuple[str, int, int, int], runs: dict[str, list[dict]]) -> d
         **{
             f"{k} {m}": statistics.median(r[key] for r in v)
             for k, v in runs.items()
-            for m, key in (("p50_ms", "p50_ms"), ("p99_ms", "p99_ms"))
+            for m, key in (("p50_ms", "p50_ms"), ("p99_ms", "p99_ms"), ("faults", "faults_per_row"))
         },
         **{f"{k} requests_per_s": statistics.median(v) for k, v in rates.items()},
         "ratio": statistics.median(t / b for t, b in zip(rates["this tree"], rates["base"])),
@@ -103,10 +107,10 @@ def markdown(rows: list[dict], base: str, settings: dict) -> str:
         "",
         (
             "| form | rows | concurrency | workers | req/s base | req/s this | x base (median of "
-            "pairs) | p99 ms base | p99 ms this | p50 ms base | p50 ms this | errors "
-            "| others (max) | verdict |"
+            "pairs) | p99 ms base | p99 ms this | p50 ms base | p50 ms this | page faults per "
+            "row base | page faults per row this | errors | others (max) | verdict |"
         ),
-        "| --- |" + " ---: |" * 12 + " --- |",
+        "| --- |" + " ---: |" * 14 + " --- |",
     ]
     for r in rows:
         busy = r["others"] > bench.BUSY_SHARE
@@ -115,7 +119,8 @@ def markdown(rows: list[dict], base: str, settings: dict) -> str:
             f"| {r['base requests_per_s']:,.0f} | {r['this tree requests_per_s']:,.0f} "
             f"| {r['ratio']:.2f}x ({min(r['ratios']):.2f}-{max(r['ratios']):.2f}) "
             f"| {r['base p99_ms']:.2f} | {r['this tree p99_ms']:.2f} "
-            f"| {r['base p50_ms']:.2f} | {r['this tree p50_ms']:.2f} | {r['errors']} "
+            f"| {r['base p50_ms']:.2f} | {r['this tree p50_ms']:.2f} "
+            f"| {r['base faults']:.3f} | {r['this tree faults']:.3f} | {r['errors']} "
             f"| {r['others']:.0%} | {'inconclusive: others above 10 %' if busy else 'measured'} |"
         )
     lines += [
@@ -123,9 +128,16 @@ def markdown(rows: list[dict], base: str, settings: dict) -> str:
         (
             f"{settings['pairs']} pairs per cell, {settings['duration']} s measured after "
             f"{settings['warmup']} s warmup per run; the two versions' runs alternate (base first "
-            "in even pairs). Requests/s, p50 and p99 are medians over the pairs; latency from the "
-            "first byte sent to the last byte received. Model: the demo architecture with random "
-            "weights (as `serving.py`), float tables; service defaults, 1 torch thread."
+            "in even pairs), "
+            + (
+                "each run against a service started for it"
+                if settings["restart"]
+                else "each version's service started once"
+            )
+            + ". Requests/s, p50, p99 and page faults per row are medians over the pairs; latency "
+            "from the first byte sent to the last byte received. Model: the demo architecture "
+            f"with random weights (as `serving.py`), {settings['precision']} tables; service "
+            "defaults, 1 torch thread."
         ),
     ]
     return "\n".join(lines) + "\n"
@@ -146,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--precision", choices=("float", "int8"), default="float")
+    parser.add_argument(
+        "--restart", action="store_true", help="start a service for every run (default: once)"
+    )
     parser.add_argument("--out", default="benchmarks/results/serving_ab")
     args = parser.parse_args(argv)
     settings = bench.Settings(duration=args.duration, warmup=args.warmup)
@@ -154,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ctcvr-ab-") as tmp, checkout(args.base) as base:
         work = Path(tmp)
         rows, schema_path = bench._request_rows(work, 20_000, None)
-        model = bench._export(bench._demo_run(work, schema_path), work / "model", "float")
+        model = bench._export(bench._demo_run(work, schema_path), work / "model", args.precision)
+        if model is None:
+            parser.error(f"this tree's exporter cannot write {args.precision} tables")
         from schemas import load_schema
 
         context = bench.context_names(load_schema(schema_path))
@@ -163,27 +181,37 @@ def main(argv: list[str] | None = None) -> int:
             files[form, size] = work / f"bodies_{form}_{size}.jsonl"
             pool = bench.request_bodies(rows, size, 64, form, context)
             files[form, size].write_text("\n".join(b.decode() for b in pool) + "\n")
+        repos = {"base": base, "this tree": REPO}
         results = []
         with ExitStack() as stack:
-            services = {
+            kept = {
                 (name, count): stack.enter_context(
                     bench.service(model, work / f"{name}-{count}.log", count, 1, repo=repo)
                 )
-                for name, repo in (("base", base), ("this tree", REPO))
+                for name, repo in repos.items()
                 for count in sorted({c[3] for c in args.cells})
+                if not args.restart
             }
+
+            def run(name: str, cell: tuple[str, int, int, int]) -> dict:
+                form, size, clients, count = cell
+                with ExitStack() as own:
+                    url, pid = kept.get((name, count)) or own.enter_context(
+                        bench.service(
+                            model, work / f"{name}-{count}.log", count, 1, repo=repos[name]
+                        )
+                    )
+                    return bench._cell(
+                        url, pid, files[form, size], form, size, clients, count, settings
+                    )
+
             for cell in args.cells:
                 form, size, clients, count = cell
                 runs: dict[str, list[dict]] = {"base": [], "this tree": []}
                 for pair in range(args.pairs):
                     order = ["base", "this tree"] if pair % 2 == 0 else ["this tree", "base"]
                     for name in order:
-                        url, pid = services[name, count]
-                        runs[name].append(
-                            bench._cell(
-                                url, pid, files[form, size], form, size, clients, count, settings
-                            )
-                        )
+                        runs[name].append(run(name, cell))
                 summary = summarise(cell, runs)
                 results.append(summary)
                 print(

@@ -68,7 +68,7 @@ expert_sizes=[256], tower_sizes=[128, 64])`` over 20 single-valued sparse fields
 same pool of synthetic batches (Zipf-distributed ids, ~4 % clicks, ~5 % of clicks convert) made
 before the timed loop; the dense parameters' optimizer is the product's (``dense_adam``) in every
 variant, and every worker process tunes the host allocator as the trainer does
-(``trainer.host_memory``, unless ``--allocator default``). The variants differ in the embedding
+(``schemas.host_memory``, unless ``--allocator default``). The variants differ in the embedding
 stage only, so:
 
 - **ctcvr over the strongest plain path** (the faster of ``plain_sparse_adam`` and
@@ -122,6 +122,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from schemas import FeatureSchema
+from schemas.host_memory import tune_host_allocator
 from trainer.builders import build_model
 from trainer.config import (
     DenseOptimizerConfig,
@@ -142,7 +143,6 @@ from trainer.distributed import (
     shard_model,
     shutdown_distributed,
 )
-from trainer.host_memory import tune_host_allocator
 from trainer.model import CtcvrModel, embedding_bag_configs
 from trainer.objectives import build_objective
 from trainer.train_module import TrainModule
@@ -267,7 +267,7 @@ _PAYS = 1.10  # a head path pays when faster than head_only by this factor in ev
 
 @unique
 class Allocator(str, Enum):
-    TUNED = "tuned"  # trainer.host_memory.tune_host_allocator(), as the trainer runs
+    TUNED = "tuned"  # schemas.host_memory.tune_host_allocator(), as the trainer runs
     DEFAULT = "default"  # the C library's defaults
 
 

@@ -3,7 +3,8 @@
 ``schemas.features`` describes the features, ``schemas.hashing`` maps raw values to rows,
 ``schemas.rules`` holds the feature rules both the trainer's reader and the service's featurizer
 apply (OOV policy, list truncation, dense default and normalisation), ``schemas.api`` the request
-and response models, ``schemas.artifact`` the exported model's format.
+and response models, ``schemas.artifact`` the exported model's format, ``schemas.host_memory``
+the allocator settings of every process that trains or scores.
 """
 
 from schemas.features import (

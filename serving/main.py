@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from schemas.api import RankRequest, ScoreColumnsRequest, ScoreRequest
+from schemas.host_memory import tune_host_allocator
 from serving.artifact import ArtifactError
 from serving.batching import MicroBatcher
 from serving.config import ServingSettings, get_settings
@@ -73,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher: MicroBatcher = app.state.batcher
     follower: RepositoryFollower | None = app.state.follower
     torch.set_num_threads(settings.torch_threads)
+    tune_host_allocator()  # a batch reuses the last one's memory (schemas.host_memory)
     if registry.current is None:
         try:
             if follower is not None:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from schemas import FeatureSchema, load_schema
+from schemas.host_memory import tune_host_allocator
 from schemas.layout import SCHEMA_FILE
 from trainer.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config, to_dict
@@ -45,7 +46,6 @@ from trainer.distributed import (
 )
 from trainer.evaluation import format_table
 from trainer.evaluation.predict import evaluate, evaluation_reader
-from trainer.host_memory import tune_host_allocator
 from trainer.objectives import LossOutput
 from trainer.pruning import density_report, format_density
 from trainer.run_dir import CheckpointDir, RunDir

@@ -16,11 +16,14 @@ SCRIPT = ROOT / "benchmarks" / "serving_ab.py"
 ab = load_benchmark(SCRIPT, "serving_ab")
 
 
-def _run(rows_per_s: float, p99: float, others: float, errors: int = 0) -> dict:
+def _run(
+    rows_per_s: float, p99: float, others: float, errors: int = 0, faults: float = 0.0
+) -> dict:
     return {
         "rows_per_s": rows_per_s,
         "p50_ms": p99 / 2,
         "p99_ms": p99,
+        "faults_per_row": faults,
         "errors": errors,
         "cpu": {"others": others},
     }
@@ -37,7 +40,7 @@ def test_the_ratio_is_the_median_of_ratios_within_pairs():
     # 1.25), while the ratio of the medians (300 / 200) would be 1.5.
     cell = ("rank", 2, 8, 1)
     runs = {
-        "base": [_run(400, 10.0, 0.02), _run(200, 30.0, 0.03), _run(500, 8.0, 0.01)],
+        "base": [_run(400, 10.0, 0.02, faults=1.0), _run(200, 30.0, 0.03), _run(500, 8.0, 0.01)],
         "this tree": [_run(600, 9.0, 0.02), _run(250, 20.0, 0.04, errors=1), _run(600, 7.0, 0.0)],
     }
     summary = ab.summarise(cell, runs)
@@ -46,6 +49,7 @@ def test_the_ratio_is_the_median_of_ratios_within_pairs():
     assert summary["ratios"] == pytest.approx([1.5, 1.25, 1.2])
     assert summary["ratio"] == pytest.approx(1.25)
     assert summary["base p99_ms"] == 10.0 and summary["this tree p99_ms"] == 9.0
+    assert summary["base faults"] == 0.0 and summary["this tree faults"] == 0.0  # medians
     assert summary["errors"] == 1
     assert summary["others"] == 0.04
 
@@ -56,11 +60,13 @@ def test_a_cell_that_other_processes_slowed_reads_inconclusive():
         cell, {"base": [_run(100, 5.0, 0.02)], "this tree": [_run(120, 4.0, 0.05)]}
     )
     busy = ab.summarise(cell, {"base": [_run(100, 5.0, 0.12)], "this tree": [_run(120, 4.0, 0.0)]})
-    text = ab.markdown([quiet, busy], "abc1234", {"pairs": 1, "duration": 2.0, "warmup": 0.5})
+    settings = {"pairs": 1, "duration": 2.0, "warmup": 0.5, "precision": "int8", "restart": True}
+    text = ab.markdown([quiet, busy], "abc1234", settings)
     quiet_line, busy_line = [line for line in text.splitlines() if line.startswith("| rows |")]
     assert "1.20x (1.20-1.20)" in quiet_line and quiet_line.endswith("| measured |")
     assert busy_line.endswith("| 12% | inconclusive: others above 10 % |")
     assert "against abc1234" in text
+    assert "int8 tables" in text and "each run against a service started for it" in text
 
 
 def test_loading_it_leaves_the_service_package_importable():

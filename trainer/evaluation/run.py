@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas import storage
+from schemas.host_memory import tune_host_allocator
 from trainer.distributed import init_distributed, quiet_library_warnings, shutdown_distributed
 from trainer.evaluation.predict import evaluate, evaluation_reader
 from trainer.evaluation.report import report_files
-from trainer.host_memory import tune_host_allocator
 from trainer.run_dir import RunDir
 from trainer.run_model import restore_model
 
