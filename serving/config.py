@@ -24,6 +24,8 @@ variable                        default          meaning
 ``CTCVR_MAX_QUEUE_ROWS``        ``65536``        rows allowed to wait for the model (503 beyond)
 ``CTCVR_REQUEST_TIMEOUT_S``     ``10.0``         longest wait for a score (503 beyond)
 ``CTCVR_TORCH_THREADS``         ``1``            intra-op threads of the model call
+``CTCVR_GIL_SWITCH_MS``         ``0.1``          longest a thread holds the GIL while another
+                                                 waits for it (Python's default: 5 ms)
 ``CTCVR_LOG_LEVEL``             ``info``         log level
 ``CTCVR_ENVIRONMENT``           ``development``  ``production`` refuses missing or short tokens
 ==============================  ===============  =================================================
@@ -101,6 +103,15 @@ class ServingSettings(BaseSettings):
     max_queue_rows: int = Field(default=65_536, ge=1)
     request_timeout_s: float = Field(default=10.0, gt=0.0)
     torch_threads: int = Field(default=1, ge=1, le=256)
+    gil_switch_ms: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1000.0,
+        description="Python's switch interval: how long the thread holding the GIL keeps it "
+        "while another waits. The micro-batcher's thread takes the GIL back after every torch "
+        "operation; with Python's 5 ms it waited behind the parsing of other requests (see "
+        "serving.main)",
+    )
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     environment: Environment = Environment.DEVELOPMENT
 

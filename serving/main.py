@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -75,6 +76,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     follower: RepositoryFollower | None = app.state.follower
     torch.set_num_threads(settings.torch_threads)
     tune_host_allocator()  # a batch reuses the last one's memory (schemas.host_memory)
+    # The batcher's thread takes the GIL back after each torch operation of a model call, while
+    # the loop's thread parses other requests with it held: with Python's 5 ms switch interval a
+    # 4,096-row batch spent half its time waiting (benchmarks/README.md, "The GIL handed over
+    # sooner").
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     if registry.current is None:
         try:
             if follower is not None:

@@ -153,3 +153,12 @@ def test_the_service_collects_garbage_less_often(client):
     from serving.main import GC_YOUNG_THRESHOLD
 
     assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+
+
+def test_startup_sets_the_gil_switch_interval(make_client):
+    before = sys.getswitchinterval()
+    try:
+        make_client(gil_switch_ms=0.25)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        sys.setswitchinterval(before)
