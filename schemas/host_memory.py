@@ -16,7 +16,7 @@ freed so far). Either way the kernel zero-fills the memory again page by page, o
 * in the service, the micro-batcher's thread has a heap (arena) of its own, and after each batch
   its top holds all of the batch's freed intermediates: over HTTP (``/v1/rank``, 256 candidates,
   concurrency 32, one worker, int8 tables) 0.36 to 1.1 page faults per scored row and 210,000 to
-  300,000 rows/s over three server starts (how often the arena trims depends on what else it
+  302,000 rows/s over three server starts (how often the arena trims depends on what else it
   holds), against 0.004 faults per row and 314,000 to 334,000 rows/s tuned (``benchmarks/README.md``,
   "Freed memory kept for the next batch").
 
