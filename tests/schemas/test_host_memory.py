@@ -30,18 +30,19 @@ _FAULTS = textwrap.dedent(
 )
 
 
-def _faults(mode: str) -> int:
+def _printed(script: str, mode: str) -> float:
+    """The number ``script`` prints last, run in a fresh interpreter with argument ``mode``."""
     proc = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
     )
-    return int(proc.stdout.split()[-1])
+    return float(proc.stdout.split()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
 def test_a_tuned_process_reuses_large_blocks_instead_of_faulting_them_in():
     pages = 10 * 40 * 2**20 // 4096
-    assert _faults("default") > pages // 2  # fresh mappings: every page faults on first write
-    assert _faults("tuned") < pages // 20  # freed heap blocks again
+    assert _printed(_FAULTS, "default") > pages // 2  # fresh mappings: every page faults
+    assert _printed(_FAULTS, "tuned") < pages // 20  # freed heap blocks again
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
@@ -73,18 +74,11 @@ _THREAD_BATCHES = textwrap.dedent(
 )
 
 
-def _thread_faults_per_batch(mode: str) -> float:
-    proc = subprocess.run(
-        [sys.executable, "-c", _THREAD_BATCHES, mode], capture_output=True, text=True, check=True
-    )
-    return float(proc.stdout.split()[-1])
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
 def test_a_thread_of_a_tuned_process_reuses_its_last_batch_memory():
     pages = 5 * 4 * 2**20 // 4096
-    assert _thread_faults_per_batch("default") > pages // 4  # its heap's top given back each time
-    assert _thread_faults_per_batch("tuned") < pages // 100
+    assert _printed(_THREAD_BATCHES, "default") > pages // 4  # the heap's top given back each time
+    assert _printed(_THREAD_BATCHES, "tuned") < pages // 100
 
 
 @pytest.mark.parametrize(
