@@ -11,8 +11,8 @@ Outputs, under ``--out`` (default ``benchmarks/results``):
 - ``serving.md``: one row per cell (model precision, worker processes, request form, rows per
   request, concurrency): rows/s and requests/s (median over rounds, with min and max), p50 / p99
   latency, errors, rows per model call (one worker only: each worker counts its own), the
-  service's page faults per scored row (the most over rounds: ~0 once its memory is reused), the ratio
-  to the raw model's rows/s of the same round, and beside it the CPU shares of the load
+  service's page faults per scored row (the most over rounds: ~0 once its memory is reused),
+  the ratio to the raw model's rows/s of the same round, and beside it the CPU shares of the load
   generator, of the service and of every other process during the cell; then the in-process
   table (the raw model, and each form validated, mapped and scored without HTTP), then each
   target's verdict. The same text is printed.
@@ -1057,7 +1057,8 @@ def markdown(report: dict) -> str:
         (
             "| precision | workers | form | rows/request | concurrency | rows/s (median) "
             "| min..max | requests/s | p50 ms | p99 ms | errors | rows per model call "
-            "| page faults per row | vs raw model | CPU: load generator | CPU: service | CPU: others |"
+            "| page faults per row | vs raw model | CPU: load generator | CPU: service "
+            "| CPU: others |"
         ),
         "| --- | ---: | --- |" + " ---: |" * 14,
     ]
@@ -1068,8 +1069,8 @@ def markdown(report: dict) -> str:
             f"| {c['precision']} | {c['workers']} | {c['form']} | {c['rows']} | {c['concurrency']} "
             f"| {c['rows_per_s']:,.0f} | {c['rows_per_s_min']:,.0f}..{c['rows_per_s_max']:,.0f} "
             f"| {c['requests_per_s']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {c['errors']} "
-            f"| {batch} | {c['faults_per_row']:.3f} | {ratio} | {_pct(c['loadgen_cpu'])} | {_pct(c['service_cpu'])} "
-            f"| {_pct(c['others_cpu'])} |"
+            f"| {batch} | {c['faults_per_row']:.3f} | {ratio} | {_pct(c['loadgen_cpu'])} "
+            f"| {_pct(c['service_cpu'])} | {_pct(c['others_cpu'])} |"
         )
     lines += [
         "",
