@@ -21,7 +21,9 @@ scores. Two paths, by the rows a model call would get:
   once, and hands each request its own slice of the scores, in order. A lone request never
   waits; under load requests pile up while the model runs, so batches grow and throughput with
   them. Large operations release the GIL, so the next requests are parsed on the other core
-  while a batch is scored. :meth:`MicroBatcher.submit` (from any thread) always takes this path.
+  while a batch is scored; between operations the worker needs the GIL back, which the thread
+  parsing hands over within ``CTCVR_GIL_SWITCH_MS`` (``serving.main`` sets Python's switch
+  interval to it). :meth:`MicroBatcher.submit` (from any thread) always takes this path.
 
 Each queued request carries the scorer that validated it: after a hot reload, requests validated
 against the old model are still scored by it (a batch never mixes models), so no request is
