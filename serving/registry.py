@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from schemas.api import ReloadResponse
+from schemas.host_memory import release_free_memory
 from serving.artifact import ArtifactError, load_artifact
 from serving.config import DEFAULT_MODEL_CACHE
 from serving.fetch import is_remote, local_model_dir
@@ -113,6 +114,7 @@ class ModelRegistry:
             ArtifactError: it cannot be fetched or served (named).
         """
         artifact = load_artifact(local_model_dir(model_dir, self.model_cache))
+        release_free_memory()  # the load's temporaries: the heaps keep freed memory otherwise
         return Scorer(
             artifact, self.max_rows, model_dir=model_dir if is_remote(model_dir) else None
         )

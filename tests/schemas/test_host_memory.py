@@ -93,3 +93,33 @@ def test_thresholds_the_environment_sets_are_left_alone(monkeypatch, name, value
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setenv(name, value)
     assert host_memory.tune_host_allocator() is False
+
+
+# Resident MiB of a tuned process after it frees 256 MiB of heap blocks, then after it releases
+# them.
+_RELEASE = textwrap.dedent(
+    """
+    import numpy as np
+    from schemas.host_memory import release_free_memory, tune_host_allocator
+    def resident_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    assert tune_host_allocator()
+    blocks = [np.ones(8 * 2**20) for _ in range(4)]  # 64 MiB each, below the mmap threshold
+    del blocks
+    kept = resident_mib()
+    assert release_free_memory()
+    print(kept - resident_mib())
+    """
+)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
+def test_release_free_memory_hands_back_what_a_tuned_process_kept():
+    assert _printed(_RELEASE, "tuned") > 200  # of the 256 MiB freed
+
+
+def test_release_free_memory_leaves_other_c_libraries_alone(monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    assert host_memory.release_free_memory() is False
