@@ -150,7 +150,7 @@ class RankReader:
         errors = self.placement(context, columns, candidates, form, top_k, order_by)
         if errors:
             raise Misplaced(errors)
-        return self._values(context, columns, rows, form, top_k, order_by, booleans)
+        return self._values(context, columns, rows, form, top_k, order_by, booleans=booleans)
 
     def read_objects(self, request: RankObjects) -> RankValues:
         """Check and convert a request of candidate objects decoded by
@@ -180,7 +180,7 @@ class RankReader:
             CandidatesForm.OBJECTS,
             request.top_k,
             request.order_by,
-            booleans=False,
+            typed=True,
         )
 
     def _check_options(self, top_k: Any, order_by: Any) -> None:
@@ -201,19 +201,28 @@ class RankReader:
         form: CandidatesForm,
         top_k: int | None,
         order_by: str | None,
-        booleans: bool,
+        *,
+        booleans: bool = True,
+        typed: bool = False,
     ) -> RankValues:
-        """Both parts read, once placement has checked what each must give."""
+        """Both parts read, once placement has checked what each must give (``booleans`` and
+        ``typed``: as :meth:`~serving.columns.ColumnReader.read`'s)."""
         none: frozenset[str] = frozenset()  # placement checked what each part must give
         context_columns = {k: [v] for k, v in context.items()}
         if _one_entry(columns):
             # one candidate: both parts read as one row (placement kept them apart), then split
-            row = self.columns.read({**context_columns, **columns}, 1, none, booleans=booleans)
+            row = self.columns.read(
+                {**context_columns, **columns}, 1, none, booleans=booleans, typed=typed
+            )
             context_values = Columns(1, {k: row.values[k] for k in context_columns})
             candidate_values = Columns(1, {k: row.values[k] for k in columns})
         else:
-            context_values = self.columns.read(context_columns, 1, none, booleans=booleans)
-            candidate_values = self.columns.read(columns, rows, none, booleans=booleans)
+            context_values = self.columns.read(
+                context_columns, 1, none, booleans=booleans, typed=typed
+            )
+            candidate_values = self.columns.read(
+                columns, rows, none, booleans=booleans, typed=typed
+            )
         return RankValues(
             context=context_values,
             candidates=candidate_values,

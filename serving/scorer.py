@@ -118,7 +118,7 @@ class Scorer:
         if form is RequestForm.ROWS:
             try:
                 rows = self.objects.rows(body)
-                return self.reader.read(rows.columns, rows.rows, booleans=False)
+                return self.reader.read(rows.columns, rows.rows, typed=True)
             except Unreadable:
                 pass  # the untyped path, then the request model
         read = self.reader.rows_request if form is RequestForm.ROWS else self.reader.columns_request
