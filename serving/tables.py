@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -77,7 +78,9 @@ class FloatRows:
         return F.embedding(ids, self.weight)
 
     def pool(self, values: torch.Tensor, offsets: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-        return F.embedding_bag(values, self.weight, offsets, mode=pooling.value)
+        # torch's mean mode costs more than a sum and a division (8 us against 4 for one bag)
+        pooled = F.embedding_bag(values, self.weight, offsets, mode="sum")
+        return _mean_of_sums(pooled, offsets, values.numel()) if pooling is Pooling.MEAN else pooled
 
 
 class _RowwiseQuantized:
@@ -100,11 +103,8 @@ class _RowwiseQuantized:
         return self._sum(flat, one_per_bag).view(*ids.shape, self.dim)
 
     def pool(self, values: torch.Tensor, offsets: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-        pooled = self._sum(values, offsets)
-        if pooling is Pooling.MEAN:  # the kernels only sum
-            ends = torch.cat([offsets[1:], offsets.new_tensor([values.numel()])])
-            pooled /= (ends - offsets).clamp_(min=1).unsqueeze(1)
-        return pooled
+        pooled = self._sum(values, offsets)  # the kernels only sum
+        return _mean_of_sums(pooled, offsets, values.numel()) if pooling is Pooling.MEAN else pooled
 
     def _sum(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         # (weight, indices, offsets, scale_grad_by_freq, mode=sum, pruned_weights,
@@ -161,6 +161,20 @@ class Int4Rows(_RowwiseQuantized):
 
 
 _QUANTIZED = {Quantization.INT8: Int8Rows, Quantization.INT4: Int4Rows}
+
+
+def _mean_of_sums(sums: torch.Tensor, offsets: torch.Tensor, values: int) -> torch.Tensor:
+    """Bags' sums divided in place by their sizes (an empty bag stays zero): of ``values``
+    pooled ids, bag ``i`` starts at ``offsets[i]``. The sizes are worked out in numpy, whose
+    calls on a few hundred offsets cost a fraction of torch's."""
+    if len(offsets) == 1:  # one bag (a ranking request's context)
+        return sums.div_(max(values, 1))
+    starts = offsets.numpy()
+    sizes = np.empty(len(starts), dtype=np.float32)
+    np.subtract(starts[1:], starts[:-1], out=sizes[:-1])
+    sizes[-1] = values - starts[-1]
+    np.maximum(sizes, 1, out=sizes)
+    return sums.div_(torch.from_numpy(sizes).unsqueeze(1))
 
 
 def open_embedding_file(
