@@ -29,6 +29,7 @@ from trainer.objectives import OBJECTIVES, ParamsError, objective_params, params
 __all__ = [
     "AdapSlConfig",
     "ConfigError",
+    "CpuBinding",
     "DataConfig",
     "DenseOptimizerConfig",
     "FeatureInteraction",
@@ -82,6 +83,14 @@ class Precision(str, Enum):
     # with avx512_bf16 or AMX, and GPUs), weights, gradients, optimizer state and the losses'
     # reductions in float32. Evaluation and export stay float32.
     BF16 = "bf16"
+
+
+@unique
+class CpuBinding(str, Enum):
+    # On CPU with several ranks on one machine, each rank runs on its own share of the cores
+    # (trainer.cpu_binding); on GPUs nothing changes.
+    AUTO = "auto"
+    NONE = "none"  # the kernel places every rank's threads (e.g. the user binds each rank)
 
 
 @unique
@@ -207,6 +216,7 @@ class TrainConfig:
     output_dir: str = MISSING
     seed: int = 0
     device: str = "auto"  # auto: cuda:<local rank> if available, else cpu
+    cpu_binding: str = CpuBinding.AUTO.value  # see CpuBinding
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -288,6 +298,7 @@ def _check(config: TrainConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     _choice("train.precision", config.train.precision, Precision)
+    _choice("cpu_binding", config.cpu_binding, CpuBinding)
     for key, value in {"output_dir": config.output_dir, "data.train": config.data.train}.items():
         try:
             storage.resolve(value)

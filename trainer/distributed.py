@@ -44,12 +44,14 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from trainer.config import (
+    CpuBinding,
     DenseOptimizerConfig,
     ShardingConfig,
     ShardingType,
     SparseOptimizer,
     SparseOptimizerConfig,
 )
+from trainer.cpu_binding import bind_local_rank
 
 __all__ = [
     "DistContext",
@@ -126,7 +128,9 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
+def init_distributed(
+    backend: str = "auto", device: str = "auto", cpu_binding: str = CpuBinding.AUTO.value
+) -> DistContext:
     """Start (or join) the process group. Without ``torchrun`` it makes a 1-rank group.
 
     Args:
@@ -135,6 +139,9 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
             ``"cpu:gloo,cuda:nccl"`` (:func:`process_group_backend`).
         device: ``"auto"`` (``cuda:<LOCAL_RANK>`` when CUDA is available, else cpu), or a
             device string.
+        cpu_binding: on CPU with several ranks on this machine, ``"auto"`` runs each on its
+            own share of the cores (:mod:`trainer.cpu_binding`); ``"none"`` leaves them to the
+            kernel.
 
     Returns:
         This process's :class:`DistContext`.
@@ -152,6 +159,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
         torch.cuda.set_device(torch_device)
     else:
         torch_device = torch.device("cpu")
+        if CpuBinding(cpu_binding) is CpuBinding.AUTO:
+            bind_local_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not dist.is_initialized():
         group_backend = process_group_backend(backend)
         if "RANK" in os.environ:

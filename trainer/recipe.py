@@ -85,7 +85,7 @@ class TrainRecipe:
         cfg = self.config
         quiet_library_warnings()
         tune_host_allocator()  # before the first large tensor: each step reuses the last's memory
-        self.ctx = init_distributed(cfg.sharding.backend, cfg.device)
+        self.ctx = init_distributed(cfg.sharding.backend, cfg.device, cfg.cpu_binding)
         # The same seed on every rank: dense parameters start identical (DMP also broadcasts).
         torch.manual_seed(cfg.seed)
         self.schema = self._load_schema()

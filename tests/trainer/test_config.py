@@ -123,6 +123,13 @@ def test_every_shipped_config_validates_and_keeps_its_values(path):
     assert {key: params[key] for key in given} == given
 
 
+def test_cpu_binding_is_auto_unless_turned_off():
+    assert load().cpu_binding == "auto"
+    assert load("cpu_binding=none").cpu_binding == "none"
+    with pytest.raises(ConfigError, match=r"cpu_binding: 'cores' is not one of \['auto', 'none'\]"):
+        load("cpu_binding=cores")
+
+
 def test_the_training_precision_is_float32_unless_bf16_is_asked_for():
     assert load().train.precision == "float32"
     assert load("train.precision=bf16").train.precision == "bf16"

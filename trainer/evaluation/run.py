@@ -67,7 +67,7 @@ def evaluate_run(
     config = run.load_config()  # fails before a process group exists
     quiet_library_warnings()
     tune_host_allocator()  # large evaluation batches reuse the previous batch's memory
-    ctx = init_distributed(config.sharding.backend, config.device)
+    ctx = init_distributed(config.sharding.backend, config.device, config.cpu_binding)
     restored = None
     try:
         restored = restore_model(run, ctx, checkpoint=checkpoint)

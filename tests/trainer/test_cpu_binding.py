@@ -1,0 +1,99 @@
+"""Ranks of a CPU training bound to disjoint shares of the cores (trainer.cpu_binding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.cpu_binding import cpu_cores, cpu_shares
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _topology(table: dict[int, tuple[int, int]]):
+    """A ``read`` for :func:`cpu_cores`: cpu -> (socket, core); CPUs not in ``table`` have none."""
+
+    def read(cpu: int, name: str) -> str | None:
+        if cpu not in table:
+            return None
+        socket, core = table[cpu]
+        return str(socket if name == "physical_package_id" else core)
+
+    return read
+
+
+def test_smt_siblings_stay_on_one_core_and_cores_follow_socket_order():
+    # two sockets of two cores, two threads a core; Linux numbers the second threads last
+    table = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1), 4: (0, 0), 5: (0, 1), 6: (1, 0), 7: (1, 1)}
+    assert cpu_cores(range(8), _topology(table)) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert cpu_shares(cpu_cores(range(8), _topology(table)), 2) == [[0, 4, 1, 5], [2, 6, 3, 7]]
+
+
+def test_cpus_without_topology_are_cores_of_their_own_after_the_known_ones():
+    assert cpu_cores([3, 0, 1], _topology({3: (0, 0)})) == [[3], [0], [1]]
+
+
+def test_shares_are_equal_the_first_ones_larger_when_cores_do_not_divide():
+    cores = [[c] for c in range(5)]
+    assert cpu_shares(cores, 2) == [[0, 1, 2], [3, 4]]
+    assert cpu_shares(cores, 3) == [[0, 1], [2, 3], [4]]
+    assert cpu_shares(cores, 5) == [[0], [1], [2], [3], [4]]
+    with pytest.raises(ValueError, match="5 cores cannot give 6 ranks one each"):
+        cpu_shares(cores, 6)
+
+
+_PROBE = """
+import json, os, sys, torch
+from trainer.distributed import init_distributed, shutdown_distributed
+before, threads_before = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+init_distributed("gloo", "cpu", sys.argv[1])
+print(json.dumps({"before": before, "after": sorted(os.sched_getaffinity(0)),
+                  "threads_before": threads_before, "threads": torch.get_num_threads()}))
+shutdown_distributed()
+"""
+
+
+def _probe(binding: str, local_rank: int, local_world_size: int) -> dict:
+    """``init_distributed`` in a fresh process that torchrun would have started as local rank
+    ``local_rank`` of ``local_world_size`` (a 1-rank group: no RANK in its environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_world_size),
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="4",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, binding],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(cpu_cores(sorted(os.sched_getaffinity(0)))) < 2,
+    reason="needs Linux and at least 2 cores",
+)
+def test_on_cpu_each_local_rank_runs_on_its_own_share_unless_binding_is_off():
+    cores = cpu_cores(sorted(os.sched_getaffinity(0)))
+    shares = cpu_shares(cores, 2)
+    for rank in (0, 1):
+        bound = _probe("auto", rank, 2)
+        assert bound["after"] == sorted(shares[rank])
+        # intra-op threads capped at the share's CPUs
+        assert bound["threads"] == min(bound["threads_before"], len(shares[rank]))
+    alone = _probe("auto", 0, 1)  # one rank on the machine: nothing to share
+    off = _probe("none", 1, 2)
+    for left in (alone, off):
+        assert left["after"] == left["before"]
+        assert left["threads"] == left["threads_before"]
