@@ -26,9 +26,11 @@ Each variant is a worker subprocess of this file; with ``--rounds N`` they take 
   Adagrad inside backward, touching only the rows a batch reads) -> ``shard_model`` (DMP) ->
   ``build_optimizer`` (Adam on the rest).
 - ``ctcvr_2p``: the same under ``torchrun --standalone --nproc_per_node=2``, one thread per rank,
-  each rank training ``--batch-size`` rows a step.
+  each rank training ``--batch-size`` rows a step, bound to its own core as the trainer binds
+  ranks by default (``cpu_binding: auto``, ``trainer.cpu_binding``).
 - ``ctcvr_1p_pair``: two ``ctcvr_1p`` processes of one thread each at once, each its own
-  1-rank group (no collective), timed side by side (:class:`Partner`) and counted as
+  1-rank group (no collective) bound to its own core as ``ctcvr_2p``'s ranks are, timed side by
+  side (:class:`Partner`) and counted as
   ``ctcvr_2p`` is: what 2 processes could gain over 1 on these cores if their collectives cost
   nothing, the ceiling of ``ctcvr_2p`` here.
 - ``plain_sparse_adam``: the same ``CtcvrModel`` over one ``nn.EmbeddingBag(sparse=True)`` per
@@ -937,10 +939,12 @@ def _run_pair(command: list[str], env: dict[str, str]) -> dict:
         env = {**env, _PAIR_DIR_ENV: meeting}
         logs = [(Path(meeting) / f"out-{i}", Path(meeting) / f"err-{i}") for i in range(_PAIR)]
         procs = []
-        for out, err in logs:  # files, not pipes: a chatty worker cannot block on a full pipe
+        for rank, (out, err) in enumerate(logs):  # files, not pipes: a chatty worker cannot
+            # block on a full pipe; each is bound to its share of the cores as torchrun's ranks
+            rank_env = {**env, "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(_PAIR)}
             with open(out, "w") as stdout, open(err, "w") as stderr:
                 procs.append(
-                    subprocess.Popen(command, env=env, cwd=_ROOT, stdout=stdout, stderr=stderr)
+                    subprocess.Popen(command, env=rank_env, cwd=_ROOT, stdout=stdout, stderr=stderr)
                 )
         wait_stopping_on_failure(procs)
         # The worker that failed on its own is read first, so it is the one reported, not the
