@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from schemas.rules import map_values, string_rows
 from serving.artifact import load_artifact
-from serving.columns import ColumnReader, Unreadable, may_hold_booleans, transpose
+from serving.columns import ColumnReader, Columns, Unreadable, may_hold_booleans, transpose
 from serving.features import StringRows
 from serving.scorer import RequestForm, RequestInvalid, Scorer
 from tests.serving.artifacts import edge_schema
@@ -320,16 +321,9 @@ def test_numpys_inference_decides_as_the_type_check_does_without_booleans(scorer
         cases = [{"strict_cat": [0, 1, 2], name: values}]
         cases += [{"strict_cat": [0], "user": [7], "tag": [v], "activity": [v]} for v in values]
         for columns in cases:
-            outcomes = []
-            for booleans in (True, False):
-                try:
-                    read = scorer.reader.read(columns, booleans=booleans).values
-                    outcomes.append(
-                        {n: (c.values.tolist(), _listed(c.present)) for n, c in read.items()}
-                    )
-                except Unreadable:
-                    outcomes.append("unreadable")
-            assert outcomes[0] == outcomes[1], columns
+            checked = _outcome(lambda c=columns: scorer.reader.read(c, booleans=True))
+            inferred = _outcome(lambda c=columns: scorer.reader.read(c, booleans=False))
+            assert checked == inferred, columns
 
 
 @pytest.mark.parametrize(
@@ -354,19 +348,21 @@ def test_typed_id_columns_read_as_the_type_check_reads_them(scorer, values):
         {"strict_cat": (0,), "user": values[:1]},
     ]
     for columns in cases:
-        outcomes = []
-        for typed in (False, True):
-            try:
-                read = scorer.reader.read(columns, typed=typed).values
-                outcomes.append(
-                    {n: (c.values.tolist(), _listed(c.present)) for n, c in read.items()}
-                )
-            except Unreadable:
-                outcomes.append("unreadable")
-        assert outcomes[0] == outcomes[1], columns
+        checked = _outcome(lambda c=columns: scorer.reader.read(c))
+        assert _outcome(lambda c=columns: scorer.reader.read(c, typed=True)) == checked, columns
     assert scorer.reader.read({"strict_cat": (0, 1, 2), "user": (5, None, 7)}, typed=True).values[
         "user"
     ].present.tolist() == [True, False, True]
+
+
+def _outcome(read: Callable[[], Columns]) -> dict | str:
+    """What a read gives, comparably: each column's values and where they are present, or
+    ``"unreadable"``."""
+    try:
+        columns = read().values
+    except Unreadable:
+        return "unreadable"
+    return {name: (c.values.tolist(), _listed(c.present)) for name, c in columns.items()}
 
 
 def _listed(present: np.ndarray | None) -> list[bool] | None:

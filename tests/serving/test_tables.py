@@ -170,47 +170,35 @@ def test_the_quantised_kernels_read_the_stored_layout(rows_class, quantize, dim)
     assert values.shape == (50, dim)
     ids = torch.randint(0, 50, (7, 3), generator=generator)
     torch.testing.assert_close(rows.lookup(ids), F.embedding(ids, values), rtol=0, atol=1e-6)
+    _assert_pools_as_embedding_bag(rows, values)
+
+
+def test_float_rows_pool_as_torchs_embedding_bag():
+    """Sum and mean pooling (a sum divided by the bag's size) equal ``F.embedding_bag``'s modes;
+    an empty bag pools to zeros."""
+    weight = torch.randn(50, 6, generator=torch.Generator().manual_seed(2))
+    _assert_pools_as_embedding_bag(FloatRows(weight), weight)
+
+
+def _assert_pools_as_embedding_bag(rows, weight: torch.Tensor) -> None:
+    """``rows`` pool bags of ids as ``F.embedding_bag`` over ``weight`` does, in both modes."""
     cases = [
-        ([4, 9, 9, 0, 49, 3], [0, 2, 2, 6]),  # bags of 2, 0, 4 and 0 values
-        ([4, 9, 9], [0]),  # one bag (a ranking request's context)
-        ([], [0]),  # one empty bag
-        ([7, 3, 5], [0, 1]),  # the last bag the largest
-    ]
-    for bags, offsets in cases:
-        bags, offsets = torch.tensor(bags, dtype=torch.int64), torch.tensor(offsets)
-        for pooling in Pooling:
-            torch.testing.assert_close(
-                rows.pool(bags, offsets, pooling),
-                F.embedding_bag(bags, values, offsets, mode=pooling.value),
-                rtol=0,
-                atol=1e-6,
-            )
-
-
-@pytest.mark.parametrize(
-    ("bags", "offsets"),
-    [
         ([4, 9, 9, 0, 49, 3], [0, 2, 2, 6]),  # bags of 2, 0, 4 and 0 values
         ([4, 9, 9], [0]),  # one bag (a ranking request's context)
         ([], [0]),  # one empty bag
         ([7], [0, 0, 1]),  # empty bags first
         ([7, 3, 5], [0, 1]),  # the last bag the largest
-    ],
-    ids=["several", "one", "one-empty", "empty-first", "last-largest"],
-)
-def test_float_rows_pool_as_torchs_embedding_bag(bags, offsets):
-    """Sum and mean pooling (a sum divided by the bag's size) equal ``F.embedding_bag``'s modes;
-    an empty bag pools to zeros."""
-    weight = torch.randn(50, 6, generator=torch.Generator().manual_seed(2))
-    rows = FloatRows(weight)
-    values, starts = torch.tensor(bags, dtype=torch.int64), torch.tensor(offsets)
-    for pooling in Pooling:
-        torch.testing.assert_close(
-            rows.pool(values, starts, pooling),
-            F.embedding_bag(values, weight, starts, mode=pooling.value),
-            rtol=0,
-            atol=1e-6,
-        )
+    ]
+    for bags, offsets in cases:
+        ids, starts = torch.tensor(bags, dtype=torch.int64), torch.tensor(offsets)
+        for pooling in Pooling:
+            torch.testing.assert_close(
+                rows.pool(ids, starts, pooling),
+                F.embedding_bag(ids, weight, starts, mode=pooling.value),
+                rtol=0,
+                atol=1e-6,
+                msg=lambda m, b=bags, o=offsets, p=pooling: f"{p.value} of {b} at {o}: {m}",
+            )
 
 
 def test_an_embedding_file_is_written_one_table_at_a_time(tmp_path):
