@@ -6,18 +6,25 @@ into a temporary git worktree) and the service of the working tree run side by s
 model, each idle while the other is measured, and every cell runs ``--pairs`` times against
 each, in alternating order, so each pair saw the same outside load. With ``--restart`` every
 run starts a service of its own instead, which samples what varies from one start to the next
-(such as how the C allocator's heaps settle) instead of keeping one start's draw. Run from the
+(such as how the C allocator's heaps settle) instead of keeping one start's draw. With
+``--in-process`` no service runs: each run is a fresh process that imports one version's
+packages and times, in 50 ms slices taking turns (``serving.py``'s ``InProcess``), the raw model
+and each cell's whole path from the request bytes (the cells' concurrency and workers do not
+apply); the ratio that matters there is each run's path over its own raw model. Run from the
 repository root::
 
     .venv/bin/python benchmarks/serving_ab.py --base bb3bc0e --name small_on_loop
     .venv/bin/python benchmarks/serving_ab.py --base 4f27091 --name kept_memory \
         --cells rank:256:32:1 --precision int8 --restart
+    .venv/bin/python benchmarks/serving_ab.py --base 32f06bd --name typed_ids_in_process \
+        --in-process --cells rank:256:1:1 --precision int8 --pairs 3 --duration 2
 
 Writes ``results/serving_ab/<name>.{md,json}``: per cell (form, rows per request, concurrency,
 worker processes), each version's median requests/s, p50 / p99 latency and page faults per scored
 row over the pairs, the median of the per-pair ratios (this tree over the base), and the largest
 CPU share other processes took; a cell whose pairs saw other processes above 10 % of the CPUs reads
-"inconclusive".
+"inconclusive". In process: each version's median rows/s of the raw model and of the path, the
+path over the raw model (median of runs), and the per-pair ratio of the paths' rows/s.
 """
 
 from __future__ import annotations
@@ -101,6 +108,98 @@ def summarise(cell: tuple[str, int, int, int], runs: dict[str, list[dict]]) -> d
     }
 
 
+def summarise_in_process(cell: tuple[str, int, int, int], runs: dict[str, list[dict]]) -> dict:
+    """One cell of ``--in-process`` runs: ``runs`` maps each version to its runs, each run the
+    mode dicts of ``InProcess.measure`` (``mode``, ``rows``, ``rows_per_s``, ``others_cpu``)."""
+    form, size = cell[0], cell[1]
+
+    def rate(run: list[dict], mode: str) -> float:
+        return next(m["rows_per_s"] for m in run if m["mode"] == mode and m["rows"] == size)
+
+    path = {k: [rate(r, f"in-process {form}") for r in v] for k, v in runs.items()}
+    raw = {k: [rate(r, "model") for r in v] for k, v in runs.items()}
+    ratios = [t / b for t, b in zip(path["this tree"], path["base"], strict=True)]
+    return {
+        "form": form,
+        "rows": size,
+        **{f"{k} raw_rows_per_s": statistics.median(v) for k, v in raw.items()},
+        **{f"{k} rows_per_s": statistics.median(v) for k, v in path.items()},
+        **{
+            f"{k} vs_raw": statistics.median(p / r for p, r in zip(path[k], raw[k], strict=True))
+            for k in runs
+        },
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "others": max(m["others_cpu"] or 0.0 for v in runs.values() for r in v for m in r),
+    }
+
+
+def markdown_in_process(rows: list[dict], base: str, settings: dict) -> str:
+    lines = [
+        f"# The in-process path of the working tree against {base}, runs taking turns",
+        "",
+        (
+            "| form | rows | raw model rows/s base | raw model rows/s this | path rows/s base | path "
+            "rows/s this | path / raw model base | path / raw model this | x base (median of "
+            "pairs) | others (max) | verdict |"
+        ),
+        "| --- |" + " ---: |" * 9 + " --- |",
+    ]
+    for r in rows:
+        busy = r["others"] > bench.BUSY_SHARE
+        lines.append(
+            f"| {r['form']} | {r['rows']} | {r['base raw_rows_per_s']:,.0f} "
+            f"| {r['this tree raw_rows_per_s']:,.0f} | {r['base rows_per_s']:,.0f} "
+            f"| {r['this tree rows_per_s']:,.0f} | {r['base vs_raw']:.3f}x "
+            f"| {r['this tree vs_raw']:.3f}x "
+            f"| {r['ratio']:.3f}x ({min(r['ratios']):.3f}-{max(r['ratios']):.3f}) "
+            f"| {r['others']:.0%} | {'inconclusive: others above 10 %' if busy else 'measured'} |"
+        )
+    lines += [
+        "",
+        (
+            f"{settings['pairs']} pairs of runs, base first in even pairs; each run a fresh process "
+            "importing one version's packages, timing the raw model (`ScoringModel.predict` on "
+            "the impressions already mapped) and each form's whole path from the request bytes in "
+            f"50 ms slices taking turns for {settings['duration']} s each. Model: the demo "
+            f"architecture with random weights (as `serving.py`), {settings['precision']} tables, "
+            "1 torch thread."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def in_process_run(repo: Path, model: Path, bodies: Path, seconds: float) -> list[dict]:
+    """``InProcess.measure`` in a fresh process importing the packages of checkout ``repo``.
+
+    Raises:
+        RuntimeError: the child failed (its stderr's tail in the message).
+    """
+    command = [sys.executable, __file__, _MEASURE, str(repo), str(model), str(bodies), str(seconds)]
+    proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"in-process run of {repo} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_MEASURE = "--measure-in-process"
+
+
+def _measure_in_process(repo: str, model: str, bodies: str, seconds: str) -> int:
+    """The child of :func:`in_process_run`: the checkout's packages shadow this tree's."""
+    sys.path.insert(0, repo)
+    spec = json.loads(Path(bodies).read_text())
+    impressions = {int(size): [b.encode() for b in pool] for size, pool in spec["rows"].items()}
+    forms = {(form, int(size)): [b.encode() for b in pool] for form, size, pool in spec["forms"]}
+    meter = bench.InProcess(Path(model), impressions, forms, threads=1)
+    import serving
+
+    if Path(serving.__file__).resolve().parents[1] != Path(repo).resolve():
+        raise RuntimeError(f"imported {serving.__file__}, not the checkout {repo}")
+    print(json.dumps(meter.measure(float(seconds), 0)))
+    return 0
+
+
 def markdown(rows: list[dict], base: str, settings: dict) -> str:
     lines = [
         f"# The service of the working tree against {base}, cells taking turns",
@@ -162,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--restart", action="store_true", help="start a service for every run (default: once)"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time the raw model and each cell's path in process, no service",
+    )
     parser.add_argument("--out", default="benchmarks/results/serving_ab")
     args = parser.parse_args(argv)
     settings = bench.Settings(duration=args.duration, warmup=args.warmup)
@@ -182,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             pool = bench.request_bodies(rows, size, 64, form, context)
             files[form, size].write_text("\n".join(b.decode() for b in pool) + "\n")
         repos = {"base": base, "this tree": REPO}
+        if args.in_process:
+            results = _compare_in_process(args, repos, model, rows, context, work)
+            return _write(args, results, markdown_in_process, out)
         results = []
         with ExitStack() as stack:
             kept = {
@@ -220,6 +327,40 @@ def main(argv: list[str] | None = None) -> int:
                     f"others {summary['others']:.0%}",
                     flush=True,
                 )
+    return _write(args, results, markdown, out)
+
+
+def _compare_in_process(
+    args: argparse.Namespace, repos: dict[str, Path], model: Path, rows, context, work: Path
+) -> list[dict]:
+    sizes = sorted({size for _, size, _, _ in args.cells})
+    spec = {
+        "rows": {
+            size: [b.decode() for b in bench.request_bodies(rows, size, 64, "rows", context)]
+            for size in sizes
+        },
+        "forms": [
+            [form, size, [b.decode() for b in bench.request_bodies(rows, size, 64, form, context)]]
+            for form, size in sorted({(c[0], c[1]) for c in args.cells})
+        ],
+    }
+    bodies = work / "in_process_bodies.json"
+    bodies.write_text(json.dumps(spec))
+    runs: dict[str, list[list[dict]]] = {"base": [], "this tree": []}
+    for pair in range(args.pairs):
+        for name in ["base", "this tree"] if pair % 2 == 0 else ["this tree", "base"]:
+            runs[name].append(in_process_run(repos[name], model, bodies, args.duration))
+    results = [summarise_in_process(cell, runs) for cell in args.cells]
+    for r in results:
+        print(
+            f"[ab] in process {r['form']} {r['rows']} rows: {r['ratio']:.3f}x rows/s; path / raw "
+            f"model {r['base vs_raw']:.3f}x -> {r['this tree vs_raw']:.3f}x",
+            flush=True,
+        )
+    return results
+
+
+def _write(args: argparse.Namespace, results: list[dict], render, out: Path) -> int:
     revision = subprocess.run(
         ["git", "rev-parse", "--short", args.base],
         check=True,
@@ -229,11 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     record = {"base": revision, "settings": vars(args) | {"cells": args.cells}, "cells": results}
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
-    text = markdown(results, revision, {"pairs": args.pairs, **vars(args)})
+    text = render(results, revision, {"pairs": args.pairs, **vars(args)})
     (out / f"{args.name}.md").write_text(text)
     print(text)
     return 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == _MEASURE:
+        sys.exit(_measure_in_process(*sys.argv[2:]))
     sys.exit(main())

@@ -73,3 +73,35 @@ def test_loading_it_leaves_the_service_package_importable():
     import serving.config  # benchmarks/serving.py once shadowed it, failing every later import
 
     assert Path(serving.config.__file__).parent == ROOT / "serving"
+
+
+def _modes(raw: float, path: float, others: float = 0.01) -> list[dict]:
+    """One in-process run's modes at 256 rows (as ``InProcess.measure`` gives them)."""
+    return [
+        {"mode": "model", "rows": 256, "rows_per_s": raw, "others_cpu": others},
+        {"mode": "in-process rank", "rows": 256, "rows_per_s": path, "others_cpu": others},
+        {"mode": "in-process rank", "rows": 1, "rows_per_s": 1.0, "others_cpu": others},
+    ]
+
+
+def test_in_process_runs_compare_paths_within_pairs_and_each_path_to_its_own_raw_model():
+    # The host slowed both versions in the second pair; the paths' per-pair ratios are 1.1,
+    # 1.05 and 1.2, and each run's path over its own raw model 0.8 / 0.9, 0.75 / 0.84, 0.8 / 0.8.
+    runs = {
+        "base": [_modes(500, 400), _modes(400, 300, 0.15), _modes(500, 400)],
+        "this tree": [_modes(480, 440), _modes(375, 315), _modes(600, 480)],
+    }
+    summary = ab.summarise_in_process(("rank", 256, 1, 1), runs)
+    assert summary["ratios"] == pytest.approx([1.1, 1.05, 1.2])
+    assert summary["ratio"] == pytest.approx(1.1)
+    assert summary["base vs_raw"] == pytest.approx(0.8)
+    assert summary["this tree vs_raw"] == pytest.approx(0.84)
+    assert summary["base raw_rows_per_s"] == 500 and summary["this tree rows_per_s"] == 440
+    assert summary["others"] == 0.15
+    settings = {"pairs": 3, "duration": 2.0, "precision": "int8"}
+    (line,) = [
+        line
+        for line in ab.markdown_in_process([summary], "abc1234", settings).splitlines()
+        if line.startswith("| rank |")
+    ]
+    assert "| 0.800x | 0.840x | 1.100x (1.050-1.200) | 15% | inconclusive" in line
