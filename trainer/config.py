@@ -88,7 +88,7 @@ class Precision(str, Enum):
 @unique
 class CpuBinding(str, Enum):
     # On CPU with several ranks on one machine, each rank runs on its own share of the cores
-    # (trainer.cpu_binding); on GPUs nothing changes.
+    # with a torch thread per core (trainer.cpu_binding); on GPUs nothing changes.
     AUTO = "auto"
     NONE = "none"  # the kernel places every rank's threads (e.g. the user binds each rank)
 

@@ -14,6 +14,11 @@ CPUs this process may use (``os.sched_getaffinity``): every local rank inherits 
 from the launcher. A user who places each rank themselves (``numactl``, ``taskset`` per rank)
 turns it off (``cpu_binding: none``, ``trainer.config.CpuBinding``).
 
+A bound rank runs one torch thread per core of its share, as torch's own CPU launcher
+(``torch.backends.xeon.run_cpu``) sizes its instances: torchrun sets ``OMP_NUM_THREADS=1`` for
+every rank when several run on a machine and the user set nothing, which would leave all but
+one core of each share idle (:func:`rank_threads` says how an explicit setting is read).
+
 Example::
 
     cpus = bind_local_rank(local_rank=1, local_world_size=2)  # e.g. [1], or None: left alone
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bind_local_rank", "cpu_cores", "cpu_shares"]
+__all__ = ["bind_local_rank", "cpu_cores", "cpu_shares", "rank_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +80,27 @@ def cpu_shares(cores: Sequence[Sequence[int]], ranks: int) -> list[list[int]]:
     return shares
 
 
+def rank_threads(cores: int, cpus: int, omp_num_threads: str | None) -> int:
+    """The intra-op threads of a rank bound to a share of ``cores`` physical cores (``cpus``
+    CPUs with their SMT siblings).
+
+    Args:
+        omp_num_threads: the rank's ``OMP_NUM_THREADS``. Unset, ``"1"`` (what torchrun sets
+            for each of several ranks when the user set nothing) or not a positive integer:
+            one thread per core. Any other value: that many, at most one per CPU of the share.
+    """
+    try:
+        requested = int(omp_num_threads or "")
+    except ValueError:
+        requested = 0
+    if requested <= 1:
+        return cores
+    return min(requested, cpus)
+
+
 def bind_local_rank(local_rank: int, local_world_size: int) -> list[int] | None:
-    """Bind this process to its share of the CPUs it may use, and cap torch's intra-op threads
-    at the share's size.
+    """Bind this process to its share of the CPUs it may use, and set torch's intra-op threads
+    for it (:func:`rank_threads`).
 
     Returns:
         The CPUs of the share, or None when the process was left alone: a single local rank,
@@ -95,10 +118,13 @@ def bind_local_rank(local_rank: int, local_world_size: int) -> list[int] | None:
         )
         return None
     share = cpu_shares(cores, local_world_size)[local_rank]
+    share_cores = sum(1 for core in cores if core[0] in share)
+    threads = rank_threads(share_cores, len(share), os.environ.get("OMP_NUM_THREADS"))
     os.sched_setaffinity(0, share)
-    if torch.get_num_threads() > len(share):
-        torch.set_num_threads(len(share))
-    log.info("cpu_binding: local rank %d runs on CPUs %s", local_rank, share)
+    torch.set_num_threads(threads)
+    log.info(
+        "cpu_binding: local rank %d runs on CPUs %s with %d threads", local_rank, share, threads
+    )
     return share
 
 

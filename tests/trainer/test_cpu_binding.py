@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cpu_binding import cpu_cores, cpu_shares
+from trainer.cpu_binding import cpu_cores, cpu_shares, rank_threads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,6 +47,17 @@ def test_shares_are_equal_the_first_ones_larger_when_cores_do_not_divide():
         cpu_shares(cores, 6)
 
 
+def test_a_bound_rank_runs_a_thread_per_core_unless_omp_num_threads_asks_otherwise():
+    # a share of 8 cores, 16 CPUs with their SMT siblings
+    assert rank_threads(8, 16, None) == 8
+    assert rank_threads(8, 16, "1") == 8  # torchrun's default for several ranks, not a request
+    assert rank_threads(8, 16, "") == 8
+    assert rank_threads(8, 16, "four") == 8
+    assert rank_threads(8, 16, "4") == 4
+    assert rank_threads(8, 16, "12") == 12  # SMT siblings too, when asked for
+    assert rank_threads(8, 16, "64") == 16  # never more than the share's CPUs
+
+
 _PROBE = """
 import json, os, sys, torch
 from trainer.distributed import init_distributed, shutdown_distributed
@@ -58,7 +69,7 @@ shutdown_distributed()
 """
 
 
-def _probe(binding: str, local_rank: int, local_world_size: int) -> dict:
+def _probe(binding: str, local_rank: int, local_world_size: int, omp_num_threads: str) -> dict:
     """``init_distributed`` in a fresh process that torchrun would have started as local rank
     ``local_rank`` of ``local_world_size`` (a 1-rank group: no RANK in its environment)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
@@ -66,7 +77,7 @@ def _probe(binding: str, local_rank: int, local_world_size: int) -> dict:
         LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(local_world_size),
         PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="4",
+        OMP_NUM_THREADS=omp_num_threads,
     )
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, binding],
@@ -88,12 +99,15 @@ def test_on_cpu_each_local_rank_runs_on_its_own_share_unless_binding_is_off():
     cores = cpu_cores(sorted(os.sched_getaffinity(0)))
     shares = cpu_shares(cores, 2)
     for rank in (0, 1):
-        bound = _probe("auto", rank, 2)
+        share_cores = sum(1 for core in cores if core[0] in shares[rank])
+        bound = _probe("auto", rank, 2, omp_num_threads="1")  # as torchrun starts it
         assert bound["after"] == sorted(shares[rank])
-        # intra-op threads capped at the share's CPUs
-        assert bound["threads"] == min(bound["threads_before"], len(shares[rank]))
-    alone = _probe("auto", 0, 1)  # one rank on the machine: nothing to share
-    off = _probe("none", 1, 2)
+        assert bound["threads_before"] == 1
+        assert bound["threads"] == share_cores
+        asked = _probe("auto", rank, 2, omp_num_threads="64")
+        assert asked["threads"] == len(shares[rank])  # at most one a CPU of the share
+    alone = _probe("auto", 0, 1, omp_num_threads="1")  # one rank on the machine: nothing to share
+    off = _probe("none", 1, 2, omp_num_threads="1")
     for left in (alone, off):
         assert left["after"] == left["before"]
-        assert left["threads"] == left["threads_before"]
+        assert left["threads"] == left["threads_before"] == 1
