@@ -1,18 +1,20 @@
 import collections
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_batch
+from tests.helpers import outputs_from_probs, tiny_batch
 from trainer.config import load_config
 from trainer.data.batch import GroundTruth
 from trainer.model import TaskOutputs
 from trainer.objectives import build_objective
 from trainer.objectives.multi_dr import MultiDrParams, undersample_unclicked
+from trainer.objectives.params import ParamsError
 
 # Three impressions: clicked and converted, clicked only, not clicked.
 CLICK, CONVERSION = [1, 1, 0], [1, 0, 0]
@@ -43,6 +45,42 @@ def test_multi_ipw_clips_small_propensities_at_tau():
     ipw = (E1 / 0.6 + E2 / 0.8) / 3  # pCTR 0.5 is raised to 0.6; 0.8 is left alone
     assert loss.terms["cvr_ipw"].item() == pytest.approx(ipw, rel=1e-6)
     assert loss.total.item() == pytest.approx(CTR + 2.0 * ipw, rel=1e-6)
+
+
+# Five impressions of two users (groups 7 and 9): three clicked rows, weights 1 / pCTR 2, 4 (user 7)
+# and 5 (user 9); the users' mean weights over their clicked rows are 3 and 5.
+CLICKS_BY_USER = [1, 1, 0, 1, 0], [1, 0, 0, 1, 0], [7, 7, 7, 9, 9]  # click, conversion, user
+PCTR_BY_USER, PCVR_BY_USER = [0.5, 0.25, 0.1, 0.2, 0.4], [0.5, 0.4, 0.3, 0.8, 0.6]
+
+
+def _grouped_ipw(scope):
+    click, conversion, user = CLICKS_BY_USER
+    batch = replace(tiny_batch(click, conversion), group=torch.tensor(user))
+    out = outputs_from_probs(ctr=PCTR_BY_USER, cvr=PCVR_BY_USER)
+    return build_objective("multi_ipw", weight_scope=scope)(out, batch).terms["cvr_ipw"].item()
+
+
+@pytest.mark.parametrize(
+    "scope, weights",
+    [
+        ("row", [2, 4, 5]),  # 1 / pCTR (Eq. 5)
+        ("between_groups", [3, 3, 5]),  # the user's mean weight on each of its clicked rows
+        ("within_groups", [2 / 3, 4 / 3, 1]),  # 1 / pCTR over the user's mean: user 7 keeps 2
+    ],
+)
+def test_multi_ipw_weight_scopes_by_hand(scope, weights):
+    e = [-math.log(0.5), -math.log(0.6), -math.log(0.8)]  # BCE(r, pCVR) of the clicked rows
+    expected = sum(w * err for w, err in zip(weights, e)) / 5  # over |D| = 5
+    assert _grouped_ipw(scope) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_weight_scope_without_group_ids_names_the_missing_group_column():
+    with pytest.raises(ValueError, match=r"weight_scope='within_groups'.*no group column"):
+        build_objective("multi_ipw", weight_scope="within_groups")(
+            outputs(), tiny_batch(CLICK, CONVERSION)
+        )
+    with pytest.raises(ParamsError, match="weight_scope"):
+        build_objective("multi_ipw", weight_scope="per_item")
 
 
 def _with_truth(batch, true_ctr):
