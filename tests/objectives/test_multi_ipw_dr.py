@@ -51,27 +51,35 @@ def test_multi_ipw_clips_small_propensities_at_tau():
 # and 5 (user 9); the users' mean weights over their clicked rows are 3 and 5.
 CLICKS_BY_USER = [1, 1, 0, 1, 0], [1, 0, 0, 1, 0], [7, 7, 7, 9, 9]  # click, conversion, user
 PCTR_BY_USER, PCVR_BY_USER = [0.5, 0.25, 0.1, 0.2, 0.4], [0.5, 0.4, 0.3, 0.8, 0.6]
+IMPUTED_BY_USER = [0.3, 0.6, 0.2, 0.5, 0.4]  # the imputation head's sigmoid
+E_BY_USER = [-math.log(0.5), -math.log(0.6), -math.log(0.8)]  # BCE(r, pCVR), clicked rows
+SCOPE_WEIGHTS = [
+    ("row", [2, 4, 5]),  # 1 / pCTR, as the papers state it
+    ("between_groups", [3, 3, 5]),  # the user's mean weight on each of its clicked rows
+    ("within_groups", [2 / 3, 4 / 3, 1]),  # 1 / pCTR over the user's mean: user 7 keeps 2
+]
 
 
-def _grouped_ipw(scope):
+def _scoped(objective, scope, term):
     click, conversion, user = CLICKS_BY_USER
     batch = replace(tiny_batch(click, conversion), group=torch.tensor(user))
-    out = outputs_from_probs(ctr=PCTR_BY_USER, cvr=PCVR_BY_USER)
-    return build_objective("multi_ipw", weight_scope=scope)(out, batch).terms["cvr_ipw"].item()
+    out = outputs_from_probs(ctr=PCTR_BY_USER, cvr=PCVR_BY_USER, imputation=IMPUTED_BY_USER)
+    return build_objective(objective, weight_scope=scope)(out, batch).terms[term].item()
 
 
-@pytest.mark.parametrize(
-    "scope, weights",
-    [
-        ("row", [2, 4, 5]),  # 1 / pCTR (Eq. 5)
-        ("between_groups", [3, 3, 5]),  # the user's mean weight on each of its clicked rows
-        ("within_groups", [2 / 3, 4 / 3, 1]),  # 1 / pCTR over the user's mean: user 7 keeps 2
-    ],
-)
+@pytest.mark.parametrize("scope, weights", SCOPE_WEIGHTS)
 def test_multi_ipw_weight_scopes_by_hand(scope, weights):
-    e = [-math.log(0.5), -math.log(0.6), -math.log(0.8)]  # BCE(r, pCVR) of the clicked rows
-    expected = sum(w * err for w, err in zip(weights, e)) / 5  # over |D| = 5
-    assert _grouped_ipw(scope) == pytest.approx(expected, rel=1e-6)
+    expected = sum(w * e for w, e in zip(weights, E_BY_USER)) / 5  # Eq. 5 over |D| = 5
+    assert _scoped("multi_ipw", scope, "cvr_ipw") == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("scope, weights", SCOPE_WEIGHTS)
+def test_badr_weight_scopes_by_hand(scope, weights):
+    e_hat = [math.log1p(q / (1 - q)) for q in IMPUTED_BY_USER]  # softplus of the logit
+    clicked_e_hat = [e_hat[i] for i in (0, 1, 3)]
+    corrected = sum(w * (e - h) for w, e, h in zip(weights, E_BY_USER, clicked_e_hat))
+    expected = (sum(e_hat) + corrected) / sum(weights)  # badr.txt Eq. 13
+    assert _scoped("badr", scope, "cvr_badr") == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_weight_scope_without_group_ids_names_the_missing_group_column():

@@ -49,6 +49,7 @@ __all__ = [
     "ImputationParams",
     "PropensityParams",
     "PropensityWeighting",
+    "WeightScope",
     "badr_batch_influence",
     "badr_estimate",
     "badr_imputation_loss",
@@ -67,6 +68,7 @@ __all__ = [
     "non_click_propensity",
     "prediction_error",
     "propensity",
+    "scoped_propensity",
     "self_normalized_weights",
 ]
 
@@ -100,6 +102,16 @@ def ctcvr_loss(outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
 # Parameter groups -------------------------------------------------------------------------------
 
 
+@unique
+class WeightScope(str, Enum):
+    """Which factor of the inverse-propensity weight ``1 / p_hat`` an IPW / DR objective applies
+    (``PropensityParams.weight_scope``)."""
+
+    ROW = "row"  # 1 / p_hat_i, as every paper states it (default)
+    BETWEEN_GROUPS = "between_groups"  # m_g: the group's mean weight on each of its clicked rows
+    WITHIN_GROUPS = "within_groups"  # (1 / p_hat_i) / m_g: each group keeps naive's total weight
+
+
 @dataclass(frozen=True)
 class PropensityParams:
     """Where an IPW / DR objective takes its propensity ``p_hat`` from: the parameter group of
@@ -115,6 +127,17 @@ class PropensityParams:
             click probability (``truth.true_ctr``, still clipped at ``tau``) instead of pCTR, to
             show what an estimator does with the propensities its theory assumes
             (multi-ipw-multi-dr.txt Theorems 1-2). Needs ground truth in the training data.
+        weight_scope: an ablation none of the papers has (default ``row``: ``1 / p_hat_i``, as
+            they state it). With ``m_g`` the mean of ``1 / p_hat`` over the batch's clicked rows
+            of group ``g`` (the schema's group column, e.g. the user), every weight factors as
+            ``1 / p_hat_i = m_g * (1 / p_hat_i) / m_g``, a weight between groups times one
+            within a group. ``between_groups`` applies ``m_g`` alone (users reweighted against
+            each other, one user's items alike), ``within_groups`` the other factor alone (one
+            user's items reweighted, every user keeping the total weight naive gives its
+            clicks). Which factor moves per-user ranking is what ``benchmarks/README.md`` (Coat)
+            measures with it. Both need batches holding a group's rows together
+            (``data.group_rows``). Every estimator here reads ``p_hat`` only through ``o /
+            p_hat``, so the scope is all it changes.
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
@@ -122,6 +145,7 @@ class PropensityParams:
 
     tau: float = param(0.01, PROPENSITY_BOUND)
     oracle_propensity: bool = param(False)
+    weight_scope: WeightScope = param(WeightScope.ROW)
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -228,7 +252,40 @@ class PropensityWeighting:
 
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> torch.Tensor:
         oracle_batch = batch if self.params.oracle_propensity else None
-        return propensity(outputs, self.params.tau, grad=self.grad, oracle_batch=oracle_batch)
+        p_hat = propensity(outputs, self.params.tau, grad=self.grad, oracle_batch=oracle_batch)
+        scope = WeightScope(self.params.weight_scope)
+        if scope is WeightScope.ROW:
+            return p_hat
+        if batch.group is None:
+            raise ValueError(
+                f"objective.params.weight_scope={scope.value!r} weighs clicked rows against "
+                "their group's, but the batch has no group ids: the data set's schema names no "
+                "group column (schema.yaml `group:`)"
+            )
+        return scoped_propensity(p_hat, batch.click, batch.group, scope)
+
+
+def scoped_propensity(
+    p_hat: torch.Tensor, click: torch.Tensor, group: torch.Tensor, scope: WeightScope
+) -> torch.Tensor:
+    """The propensity whose inverse is ``scope``'s factor of ``1 / p_hat`` on clicked rows
+    (``PropensityParams.weight_scope``); ``p_hat`` itself on unclicked rows, which every
+    estimator multiplies by ``o = 0``.
+
+    Args:
+        p_hat: ``(B,)`` clipped propensities.
+        click: ``(B,)`` clicks in {0, 1}.
+        group: ``(B,)`` group ids.
+    """
+    if scope is WeightScope.ROW:
+        return p_hat
+    _, index = torch.unique(group, return_inverse=True)
+    groups = int(index.max()) + 1 if index.numel() else 0
+    weight_sums = p_hat.new_zeros(groups).index_add(0, index, click / p_hat)
+    clicks = p_hat.new_zeros(groups).index_add(0, index, click.to(p_hat.dtype))
+    group_mean = (weight_sums / clicks.clamp_min(1.0))[index]
+    scoped = 1.0 / group_mean if scope is WeightScope.BETWEEN_GROUPS else p_hat * group_mean
+    return torch.where(click > 0, scoped, p_hat)
 
 
 @dataclass(frozen=True)

@@ -34,26 +34,14 @@ Paper vs code:
   clicked row at a 4 % CTR; it sits at about a quarter of ``[propensity_min,
   propensity_mean]`` on such data.
 - The risk is averaged over the batch (``1 / |D|`` with ``D`` the batch), as in Eq. 5.
-- ``weight_scope`` (default ``row``, Eq. 5 as stated) is an ablation, not the paper's: with
-  ``w_i = 1 / p_hat_i`` and ``m_g`` the mean of ``w`` over the batch's clicked rows of group
-  ``g`` (the schema's group column, e.g. the user), every weight factors as
-  ``w_i = m_g * (w_i / m_g)``, a weight between groups times one within a group.
-  ``between_groups`` applies ``m_g`` alone (users reweighted against each other, one user's
-  items alike), ``within_groups`` ``w_i / m_g`` alone (a user's items reweighted against each
-  other, every user's clicks keeping the total weight naive gives them). Which factor moves
-  per-user ranking is what ``benchmarks/README.md`` (Coat) measures with it; both need batches
-  that hold a group's rows together (``data.group_rows``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum, unique
 from types import MappingProxyType
 from typing import ClassVar
-
-import torch
 
 from trainer.data.batch import Batch
 from trainer.model.ctcvr import CtcvrModel
@@ -69,16 +57,7 @@ from trainer.objectives.estimators import (
 )
 from trainer.objectives.params import NON_NEGATIVE, check_params, param
 
-__all__ = ["IpwWeightScope", "MultiIpwObjective", "MultiIpwParams", "scoped_propensity"]
-
-
-@unique
-class IpwWeightScope(str, Enum):
-    """Which factor of the inverse-propensity weight Multi-IPW applies (module docstring)."""
-
-    ROW = "row"  # 1 / p_hat_i: Eq. 5 as stated (default)
-    BETWEEN_GROUPS = "between_groups"  # m_g: the group's mean weight on each of its rows
-    WITHIN_GROUPS = "within_groups"  # (1 / p_hat_i) / m_g: each group keeps naive's total
+__all__ = ["MultiIpwObjective", "MultiIpwParams"]
 
 
 @dataclass(frozen=True)
@@ -91,8 +70,6 @@ class MultiIpwParams:
             they are, as Algorithm 1 descends their sum).
         propensity_grad: let the CVR risk train the CTR tower through ``1 / p_hat``, the
             paper's Algorithm 1; off by default (see the module docstring).
-        weight_scope: ``row`` (default, the paper's), or an ablation that keeps only the weight
-            between groups or only the one within a group (``IpwWeightScope``).
 
     Raises:
         ParamsError: (on construction) every field of the wrong type or out of its range.
@@ -101,7 +78,6 @@ class MultiIpwParams:
     propensity: PropensityParams = field(default_factory=PropensityParams)
     cvr_weight: float = param(1.0, NON_NEGATIVE)
     propensity_grad: bool = param(False)
-    weight_scope: IpwWeightScope = param(IpwWeightScope.ROW)
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -136,41 +112,6 @@ class MultiIpwObjective:
     def __call__(self, outputs: TaskOutputs, batch: Batch) -> LossOutput:
         ctr = ctr_loss(outputs, batch)
         p_hat = self.weighting(outputs, batch)
-        scope = IpwWeightScope(self.params.weight_scope)
-        if scope is not IpwWeightScope.ROW:
-            p_hat = scoped_propensity(p_hat, batch.click, _groups(batch, scope), scope)
         cvr = ipw_estimate(prediction_error(outputs, batch), batch.click, p_hat)
         total = ctr + self.params.cvr_weight * cvr
         return LossOutput(total=total, terms={"ctr": ctr, "cvr_ipw": cvr})
-
-
-def scoped_propensity(
-    p_hat: torch.Tensor, click: torch.Tensor, group: torch.Tensor, scope: IpwWeightScope
-) -> torch.Tensor:
-    """The propensity whose inverse is ``scope``'s factor of ``1 / p_hat`` on clicked rows
-    (module docstring); ``p_hat`` itself on unclicked rows, which the IPW risk multiplies by 0.
-
-    Args:
-        p_hat: ``(B,)`` clipped propensities.
-        click: ``(B,)`` clicks in {0, 1}.
-        group: ``(B,)`` group ids.
-    """
-    if scope is IpwWeightScope.ROW:
-        return p_hat
-    _, index = torch.unique(group, return_inverse=True)
-    groups = int(index.max()) + 1 if index.numel() else 0
-    weight_sums = p_hat.new_zeros(groups).index_add(0, index, click / p_hat)
-    clicks = p_hat.new_zeros(groups).index_add(0, index, click.to(p_hat.dtype))
-    group_mean = (weight_sums / clicks.clamp_min(1.0))[index]
-    scoped = 1.0 / group_mean if scope is IpwWeightScope.BETWEEN_GROUPS else p_hat * group_mean
-    return torch.where(click > 0, scoped, p_hat)
-
-
-def _groups(batch: Batch, scope: IpwWeightScope) -> torch.Tensor:
-    if batch.group is None:
-        raise ValueError(
-            f"objective.params.weight_scope={scope.value!r} weighs a user's clicked rows against "
-            "their group's, but the batch has no group ids: the data set's schema names no "
-            "group column (schema.yaml `group:`)"
-        )
-    return batch.group
