@@ -280,9 +280,9 @@ def scoped_propensity(
     if scope is WeightScope.ROW:
         return p_hat
     _, index = torch.unique(group, return_inverse=True)
-    groups = int(index.max()) + 1 if index.numel() else 0
-    weight_sums = p_hat.new_zeros(groups).index_add(0, index, click / p_hat)
-    clicks = p_hat.new_zeros(groups).index_add(0, index, click.to(p_hat.dtype))
+    slots = index.numel()  # at least the number of groups, known without reading the device
+    weight_sums = p_hat.new_zeros(slots).index_add(0, index, click / p_hat)
+    clicks = p_hat.new_zeros(slots).index_add(0, index, click.to(p_hat.dtype))
     group_mean = (weight_sums / clicks.clamp_min(1.0))[index]
     scoped = 1.0 / group_mean if scope is WeightScope.BETWEEN_GROUPS else p_hat * group_mean
     return torch.where(click > 0, scoped, p_hat)
