@@ -13,6 +13,7 @@ from trainer.config import load_config
 from trainer.data.batch import GroundTruth
 from trainer.model import TaskOutputs
 from trainer.objectives import build_objective
+from trainer.objectives.estimators import _dense_group_index
 from trainer.objectives.multi_dr import MultiDrParams, undersample_unclicked
 from trainer.objectives.params import ParamsError
 
@@ -80,6 +81,14 @@ def test_badr_weight_scopes_by_hand(scope, weights):
     corrected = sum(w * (e - h) for w, e, h in zip(weights, E_BY_USER, clicked_e_hat))
     expected = (sum(e_hat) + corrected) / sum(weights)  # badr.txt Eq. 13
     assert _scoped("badr", scope, "cvr_badr") == pytest.approx(expected, rel=1e-6)
+
+
+def test_groups_are_numbered_as_torch_unique_numbers_them():
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 2, 7, 64):
+        group = torch.randint(-4, 4, (size,), generator=generator) * 1_000_003  # hashed-like ids
+        expected = torch.unique(group, return_inverse=True)[1]
+        assert torch.equal(_dense_group_index(group), expected)
 
 
 def test_a_weight_scope_without_group_ids_names_the_missing_group_column():

@@ -279,13 +279,23 @@ def scoped_propensity(
     """
     if scope is WeightScope.ROW:
         return p_hat
-    _, index = torch.unique(group, return_inverse=True)
+    index = _dense_group_index(group)
     slots = index.numel()  # at least the number of groups, known without reading the device
     weight_sums = p_hat.new_zeros(slots).index_add(0, index, click / p_hat)
     clicks = p_hat.new_zeros(slots).index_add(0, index, click.to(p_hat.dtype))
     group_mean = (weight_sums / clicks.clamp_min(1.0))[index]
     scoped = 1.0 / group_mean if scope is WeightScope.BETWEEN_GROUPS else p_hat * group_mean
     return torch.where(click > 0, scoped, p_hat)
+
+
+def _dense_group_index(group: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ids 0, 1, ... numbering the distinct values of ``group`` (in sorted order): what
+    ``torch.unique(return_inverse=True)`` gives, without its host synchronisation on GPUs."""
+    order = torch.argsort(group)
+    ordered = group[order]
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
 
 
 @dataclass(frozen=True)
