@@ -44,6 +44,7 @@ __all__ = [
     "TowerSharing",
     "TrainConfig",
     "TrainLoopConfig",
+    "config_warnings",
     "load_config",
     "model_config_from_dict",
     "save_config",
@@ -282,6 +283,31 @@ def _read_config_file(path: str | Path) -> str:
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)  # type: ignore[return-value]
+
+
+# Objective parameters that compare the rows of one group (the user) within a batch, and the
+# value with which they do not.
+_WITHIN_GROUP_PARAMS = {"pairwise_weight": 0.0, "weight_scope": "row"}
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """What a valid config asks for but will mostly not get, one message each (the recipe logs
+    them): an objective parameter that compares the rows of one user within a batch, while
+    ``data.group_rows: 0`` shuffles rows alone, so a batch rarely holds two of a user's rows."""
+    if config.data.group_rows:
+        return []
+    params = config.objective.params
+    return [
+        f"objective.params.{key}={_plain(params[key])} compares the rows of one user within a "
+        "batch, but data.group_rows=0 shuffles rows alone, so a batch rarely holds two clicked "
+        "rows of a user; set data.group_rows (e.g. 64: each user's rows in runs of at most 64)"
+        for key, idle in _WITHIN_GROUP_PARAMS.items()
+        if key in params and params[key] != idle
+    ]
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
 
 
 def _check(config: TrainConfig) -> None:

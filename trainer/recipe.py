@@ -29,7 +29,7 @@ from schemas import FeatureSchema, load_schema
 from schemas.host_memory import tune_host_allocator
 from schemas.layout import SCHEMA_FILE
 from trainer.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig, load_config, to_dict
+from trainer.config import TrainConfig, config_warnings, load_config, to_dict
 from trainer.data import DataError, ImpressionReader, find_schema, infinite
 from trainer.data.batch import Batch
 from trainer.distributed import (
@@ -86,6 +86,8 @@ class TrainRecipe:
         quiet_library_warnings()
         tune_host_allocator()  # before the first large tensor: each step reuses the last's memory
         self.ctx = init_distributed(cfg.sharding.backend, cfg.device, cfg.cpu_binding)
+        for warning in config_warnings(cfg):
+            self._log(f"warning: {warning}")
         # The same seed on every rank: dense parameters start identical (DMP also broadcasts).
         torch.manual_seed(cfg.seed)
         self.schema = self._load_schema()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import ConfigError, load_config, save_config
+from trainer.config import ConfigError, config_warnings, load_config, save_config
 from trainer.objectives import OBJECTIVES, objective_params, param_names, params_to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,3 +142,24 @@ def test_grouped_reading_is_off_unless_asked_for_and_never_negative():
     assert load("data.group_rows=64").data.group_rows == 64
     with pytest.raises(ConfigError, match=r"data.group_rows must be >= 0 .*got -1"):
         load("data.group_rows=-1")
+
+
+def test_a_within_user_objective_parameter_without_grouped_reading_is_warned_about():
+    assert config_warnings(load("objective.name=badr")) == []
+    pairwise = config_warnings(load("objective.name=naive", "objective.params.pairwise_weight=0.3"))
+    assert len(pairwise) == 1
+    assert "objective.params.pairwise_weight=0.3" in pairwise[0]
+    assert "data.group_rows=0" in pairwise[0]
+    both = load(
+        "objective.name=badr",
+        "objective.params.pairwise_weight=0.3",
+        "objective.params.weight_scope=between_groups",
+    )
+    assert [w.split(" ")[0] for w in config_warnings(both)] == [
+        "objective.params.pairwise_weight=0.3",
+        "objective.params.weight_scope=between_groups",
+    ]
+    grouped = load(
+        "objective.name=badr", "objective.params.weight_scope=within_groups", "data.group_rows=64"
+    )
+    assert config_warnings(grouped) == []
