@@ -285,9 +285,9 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)  # type: ignore[return-value]
 
 
-# Objective parameters that compare the rows of one group (the user) within a batch, and the
-# value with which they do not.
-_WITHIN_GROUP_PARAMS = {"pairwise_weight": 0.0, "weight_scope": "row"}
+# Objective parameters that compare the rows of one group (the user) within a batch; at their
+# defaults they do not.
+_WITHIN_GROUP_PARAMS = ("pairwise_weight", "weight_scope")
 
 
 def config_warnings(config: TrainConfig) -> list[str]:
@@ -297,17 +297,14 @@ def config_warnings(config: TrainConfig) -> list[str]:
     if config.data.group_rows:
         return []
     params = config.objective.params
+    defaults = params_to_dict(objective_params(config.objective.name))
     return [
-        f"objective.params.{key}={_plain(params[key])} compares the rows of one user within a "
-        "batch, but data.group_rows=0 shuffles rows alone, so a batch rarely holds two clicked "
-        "rows of a user; set data.group_rows (e.g. 64: each user's rows in runs of at most 64)"
-        for key, idle in _WITHIN_GROUP_PARAMS.items()
-        if key in params and params[key] != idle
+        f"objective.params.{key}={params[key]} compares the rows of one user within a batch, "
+        "but data.group_rows=0 shuffles rows alone, so a batch rarely holds two clicked rows "
+        "of a user; set data.group_rows (e.g. 64: each user's rows in runs of at most 64)"
+        for key in _WITHIN_GROUP_PARAMS
+        if key in params and params[key] != defaults[key]
     ]
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
 
 
 def _check(config: TrainConfig) -> None:
