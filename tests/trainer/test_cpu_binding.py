@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from trainer import cpu_binding
 from trainer.cpu_binding import cpu_cores, cpu_shares, rank_threads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +58,31 @@ def test_a_bound_rank_runs_a_thread_per_core_unless_omp_num_threads_asks_otherwi
     assert rank_threads(8, 16, "4") == 4
     assert rank_threads(8, 16, "12") == 12  # SMT siblings too, when asked for
     assert rank_threads(8, 16, "64") == 16  # never more than the share's CPUs
+
+
+@pytest.mark.parametrize("omp_num_threads, threads", [(None, 2), ("1", 2), ("3", 3)])
+def test_binding_sets_the_threads_of_a_share_larger_than_one_core(
+    monkeypatch, omp_num_threads, threads
+):
+    """A machine larger than this one, faked: 4 cores of 2 SMT siblings (CPU c and c + 4)."""
+    bound_to: list[list[int]] = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: bound_to.append(list(cpus)))
+    monkeypatch.setattr(
+        cpu_binding, "_read_topology", _topology({cpu: (0, cpu % 4) for cpu in range(8)})
+    )
+    if omp_num_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torchrun's OMP_NUM_THREADS=1 leaves a rank with
+    try:
+        assert cpu_binding.bind_local_rank(local_rank=1, local_world_size=2) == [2, 6, 3, 7]
+        assert bound_to == [[2, 6, 3, 7]]
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 _PROBE = """
