@@ -270,8 +270,9 @@ def _rank_file(rank: int) -> str:
 
 
 def _reason(err: StorageError, location: Location) -> str:
-    """A storage message without its leading ``<location>: `` (the caller names the file)."""
-    return str(err).removeprefix(f"{location}: ")
+    """A storage message without its leading ``<location>: `` and ``cannot read: `` (the caller
+    says ``cannot read <location>``)."""
+    return str(err).removeprefix(f"{location}: ").removeprefix("cannot read: ")
 
 
 class RunDir:

@@ -280,3 +280,15 @@ def test_a_run_directory_fault_mid_training_ends_the_run_with_an_error_line(
     assert train.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot read {tmp_path / 'run' / 'checkpoints' / 'latest'}: ")
+
+
+def test_a_read_cut_off_by_an_outage_names_the_file_once_and_what_to_check(s3):
+    run = RunDir(s3.uri("runs", "outage"))
+    run.write_text("checkpoints/latest", "step_00000005")
+    location = run.file("checkpoints/latest")
+    with s3.server.stopped(), pytest.raises(RunDirError) as caught:
+        run.read_text("checkpoints/latest")
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {location}: endpoint ")
+    assert "unreachable after 2 attempt(s)" in message and "check AWS_ENDPOINT_URL" in message
+    assert message.count("cannot read") == 1
