@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "coat_protocol.py"
 coat_protocol = load_benchmark(SCRIPT, "coat_protocol")
 
 
-def rated(scores, labels, users) -> object:
+def rated(scores, labels, users, items=None) -> object:
     n = len(scores)
     return coat_protocol.RatedTest(
         Predictions(
@@ -26,7 +27,8 @@ def rated(scores, labels, users) -> object:
             click=np.ones(n),
             conversion=np.asarray(labels, dtype=np.float64),
             group=np.asarray(users),
-        )
+        ),
+        None if items is None else np.asarray(items),
     )
 
 
@@ -65,6 +67,49 @@ def test_a_perfect_ranking_scores_one_under_every_protocol():
     m = coat_protocol.protocol_metrics(rated(np.add(labels, 0.01), labels, users), draws=50)
     assert m["ndcg@5"] == m["ndcg@5_skip"] == m["ndcg@5_badr_split"] == 1.0
     assert m["recall@5"] == 1.0 and m["tied_rows"] == 2  # two ties: 1.01 and 0.01 within users
+
+
+ITEMS = [1, 2, 3, 1, 2]
+
+
+def test_a_fixed_split_ranks_its_pairs_and_the_other_ratings_apart(tmp_path):
+    path = tmp_path / "x_test.txt"
+    path.write_text("7 1\n7 2\n")  # user 7's first two items; all of user 9's validate
+    split = coat_protocol.FixedSplit.read(path)
+    assert split.sha256 == hashlib.sha256(b"7 1\n7 2\n").hexdigest()  # results name their split
+    m = coat_protocol.protocol_metrics(rated(SCORES, LABELS, USERS, ITEMS), draws=1, split=split)
+    # Tested: a's 0.9 (negative) above its 0.5 (positive): the positive at rank 2; b absent.
+    assert m["ndcg@5_fixed"] == pytest.approx(1 / math.log2(3))
+    assert m["recall@5_fixed"] == 1.0
+    # Validation: a's third item (a negative) and b's two, neither user with a positive.
+    assert m["ndcg@5_fixed_valid"] == 1.0 and m["recall@5_fixed_valid"] == 0.0
+    floor = coat_protocol.random_ranking_metrics(
+        rated(SCORES, LABELS, USERS, ITEMS), draws=400, split=split
+    )
+    assert floor["ndcg@5_fixed"] == pytest.approx((1 + 1 / math.log2(3)) / 2, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("7 1\n7 x\n", r"x_test.txt:2: expected 'user item' integers, got '7 x'"),
+        ("7 1\n9 2\n7 1\n", r"x_test.txt:3: pair \(7, 1\) repeats line 1"),
+        ("\n", "no pairs"),
+    ],
+)
+def test_a_malformed_split_file_names_the_line(tmp_path, text, error):
+    path = tmp_path / "x_test.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        coat_protocol.FixedSplit.read(path)
+
+
+def test_a_split_of_other_data_or_rows_without_items_are_refused():
+    split = coat_protocol.FixedSplit(np.array([[7, 1], [9, 4]]), source="x_test.txt")
+    with pytest.raises(ValueError, match=r"x_test.txt: 1 of its 2 pairs .* user 9, item 4"):
+        split.mask(rated(SCORES, LABELS, USERS, ITEMS))
+    with pytest.raises(ValueError, match="needs the test set's 'item_id' column"):
+        split.mask(rated(SCORES, LABELS, USERS))
 
 
 def test_run_names_follow_quality_py():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import load_benchmark
@@ -237,3 +240,36 @@ def test_quick_coat_run_prints_the_published_numbers_beside_ours(tmp_path):
     assert raw["conversion"]["splits"]["train"]["rows"] == 87_000
     assert {"cvr_auc", "ndcg@5", "recall@5", "users"} <= set(raw["runs"][0]["metrics"])
     assert (tmp_path / "out" / "quality_coat.png").stat().st_size > 10_000
+    _check_a_fixed_split_ranks_the_runs_own_test_rows(tmp_path)
+
+
+def _check_a_fixed_split_ranks_the_runs_own_test_rows(tmp_path: Path) -> None:
+    """``coat_protocol.py --split`` on the quick runs: a split testing every rating but user
+    0's, whose ratings alone validate, divides the whole test's per-user mean exactly."""
+    runs = sorted((tmp_path / "work" / "runs").glob("naive-seed*-*"))
+    test = pq.read_table(next((tmp_path / "work").glob("coat-*/test")))
+    rated = test.filter(pc.equal(test["click"], 1))
+    pairs = [
+        f"{u} {i}"
+        for u, i in zip(rated["user_id"].to_pylist(), rated["item_id"].to_pylist())
+        if u != 0
+    ]
+    split = tmp_path / "x_test.txt"
+    split.write_text("\n".join(pairs) + "\n")
+    protocol = ROOT / "benchmarks" / "coat_protocol.py"
+    command = [sys.executable, str(protocol), str(runs[0]), "--split", str(split), "--draws", "2"]
+    proc = subprocess.run(
+        [*command, "--out", str(tmp_path / "protocol")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    raw = json.loads((tmp_path / "protocol.json").read_text())
+    assert raw["split"]["sha256"] == hashlib.sha256(split.read_bytes()).hexdigest()
+    m = raw["runs"][0]["metrics"]
+    users = len(set(rated["user_id"].to_pylist()))
+    assert m["ndcg@5"] * users == pytest.approx(
+        m["ndcg@5_fixed"] * (users - 1) + m["ndcg@5_fixed_valid"]
+    )
