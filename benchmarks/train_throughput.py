@@ -41,6 +41,10 @@ Each variant is a worker subprocess of this file; with ``--rounds N`` they take 
   one Adam over every parameter, so every step updates every row.
 - ``head_only``: the dense model alone (MMoE, towers, objective and Adam), fed a fixed
   ``(B, F * D)`` input that still takes gradients: the limit of any embedding stage.
+- ``ctcvr_1p_head_paired``: ``ctcvr_1p`` and ``head_only`` built in one process, their timed
+  steps taking turns in blocks of 5 (which goes first alternates): each block's ratio compares
+  the two at the same moment's machine speed, where separate workers minutes apart see a VM
+  whose speed drifts by more than the 5 % the target allows.
 - ``sgemm``: ``--sgemm-reps`` square float32 matmuls of ``--sgemm-size`` at the default threads:
   this machine's peak, measured in the same run.
 
@@ -77,7 +81,8 @@ stage only, so:
   ``plain_adagrad`` in the same run) is what TorchRec and FBGEMM win over the embedding stage a
   PyTorch user would write; with the same dense code it can only win what that stage costs there.
 - **ctcvr over the head-only limit** is what the embedding and sharding stage costs in ctcvr
-  (target: at least 0.95).
+  (target: at least 0.95), from the separate workers and, paired in time, as the median of
+  ``ctcvr_1p_head_paired``'s block ratios.
 - **GFLOP/s** counts the multiply-adds of the dense model's matrix products, forward and
   backward, exactly (:func:`matmul_flops_per_row`; elementwise work is not counted), over the
   whole step; its share of the sgemm peak measured in the same run, at the same threads, says how
@@ -234,6 +239,9 @@ class Variant(str, Enum):
     PLAIN_ADAGRAD = "plain_adagrad"  # EmbeddingBag(sparse=True) + Adagrad
     PLAIN_DENSE_ADAM = "plain_dense_adam"  # EmbeddingBag + one Adam over every row (extra row)
     HEAD_ONLY = "head_only"  # the dense model on a fixed input: the limit
+    # ctcvr_1p and head_only in one process, their steps taking turns in short blocks: the
+    # head-only ratio measured with both at the same moment's machine speed
+    CTCVR_1P_HEAD_PAIRED = "ctcvr_1p_head_paired"
     SGEMM = "sgemm"  # a square matmul: the machine's peak
     # The dense head's compute paths, measured against head_only (not run by default):
     HEAD_ONLY_COMPILE = "head_only_compile"  # head_only under torch.compile (inductor)
@@ -265,6 +273,7 @@ _ONE_THREAD = (Variant.CTCVR_2P, Variant.CTCVR_1P_PAIR)  # 2 processes, a core e
 _DEFAULT = tuple(v for v in Variant if v not in _HEAD_PATHS and v is not Variant.BF16_GEMM)
 _TRAINING = tuple(v for v in Variant if v not in _PEAKS)
 _PAYS = 1.10  # a head path pays when faster than head_only by this factor in every round
+_PAIRED_BLOCK = 5  # ctcvr_1p_head_paired: steps of one model before the other's turn
 
 
 @unique
@@ -612,10 +621,15 @@ def _setup_head_only(
     schema: FeatureSchema, settings: Settings, _pool: list[Batch]
 ) -> tuple[DistContext, nn.Module, object, dict]:
     ctx = init_distributed("gloo", "cpu")
+    return ctx, *_head_only(schema, settings), {}
+
+
+def _head_only(schema: FeatureSchema, settings: Settings) -> tuple[nn.Module, object]:
+    """The dense model on its fixed input, and its optimizer."""
     model = _model(schema, settings)
     model.sparse_arch = FixedInputArch(_initial_pooled(schema, settings))
     module = TrainModule(model, build_objective("esmm"))
-    return ctx, module, dense_adam(module.parameters(), DenseOptimizerConfig()), {}
+    return module, dense_adam(module.parameters(), DenseOptimizerConfig())
 
 
 def _initial_pooled(schema: FeatureSchema, settings: Settings) -> torch.Tensor:
@@ -683,6 +697,7 @@ _SETUP = {
     Variant.PLAIN_ADAGRAD: _setup_plain(Variant.PLAIN_ADAGRAD),
     Variant.PLAIN_DENSE_ADAM: _setup_plain(Variant.PLAIN_DENSE_ADAM),
     Variant.HEAD_ONLY: _setup_head_only,
+    Variant.CTCVR_1P_HEAD_PAIRED: _setup_ctcvr,  # and head_only beside it (run_worker)
     Variant.HEAD_ONLY_COMPILE: _setup_head_only_compiled,
     Variant.HEAD_ONLY_BF16: _setup_head_only_bf16,
     Variant.HEAD_ONLY_ONEDNN: _setup_head_only_onednn,
@@ -700,8 +715,14 @@ def run_worker(variant: Variant, settings: Settings) -> None:
     schema = bench_schema(settings.tables, settings.table_scale)
     pool = synthetic_batches(schema, settings.batch_size, settings.pool_batches, settings.seed)
     ctx, model, optimizer, extra = _SETUP[variant](schema, settings, pool)
+    if variant is Variant.CTCVR_1P_HEAD_PAIRED:
+        head, head_optimizer = _head_only(schema, settings)
     setup_s = time.perf_counter() - start
-    mine = _timed_steps(model, optimizer, pool, ctx, settings)
+    if variant is Variant.CTCVR_1P_HEAD_PAIRED:
+        mine = _paired_steps((model, optimizer), (head, head_optimizer), pool, settings)
+        del head, head_optimizer
+    else:
+        mine = _timed_steps(model, optimizer, pool, ctx, settings)
     mine.update(rank=ctx.rank, setup_s=setup_s)
     # Free the sharded model before the process group and the interpreter go: torchrun ranks
     # otherwise abort now and then at exit ("terminate called without an active exception").
@@ -768,6 +789,59 @@ def _timed_steps(
         **watch.result,
         "first_loss": first_loss,
         "last_loss": last_loss,
+    }
+
+
+def _paired_steps(
+    ctcvr: tuple[nn.Module, object],
+    head: tuple[nn.Module, object],
+    pool: list[Batch],
+    settings: Settings,
+) -> dict:
+    """ctcvr_1p's and head_only's steps in one process, taking turns in blocks of
+    ``_PAIRED_BLOCK`` (which goes first alternates), so that both see the machine at the same
+    speed: each block's ratio (head_only's median step over ctcvr's) is ctcvr's samples/s as a
+    share of head_only's at that moment.
+
+    Returns ``_timed_steps``' keys for ctcvr (``step_s``: its timed steps), plus
+    ``head_step_s`` and ``block_ratios``.
+    """
+    models = {"ctcvr": ctcvr, "head": head}
+    steps: dict[str, list[float]] = {"ctcvr": [], "head": []}
+    losses: list[float] = []
+
+    def run(name: str, step: int) -> float:
+        model, optimizer = models[name]
+        elapsed, loss = timed_step(model, optimizer, pool[step % len(pool)])
+        if name == "ctcvr":
+            losses.append(loss.item())
+        return elapsed
+
+    for model, _ in models.values():
+        model.train()
+    for step in range(settings.warmup):
+        run("ctcvr", step)
+        run("head", step)
+    ratios = []
+    end = settings.warmup + settings.steps
+    with _CpuWatch() as watch:
+        for number, start in enumerate(range(settings.warmup, end, _PAIRED_BLOCK)):
+            block = range(start, min(start + _PAIRED_BLOCK, end))
+            timed = {}
+            for name in ("ctcvr", "head") if number % 2 == 0 else ("head", "ctcvr"):
+                timed[name] = [run(name, step) for step in block]
+                steps[name] += timed[name]
+            ratios.append(statistics.median(timed["head"]) / statistics.median(timed["ctcvr"]))
+    return {
+        "step_s": steps["ctcvr"],
+        "head_step_s": steps["head"],
+        "block_ratios": ratios,
+        "warmup_s": [],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+        **watch.result,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
     }
 
 
@@ -1028,6 +1102,8 @@ def summarize(runs: list[dict], flops_per_row: int) -> dict:
         # The first warmup step, slowest over rounds: torch.compile compiles in it.
         "first_step_s": max(first_steps, default=None),
         "last_loss": runs[0]["ranks"][0].get("last_loss"),
+        # ctcvr_1p_head_paired: each block's ctcvr samples/s as a share of head_only's
+        "paired_ratios": [r for run in runs for r in run["ranks"][0].get("block_ratios", [])],
     }
 
 
@@ -1068,6 +1144,8 @@ class Headline:
         two_vs_one: ctcvr_2p median / ctcvr_1p median.
         pair_vs_one: ctcvr_1p_pair median / ctcvr_1p median: what 2 processes of 1 thread
             could gain over 1 of 2 threads without any collective (ctcvr_2p's ceiling).
+        vs_head_only_paired: the median over ctcvr_1p_head_paired's blocks of ctcvr's
+            samples/s over head_only's, the two taking turns in one process.
     """
 
     strongest_plain: str | None
@@ -1076,6 +1154,7 @@ class Headline:
     head_sgemm_share: float | None
     two_vs_one: float | None
     pair_vs_one: float | None = None
+    vs_head_only_paired: float | None = None
 
 
 def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
@@ -1087,6 +1166,7 @@ def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
     plain = [rows[v.value] for v in _PLAIN_SPARSE if v.value in rows]
     strongest = max(plain, key=lambda r: r["median"])["variant"] if plain else None
     head = rows.get(Variant.HEAD_ONLY.value)
+    paired = rows.get(Variant.CTCVR_1P_HEAD_PAIRED.value)
     return Headline(
         strongest_plain=strongest,
         vs_plain=ratio(Variant.CTCVR_1P.value, strongest) if strongest else None,
@@ -1094,6 +1174,11 @@ def headline(rows: dict[str, dict], sgemm: dict | None) -> Headline:
         head_sgemm_share=head["gflops"] / sgemm["median"] if head and sgemm else None,
         two_vs_one=ratio(Variant.CTCVR_2P.value, Variant.CTCVR_1P.value),
         pair_vs_one=ratio(Variant.CTCVR_1P_PAIR.value, Variant.CTCVR_1P.value),
+        vs_head_only_paired=(
+            statistics.median(paired["paired_ratios"])
+            if paired and paired.get("paired_ratios")
+            else None
+        ),
     )
 
 
@@ -1207,6 +1292,25 @@ def markdown_table(rows: list[dict], sgemm: dict | None, settings: Settings) -> 
             sgemm,
         )
         + (f" ({head.vs_head_only:.2f}x)" if head.vs_head_only is not None else "")
+        + " |"
+    )
+    paired = by_name.get(Variant.CTCVR_1P_HEAD_PAIRED.value)
+    lines.append(
+        f"| ctcvr_1p >= {_HEAD_ONLY_TARGET} x head_only, taking turns in one process "
+        "(ctcvr_1p_head_paired) | "
+        + _verdict(
+            head.vs_head_only_paired,
+            (head.vs_head_only_paired or 0) >= _HEAD_ONLY_TARGET,
+            [paired] if paired else [],
+            sgemm,
+        )
+        + (
+            f" ({head.vs_head_only_paired:.2f}x, median of {len(paired['paired_ratios'])} "
+            f"blocks of {_PAIRED_BLOCK} steps each; {min(paired['paired_ratios']):.2f}x to "
+            f"{max(paired['paired_ratios']):.2f}x)"
+            if paired and head.vs_head_only_paired is not None
+            else ""
+        )
         + " |"
     )
     lines.append(

@@ -181,6 +181,16 @@ def test_the_headline_takes_the_faster_plain_path_and_each_target_gets_a_verdict
     assert "| ctcvr_1p >= 0.95 x head_only | met (0.96x) |" in table
     assert "| head_only >= 0.6 x the sgemm peak | met (0.70) |" in table
     assert "| ctcvr_2p ahead of ctcvr_1p | met (1.08x) |" in table
+    assert "taking turns in one process (ctcvr_1p_head_paired) | not measured |" in table
+    paired = _row("ctcvr_1p_head_paired", 95.0) | {"paired_ratios": [0.93, 0.97, 0.99]}
+    with_paired = tt.markdown_table([*rows, paired], _sgemm(200.0), settings)
+    assert tt.headline({r["variant"]: r for r in [*rows, paired]}, None).vs_head_only_paired == (
+        pytest.approx(0.97)
+    )
+    assert (
+        "| ctcvr_1p >= 0.95 x head_only, taking turns in one process (ctcvr_1p_head_paired) | "
+        "met (0.97x, median of 3 blocks of 5 steps each; 0.93x to 0.99x) |"
+    ) in with_paired
     with_pair = tt.markdown_table(
         [*rows, _row("ctcvr_1p_pair", 106.0, processes=2)], _sgemm(200.0), settings
     )
@@ -299,6 +309,21 @@ def test_tiny_run_writes_table_and_chart(tmp_path):
     assert "x strongest plain" in table and "sgemm peak:" in table
 
 
+def test_tiny_run_of_the_paired_variant_times_ctcvr_and_the_head_in_turns(tmp_path):
+    raw = _run(tmp_path, "ctcvr_1p_head_paired")
+    (rank,) = raw["runs"]["ctcvr_1p_head_paired"][0]["ranks"]
+    assert len(rank["step_s"]) == len(rank["head_step_s"]) == 2
+    (ratio,) = rank["block_ratios"]  # 2 timed steps: one block
+    assert ratio == pytest.approx(
+        statistics.median(rank["head_step_s"]) / statistics.median(rank["step_s"])
+    )
+    assert raw["headline"]["vs_head_only_paired"] == pytest.approx(ratio)
+    assert (
+        "taking turns in one process (ctcvr_1p_head_paired) |"
+        in (tmp_path / "train_throughput.md").read_text()
+    )
+
+
 def test_tiny_run_of_the_pair_times_two_one_thread_processes_side_by_side(tmp_path):
     raw = _run(tmp_path, "ctcvr_1p", "ctcvr_1p_pair")
     pair = next(r for r in raw["rows"] if r["variant"] == "ctcvr_1p_pair")
@@ -363,7 +388,7 @@ def test_the_head_paths_and_the_bf16_peak_run_only_when_named():
     assert "head_only" in default and "sgemm" in default
     opt_in = {"head_only_compile", "head_only_bf16", "head_only_onednn", "bf16_gemm"}
     assert not (opt_in | {"ctcvr_1p_bf16", "ctcvr_1p_adagrad"}) & set(default)
-    assert len(default) == 8  # the headline's variants and ctcvr_2p's ceiling
+    assert len(default) == 9  # the headline's variants, the paired one and ctcvr_2p's ceiling
 
 
 def test_summarize_keeps_each_rounds_median_and_the_first_step():
