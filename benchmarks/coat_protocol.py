@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
@@ -179,19 +178,14 @@ def score_run(run_dir: Path, test: str | None = None) -> RatedTest:
 
 def _items_in_file_order(source: str, group: str | None, predictions: Predictions):
     """The item id of each evaluated row: the evaluation read ``source`` in file order, which
-    the user column, read again here, confirms."""
-    columns = set(pq.read_schema(_first_file(source)).names)
-    if ITEM_COLUMN not in columns or group not in columns:
+    the user column, read again here, confirms. None when the data has no item column."""
+    dataset = pads.dataset(source, format="parquet")
+    if ITEM_COLUMN not in dataset.schema.names or group not in dataset.schema.names:
         return None
-    table = pads.dataset(source, format="parquet").to_table(columns=[group, ITEM_COLUMN])
+    table = dataset.to_table(columns=[group, ITEM_COLUMN])
     if not np.array_equal(table.column(group).to_numpy(), predictions.group):
         raise RuntimeError(f"{source}: rows not in the order the evaluation read them")
     return table.column(ITEM_COLUMN).to_numpy()
-
-
-def _first_file(source: str) -> str:
-    path = Path(source)
-    return str(next(iter(sorted(path.rglob("*.parquet")))) if path.is_dir() else path)
 
 
 def protocol_metrics(
