@@ -246,16 +246,17 @@ def random_ranking_metrics(
         scores = rng.random(len(test.labels))
         ours = ranking_metrics(scores, test.labels, test.users, K, users_without_positives="count")
         skip = ranking_metrics(scores, test.labels, test.users, K, users_without_positives="skip")
-        split = _badr_split(scores, test.labels, test.users, rng)
+        random_split = _badr_split(scores, test.labels, test.users, rng)
         rows.append(
             {
                 "ndcg@5": ours[f"ndcg@{K}"],
                 "ndcg@5_skip": skip[f"ndcg@{K}"],
-                "ndcg@5_badr_split": split[f"ndcg@{K}"],
+                "ndcg@5_badr_split": random_split[f"ndcg@{K}"],
                 "recall@5": ours[f"recall@{K}"],
-                "recall@5_badr_split": split[f"recall@{K}"],
+                "recall@5_badr_split": random_split[f"recall@{K}"],
                 "users_without_positives": ours["users"] - ours["users_evaluated"],
-                "users_without_positives_badr_split": split["users"] - split["users_evaluated"],
+                "users_without_positives_badr_split": random_split["users"]
+                - random_split["users_evaluated"],
                 "tied_rows": 0.0,
                 **(
                     fixed_split_metrics(scores, test.labels, test.users, tested)
