@@ -323,6 +323,18 @@ def _decoded_int4(stored: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.T
     return values, scale / 2 + offset.abs() * 2**-10 + 2 * eps * (offset.abs() + 15 * scale)
 
 
+def _check_the_size_note(stdout: str, manifest: Manifest, quantize: str) -> None:
+    """The export line says how much smaller than float32 the stored rows are (and, for int8,
+    int4's ratio), worked out here from the files' rows and dims."""
+    rows_dims = [(f.num_rows, f.dim) for f in manifest.embeddings.files]
+    float32 = sum(4 * n * d for n, d in rows_dims)
+    int8 = sum(n * (d + 8) for n, d in rows_dims)
+    int4 = sum(n * ((d + 1) // 2 + 4) for n, d in rows_dims)
+    stored = int8 if quantize == "int8" else int4
+    assert f", {float32 / stored:.2f}x smaller than float32" in stdout
+    assert (f"; int4 would be {float32 / int4:.2f}x" in stdout) == (quantize == "int8")
+
+
 @pytest.mark.parametrize(
     ("quantize", "decoded"), [("int8", _decoded_int8), ("int4", _decoded_int4)]
 )
@@ -350,6 +362,7 @@ def test_a_quantised_export_stores_every_table_within_half_a_step(run, tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"({quantize}: " in result.stdout
     manifest = Manifest.model_validate_json((tmp_path / "model" / MANIFEST_FILE).read_text())
+    _check_the_size_note(result.stdout, manifest, quantize)
     assert manifest.quantization is Quantization(quantize)
     assert manifest.embeddings == embedding_layout(manifest.model, Quantization(quantize))
     saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
