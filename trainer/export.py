@@ -233,16 +233,12 @@ def rows_size_note(layout: EmbeddingLayout) -> str:
     note = f"{stored / 2**20:.1f} MiB of rows"
     if layout.quantization is Quantization.NONE:
         return note
-    ratio = _float32_row_bytes(layout) / stored
-    note += f", {ratio:.2f}x smaller than float32"
+    float32 = sum(f.tensor_bytes(Quantization.NONE) for f in layout.files)
+    note += f", {float32 / stored:.2f}x smaller than float32"
     if layout.quantization is Quantization.INT8:
         int4 = sum(f.tensor_bytes(Quantization.INT4) for f in layout.files)
-        note += f"; int4 would be {_float32_row_bytes(layout) / int4:.2f}x"
+        note += f"; int4 would be {float32 / int4:.2f}x"
     return note
-
-
-def _float32_row_bytes(layout: EmbeddingLayout) -> int:
-    return sum(f.tensor_bytes(Quantization.NONE) for f in layout.files)
 
 
 def export_to_repository(
