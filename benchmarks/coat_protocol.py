@@ -51,7 +51,7 @@ from trainer.distributed import init_distributed, quiet_library_warnings, shutdo
 from trainer.evaluation import metrics_table, ranking_metrics
 from trainer.evaluation.predict import evaluation_reader, predict
 from trainer.evaluation.predictions import Predictions
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, RunDirError
 from trainer.run_model import restore_model
 
 __all__ = [
@@ -314,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[str, list[float]]] = {}
     raw = []
     for run_dir in args.runs:
-        test = score_run(run_dir, args.test)
-        metrics = protocol_metrics(test, draws=args.draws, split=split)
+        try:
+            test = score_run(run_dir, args.test)
+            metrics = protocol_metrics(test, draws=args.draws, split=split)
+        except (ValueError, RunDirError) as error:  # unreadable data or run, a foreign split
+            parser.exit(2, f"{parser.prog}: error: {run_dir}: {error}\n")
         raw.append({"run_dir": str(run_dir), "metrics": metrics})
         row = table.setdefault(_run_name(run_dir), {})
         for key, value in metrics.items():

@@ -273,3 +273,11 @@ def _check_a_fixed_split_ranks_the_runs_own_test_rows(tmp_path: Path) -> None:
     assert m["ndcg@5"] * users == pytest.approx(
         m["ndcg@5_fixed"] * (users - 1) + m["ndcg@5_fixed_valid"]
     )
+
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("9999 0\n")  # Coat has 290 users
+    proc = subprocess.run(
+        [*command[:3], "--split", str(foreign)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{runs[0]}: {foreign}: 1 of its 1 pairs are not rated test rows" in proc.stderr
