@@ -32,6 +32,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     EXTRAS=serve \
     EDITABLE=0
 WORKDIR /src
+# A C compiler (and Python's headers where the base image has none) for serving's int8 kernel
+# (serving/_int8_rows.c), built by the second install step; only the built module reaches the
+# image. Unpinned: the base image's Debian release decides the versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && { python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+         || apt-get install -y --no-install-recommends python3-dev; } \
+    && rm -rf /var/lib/apt/lists/*
 # The pinned stack first, from the pins alone (an empty README stands in for the real one), so
 # that editing the code or the docs does not reinstall torch.
 COPY pyproject.toml ./
@@ -43,7 +52,7 @@ COPY README.md ./
 COPY schemas schemas/
 COPY serving serving/
 RUN bash deploy/install.sh \
-    && /opt/venv/bin/python -I -c "import schemas, serving.main" \
+    && /opt/venv/bin/python -I -c "import schemas, serving.main, serving._int8_rows" \
     && /opt/venv/bin/python -I -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('trainer', 'torchrec', 'fbgemm_gpu', 'matplotlib', 'sklearn')))"
 
 # ---- build-trainer: /opt/venv with the train and serve install sets, by the same script
@@ -59,13 +68,20 @@ ENV PIP_NO_CACHE_DIR=1 \
     EXTRAS=train,serve \
     EDITABLE=0
 WORKDIR /src
+# The C compiler of the int8 kernel, as in build-server.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && { python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+         || apt-get install -y --no-install-recommends python3-dev; } \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml ./
 COPY deploy/install.sh deploy/
 RUN touch README.md && bash deploy/install.sh
 # Then ctcvr itself; the script's second run finds the stack in place and installs the package.
 COPY . .
 RUN bash deploy/install.sh \
-    && /opt/venv/bin/python -I -c "import schemas, serving.main, trainer.train"
+    && /opt/venv/bin/python -I -c "import schemas, serving.main, serving._int8_rows, trainer.train"
 
 # ---- runtime: what both images share: the base image, an unprivileged user, the entrypoint
 FROM ${BASE_IMAGE} AS runtime

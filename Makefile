@@ -21,7 +21,7 @@ help:
 	@echo "make setup  - install the pinned stack into $(VENV) (deploy/install.sh)"
 	@echo "make clean  - remove $(DEMO_DIR)"
 
-$(STAMP): pyproject.toml deploy/install.sh
+$(STAMP): pyproject.toml deploy/install.sh serving/_int8_rows.c
 	VENV=$(VENV) bash deploy/install.sh
 	@touch $@
 

@@ -15,11 +15,17 @@ manifest gives each table's first row (``row_offset``). The service memory-maps 
 several worker processes share one copy of the tables in the page cache, and still looks up all
 single-valued features of a dim at once (a table's ids plus its row offset). With
 ``quantization: none`` the tensor is float32 ``(rows, D)``; with ``int8`` it is uint8
-``(rows, D + 8)``, row-wise 8-bit quantisation: each row holds ``D`` codes ``q`` (0..255), then
-its float32 ``scale`` and float32 ``offset`` (little-endian), and the value is
-``scale * q + offset``, within ``scale / 2`` of the float weight. This is the row layout that
-torch's built-in FBGEMM kernel (``quantized::embedding_bag_byte_rowwise_offsets``) reads, so the
-service dequantises only the rows a request reads, inside the lookup itself. With ``int4`` it is
+``(rows, D + 2)`` (``int8_layout: scale-index-zero-point``), row-wise 8-bit quantisation: each
+row holds ``D`` codes ``q`` (0..255), then the index ``e`` of its scale among the file's 256
+float32 ``scales`` (a second tensor, ascending, ``scales[0] = 0``), then its zero point ``z``
+(0..255); the value is ``scales[e] * (q - z)``, within ``scales[e] / 2`` of the float weight.
+Sharing the scales keeps a row 3.56x smaller than float32 at ``D = 16``, where a float32 scale
+and offset per row would keep it at 2.67x. torch has no kernel for this layout: the service's
+own (``serving/_int8_rows.c``) dequantises only the rows a request reads, inside the lookup.
+Models exported before this layout (a manifest without ``int8_layout``) hold
+``float32-scale-offset`` rows, ``(rows, D + 8)``: ``D`` codes, then a float32 ``scale`` and
+``offset`` (the value ``scale * q + offset``), the layout of torch's FBGEMM kernel
+``quantized::embedding_bag_byte_rowwise_offsets``; they are still served. With ``int4`` it is
 uint8 ``(rows, ceil(D / 2) + 4)``: the codes (0..15) two a byte, element ``2 i`` in the low
 nibble of byte ``i`` (an odd ``D`` leaves the last high nibble 0), then a float16 ``scale`` and
 float16 ``offset``, the layout of ``quantized::embedding_bag_4bit_rowwise_offsets``. Format 1
@@ -73,9 +79,12 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "INT4_ROW_EXTRA_BYTES",
+    "INT8_FLOAT_SCALE_ROW_EXTRA_BYTES",
     "INT8_ROW_EXTRA_BYTES",
+    "INT8_SCALES",
     "MANIFEST_FILE",
     "READABLE_FORMAT_VERSIONS",
+    "SCALES_TENSOR",
     "SCHEMA_FILE",
     "SERVED_HEADS",
     "TABLE_TENSOR",
@@ -84,6 +93,7 @@ __all__ = [
     "EmbeddingFile",
     "EmbeddingLayout",
     "FileEntry",
+    "Int8Layout",
     "Manifest",
     "ModelSpec",
     "Pooling",
@@ -108,7 +118,10 @@ READABLE_FORMAT_VERSIONS = (1, 2)  # what the service reads
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "weights/dense.safetensors"
 TABLE_TENSOR = "weight"  # the one tensor of each embedding file
-INT8_ROW_EXTRA_BYTES = 8  # an int8 row's float32 scale and offset, after its codes
+INT8_ROW_EXTRA_BYTES = 2  # an int8 row's scale index and zero point, after its codes
+INT8_FLOAT_SCALE_ROW_EXTRA_BYTES = 8  # a float32-scale-offset int8 row's scale and offset
+INT8_SCALES = 256  # an int8 file's shared scales (tensor SCALES_TENSOR), one indexed per row
+SCALES_TENSOR = "scales"
 INT4_ROW_EXTRA_BYTES = 4  # an int4 row's float16 scale and offset, after its packed codes
 SERVED_HEADS = ("ctr", "cvr")
 
@@ -280,8 +293,16 @@ class ModelSpec(_Frozen):
 @unique
 class Quantization(str, Enum):
     NONE = "none"  # float32 rows
-    INT8 = "int8"  # row-wise 8-bit codes with a float32 scale and offset per row
+    INT8 = "int8"  # row-wise 8-bit codes, a scale (of the file's 256) and zero point per row
     INT4 = "int4"  # row-wise 4-bit codes, two a byte, with a float16 scale and offset per row
+
+
+@unique
+class Int8Layout(str, Enum):
+    """How an int8 row is stored (the module's docstring has the details)."""
+
+    SCALE_INDEX = "scale-index-zero-point"  # D + 2 bytes: what trainer.export writes
+    FLOAT_SCALE = "float32-scale-offset"  # D + 8 bytes: FBGEMM's; exports without int8_layout
 
 
 class TableRows(_Frozen):
@@ -300,18 +321,29 @@ class EmbeddingFile(_Frozen):
     num_rows: int = Field(gt=0)
     tables: tuple[TableRows, ...] = Field(min_length=1)
 
-    def tensor_shape(self, quantization: Quantization) -> tuple[int, int]:
-        """Shape of the file's one tensor ``weight``: ``(rows, D)`` float32, for int8
-        ``(rows, D + 8)`` uint8 (codes, then scale and offset), for int4
-        ``(rows, ceil(D / 2) + 4)`` uint8 (codes two a byte, then scale and offset)."""
+    def tensor_shape(
+        self, quantization: Quantization, int8_layout: Int8Layout = Int8Layout.SCALE_INDEX
+    ) -> tuple[int, int]:
+        """Shape of the file's tensor ``weight``: ``(rows, D)`` float32, for int8
+        ``(rows, D + 2)`` uint8 (codes, scale index, zero point; ``(rows, D + 8)``, codes, scale
+        and offset, in the float-scale layout), for int4 ``(rows, ceil(D / 2) + 4)`` uint8
+        (codes two a byte, then scale and offset)."""
         if quantization is Quantization.INT8:
-            return (self.num_rows, self.dim + INT8_ROW_EXTRA_BYTES)
+            extra = (
+                INT8_ROW_EXTRA_BYTES
+                if int8_layout is Int8Layout.SCALE_INDEX
+                else INT8_FLOAT_SCALE_ROW_EXTRA_BYTES
+            )
+            return (self.num_rows, self.dim + extra)
         if quantization is Quantization.INT4:
             return (self.num_rows, (self.dim + 1) // 2 + INT4_ROW_EXTRA_BYTES)
         return (self.num_rows, self.dim)
 
-    def tensor_bytes(self, quantization: Quantization) -> int:
-        rows, width = self.tensor_shape(quantization)
+    def tensor_bytes(
+        self, quantization: Quantization, int8_layout: Int8Layout = Int8Layout.SCALE_INDEX
+    ) -> int:
+        """Bytes of the file's rows (int8's 1 KiB of shared scales aside)."""
+        rows, width = self.tensor_shape(quantization, int8_layout)
         return rows * width * (4 if quantization is Quantization.NONE else 1)
 
 
@@ -319,12 +351,30 @@ class EmbeddingLayout(_Frozen):
     """How the embedding tables are stored (format 2): one file per embedding dim."""
 
     quantization: Quantization = Quantization.NONE
+    int8_layout: Int8Layout | None = Field(
+        default=None, description="int8 only; absent in exports before it: float32-scale-offset"
+    )
     files: tuple[EmbeddingFile, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _int8_layout_only_with_int8(self) -> EmbeddingLayout:
+        if self.int8_layout is not None and self.quantization is not Quantization.INT8:
+            raise ValueError(f"int8_layout: given with quantization {self.quantization.value}")
+        return self
+
+    @property
+    def int8_rows(self) -> Int8Layout:
+        """The int8 layout in force (an int8 manifest without ``int8_layout`` is older than it)."""
+        return self.int8_layout or Int8Layout.FLOAT_SCALE
+
+    def tensor_shape(self, file: EmbeddingFile) -> tuple[int, int]:
+        """Shape of ``file``'s tensor ``weight`` in this layout."""
+        return file.tensor_shape(self.quantization, self.int8_rows)
 
     @property
     def tensor_bytes(self) -> int:
         """Bytes of every table's stored rows (the files' tensors, headers excluded)."""
-        return sum(f.tensor_bytes(self.quantization) for f in self.files)
+        return sum(f.tensor_bytes(self.quantization, self.int8_rows) for f in self.files)
 
     def table(self, name: str) -> tuple[EmbeddingFile, TableRows]:
         """The file holding table ``name`` and its rows there.
@@ -355,7 +405,8 @@ def embedding_layout(
         files.append(
             EmbeddingFile(path=embedding_file(dim), dim=dim, num_rows=offset, tables=tuple(rows))
         )
-    return EmbeddingLayout(quantization=quantization, files=tuple(files))
+    int8_layout = Int8Layout.SCALE_INDEX if quantization is Quantization.INT8 else None
+    return EmbeddingLayout(quantization=quantization, int8_layout=int8_layout, files=tuple(files))
 
 
 class FileEntry(_Frozen):
@@ -412,7 +463,7 @@ class Manifest(_Frozen):
             if self.embeddings is None:
                 raise ValueError(f"embeddings: Field required in format {self.format_version}")
             expected = embedding_layout(self.model, self.embeddings.quantization)
-            if self.embeddings != expected:
+            if self.embeddings.files != expected.files:
                 raise ValueError(
                     "embeddings: the layout does not match the model spec's tables: expected "
                     f"{_describe(expected)}, got {_describe(self.embeddings)}"

@@ -172,7 +172,10 @@ def _load_embeddings(path: Path, manifest: Manifest, model: ScoringModel) -> Non
         return
     for file in manifest.embeddings.files:
         rows = open_embedding_file(
-            _verify_file(path, manifest, file.path), file, manifest.embeddings.quantization
+            _verify_file(path, manifest, file.path),
+            file,
+            manifest.embeddings.quantization,
+            manifest.embeddings.int8_rows,
         )
         model.set_embeddings(file.dim, rows)
 

@@ -1,4 +1,4 @@
-"""Embedding rows as the service reads them: float32 or row-wise int8, memory-mapped.
+"""Embedding rows as the service reads them: float32, row-wise int8 or int4, memory-mapped.
 
 An embedding file of a format 2 model directory (``schemas.artifact.EmbeddingLayout``) holds the
 tables of one dim as one tensor. :func:`open_embedding_file` maps it into memory with
@@ -7,10 +7,15 @@ copy-on-write and never written), so every worker process of a service shares on
 tables in the page cache, and the kernel reads in only the pages requests touch.
 
 * :class:`FloatRows`: ``(rows, D)`` float32; lookups are ``F.embedding`` and ``F.embedding_bag``.
-* :class:`Int8Rows`: ``(rows, D + 8)`` uint8, each row ``D`` codes then its float32 scale and
-  offset; lookups run torch's built-in FBGEMM kernel for this layout
-  (``quantized::embedding_bag_byte_rowwise_offsets``), which dequantises only the rows it reads,
-  inside the gather, a single-valued feature being a bag of one row.
+* :class:`Int8Rows`: ``(rows, D + 2)`` uint8, each row ``D`` codes, then the index of its scale
+  among the file's 256 and its zero point; lookups run the service's own kernel
+  (``serving/_int8_rows.c``), which dequantises only the rows it reads, inside the gather. Where
+  it was not built (no C compiler at install), the same arithmetic runs as torch operations,
+  slower (about 40-75 us more a 256-row request), and loading the model says so.
+* :class:`Int8FloatScaleRows`: ``(rows, D + 8)`` uint8, each row ``D`` codes then its float32
+  scale and offset (int8 models exported before the shared scales); lookups run torch's built-in
+  FBGEMM kernel for this layout (``quantized::embedding_bag_byte_rowwise_offsets``), a
+  single-valued feature being a bag of one row.
 * :class:`Int4Rows`: ``(rows, ceil(D / 2) + 4)`` uint8, each row ``D`` 4-bit codes two a byte,
   then its float16 scale and offset; lookups run
   ``quantized::embedding_bag_4bit_rowwise_offsets`` the same way.
@@ -24,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -35,14 +41,32 @@ from safetensors import SafetensorError, safe_open
 
 from schemas.artifact import (
     INT4_ROW_EXTRA_BYTES,
-    INT8_ROW_EXTRA_BYTES,
+    INT8_FLOAT_SCALE_ROW_EXTRA_BYTES,
+    INT8_SCALES,
+    SCALES_TENSOR,
     TABLE_TENSOR,
     EmbeddingFile,
+    Int8Layout,
     Pooling,
     Quantization,
 )
 
-__all__ = ["EmbeddingRows", "FloatRows", "Int4Rows", "Int8Rows", "open_embedding_file"]
+try:
+    from serving import _int8_rows
+except ImportError:  # built only where a C compiler was found at install (pyproject.toml)
+    _int8_rows = None
+
+__all__ = [
+    "EmbeddingRows",
+    "FloatRows",
+    "Int4Rows",
+    "Int8FloatScaleRows",
+    "Int8Rows",
+    "int8_kernel_built",
+    "open_embedding_file",
+]
+
+logger = logging.getLogger(__name__)
 
 _CHECK_ROWS = 1 << 16  # rows checked for finiteness at a time (bounds the temporaries)
 
@@ -128,17 +152,85 @@ class _RowwiseQuantized:
         return torch.addcmul(scale_offset[:, 1:], codes, scale_offset[:, :1])
 
 
-class Int8Rows(_RowwiseQuantized):
-    """Row-wise 8-bit rows.
+class Int8FloatScaleRows(_RowwiseQuantized):
+    """Row-wise 8-bit rows with a float32 scale and offset each (exports before the shared
+    scales).
 
     Args:
         rows: ``(rows, D + 8)`` uint8: ``D`` codes, then the float32 scale and offset.
         dim: ``D``.
     """
 
-    extra_bytes = INT8_ROW_EXTRA_BYTES
+    extra_bytes = INT8_FLOAT_SCALE_ROW_EXTRA_BYTES
     scale_dtype = torch.float32
     kernel = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+
+
+def int8_kernel_built() -> bool:
+    """Whether the C kernel of :class:`Int8Rows` was built (else torch operations stand in)."""
+    return _int8_rows is not None
+
+
+class Int8Rows:
+    """Row-wise 8-bit rows sharing their file's 256 scales: element ``d`` of a row is
+    ``scales[row[D]] * (row[d] - row[D + 1])``.
+
+    Args:
+        rows: ``(rows, D + 2)`` uint8: ``D`` codes, then the scale index and the zero point.
+        scales: ``(256,)`` float32, finite and >= 0.
+        dim: ``D``.
+        use_kernel: the C kernel if it was built (False: torch operations, for comparisons).
+    """
+
+    def __init__(
+        self, rows: torch.Tensor, scales: torch.Tensor, dim: int, use_kernel: bool = True
+    ) -> None:
+        self.rows, self.scales = rows, scales
+        self.num_rows, self.dim = rows.shape[0], dim
+        self._kernel = _int8_rows if use_kernel else None
+        self._rows_np, self._scales_np = rows.numpy(), scales.numpy()
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self._kernel is None:
+            return self._dequantized(flat).view(*ids.shape, self.dim)
+        out = np.empty((flat.numel(), self.dim), dtype=np.float32)
+        self._kernel.gather(self._rows_np, self._scales_np, flat.numpy(), out, self.dim)
+        return torch.from_numpy(out).view(*ids.shape, self.dim)
+
+    def pool(self, values: torch.Tensor, offsets: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+        if self._kernel is None:
+            pooled = self._pooled(values, offsets)
+        else:
+            out = np.empty((len(offsets), self.dim), dtype=np.float32)
+            self._kernel.pool_sum(
+                self._rows_np, self._scales_np, values.numpy(), offsets.numpy(), out, self.dim
+            )
+            pooled = torch.from_numpy(out)
+        return _mean_of_sums(pooled, offsets, values.numel()) if pooling is Pooling.MEAN else pooled
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``(rows, D)`` float32 values of rows ``start:stop`` (a copy)."""
+        return self._decode(self.rows[start:stop])
+
+    def _decode(self, rows: torch.Tensor) -> torch.Tensor:
+        scale = self.scales[rows[:, self.dim].long()].unsqueeze(1)
+        zero_point = rows[:, self.dim + 1 : self.dim + 2].to(torch.float32)
+        return (rows[:, : self.dim].to(torch.float32) - zero_point).mul_(scale)
+
+    def _dequantized(self, ids: torch.Tensor) -> torch.Tensor:
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
+            bad = int(((ids < 0) | (ids >= self.num_rows)).nonzero()[0])
+            raise IndexError(
+                f"id {int(ids[bad])} at position {bad} is outside the table's {self.num_rows} rows"
+            )
+        return self._decode(self.rows.index_select(0, ids))
+
+    def _pooled(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        bags = torch.zeros(len(offsets), self.dim)
+        sizes = torch.diff(offsets, append=torch.tensor([values.numel()]))
+        bag_of_value = torch.repeat_interleave(torch.arange(len(offsets)), sizes)
+        return bags.index_add_(0, bag_of_value, self._dequantized(values))
 
 
 class Int4Rows(_RowwiseQuantized):
@@ -160,9 +252,6 @@ class Int4Rows(_RowwiseQuantized):
         return torch.stack([packed & 15, packed >> 4], dim=2).flatten(1)[:, : self.dim]
 
 
-_QUANTIZED = {Quantization.INT8: Int8Rows, Quantization.INT4: Int4Rows}
-
-
 def _mean_of_sums(sums: torch.Tensor, offsets: torch.Tensor, values: int) -> torch.Tensor:
     """Bags' sums divided in place by their sizes (an empty bag stays zero): of ``values``
     pooled ids, bag ``i`` starts at ``offsets[i]``. The sizes are worked out in numpy, whose
@@ -178,42 +267,83 @@ def _mean_of_sums(sums: torch.Tensor, offsets: torch.Tensor, values: int) -> tor
 
 
 def open_embedding_file(
-    path: Path, file: EmbeddingFile, quantization: Quantization
-) -> FloatRows | Int8Rows | Int4Rows:
+    path: Path,
+    file: EmbeddingFile,
+    quantization: Quantization,
+    int8_layout: Int8Layout = Int8Layout.SCALE_INDEX,
+) -> FloatRows | Int8Rows | Int8FloatScaleRows | Int4Rows:
     """Map one embedding file into memory and check it.
 
     Args:
         path: the file (its checksum already verified).
         file: its entry in the manifest's layout.
         quantization: the layout's.
+        int8_layout: for int8, which of its row layouts (the manifest's ``int8_rows``).
 
     Raises:
-        ValueError: not a safetensors file, another tensor, dtype or shape than the layout
-            says, a float value (or an int8 row's scale or offset) that is NaN or infinite, a
-            negative scale. The message names the file.
+        ValueError: not a safetensors file, other tensors, dtypes or shapes than the layout
+            says, a float value (a quantised row's scale or offset, an int8 file's shared scale)
+            that is NaN or infinite, a negative scale. The message names the file.
     """
+    shared_scales = quantization is Quantization.INT8 and int8_layout is Int8Layout.SCALE_INDEX
+    expected = sorted([TABLE_TENSOR, SCALES_TENSOR] if shared_scales else [TABLE_TENSOR])
     try:
-        with safe_open(path, framework="pt") as handle:  # the tensor keeps its own mapping
-            names = list(handle.keys())
-            if names != [TABLE_TENSOR]:
-                raise ValueError(f"{path}: expected one tensor {TABLE_TENSOR!r}, found {names}")
-            tensor = handle.get_tensor(TABLE_TENSOR)
+        with safe_open(path, framework="pt") as handle:  # the tensors keep their own mapping
+            names = sorted(handle.keys())
+            if names != expected:
+                raise ValueError(f"{path}: expected the tensors {expected}, found {names}")
+            tensors = {name: handle.get_tensor(name) for name in names}
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
     dtype = torch.float32 if quantization is Quantization.NONE else torch.uint8
-    shape = file.tensor_shape(quantization)
+    shape = file.tensor_shape(quantization, int8_layout)
+    tensor = tensors[TABLE_TENSOR]
     if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        layout = (
+            f"{quantization.value}, {int8_layout.value}"
+            if quantization is Quantization.INT8
+            else quantization.value
+        )
         raise ValueError(
             f"{path}: tensor {TABLE_TENSOR!r} is {tensor.dtype} {tuple(tensor.shape)}; the "
-            f"manifest's layout ({quantization.value}) needs {dtype} {shape}"
+            f"manifest's layout ({layout}) needs {dtype} {shape}"
         )
-    quantized = _QUANTIZED.get(quantization)
-    rows = FloatRows(tensor) if quantized is None else quantized(tensor, file.dim)
-    _check_finite(path, rows)
+    if shared_scales:
+        rows: FloatRows | Int8Rows | Int8FloatScaleRows | Int4Rows = Int8Rows(
+            tensor, _checked_scales(path, tensors[SCALES_TENSOR]), file.dim
+        )
+        if not int8_kernel_built():
+            logger.warning(
+                "%s: serving._int8_rows was not built (no C compiler at install): int8 lookups "
+                "run as torch operations, slower; reinstall ctcvr with a C compiler to build it",
+                path,
+            )
+    elif quantization is Quantization.INT8:
+        rows = Int8FloatScaleRows(tensor, file.dim)
+    elif quantization is Quantization.INT4:
+        rows = Int4Rows(tensor, file.dim)
+    else:
+        rows = FloatRows(tensor)
+    if not isinstance(rows, Int8Rows):  # whose every byte decodes to a finite value
+        _check_finite(path, rows)
     return rows
 
 
-def _check_finite(path: Path, rows: FloatRows | Int8Rows | Int4Rows) -> None:
+def _checked_scales(path: Path, scales: torch.Tensor) -> torch.Tensor:
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (INT8_SCALES,):
+        raise ValueError(
+            f"{path}: tensor {SCALES_TENSOR!r} is {scales.dtype} {tuple(scales.shape)}; int8 rows "
+            f"need float32 ({INT8_SCALES},)"
+        )
+    bad = ~torch.isfinite(scales) | (scales < 0)
+    if bad.any():
+        raise ValueError(
+            f"{path}: {SCALES_TENSOR}[{int(bad.nonzero()[0])}] is NaN, infinite or negative"
+        )
+    return scales
+
+
+def _check_finite(path: Path, rows: FloatRows | Int8FloatScaleRows | Int4Rows) -> None:
     """Every float of the file is finite (a quantised row's scale also >= 0), checked in blocks
     so that no temporary grows with the table."""
     for start in range(0, rows.num_rows, _CHECK_ROWS):

@@ -22,8 +22,9 @@ and private units one dense layer, its pruned weights zeros. The embedding table
 one at a time, each gathered whole from however many ranks' shards wrote it, appended to the
 file of its embedding dim (``trainer.embedding_files``: one file per dim, the layout the service
 memory-maps) and released, so that no two tables are ever in memory at once. ``--quantize int8``
-stores the rows with row-wise 8-bit quantisation (codes plus a float32 scale and offset per row,
-about 4x smaller for wide rows; see ``schemas.artifact``), ``--quantize int4`` with 4-bit codes
+stores the rows with row-wise 8-bit quantisation (codes plus a scale index into the file's 256
+shared scales and a zero point per row, 3.56x smaller at dim 16 and nearly 4x for wide rows; see
+``schemas.artifact``), ``--quantize int4`` with 4-bit codes
 two a byte plus a float16 scale and offset (about 8x smaller for wide rows). The manifest
 records the version id, the source run and step, the schema fingerprint, the model spec, the
 run's evaluation metrics and a sha256 per file. The directory is written beside ``--out`` and
@@ -130,8 +131,8 @@ def export_run(
             run's latest.
         version: the version id; default ``<run name>-step<step>-<content hash>``.
         force: replace ``out_dir`` if it exists.
-        quantize: ``none`` (float32 tables) or ``int8`` (row-wise 8-bit, a scale and offset per
-            row).
+        quantize: ``none`` (float32 tables), ``int8`` (row-wise 8-bit: a scale of the file's 256
+            and a zero point per row) or ``int4`` (row-wise 4-bit, a scale and offset per row).
         log: where progress lines go (``print``; ``None`` for silence).
 
     Returns:
@@ -227,8 +228,8 @@ def export_run(
 
 def rows_size_note(layout: EmbeddingLayout) -> str:
     """The stored rows' size and, when quantised, how much smaller than float32 they are. For
-    int8 also int4's ratio: at small dims the per-row scale and offset keep int8 well under 4x
-    (2.67x at dim 16), and int4 is the choice for a user short of memory there."""
+    int8 also int4's ratio: at small dims a row's scale index and zero point keep int8 under 4x
+    (3.56x at dim 16), and int4 is the choice for a user still short of memory there."""
     stored = layout.tensor_bytes
     note = f"{stored / 2**20:.1f} MiB of rows"
     if layout.quantization is Quantization.NONE:
@@ -502,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quantize",
         choices=[q.value for q in Quantization],
         default=Quantization.NONE.value,
-        help="embedding rows as float32 (none, default), row-wise 8-bit codes with a float32 "
-        "scale and offset per row (int8), or row-wise 4-bit codes with a float16 scale and offset "
-        "per row (int4)",
+        help="embedding rows as float32 (none, default), row-wise 8-bit codes with a scale (one "
+        "of the file's 256) and a zero point per row (int8), or row-wise 4-bit codes with a "
+        "float16 scale and offset per row (int4)",
     )
     parser.add_argument(
         "--keep",

@@ -35,7 +35,7 @@ def test_a_tiny_run_reports_bytes_quality_and_speed(tmp_path):
     rows = {2: 6 + 5 + 12, 3: 14, 4: 13 + 98}  # the edge schema's tables per dim
     assert result["bytes"] == {
         "float32": sum(n * d * 4 for d, n in rows.items()),
-        "int8": sum(n * (d + 8) for d, n in rows.items()),
+        "int8": sum(n * (d + 2) for d, n in rows.items()),  # the shared scales aside
         "int4": sum(n * ((d + 1) // 2 + 4) for d, n in rows.items()),
     }
     for quantization in ("int8", "int4"):

@@ -92,7 +92,10 @@ def test_each_image_is_built_by_the_install_script_with_its_install_set():
         ("build-trainer", "train,serve", "trainer"),
     ):
         runs = [rest for keyword, rest in all_stages[build] if keyword == "RUN"]
-        assert len(runs) == 2 and all("bash deploy/install.sh" in run for run in runs)
+        compiler, *installs = runs  # gcc for serving's int8 kernel, then the two install steps
+        assert "apt-get install -y --no-install-recommends gcc" in compiler
+        assert len(installs) == 2 and all("bash deploy/install.sh" in run for run in installs)
+        assert "import schemas, serving.main, serving._int8_rows" in installs[-1]
         assert ("ARG", "TORCH_VARIANT=cpu") in all_stages[build]
         assert env(all_stages[build])["EXTRAS"] == extras
         assert all_stages[image][0] == ("FROM", f"runtime AS {image}")

@@ -300,20 +300,22 @@ def test_command_line(run, tmp_path):
     assert bad.returncode == 1 and "version" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _decoded_int8(stored: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values of int8 rows ``(N, D + 8)`` and each row's error bound: half a step plus float32
-    rounding."""
+def _decoded_int8(tensors: dict[str, torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of int8 rows ``(N, D + 2)`` (codes, scale index, zero point) against the file's
+    256 ``scales``, and each row's error bound: half a step plus float32 rounding."""
     eps = torch.finfo(torch.float32).eps
-    assert stored.shape[1] == dim + 8
-    scale, offset = stored[:, dim:].contiguous().view(torch.float32).unbind(1)
-    values = scale.unsqueeze(1) * stored[:, :dim].float() + offset.unsqueeze(1)
-    return values, scale / 2 + 2 * eps * (offset.abs() + 255 * scale)
+    stored, scales = tensors["weight"], tensors["scales"]
+    assert stored.shape[1] == dim + 2 and scales.shape == (256,)
+    scale = scales[stored[:, dim].long()]
+    codes = stored[:, :dim].float() - stored[:, dim + 1 :].float()
+    return scale.unsqueeze(1) * codes, scale / 2 + eps * 255 * scale
 
 
-def _decoded_int4(stored: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decoded_int4(tensors: dict[str, torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Values of int4 rows ``(N, ceil(D / 2) + 4)`` and each row's error bound: half a step,
     the float16 rounding of the row's minimum, float32 rounding."""
     eps = torch.finfo(torch.float32).eps
+    stored = tensors["weight"]
     width = (dim + 1) // 2
     assert stored.shape[1] == width + 4
     packed = stored[:, :width].long()
@@ -328,7 +330,7 @@ def _check_the_size_note(stdout: str, manifest: Manifest, quantize: str) -> None
     int4's ratio), worked out here from the files' rows and dims."""
     rows_dims = [(f.num_rows, f.dim) for f in manifest.embeddings.files]
     float32 = sum(4 * n * d for n, d in rows_dims)
-    int8 = sum(n * (d + 8) for n, d in rows_dims)
+    int8 = sum(n * (d + 2) for n, d in rows_dims)
     int4 = sum(n * ((d + 1) // 2 + 4) for n, d in rows_dims)
     stored = int8 if quantize == "int8" else int4
     assert f", {float32 / stored:.2f}x smaller than float32" in stdout
@@ -367,9 +369,10 @@ def test_a_quantised_export_stores_every_table_within_half_a_step(run, tmp_path,
     assert manifest.embeddings == embedding_layout(manifest.model, Quantization(quantize))
     saved = checkpoint_tensors(run / "checkpoints" / "step_00000007")
     for file in manifest.embeddings.files:
-        stored = load_file(tmp_path / "model" / file.path)["weight"]
+        tensors = load_file(tmp_path / "model" / file.path)
+        stored = tensors["weight"]
         assert stored.dtype == torch.uint8 and stored.shape[0] == file.num_rows
-        values, bound = decoded(stored, file.dim)
+        values, bound = decoded(tensors, file.dim)
         for table in file.tables:
             rows = slice(table.row_offset, table.row_offset + table.num_rows)
             weight = saved[

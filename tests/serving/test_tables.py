@@ -1,6 +1,6 @@
 """Embedding rows in the service: memory-mapped from the model directory (format 2), row-wise
-int8 and int4 read by torch's kernels, format 1 directories still served, and bad files
-refused."""
+int8 read by the service's own kernel (and its torch fallback), int4 and the older int8 layout
+by torch's kernels, format 1 directories still served, and bad files refused."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from schemas.artifact import (
     MANIFEST_FILE,
+    SCALES_TENSOR,
     TABLE_TENSOR,
     EmbeddingFile,
     Pooling,
@@ -27,8 +28,14 @@ from schemas.artifact import (
     table_file,
 )
 from serving.artifact import ArtifactError, load_artifact
-from serving.tables import FloatRows, Int4Rows, Int8Rows
-from trainer.embedding_files import quantize_int4_rows, quantize_int8_rows, write_embedding_file
+from serving.tables import FloatRows, Int4Rows, Int8FloatScaleRows, Int8Rows, int8_kernel_built
+from trainer.embedding_files import (
+    int8_scales,
+    int8_steps,
+    quantize_int4_rows,
+    quantize_int8_rows,
+    write_embedding_file,
+)
 from trainer.export import export_run
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -80,22 +87,71 @@ def test_the_served_rows_are_the_files_pages_not_a_copy(request, edge_model, qua
 
 
 def _int8_quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scale and offset of ``quantize_int8_rows(weight)``, read back from the bytes."""
-    rows = quantize_int8_rows(weight)
+    """Codes minus zero point, scale and needed step of ``quantize_int8_rows(weight)`` against
+    scales made for these rows, read back from the bytes."""
+    needed = int8_steps(weight)
+    scales = int8_scales(float(needed[needed > 0].min()), float(needed.max()))
+    rows = quantize_int8_rows(weight, scales)
     dim = weight.shape[1]
-    scale_offset = rows[:, dim:].contiguous().view(torch.float32)
-    return rows[:, :dim].to(torch.float32), scale_offset[:, 0], scale_offset[:, 1]
+    codes = rows[:, :dim].to(torch.float32) - rows[:, dim + 1 :].to(torch.float32)
+    return codes, scales[rows[:, dim].long()], needed
 
 
-def _dequantization_bound(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Per row: half a quantisation step, plus the float32 rounding of ``scale * q + offset``
-    (two operations on values up to ``|offset| + 255 * scale``)."""
-    return scale / 2 + 2 * EPS32 * (offset.abs() + 255 * scale)
+def _int8_bound(scale: torch.Tensor) -> torch.Tensor:
+    """Per row: half a step, plus the float32 rounding of ``scale * (q - z)`` (one product of
+    an exact integer up to 255)."""
+    return scale / 2 + EPS32 * 255 * scale
 
 
-def test_int8_rows_refuse_a_range_beyond_float32():
+def test_int8_steps_are_worked_out_by_hand():
+    """A row straddling 0 needs its range over 254 levels (one given up to the zero point's
+    rounding); a row of one sign its largest magnitude over 255 (the grid reaches 0)."""
+    weight = torch.tensor([[-1.0, 1.54], [2.0, 3.0], [-3.0, -2.0], [0.0, 0.0], [-0.5, 0.5]])
+    torch.testing.assert_close(
+        int8_steps(weight), torch.tensor([2.54 / 254, 3 / 255, 3 / 255, 0.0, 1 / 254])
+    )
+
+
+def test_int8_scales_are_a_geometric_grid_from_the_smallest_step_to_the_largest():
+    scales = int8_scales(1.0, 256.0)
+    assert scales.dtype == torch.float32 and scales.shape == (256,)
+    assert scales[0] == 0 and scales[1] == 1 and scales[-1] >= 256
+    torch.testing.assert_close(scales[128], torch.tensor(16.0))  # 2 ** (8 * 127 / 254)
+    ratios = scales[2:] / scales[1:-1]
+    torch.testing.assert_close(ratios, torch.full((254,), 2 ** (8 / 254)))
+    # far smaller steps are floored at 2**-16 of the largest: the grid's ratio stays <= 4.5 %
+    assert int8_scales(1e-12, 1.0)[1] == 2.0**-16
+    assert torch.equal(int8_scales(float("inf"), 0.0), torch.zeros(256))  # every row zeros
+
+
+def test_int8_rows_are_within_half_a_step_and_their_step_near_the_smallest_possible():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 16, generator=generator) * torch.logspace(-3, 1, 500)[:, None]
+    weight[0] = 0.0  # a row of zeros: scale 0, exact
+    weight[1] = 0.25  # a constant row of one sign
+    weight[2] = torch.rand(16, generator=generator) + 1  # positive: the grid reaches 0
+    weight[3] = -weight[2]
+    codes, scale, needed = _int8_quantized(weight)
+    values = scale.unsqueeze(1) * codes
+    error = (values - weight).abs().max(dim=1).values
+    assert (error <= _int8_bound(scale)).all()
+    assert error[0] == 0 and scale[0] == 0
+    assert (scale >= needed).all()
+    growth = scale[1:] / needed[1:]  # the grid spans these rows' 1e4 range: 3.7 % a step
+    assert growth.max() <= (needed.max() / needed[1:].min()) ** (1 / 254) * (1 + 1e-6)
+    assert (codes >= -255).all() and (codes <= 255).all()
+    # the bound is tight: some element of the random rows is off by nearly half a step
+    assert (error[4:] / (scale[4:] / 2)).max() > 0.9
+
+
+def test_int8_rows_refuse_a_range_beyond_float32_or_their_scales():
+    scales = int8_scales(0.001, 1.0)
     with pytest.raises(ValueError, match="row 1: its range does not fit a float32 scale"):
-        quantize_int8_rows(torch.tensor([[0.0, 1.0], [-3e38, 3e38]]))
+        quantize_int8_rows(torch.tensor([[0.0, 1.0], [-3e38, 3e38]]), scales)
+    with pytest.raises(
+        ValueError, match=r"row 7: needs a scale of 7.87, beyond the file's largest"
+    ):
+        quantize_int8_rows(torch.tensor([[0.0, 1.0]] * 7 + [[-1000.0, 1000.0]]), scales)
 
 
 def _int4_quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,17 +172,10 @@ def _int4_dequantization_bound(scale: torch.Tensor, offset: torch.Tensor) -> tor
     return scale / 2 + offset.abs() * 2**-10 + 2 * EPS32 * (offset.abs() + 15 * scale)
 
 
-@pytest.mark.parametrize(
-    ("decode", "bound", "levels", "magnitudes"),
-    [
-        (_int8_quantized, _dequantization_bound, 255, (-6, 4)),
-        (_int4_quantized, _int4_dequantization_bound, 15, (-3, 3)),  # within float16's range
-    ],
-    ids=["int8", "int4"],
-)
-def test_quantised_rows_are_within_half_a_step_of_the_float_rows(decode, bound, levels, magnitudes):
+def test_int4_rows_are_within_half_a_step_of_the_float_rows():
+    decode, bound, levels = _int4_quantized, _int4_dequantization_bound, 15
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(500, 16, generator=generator) * torch.logspace(*magnitudes, 500)[:, None]
+    weight = torch.randn(500, 16, generator=generator) * torch.logspace(-3, 3, 500)[:, None]
     weight[0] = 0.25  # a constant row (also a float16 value): scale 0, exact
     weight[1] = torch.linspace(-1, 1, 16)  # the extremes are the lowest and highest codes
     codes, scale, offset = decode(weight)
@@ -153,24 +202,84 @@ def test_int4_rows_refuse_values_beyond_float16():
         quantize_int4_rows(torch.tensor([[0.0, 1.0], [-7e4, 1.0]]), first_row=0)
 
 
-@pytest.mark.parametrize(
-    ("rows_class", "quantize", "dim"),
-    [
-        (Int8Rows, quantize_int8_rows, 6),
-        (Int4Rows, quantize_int4_rows, 6),
-        (Int4Rows, quantize_int4_rows, 5),
-    ],
-    ids=["int8", "int4", "int4-odd-dim"],
-)
-def test_the_quantised_kernels_read_the_stored_layout(rows_class, quantize, dim):
-    """Lookups (torch's FBGEMM kernels) equal the stored rows dequantised by hand."""
+@pytest.mark.parametrize(("quantize", "dim"), [(quantize_int4_rows, 6), (quantize_int4_rows, 5)])
+def test_the_int4_kernel_reads_the_stored_layout(quantize, dim):
+    """Lookups (torch's FBGEMM kernel) equal the stored rows dequantised by hand."""
     generator = torch.Generator().manual_seed(1)
-    rows = rows_class(quantize(torch.randn(50, dim, generator=generator)), dim)
-    values = rows.dequantize()
-    assert values.shape == (50, dim)
-    ids = torch.randint(0, 50, (7, 3), generator=generator)
+    rows = Int4Rows(quantize(torch.randn(50, dim, generator=generator)), dim)
+    _assert_reads_as(rows, rows.dequantize(), generator)
+
+
+def _assert_reads_as(rows, values: torch.Tensor, generator: torch.Generator) -> None:
+    ids = torch.randint(0, len(values), (7, 3), generator=generator)
     torch.testing.assert_close(rows.lookup(ids), F.embedding(ids, values), rtol=0, atol=1e-6)
     _assert_pools_as_embedding_bag(rows, values)
+
+
+def _int8_rows_by_hand(rows: np.ndarray, scales: np.ndarray, dim: int) -> torch.Tensor:
+    """``scales[e] * (q - z)`` of every row, in float64 numpy, independent of serving.tables."""
+    scale = scales.astype(np.float64)[rows[:, dim]]
+    values = scale[:, None] * (rows[:, :dim].astype(np.float64) - rows[:, dim + 1 : dim + 2])
+    return torch.from_numpy(values.astype(np.float32))
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["C kernel", "torch fallback"])
+def test_int8_lookups_read_the_stored_layout(use_kernel):
+    """Lookups and pools of int8 rows, by the C kernel and by its torch fallback alike, equal
+    the stored bytes decoded by hand, whatever the bytes (every index and zero point)."""
+    if use_kernel:
+        assert int8_kernel_built(), "serving._int8_rows was not built: is a C compiler missing?"
+    generator = torch.Generator().manual_seed(1)
+    dim = 6
+    packed = torch.randint(0, 256, (50, dim + 2), dtype=torch.uint8, generator=generator)
+    scales = torch.cat([torch.zeros(1), torch.logspace(-4, 1, 255)])
+    rows = Int8Rows(packed, scales, dim, use_kernel=use_kernel)
+    values = _int8_rows_by_hand(packed.numpy(), scales.numpy(), dim)
+    torch.testing.assert_close(rows.dequantize(), values, rtol=1e-6, atol=0)
+    _assert_reads_as(rows, values, generator)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["C kernel", "torch fallback"])
+def test_int8_lookups_refuse_ids_outside_the_table(use_kernel):
+    rows = Int8Rows(torch.zeros(5, 4, dtype=torch.uint8), torch.zeros(256), 2, use_kernel)
+    for ids in ([0, 5], [-1, 0]):
+        position = ids.index(5 if 5 in ids else -1)
+        message = rf"id {ids[position]} at position {position} is outside the table's 5 rows"
+        with pytest.raises(IndexError, match=message):
+            rows.lookup(torch.tensor(ids))
+        with pytest.raises(IndexError, match=message):
+            rows.pool(torch.tensor(ids), torch.tensor([0]), Pooling.SUM)
+
+
+def test_the_int8_kernel_checks_its_buffers():
+    """The C kernel's own checks (the service never reaches them: its callers pass consistent
+    arrays), so that no misuse reads or writes past a buffer."""
+    from serving import _int8_rows
+
+    rows, scales = np.zeros((5, 4), np.uint8), np.zeros(256, np.float32)
+    ids, out = np.array([0, 1], np.int64), np.empty((2, 2), np.float32)
+    with pytest.raises(ValueError, match="out: expected 2 x 2 float32 .16 bytes., got 12 bytes"):
+        _int8_rows.gather(rows, scales, ids, np.empty(3, np.float32), 2)
+    with pytest.raises(ValueError, match="scales: expected 256 float32"):
+        _int8_rows.gather(rows, scales[:255], ids, out, 2)
+    with pytest.raises(ValueError, match="rows: 20 bytes is not a whole number of 3-byte rows"):
+        _int8_rows.gather(rows, scales, ids, out, 1)
+    with pytest.raises(ValueError, match=r"offsets: bag 1 spans 2:1 of 2 ids"):
+        _int8_rows.pool_sum(rows, scales, ids, np.array([0, 2, 1]), np.empty((3, 2), np.float32), 2)
+    with pytest.raises(ValueError, match=r"offsets: bag 0 spans 1:2"):
+        _int8_rows.pool_sum(rows, scales, ids, np.array([1]), np.empty((1, 2), np.float32), 2)
+
+
+def test_int8_rows_of_the_float_scale_layout_read_as_torchs_own_packing():
+    """int8 models exported before the shared scales (``D + 8`` rows, FBGEMM's layout) are read
+    by torch's kernel: here rows packed by torch itself, decoded by torch itself."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(50, 6, generator=generator)
+    packed = torch.ops.quantized.embedding_bag_byte_prepack(weight)
+    rows = Int8FloatScaleRows(packed, 6)
+    values = torch.ops.quantized.embedding_bag_byte_unpack(packed)
+    torch.testing.assert_close(rows.dequantize(), values, rtol=0, atol=1e-6)
+    _assert_reads_as(rows, values, generator)
 
 
 def test_float_rows_pool_as_torchs_embedding_bag():
@@ -227,14 +336,21 @@ def test_an_embedding_file_is_written_one_table_at_a_time(tmp_path):
         alive.clear()
         path = tmp_path / f"{quantization.value}.safetensors"
         size = write_embedding_file(path, file, quantization, load)
-        assert size == path.stat().st_size and len(alive) == 3
+        passes = 2 if quantization is Quantization.INT8 else 1
+        assert size == path.stat().st_size and len(alive) == 3 * passes
+        alive[3:] = []
         (header_size,) = struct.unpack("<Q", path.read_bytes()[:8])
         assert header_size % 8 == 0  # the rows start 8-byte aligned
-        stored = load_file(path)[TABLE_TENSOR]
+        tensors = load_file(path)
+        stored = tensors[TABLE_TENSOR]
         expected = torch.cat(list(tables.values()))
-        if quantization is Quantization.INT8:
-            assert stored.dtype == torch.uint8 and stored.shape == (10, 12)
-            assert torch.equal(stored, quantize_int8_rows(expected))
+        if quantization is Quantization.INT8:  # the first pass found the rows' range of steps
+            assert set(tensors) == {TABLE_TENSOR, SCALES_TENSOR} and len(alive) == 3
+            needed = int8_steps(expected)
+            scales = int8_scales(float(needed[needed > 0].min()), float(needed.max()))
+            assert torch.equal(tensors[SCALES_TENSOR], scales)
+            assert stored.dtype == torch.uint8 and stored.shape == (10, 6)
+            assert torch.equal(stored, quantize_int8_rows(expected, scales))
         elif quantization is Quantization.INT4:
             assert stored.dtype == torch.uint8 and stored.shape == (10, 6)
             assert torch.equal(stored, quantize_int4_rows(expected))
@@ -316,7 +432,14 @@ def _score_bounds(model, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     )
 
 
-_BOUNDS = {Quantization.INT8: _dequantization_bound, Quantization.INT4: _int4_dequantization_bound}
+def _row_bounds(rows) -> torch.Tensor:
+    """Per stored row, how far its values can be from the float weights'."""
+    if isinstance(rows, Int8Rows):
+        return _int8_bound(rows.scales[rows.rows[:, rows.dim].long()])
+    scale, offset = rows.scale_offset().unbind(1)
+    if isinstance(rows, Int8FloatScaleRows):
+        return scale / 2 + 2 * EPS32 * (offset.abs() + 255 * scale)
+    return _int4_dequantization_bound(scale, offset)
 
 
 def test_quantised_scores_stay_within_the_bounds_the_quantisation_step_allows(
@@ -335,9 +458,7 @@ def test_quantised_scores_stay_within_the_bounds_the_quantisation_step_allows(
     model = quantized_artifact.model
     bounds = {}
     for dim, rows in model._rows.items():
-        scale, offset = rows.scale_offset().unbind(1)
-        bound = _BOUNDS[quantization](scale, offset)
-        bounds[dim] = bound.unsqueeze(1).expand(-1, dim).contiguous()
+        bounds[dim] = _row_bounds(rows).unsqueeze(1).expand(-1, dim).contiguous()
     with torch.inference_mode():
         x = model.inputs(*model.arguments(features))
         radius = _float_model_input_bounds(model, features, bounds)
@@ -377,7 +498,7 @@ def _row_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - header
 
 
-def test_quantised_rows_take_d_plus_8_or_half_d_plus_4_bytes_instead_of_4d(
+def test_quantised_rows_take_d_plus_2_or_half_d_plus_4_bytes_instead_of_4d(
     edge_model, quantized_model
 ):
     quantization, model_dir = quantized_model
@@ -388,13 +509,13 @@ def test_quantised_rows_take_d_plus_8_or_half_d_plus_4_bytes_instead_of_4d(
     for plain, packed in zip(
         float_manifest.embeddings.files, packed_manifest.embeddings.files, strict=True
     ):
-        row_bytes = (
-            packed.dim + 8 if quantization is Quantization.INT8 else (packed.dim + 1) // 2 + 4
-        )
+        int8 = quantization is Quantization.INT8
+        row_bytes = packed.dim + 2 if int8 else (packed.dim + 1) // 2 + 4
+        scales = 256 * 4 if int8 else 0  # the int8 file's shared scales
         assert _row_bytes(edge_model.model / plain.path) == plain.num_rows * plain.dim * 4
-        assert _row_bytes(model_dir / packed.path) == packed.num_rows * row_bytes
+        assert _row_bytes(model_dir / packed.path) == scales + packed.num_rows * row_bytes
         assert plain.tensor_bytes(Quantization.NONE) == _row_bytes(edge_model.model / plain.path)
-        assert packed.tensor_bytes(quantization) == _row_bytes(model_dir / packed.path)
+        assert packed.tensor_bytes(quantization) == _row_bytes(model_dir / packed.path) - scales
 
 
 def _rehash(model_dir: Path, name: str) -> None:
@@ -453,23 +574,64 @@ def test_bad_embedding_files_are_refused_naming_file_and_row(edge_model, int8_mo
     ):
         load_artifact(plain)
     _rewrite_rows(plain, 4, lambda t: t.update({"other": t.pop(TABLE_TENSOR)}))
-    with pytest.raises(ArtifactError, match=r"expected one tensor 'weight', found \['other'\]"):
+    with pytest.raises(
+        ArtifactError, match=r"expected the tensors \['weight'\], found \['other'\]"
+    ):
         load_artifact(plain)
 
     packed = Path(shutil.copytree(int8_model, tmp_path / "int8"))
 
-    def scale(value: float):
-        def change(tensors):
-            tensors[TABLE_TENSOR][7, 4:8] = torch.tensor([value]).view(torch.uint8)
+    def scale(index: int, value: float):
+        return lambda tensors: tensors[SCALES_TENSOR].__setitem__(index, value)
 
-        return change
+    _rewrite_rows(packed, 4, scale(7, float("nan")))
+    with pytest.raises(ArtifactError, match=r"dim4.safetensors: scales\[7\] is NaN, infinite or"):
+        load_artifact(packed)
+    _rewrite_rows(packed, 4, scale(7, -1.0))
+    with pytest.raises(ArtifactError, match=r"scales\[7\] is NaN, infinite or negative"):
+        load_artifact(packed)
+    _rewrite_rows(packed, 4, lambda t: t.update({SCALES_TENSOR: torch.zeros(255)}))
+    with pytest.raises(ArtifactError, match=r"tensor 'scales' is torch.float32 \(255,\); int8"):
+        load_artifact(packed)
+    _rewrite_rows(packed, 4, lambda t: t.pop(SCALES_TENSOR))
+    with pytest.raises(ArtifactError, match=r"expected the tensors \['scales', 'weight'\]"):
+        load_artifact(packed)
+    _rewrite_rows(
+        packed,
+        4,
+        lambda t: t.update({TABLE_TENSOR: torch.zeros(111, 4), SCALES_TENSOR: torch.zeros(256)}),
+    )
+    with pytest.raises(
+        ArtifactError,
+        match=r"layout \(int8, scale-index-zero-point\) needs torch.uint8 \(111, 6\)",
+    ):
+        load_artifact(packed)
 
-    _rewrite_rows(packed, 4, scale(float("nan")))
-    with pytest.raises(ArtifactError, match=r"dim4.safetensors: row 7 holds a NaN or inf scale"):
-        load_artifact(packed)
-    _rewrite_rows(packed, 4, scale(-1.0))
-    with pytest.raises(ArtifactError, match=r"row 7 holds .*or a negative scale"):
-        load_artifact(packed)
-    _rewrite_rows(packed, 4, lambda t: t.update({TABLE_TENSOR: torch.zeros(111, 4)}))
-    with pytest.raises(ArtifactError, match=r"layout \(int8\) needs torch.uint8 \(111, 12\)"):
-        load_artifact(packed)
+
+def _as_float_scale_int8(model_dir: Path, out: Path) -> Path:
+    """The float model as an int8 directory of the layout before the shared scales: each row
+    packed by torch's own ``embedding_bag_byte_prepack`` (``D + 8``: codes, float32 scale and
+    offset), the manifest without ``int8_layout``."""
+    shutil.copytree(model_dir, out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["embeddings"]["quantization"] = "int8"
+    for file in manifest["embeddings"]["files"]:
+        weight = load_file(out / file["path"])[TABLE_TENSOR]
+        packed = torch.ops.quantized.embedding_bag_byte_prepack(weight)
+        save_file({TABLE_TENSOR: packed}, out / file["path"])
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    for file in manifest["embeddings"]["files"]:
+        _rehash(out, file["path"])
+    return out
+
+
+def test_an_int8_model_of_the_float_scale_layout_is_still_served(edge_model, tmp_path):
+    old = _as_float_scale_int8(edge_model.model, tmp_path / "int8-float-scale")
+    artifact = load_artifact(old)
+    embeddings = artifact.manifest.embeddings
+    assert embeddings.int8_layout is None and embeddings.int8_rows.value == "float32-scale-offset"
+    assert all(isinstance(rows, Int8FloatScaleRows) for rows in artifact.model._rows.values())
+    got = artifact.model.predict(artifact.featurizer(edge_model.rows))
+    bounds = {d: _row_bounds(r).unsqueeze(1).expand(-1, d) for d, r in artifact.model._rows.items()}
+    assert max(float(b.max()) for b in bounds.values()) < 0.01  # half steps of the edge model
+    np.testing.assert_allclose(got, edge_model.expected, atol=0.01, rtol=0)
