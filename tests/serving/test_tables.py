@@ -266,6 +266,12 @@ def test_the_int8_kernel_checks_its_buffers():
         _int8_rows.gather(rows, scales, ids, out, 1)
     with pytest.raises(ValueError, match=r"offsets: bag 1 spans 2:1 of 2 ids"):
         _int8_rows.pool_sum(rows, scales, ids, np.array([0, 2, 1]), np.empty((3, 2), np.float32), 2)
+    with pytest.raises(TypeError, match="ids: expected int64 items, got format 'i' of 4 bytes"):
+        _int8_rows.gather(rows, scales, ids.astype(np.int32), out, 2)
+    with pytest.raises(TypeError, match="out: expected a writable C-contiguous float32 array"):
+        _int8_rows.gather(rows, scales, ids, out.T, 2)
+    with pytest.raises(TypeError, match="scales: expected float32 items, got format 'd'"):
+        _int8_rows.gather(rows, scales.astype(np.float64), ids, out, 2)
     with pytest.raises(ValueError, match=r"offsets: bag 0 spans 1:2"):
         _int8_rows.pool_sum(rows, scales, ids, np.array([1]), np.empty((1, 2), np.float32), 2)
 
