@@ -91,6 +91,7 @@ def build_models(settings: Settings) -> tuple[dict[str, Path], object]:
     directories by variant and the schema."""
     import torch
 
+    from schemas.artifact import Int8Layout
     from trainer.builders import build_model
     from trainer.checkpoint import CheckpointMeta, save_model_checkpoint
     from trainer.config import load_config, to_dict
@@ -101,7 +102,14 @@ def build_models(settings: Settings) -> tuple[dict[str, Path], object]:
 
     work = _ROOT / settings.work_dir
     schema = bench_schema("ali-ccp", settings.table_scale)
-    stamp = json.dumps({"scale": settings.table_scale, "seed": settings.seed})
+    # the export's int8 layout too: models exported by code of another layout are not reused
+    stamp = json.dumps(
+        {
+            "scale": settings.table_scale,
+            "seed": settings.seed,
+            "int8_layout": Int8Layout.SCALE_INDEX.value,
+        }
+    )
     models = {v: work / v.replace(" ", "") for v in _VARIANTS}
     stamp_file = work / "stamp.json"
     done = all((m / "manifest.json").exists() for m in models.values())
@@ -370,7 +378,8 @@ def markdown(rows: list[dict], settings: Settings, schema) -> str:
     if float_mib and int8_mib:
         lines.append(
             f"| int8 table bytes | {int8_mib:,.0f} MiB against {float_mib:,.0f} MiB float32: "
-            f"{float_mib / int8_mib:.2f}x smaller (dim 16: 16 + 8 bytes a row against 64) |"
+            f"{float_mib / int8_mib:.2f}x smaller (rows of D + 2 bytes against 4 D; the files "
+            "with their headers and int8's shared scales) |"
         )
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     lines += [
