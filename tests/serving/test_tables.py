@@ -251,6 +251,23 @@ def test_int8_lookups_refuse_ids_outside_the_table(use_kernel):
             rows.pool(torch.tensor(ids), torch.tensor([0]), Pooling.SUM)
 
 
+def test_without_the_int8_kernel_the_service_says_so_and_scores_the_same(
+    edge_model, int8_model, monkeypatch, caplog
+):
+    """An install without a C compiler has no ``serving._int8_rows``: loading an int8 model
+    warns, naming the file and the remedy, and the torch fallback scores as the kernel does."""
+    with_kernel = load_artifact(int8_model)
+    monkeypatch.setattr("serving.tables._int8_rows", None)
+    with caplog.at_level("WARNING", logger="serving.tables"):
+        without = load_artifact(int8_model)
+    assert "dim4.safetensors: serving._int8_rows was not built" in caplog.text
+    assert "reinstall ctcvr with a C compiler" in caplog.text
+    features = with_kernel.featurizer(edge_model.rows)
+    np.testing.assert_allclose(
+        without.model.predict(features), with_kernel.model.predict(features), atol=1e-6, rtol=0
+    )
+
+
 def test_the_int8_kernel_checks_its_buffers():
     """The C kernel's own checks (the service never reaches them: its callers pass consistent
     arrays), so that no misuse reads or writes past a buffer."""
