@@ -70,7 +70,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from schemas.artifact import Quantization
+from schemas.artifact import Int8Layout, Quantization
 from schemas.features import (
     FeatureSchema,
     FeatureScope,
@@ -307,6 +307,16 @@ class ModelInfo(BaseModel):
     heads: list[str]
     quantization: Quantization = Field(
         description="how the embedding rows are stored: none (float32), int8 or int4"
+    )
+    int8_layout: Int8Layout | None = Field(
+        default=None,
+        description="int8 only: scale-index-zero-point (D + 2 bytes a row), or "
+        "float32-scale-offset (D + 8, models exported before it)",
+    )
+    int8_kernel: bool | None = Field(
+        default=None,
+        description="scale-index-zero-point rows only: whether the service's C kernel reads them "
+        "(false: torch operations stand in, slower; the install found no C compiler)",
     )
     source: dict[str, Any]
     metrics: dict[str, float | None]

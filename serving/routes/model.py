@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from schemas.api import ErrorResponse, ModelInfo
+from schemas.artifact import Int8Layout, Quantization
 from serving.deps import RegistryDep, ScorerDep
+from serving.tables import int8_kernel_built
 
 __all__ = ["router"]
 
@@ -29,6 +31,9 @@ async def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request)
     following a model repository, its current version too."""
     manifest = scorer.artifact.manifest
     follower = request.app.state.follower
+    int8_layout = (
+        manifest.embeddings.int8_rows if manifest.quantization is Quantization.INT8 else None
+    )
     return ModelInfo(
         version=manifest.version,
         created_at=manifest.created_at,
@@ -38,6 +43,8 @@ async def model_info(scorer: ScorerDep, registry: RegistryDep, request: Request)
         schema_fingerprint=manifest.schema_fingerprint,
         heads=list(manifest.model.heads),
         quantization=manifest.quantization,
+        int8_layout=int8_layout,
+        int8_kernel=int8_kernel_built() if int8_layout is Int8Layout.SCALE_INDEX else None,
         source=manifest.source.model_dump(mode="json"),
         metrics=manifest.metrics,
         features=scorer.features_info(),

@@ -505,7 +505,11 @@ def test_the_service_scores_with_quantised_tables_and_says_so(
 ):
     quantization, model_dir = quantized_model
     client = make_client(model_dir=model_dir)
-    assert client.get("/v1/model").json()["quantization"] == quantization.value
+    info = client.get("/v1/model").json()
+    assert info["quantization"] == quantization.value
+    int8 = quantization is Quantization.INT8
+    assert info["int8_layout"] == ("scale-index-zero-point" if int8 else None)
+    assert info["int8_kernel"] is (True if int8 else None)
     expected = load_artifact(model_dir)
     scores = expected.model.predict(expected.featurizer(edge_model.rows[:4]))
     response = client.post("/v1/score", json={"rows": edge_model.rows[:4]})
@@ -648,8 +652,10 @@ def _as_float_scale_int8(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def test_an_int8_model_of_the_float_scale_layout_is_still_served(edge_model, tmp_path):
+def test_an_int8_model_of_the_float_scale_layout_is_still_served(make_client, edge_model, tmp_path):
     old = _as_float_scale_int8(edge_model.model, tmp_path / "int8-float-scale")
+    info = make_client(model_dir=old).get("/v1/model").json()
+    assert info["int8_layout"] == "float32-scale-offset" and info["int8_kernel"] is None
     artifact = load_artifact(old)
     embeddings = artifact.manifest.embeddings
     assert embeddings.int8_layout is None and embeddings.int8_rows.value == "float32-scale-offset"
