@@ -367,10 +367,6 @@ class EmbeddingLayout(_Frozen):
         """The int8 layout in force (an int8 manifest without ``int8_layout`` is older than it)."""
         return self.int8_layout or Int8Layout.FLOAT_SCALE
 
-    def tensor_shape(self, file: EmbeddingFile) -> tuple[int, int]:
-        """Shape of ``file``'s tensor ``weight`` in this layout."""
-        return file.tensor_shape(self.quantization, self.int8_rows)
-
     @property
     def tensor_bytes(self) -> int:
         """Bytes of every table's stored rows (the files' tensors, headers excluded)."""

@@ -117,6 +117,17 @@ def _change_a_table_dim(manifest: dict) -> None:
             lambda m: m["embeddings"].update(quantization="int2"),
             r"embeddings.quantization: Input should be 'none', 'int8' or 'int4'",
         ),
+        (
+            lambda m: m["embeddings"].update(int8_layout="scale-index-zero-point"),
+            r"embeddings: Value error, int8_layout: given with quantization none",
+        ),
+        (
+            lambda m: m["embeddings"].update(quantization="int8", int8_layout="int7"),
+            (
+                r"embeddings.int8_layout: Input should be 'scale-index-zero-point' or "
+                r"'float32-scale-offset'"
+            ),
+        ),
         (lambda m: m.update(format="other"), "is not a ctcvr-model manifest"),
         (lambda m: m["files"].pop(DENSE_FILE), "no checksum for"),
         (
