@@ -225,7 +225,13 @@ def speed(models: dict, features: dict[int, object], settings: Settings) -> list
 
 def _row_bytes(quantization: str, dim: int) -> int:
     """Bytes of one stored row (``schemas.artifact.EmbeddingFile.tensor_shape``)."""
-    return {"float32": 4 * dim, "int8": dim + 2, "int4": (dim + 1) // 2 + 4}[quantization]
+    from schemas.artifact import INT4_ROW_EXTRA_BYTES, INT8_ROW_EXTRA_BYTES
+
+    return {
+        "float32": 4 * dim,
+        "int8": dim + INT8_ROW_EXTRA_BYTES,
+        "int4": (dim + 1) // 2 + INT4_ROW_EXTRA_BYTES,
+    }[quantization]
 
 
 def markdown(result: dict) -> str:

@@ -308,24 +308,33 @@ def open_embedding_file(
             f"{path}: tensor {TABLE_TENSOR!r} is {tensor.dtype} {tuple(tensor.shape)}; the "
             f"manifest's layout ({layout}) needs {dtype} {shape}"
         )
-    if shared_scales:
-        rows: FloatRows | Int8Rows | Int8FloatScaleRows | Int4Rows = Int8Rows(
-            tensor, _checked_scales(path, tensors[SCALES_TENSOR]), file.dim
-        )
+    return _checked_rows(path, tensors, file.dim, quantization, shared_scales)
+
+
+def _checked_rows(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    dim: int,
+    quantization: Quantization,
+    shared_scales: bool,
+) -> FloatRows | Int8Rows | Int8FloatScaleRows | Int4Rows:
+    """The rows of a file whose tensors have the layout's shapes, their floats checked."""
+    tensor = tensors[TABLE_TENSOR]
+    if shared_scales:  # every byte of such rows decodes to a finite value: the scales are checked
         if not int8_kernel_built():
             logger.warning(
                 "%s: serving._int8_rows was not built (no C compiler at install): int8 lookups "
                 "run as torch operations, slower; reinstall ctcvr with a C compiler to build it",
                 path,
             )
-    elif quantization is Quantization.INT8:
-        rows = Int8FloatScaleRows(tensor, file.dim)
+        return Int8Rows(tensor, _checked_scales(path, tensors[SCALES_TENSOR]), dim)
+    if quantization is Quantization.INT8:
+        rows: FloatRows | Int8FloatScaleRows | Int4Rows = Int8FloatScaleRows(tensor, dim)
     elif quantization is Quantization.INT4:
-        rows = Int4Rows(tensor, file.dim)
+        rows = Int4Rows(tensor, dim)
     else:
         rows = FloatRows(tensor)
-    if not isinstance(rows, Int8Rows):  # whose every byte decodes to a finite value
-        _check_finite(path, rows)
+    _check_finite(path, rows)
     return rows
 
 

@@ -381,6 +381,20 @@ def test_an_embedding_file_is_written_one_table_at_a_time(tmp_path):
             assert torch.equal(stored, expected)
 
 
+def test_an_int8_file_names_the_table_and_row_it_cannot_quantise(tmp_path):
+    """The first pass over the tables (the range of the shared scales) names what overflows,
+    before the file is created."""
+    file = EmbeddingFile(
+        path="x", dim=2, num_rows=3, tables=(TableRows(name="a", row_offset=0, num_rows=3),)
+    )
+    table = torch.tensor([[0.0, 1.0], [-3e38, 3e38], [0.0, 0.0]])
+    with pytest.raises(
+        ValueError, match=r"table 'a': cannot quantise to int8: row 1: its range does not fit"
+    ):
+        write_embedding_file(tmp_path / "x", file, Quantization.INT8, lambda _: table)
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_table_of_another_shape_is_refused_while_writing(tmp_path):
     file = EmbeddingFile(
         path="x", dim=4, num_rows=3, tables=(TableRows(name="a", row_offset=0, num_rows=3),)
